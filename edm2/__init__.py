@@ -1,0 +1,36 @@
+"""edm2: the public API shared by the scripts and by users.
+
+    import edm2
+    net = edm2.Precond(**edm2.preset_network_kwargs('edm2-img512-s'))
+    loss = edm2.EDM2Loss(P_mean=-0.4, P_std=1.0)(net, images, labels)
+"""
+
+from networks import (
+    MPConv,
+    MPFourier,
+    Precond,
+    UNet,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    normalize,
+    pixel_norm,
+)
+from training import EDM2Loss, learning_rate_schedule, reduce_batch_loss
+
+from .presets import (
+    DATASETS,
+    PRESETS,
+    get_preset,
+    preset_dataset,
+    preset_network_kwargs,
+    preset_training_kwargs,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DATASETS", "EDM2Loss", "MPConv", "MPFourier", "PRESETS", "Precond", "UNet", "__version__",
+    "get_preset", "learning_rate_schedule", "mp_cat", "mp_silu", "mp_sum", "normalize", "pixel_norm",
+    "preset_dataset", "preset_network_kwargs", "preset_training_kwargs", "reduce_batch_loss",
+]

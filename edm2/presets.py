@@ -1,0 +1,74 @@
+"""Training presets of the EDM2 paper as data (SPEC 5; paper Table 2 and App. D).
+
+A preset names a dataset kind (`img512`: 64x64x4 Stable Diffusion latents of ImageNet-512; `img64`:
+64x64x3 ImageNet-64 pixels) and a model size. `preset_network_kwargs` gives the Precond constructor
+arguments, `preset_training_kwargs` the training hyperparameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+Ki, Mi, Gi = 2**10, 2**20, 2**30
+
+# Dataset kinds: what the network sees. 1000 ImageNet classes.
+DATASETS: dict[str, dict[str, Any]] = {
+    "img512": dict(img_resolution=64, img_channels=4, label_dim=1000),  # latents of 512x512 images
+    "img64": dict(img_resolution=64, img_channels=3, label_dim=1000),  # pixels
+}
+
+# name: duration (images), batch, channels, lr (ref_lr), decay (t_ref in batches), dropout, P_mean, P_std
+_TABLE = [
+    ("edm2-img512-xxs", 2048 * Mi, 2048, 64, 0.0170, 70000, 0.00, -0.4, 1.0),
+    ("edm2-img512-xs", 2048 * Mi, 2048, 128, 0.0120, 70000, 0.00, -0.4, 1.0),
+    ("edm2-img512-s", 2048 * Mi, 2048, 192, 0.0100, 70000, 0.00, -0.4, 1.0),
+    ("edm2-img512-m", 2048 * Mi, 2048, 256, 0.0090, 70000, 0.10, -0.4, 1.0),
+    ("edm2-img512-l", 1792 * Mi, 2048, 320, 0.0080, 70000, 0.10, -0.4, 1.0),
+    ("edm2-img512-xl", 1280 * Mi, 2048, 384, 0.0070, 70000, 0.10, -0.4, 1.0),
+    ("edm2-img512-xxl", 896 * Mi, 2048, 448, 0.0065, 70000, 0.10, -0.4, 1.0),
+    ("edm2-img64-xs", 1024 * Mi, 2048, 128, 0.0120, 35000, 0.00, -0.8, 1.6),
+    ("edm2-img64-s", 1024 * Mi, 2048, 192, 0.0100, 35000, 0.00, -0.8, 1.6),
+    ("edm2-img64-m", 2048 * Mi, 2048, 256, 0.0090, 35000, 0.10, -0.8, 1.6),
+    ("edm2-img64-l", 1024 * Mi, 2048, 320, 0.0080, 35000, 0.10, -0.8, 1.6),
+    ("edm2-img64-xl", 640 * Mi, 2048, 384, 0.0070, 35000, 0.10, -0.8, 1.6),
+]
+_FIELDS = ("duration", "batch", "channels", "lr", "decay", "dropout", "P_mean", "P_std")
+
+PRESETS: dict[str, dict[str, Any]] = {row[0]: dict(zip(_FIELDS, row[1:])) for row in _TABLE}
+
+# Paper Table 2 (ImageNet-512): parameters in millions and forward Gflops (one multiply-add = one op).
+PAPER_PARAMS_M = {"xs": 125, "s": 280, "m": 498, "l": 777, "xl": 1119, "xxl": 1523}
+PAPER_GFLOPS = {"xs": 46, "s": 102, "m": 181, "l": 282, "xl": 406, "xxl": 552}
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """The training hyperparameters of a preset (a copy), e.g. get_preset('edm2-img512-s')['lr']."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def preset_dataset(name: str) -> str:
+    """'img512' or 'img64' for a preset name."""
+    get_preset(name)
+    return name.split("-")[1]
+
+
+def preset_network_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """Precond constructor arguments for a preset; `overrides` replace or add arguments."""
+    p = get_preset(name)
+    kwargs = dict(DATASETS[preset_dataset(name)], model_channels=p["channels"], dropout=p["dropout"])
+    kwargs.update(overrides)
+    return kwargs
+
+
+def preset_training_kwargs(name: str) -> dict[str, Any]:
+    """Loss and optimizer settings of a preset, named as EDM2Loss and learning_rate_schedule take them."""
+    p = get_preset(name)
+    return dict(
+        duration=p["duration"],
+        batch=p["batch"],
+        loss=dict(P_mean=p["P_mean"], P_std=p["P_std"]),
+        lr=dict(ref_lr=p["lr"], ref_batches=p["decay"]),
+    )

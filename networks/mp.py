@@ -1,0 +1,134 @@
+"""Magnitude-preserving building blocks of the EDM2 network (SPEC 3; EDM2 paper, App. B).
+
+Every layer here keeps unit-variance inputs at unit variance, which is what lets the network train
+without biases, group norms or loss scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-4
+
+
+def normalize(x: torch.Tensor, dim: int | Sequence[int] | None = None, eps: float = NORM_EPS) -> torch.Tensor:
+    """x / (eps + ||x|| / sqrt(fan)), the norm taken over `dim` (default: all but the first axis).
+
+    For a weight tensor this scales every output unit to norm sqrt(fan_in), i.e. unit variance per
+    element. The norm is computed in float32 whatever the dtype of x.
+    """
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = eps + norm * math.sqrt(norm.numel() / x.numel())
+    return x / norm.to(x.dtype)
+
+
+def pixel_norm(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Normalize each pixel's feature vector (channel axis 1) to unit RMS."""
+    return normalize(x, dim=1, eps=eps)
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU scaled back to unit magnitude for standard normal input (Eq. 81)."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """Weighted sum (1-t) a + t b, rescaled so that uncorrelated unit inputs give unit output (Eq. 88)."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+
+
+def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
+    """Concatenate along `dim` so that the two parts contribute with weights (1-t) and t (Eq. 103)."""
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
+    wa = c / math.sqrt(na) * (1 - t)
+    wb = c / math.sqrt(nb) * t
+    return torch.cat([wa * a, wb * b], dim=dim)
+
+
+def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
+    """'down': 2x2 box average with stride 2; 'up': nearest-neighbour x2; 'keep': identity."""
+    if mode == "keep":
+        return x
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    raise ValueError(f"resample: mode must be 'keep', 'down' or 'up', got {mode!r}")
+
+
+class MPFourier(torch.nn.Module):
+    """Random Fourier features of a scalar (the noise level), sqrt(2) cos(x f + p), in float32 (Eq. 75)."""
+
+    def __init__(
+        self,
+        num_channels: int,  # number of features
+        bandwidth: float = 1,  # std of the frequencies, in cycles per unit
+    ):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(torch.float32).reshape(-1, 1) * self.freqs.to(torch.float32) + self.phases.to(torch.float32)
+        return (y.cos() * math.sqrt(2)).to(x.dtype)
+
+
+class MPConv(torch.nn.Module):
+    """Convolution (kernel [kh, kw]) or linear layer (kernel []) without bias, with weight normalization.
+
+    The effective weight is normalize(weight) * gain / sqrt(fan_in) (Eq. 47), computed in float32 and cast
+    to the activation dtype. Forced weight normalization (Eq. 66), which rewrites the stored weight to unit
+    norm per output unit, is done outside forward by `normalize_weight_()` (see
+    `Precond.normalize_weights_`), so that forward stays a pure function that torch.compile can trace.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,  # input channels (fan-in per kernel tap)
+        out_channels: int,  # output channels
+        kernel: Sequence[int],  # [] for a linear layer, [kh, kw] for a convolution
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    @torch.no_grad()
+    def normalize_weight_(self) -> None:
+        """Forced weight normalization: overwrite the stored weight by normalize(weight)."""
+        self.weight.copy_(normalize(self.weight.to(torch.float32)))
+
+    def effective_weight(self, gain: float | torch.Tensor = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = normalize(self.weight.to(torch.float32))
+        w = w * (gain / math.sqrt(w[0].numel()))
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
+        w = self.effective_weight(gain, x.dtype)
+        if w.ndim == 2:
+            return x @ w.t()
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"
+
+
+def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Self-attention with pixel-normalized queries and keys.
+
+    qkv: [N, 3C, H, W] laid out as [heads, C/heads, 3] along the channel axis (the reference layout, so
+    that official weights load unchanged). Returns [N, C, H, W].
+    """
+    n, c3, h, w = qkv.shape
+    y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)
+    q, k, v = normalize(y, dim=2).unbind(3)  # each [N, heads, C/heads, HW]
+    # SDPA wants [N, heads, tokens, C/heads]; its default scale 1/sqrt(C/heads) is the reference's.
+    o = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
+    return o.transpose(2, 3).reshape(n, c3 // 3, h, w)

@@ -1,0 +1,156 @@
+"""EDM preconditioning around the EDM2 U-Net, with the learned log-variance head (SPEC 2)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .mp import MPConv, MPFourier
+from .unet import UNet
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+class Precond(torch.nn.Module):
+    """The denoiser D(x; sigma, y) = c_skip x + c_out F(c_in x; c_noise, y), plus u(sigma) for the loss.
+
+    Training code must call `normalize_weights_()` after construction / loading and after every optimizer
+    step (forced weight normalization, Eq. 66); forward itself never modifies the parameters.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,  # input/output resolution (square)
+        img_channels: int,  # input/output channels
+        label_dim: int = 0,  # class-label width; 0 = unconditional
+        sigma_data: float = 0.5,  # expected std of the training data
+        logvar_channels: int = 128,  # Fourier features of the log-variance head
+        precision: str = "fp32",  # activation dtype of the U-Net: 'fp32', 'fp16' or 'bf16'
+        use_fp16: bool | None = None,  # the reference's switch; True means precision='fp16'
+        model_channels: int = 192,  # base width
+        channel_mult: Sequence[int] = (1, 2, 3, 4),  # width multiplier per level
+        channel_mult_noise: int | None = None,  # noise-embedding width multiplier; None = channel_mult[0]
+        channel_mult_emb: int | None = None,  # embedding width multiplier; None = max(channel_mult)
+        num_blocks: int = 3,  # blocks per level
+        attn_resolutions: Sequence[int] = (16, 8),  # resolutions with self-attention
+        label_balance: float = 0.5,  # mp_sum weight of the label embedding
+        concat_balance: float = 0.5,  # mp_cat weight of the skips
+        channels_per_head: int = 64,  # attention head width
+        dropout: float = 0,  # dropout probability in the residual branches
+        res_balance: float = 0.3,  # mp_sum weight of residual branches
+        attn_balance: float = 0.3,  # mp_sum weight of attention branches
+        clip_act: float | None = 256,  # activation clipping
+        resample_filter: Sequence[int] = (1, 1),  # the reference's resampling filter; only [1, 1] exists here
+    ):
+        super().__init__()
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "use_fp16", "resample_filter")}
+        if list(resample_filter) != [1, 1]:
+            raise ValueError(f"Precond: resample_filter must be [1, 1] (box / nearest), got {list(resample_filter)}")
+        if use_fp16 is not None:
+            precision = "fp16" if use_fp16 else "fp32"
+        for name, value in dict(img_resolution=img_resolution, img_channels=img_channels).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Precond: {name} must be a positive integer, got {value!r}")
+        if not isinstance(label_dim, int) or label_dim < 0:
+            raise ValueError(f"Precond: label_dim must be a non-negative integer, got {label_dim!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"Precond: dropout must be in [0, 1), got {dropout!r}")
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.sigma_data = sigma_data
+        self.precision = _check_precision(precision)
+        kwargs["precision"] = precision
+        # Constructor arguments as plain JSON values, for model files.
+        self.init_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+        self.unet = UNet(
+            img_resolution=img_resolution,
+            img_channels=img_channels,
+            label_dim=label_dim,
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            channel_mult_noise=channel_mult_noise,
+            channel_mult_emb=channel_mult_emb,
+            num_blocks=num_blocks,
+            attn_resolutions=attn_resolutions,
+            label_balance=label_balance,
+            concat_balance=concat_balance,
+            channels_per_head=channels_per_head,
+            dropout=dropout,
+            res_balance=res_balance,
+            attn_balance=attn_balance,
+            clip_act=clip_act,
+        )
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+        self.normalize_weights_()
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """Forced weight normalization of every MPConv weight (Eq. 66)."""
+        for m in self.modules():
+            if isinstance(m, MPConv) and m.weight.device.type != "meta":
+                m.normalize_weight_()
+
+    def _labels(self, class_labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+        if self.label_dim == 0:
+            if class_labels is not None and class_labels.numel() != 0:
+                raise ValueError("Precond: class_labels given to an unconditional network (label_dim 0)")
+            return None
+        if class_labels is None:
+            return torch.zeros([n, self.label_dim], device=device)
+        if not class_labels.is_floating_point():
+            if class_labels.ndim != 1 or class_labels.shape[0] != n:
+                raise ValueError(f"Precond: integer class_labels must have shape [{n}], got {list(class_labels.shape)}")
+            return torch.nn.functional.one_hot(class_labels, self.label_dim).to(torch.float32)
+        if class_labels.ndim != 2 or class_labels.shape[1] != self.label_dim or class_labels.shape[0] not in (1, n):
+            raise ValueError(
+                f"Precond: class_labels must have shape [{n}, {self.label_dim}] (label_dim {self.label_dim}), "
+                f"got {list(class_labels.shape)}"
+            )
+        return class_labels.to(torch.float32).expand(n, -1)
+
+    def _sigma(self, sigma: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        if sigma.numel() not in (1, n):
+            raise ValueError(f"Precond: sigma must have 1 or {n} elements (one per image), got shape {list(sigma.shape)}")
+        if not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
+            raise ValueError(f"Precond: sigma must be positive and finite, got {sigma.flatten().tolist()}")
+        return sigma.reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        return_logvar: bool = False,
+        force_fp32: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        expected = [self.img_channels, self.img_resolution, self.img_resolution]
+        if x.ndim != 4 or list(x.shape[1:]) != expected:
+            raise ValueError(f"Precond: x must have shape [N, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        n = x.shape[0]
+        x = x.to(torch.float32)
+        sigma = self._sigma(sigma, n, x.device)
+        class_labels = self._labels(class_labels, n, x.device)
+        dtype = torch.float32 if force_fp32 else PRECISIONS[self.precision]
+
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        c_noise = sigma.flatten().log() / 4
+
+        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if not return_logvar:
+            return D_x
+        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+        return D_x, logvar

@@ -1,0 +1,176 @@
+"""The EDM2 U-Net, configuration G of the paper (SPEC 4, Fig. 21).
+
+Module and parameter names follow the reference implementation (`enc.16x16_block0.conv_res0.weight`,
+...), so that official checkpoints load without a rename table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .mp import MPConv, MPFourier, cosine_attention, mp_cat, mp_silu, mp_sum, normalize, resample
+
+
+class Block(torch.nn.Module):
+    """Encoder or decoder block: resample, residual branch modulated by the embedding, optional attention."""
+
+    def __init__(
+        self,
+        in_channels: int,  # input channels
+        out_channels: int,  # output channels
+        emb_channels: int,  # width of the conditioning embedding
+        flavor: str = "enc",  # 'enc': skip conv + pixel norm before the residual; 'dec': skip conv after it
+        resample_mode: str = "keep",  # 'keep', 'up' or 'down', applied first
+        attention: bool = False,  # cosine self-attention after the residual branch
+        channels_per_head: int = 64,  # attention head width
+        dropout: float = 0,  # dropout probability inside the residual branch
+        res_balance: float = 0.3,  # mp_sum weight of the residual branch
+        attn_balance: float = 0.3,  # mp_sum weight of the attention branch
+        clip_act: float | None = 256,  # clip activations to [-clip_act, clip_act]; None: no clipping
+    ):
+        super().__init__()
+        if flavor not in ("enc", "dec"):
+            raise ValueError(f"Block: flavor must be 'enc' or 'dec', got {flavor!r}")
+        if resample_mode not in ("keep", "up", "down"):
+            raise ValueError(f"Block: resample_mode must be 'keep', 'up' or 'down', got {resample_mode!r}")
+        self.out_channels = out_channels
+        self.flavor = flavor
+        self.resample_mode = resample_mode
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout = dropout
+        self.res_balance = res_balance
+        self.attn_balance = attn_balance
+        self.clip_act = clip_act
+        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
+        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
+        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
+        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
+        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = resample(x, self.resample_mode)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)  # pixel norm keeps the encoder's main path at unit magnitude
+
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout != 0:
+            y = torch.nn.functional.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.res_balance)
+
+        if self.num_heads:
+            y = cosine_attention(self.attn_qkv(x), self.num_heads)
+            x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
+
+        if self.clip_act is not None:
+            x = x.clamp(-self.clip_act, self.clip_act)
+        return x
+
+
+class UNet(torch.nn.Module):
+    """The magnitude-preserving U-Net F(x; c_noise, y) that the preconditioner wraps."""
+
+    def __init__(
+        self,
+        img_resolution: int,  # input/output resolution (square)
+        img_channels: int,  # input/output channels
+        label_dim: int,  # class-label width; 0 = unconditional
+        model_channels: int = 192,  # base width: the 'channels' of a preset
+        channel_mult: Sequence[int] = (1, 2, 3, 4),  # width multiplier per resolution level
+        channel_mult_noise: int | None = None,  # noise-embedding width multiplier; None = channel_mult[0]
+        channel_mult_emb: int | None = None,  # embedding width multiplier; None = max(channel_mult)
+        num_blocks: int = 3,  # blocks per level (the decoder gets one more)
+        attn_resolutions: Sequence[int] = (16, 8),  # resolutions with self-attention
+        label_balance: float = 0.5,  # mp_sum weight of the label embedding against the noise embedding
+        concat_balance: float = 0.5,  # mp_cat weight of the skip against the decoder path
+        channels_per_head: int = 64,  # attention head width
+        dropout: float = 0,  # dropout probability in the residual branches
+        res_balance: float = 0.3,  # mp_sum weight of residual branches
+        attn_balance: float = 0.3,  # mp_sum weight of attention branches
+        clip_act: float | None = 256,  # activation clipping in every block
+    ):
+        super().__init__()
+        cblock = [model_channels * m for m in channel_mult]
+        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
+        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        if img_resolution % (1 << (len(cblock) - 1)) != 0:
+            raise ValueError(
+                f"UNet: img_resolution {img_resolution} must be divisible by 2^(levels-1) = {1 << (len(cblock) - 1)}"
+            )
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.label_balance = label_balance
+        self.concat_balance = concat_balance
+        block = dict(
+            emb_channels=cemb,
+            channels_per_head=channels_per_head,
+            dropout=dropout,
+            res_balance=res_balance,
+            attn_balance=attn_balance,
+            clip_act=clip_act,
+        )
+
+        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
+        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
+
+        self.enc = torch.nn.ModuleDict()
+        cout = img_channels + 1  # the input gets a constant channel of ones: an implicit bias
+        for level, channels in enumerate(cblock):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
+            else:
+                self.enc[f"{res}x{res}_down"] = Block(cout, cout, flavor="enc", resample_mode="down", **block)
+            for idx in range(num_blocks):
+                cin, cout = cout, channels
+                attn = res in attn_resolutions
+                self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, flavor="enc", attention=attn, **block)
+
+        self.dec = torch.nn.ModuleDict()
+        skips = [getattr(b, "out_channels") for b in self.enc.values()]
+        for level, channels in reversed(list(enumerate(cblock))):
+            res = img_resolution >> level
+            if level == len(cblock) - 1:
+                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, flavor="dec", attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, flavor="dec", **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = Block(cout, cout, flavor="dec", resample_mode="up", **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), channels
+                attn = res in attn_resolutions
+                self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, flavor="dec", attention=attn, **block)
+        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            labels = class_labels * math.sqrt(class_labels.shape[1])
+            emb = mp_sum(emb, self.emb_label(labels), t=self.label_balance)
+        emb = mp_silu(emb)  # stays float32: the modulation is cast per block
+
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, block in self.enc.items():
+            x = block(x) if name.endswith("_conv") else block(x, emb)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if "block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = block(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
