@@ -1,0 +1,58 @@
+"""Shared test fixtures: the reference numbers of the paper's official implementation (tests/data)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+REFERENCE_NPZ = DATA / "edm2_reference_public.npz"
+PHEMA_NPZ = DATA / "phema_reference.npz"
+
+
+def load_reference() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE_NPZ) as d:
+        return {k: d[k] for k in d.files}
+
+
+def reference_meta(ref: dict[str, np.ndarray]) -> dict:
+    return json.loads(bytes(ref["meta_json"]))
+
+
+def reference_net_kwargs(ref: dict[str, np.ndarray], prefix: str = "net") -> dict:
+    """Constructor arguments of the fixture's main ('net') or guiding ('gnet') network."""
+    meta = reference_meta(ref)
+    kwargs = dict(meta["config"])
+    if prefix == "gnet":
+        kwargs["model_channels"] = meta["gnet_model_channels"]
+    return kwargs
+
+
+def build_reference_net(ref: dict[str, np.ndarray], prefix: str = "net", **overrides):
+    """This project's Precond holding the fixture's weights, in eval mode."""
+    from networks import Precond
+
+    net = Precond(**reference_net_kwargs(ref, prefix), **overrides)
+    state = {k[len(prefix) + 1 :]: torch.from_numpy(v) for k, v in ref.items() if k.startswith(prefix + "/")}
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def ref() -> dict[str, np.ndarray]:
+    return load_reference()
+
+
+@pytest.fixture(scope="session")
+def phema_ref() -> dict[str, np.ndarray]:
+    with np.load(PHEMA_NPZ) as d:
+        return {k: d[k] for k in d.files}
