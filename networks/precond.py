@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -48,9 +49,13 @@ class Precond(torch.nn.Module):
         attn_balance: float = 0.3,  # mp_sum weight of attention branches
         clip_act: float | None = 256,  # activation clipping
         resample_filter: Sequence[int] = (1, 1),  # the reference's resampling filter; only [1, 1] exists here
+        **unknown: Any,  # rejected with a ValueError that names them
     ):
         super().__init__()
-        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "use_fp16", "resample_filter")}
+        if unknown:
+            known = [k for k in inspect.signature(Precond.__init__).parameters if k not in ("self", "unknown")]
+            raise ValueError(f"Precond: unknown constructor argument(s) {sorted(unknown)}; expected some of {known}")
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "use_fp16", "resample_filter", "unknown")}
         if list(resample_filter) != [1, 1]:
             raise ValueError(f"Precond: resample_filter must be [1, 1] (box / nearest), got {list(resample_filter)}")
         if use_fp16 is not None:

@@ -1,0 +1,124 @@
+"""The network, preconditioner and loss against the numbers of the paper's official implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_reference_net, reference_meta
+from training import EDM2Loss
+
+
+def rel_err(a: torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def inputs(ref):
+    return tuple(torch.from_numpy(ref[k]) for k in ("x", "sigma", "labels", "noise"))
+
+
+def test_state_dict_keys_are_the_reference_keys(ref):
+    net = build_reference_net(ref)
+    ours = set(net.state_dict().keys())
+    theirs = {k[4:] for k in ref if k.startswith("net/")}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("prefix", ["net", "gnet"])
+def test_eval_denoiser_and_logvar(ref, prefix):
+    net = build_reference_net(ref, prefix)
+    x, sigma, labels, _ = inputs(ref)
+    with torch.no_grad():
+        D, logvar = net(x, sigma, labels, return_logvar=True)
+    if prefix == "net":
+        assert rel_err(D, ref["out_D"]) < 1e-5
+        assert rel_err(logvar, ref["out_logvar"]) < 1e-5
+    assert D.shape == x.shape and logvar.shape == (4, 1, 1, 1)
+
+
+def trained_once(ref):
+    """Load trainin/*, do the forced weight normalization and one training-mode loss + backward."""
+    net = build_reference_net(ref)
+    state = net.state_dict()
+    state.update({k[len("trainin/") :]: torch.from_numpy(v) for k, v in ref.items() if k.startswith("trainin/")})
+    net.load_state_dict(state)
+    net.train()
+    net.normalize_weights_()
+    x, sigma, labels, noise = inputs(ref)
+    meta = reference_meta(ref)
+    loss = EDM2Loss(P_mean=meta["P_mean"], P_std=meta["P_std"], sigma_data=meta["sigma_data"])(
+        net, x, labels, sigma=sigma, noise=noise
+    )
+    loss.mean().backward()
+    return net, loss
+
+
+def test_train_loss(ref):
+    _, loss = trained_once(ref)
+    assert loss.shape == ref["train_loss"].shape
+    assert rel_err(loss.detach(), ref["train_loss"]) < 1e-5
+    assert abs(loss.mean().item() - float(ref["train_loss_mean"])) <= 1e-5 * abs(float(ref["train_loss_mean"]))
+
+
+def test_forced_weight_normalization_and_gradients(ref):
+    net, _ = trained_once(ref)
+    params = dict(net.named_parameters())
+    names_out = [k[len("trainout/") :] for k in ref if k.startswith("trainout/")]
+    names_grad = [k[len("grad/") :] for k in ref if k.startswith("grad/")]
+    assert len(names_out) == len(params) and len(names_grad) == len(params)
+    # The trainin weights are off unit norm, so this can only pass if forced normalization happened.
+    moved = [n for n in names_out if rel_err(torch.from_numpy(ref["trainin/" + n]), ref["trainout/" + n]) > 1e-3]
+    assert len(moved) > 50
+    for name in names_out:
+        assert rel_err(params[name].detach(), ref["trainout/" + name]) < 1e-4, name
+    for name in names_grad:
+        assert rel_err(params[name].grad, ref["grad/" + name]) < 1e-4, name
+
+
+def test_normalize_weights_is_idempotent_up_to_eps(ref):
+    net = build_reference_net(ref)
+    net.normalize_weights_()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.normalize_weights_()
+    for k, v in net.state_dict().items():
+        assert torch.allclose(v, before[k], rtol=1e-3, atol=0), k
+
+
+def test_forward_does_not_modify_parameters(ref):
+    net = build_reference_net(ref).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, sigma, labels, _ = inputs(ref)
+    net(x, sigma, labels)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("precision,tol", [("fp16", 5e-3), ("bf16", 4e-2)])
+def test_reduced_precision_forward_tracks_fp32(ref, precision, tol):
+    net = build_reference_net(ref)
+    x, sigma, labels, _ = inputs(ref)
+    with torch.no_grad():
+        D32 = net(x, sigma, labels)
+        net.precision = precision
+        D = net(x, sigma, labels)
+        Df = net(x, sigma, labels, force_fp32=True)
+    assert D.dtype == torch.float32
+    assert torch.equal(Df, D32)
+    err = rel_err(D, D32)
+    assert 0 < err < tol  # non-zero: the reduced precision really was used
+
+
+def test_integer_labels_equal_one_hot(ref):
+    net = build_reference_net(ref)
+    x, sigma, labels, _ = inputs(ref)
+    with torch.no_grad():
+        assert torch.equal(net(x, sigma, labels), net(x, sigma, labels.argmax(1)))
+
+
+def test_scalar_sigma_broadcasts(ref):
+    net = build_reference_net(ref)
+    x, _, labels, _ = inputs(ref)
+    with torch.no_grad():
+        assert torch.equal(net(x, 2.0, labels), net(x, torch.full([4], 2.0), labels))

@@ -1,0 +1,137 @@
+"""Presets, parameter counts against the paper, the learning-rate schedule and argument checking."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import edm2
+from edm2.presets import PAPER_PARAMS_M
+
+
+@pytest.mark.parametrize("size", ["xs", "s", "m", "l", "xl", "xxl"])
+def test_parameter_counts_match_paper_table_2(size):
+    with torch.device("meta"):  # no memory: XXL has 1.5G parameters
+        net = edm2.Precond(**edm2.preset_network_kwargs(f"edm2-img512-{size}"))
+    count = sum(p.numel() for p in net.parameters()) / 1e6
+    assert abs(count / PAPER_PARAMS_M[size] - 1) < 0.005, (size, count)
+
+
+def test_presets_hold_the_spec_table():
+    p = edm2.get_preset("edm2-img512-m")
+    assert p == dict(duration=2048 << 20, batch=2048, channels=256, lr=0.0090, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0)
+    assert edm2.get_preset("edm2-img64-xl")["duration"] == 640 << 20
+    assert len(edm2.PRESETS) == 12
+    kw = edm2.preset_network_kwargs("edm2-img64-s")
+    assert kw["img_channels"] == 3 and kw["img_resolution"] == 64 and kw["label_dim"] == 1000 and kw["model_channels"] == 192
+    t = edm2.preset_training_kwargs("edm2-img64-s")
+    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000)
+
+
+def test_get_preset_returns_a_copy():
+    edm2.get_preset("edm2-img512-s")["lr"] = 1.0
+    assert edm2.get_preset("edm2-img512-s")["lr"] == 0.0100
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="edm2-img512-huge.*edm2-img512-xs"):
+        edm2.get_preset("edm2-img512-huge")
+
+
+def test_learning_rate_schedule():
+    lr = edm2.learning_rate_schedule
+    batch, rampup = 2048, 10 * 2**20
+    assert lr(0, batch, ref_lr=0.01) == 0
+    assert lr(rampup / 2, batch, ref_lr=0.01) == pytest.approx(0.005)
+    assert lr(70000 * batch, batch, ref_lr=0.01) == pytest.approx(0.01)  # end of the flat part
+    assert lr(4 * 70000 * batch, batch, ref_lr=0.01) == pytest.approx(0.005)  # 1/sqrt(t/t_ref)
+    assert lr(10**9, batch, ref_lr=0.01, ref_batches=0, rampup_img=0) == 0.01
+    with pytest.raises(ValueError, match="batch_size"):
+        lr(0, 0)
+
+
+def test_init_kwargs_round_trip_through_json():
+    net = edm2.Precond(16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16)
+    kwargs = json.loads(json.dumps(net.init_kwargs))
+    torch.manual_seed(0)
+    twin = edm2.Precond(**kwargs)
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x, 1.0), twin.eval()(x, 1.0))
+
+
+def test_use_fp16_maps_to_precision():
+    assert edm2.Precond(8, 3, model_channels=8, channel_mult=[1], use_fp16=True).precision == "fp16"
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    return edm2.Precond(16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16).eval()
+
+
+@pytest.mark.parametrize(
+    "x_shape,sigma,labels,match",
+    [
+        ((2, 3, 16, 16), 1.0, None, r"x must have shape \[N, 4, 16, 16\]"),
+        ((2, 4, 8, 8), 1.0, None, "x must have shape"),
+        ((4, 16, 16), 1.0, None, "x must have shape"),
+        ((2, 4, 16, 16), [1.0, 2.0, 3.0], None, "sigma must have 1 or 2"),
+        ((2, 4, 16, 16), 0.0, None, "sigma must be positive and finite"),
+        ((2, 4, 16, 16), -1.0, None, "sigma must be positive and finite"),
+        ((2, 4, 16, 16), math.inf, None, "sigma must be positive and finite"),
+        ((2, 4, 16, 16), math.nan, None, "sigma must be positive and finite"),
+        ((2, 4, 16, 16), 1.0, torch.zeros(2, 7), r"class_labels must have shape \[2, 10\] \(label_dim 10\)"),
+        ((2, 4, 16, 16), 1.0, torch.zeros(3, 10), "class_labels must have shape"),
+        ((2, 4, 16, 16), 1.0, torch.zeros(2, dtype=torch.long).reshape(1, 2), "integer class_labels"),
+    ],
+)
+def test_bad_forward_input_is_a_named_value_error(small_net, x_shape, sigma, labels, match):
+    with pytest.raises(ValueError, match=match):
+        small_net(torch.zeros(x_shape), torch.as_tensor(sigma), labels)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(img_resolution=16, img_channels=4, bogus=3), r"unknown constructor argument\(s\) \['bogus'\]"),
+        (dict(img_resolution=0, img_channels=4), "img_resolution must be a positive integer"),
+        (dict(img_resolution=16, img_channels=4, label_dim=-1), "label_dim"),
+        (dict(img_resolution=16, img_channels=4, precision="fp8"), "precision must be one of"),
+        (dict(img_resolution=16, img_channels=4, dropout=1.5), "dropout"),
+        (dict(img_resolution=12, img_channels=4, channel_mult=[1, 2, 3, 4]), "divisible"),
+        (dict(img_resolution=16, img_channels=4, resample_filter=[1, 3, 3, 1]), "resample_filter"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        edm2.Precond(**kwargs)
+
+
+def test_unconditional_net_rejects_labels():
+    net = edm2.Precond(8, 3, model_channels=8, channel_mult=[1])
+    with pytest.raises(ValueError, match="unconditional"):
+        net(torch.zeros(1, 3, 8, 8), 1.0, torch.zeros(1, 4))
+
+
+def test_loss_bad_input():
+    net = edm2.Precond(8, 3, model_channels=8, channel_mult=[1])
+    with pytest.raises(ValueError, match="P_std"):
+        edm2.EDM2Loss(P_std=0)
+    with pytest.raises(ValueError, match="noise must have the shape"):
+        edm2.EDM2Loss()(net, torch.zeros(2, 3, 8, 8), noise=torch.zeros(1, 3, 8, 8))
+
+
+def test_loss_is_unit_scale_at_init():
+    """With F = 0 (out_gain 0 at init) the error is c_out^2 per element in expectation, so lambda(sigma)
+    makes it 1 at every sigma (Eq. 21); with u = 0 the loss is that error."""
+    torch.manual_seed(0)
+    net = edm2.Precond(16, 4, model_channels=16, channel_mult=[1, 2], attn_resolutions=[])
+    net.logvar_linear.weight.data.zero_()  # u(sigma) = 0
+    images = torch.randn(64, 4, 16, 16) * 0.5
+    loss = edm2.EDM2Loss()(net, images)
+    assert abs(loss.mean().item() - 1) < 0.05
+    assert torch.allclose(edm2.reduce_batch_loss(loss, 64), loss.sum() / 64)
