@@ -1,0 +1,137 @@
+"""Pixel and latent encoders (SPEC 8), with a tiny AutoencoderKL saved locally: no download."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.encoders import (
+    STABILITY_VAE_DEFAULTS,
+    StabilityVAEEncoder,
+    StandardRGBEncoder,
+    encoder_from_config,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory) -> str:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,  # 3 downsamplings: 8x, like the SD VAE
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("tiny_vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+def _pixels(n: int = 5, res: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, [n, 3, res, res], dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _load_reference_vae(path: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).eval()
+
+
+def test_rgb_roundtrip_is_exact():
+    enc = StandardRGBEncoder()
+    x = _pixels()
+    raw = enc.encode_pixels(x)
+    assert raw.dtype == torch.uint8 and torch.equal(raw, x)
+    y = enc.encode_latents(raw)
+    assert y.dtype == torch.float32 and y.min() >= -1 and y.max() <= 1
+    assert torch.allclose(y, x.float() / 127.5 - 1)
+    assert torch.equal(enc.decode(y), x)
+    # Out-of-range network output is clamped, not wrapped.
+    assert enc.decode(torch.tensor([-3.0, 3.0]).reshape(1, 1, 1, 2)).tolist() == [[[[0, 255]]]]
+
+
+@pytest.mark.parametrize("cfg", [{"class": "standard_rgb"}, {"class": "stability_vae", **STABILITY_VAE_DEFAULTS}])
+def test_config_roundtrips_through_json(cfg):
+    enc = encoder_from_config(json.loads(json.dumps(cfg)))
+    assert enc.config() == cfg
+    assert encoder_from_config(json.loads(json.dumps(enc.config()))).config() == cfg
+
+
+def test_config_defaults_and_errors():
+    assert encoder_from_config({"class": "stability_vae"}).config() == {"class": "stability_vae", **STABILITY_VAE_DEFAULTS}
+    with pytest.raises(ValueError, match="unknown class 'jpeg'"):
+        encoder_from_config({"class": "jpeg"})
+    with pytest.raises(ValueError, match=r"unknown keys \['scale'\]"):
+        encoder_from_config({"class": "stability_vae", "scale": 0.18})
+    with pytest.raises(ValueError, match=r"unknown keys \['vae_name'\]"):
+        encoder_from_config({"class": "standard_rgb", "vae_name": "x"})
+    with pytest.raises(ValueError, match="'class' key"):
+        encoder_from_config({"vae_name": "x"})
+    with pytest.raises(ValueError, match="raw_std"):
+        StabilityVAEEncoder(raw_std=[1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="uint8"):
+        StandardRGBEncoder().encode_pixels(torch.zeros(1, 3, 8, 8))
+
+
+def test_vae_is_lazy_and_missing_vae_is_named(tmp_path):
+    enc = encoder_from_config({"class": "stability_vae", "vae_name": str(tmp_path / "no_such_vae")})
+    assert enc._vae is None  # constructing never loads
+    with pytest.raises(RuntimeError, match="no_such_vae"):
+        enc.decode(torch.zeros(1, 4, 4, 4))
+
+
+def test_vae_encode_pixels_gives_posterior_mean_and_std(tiny_vae_dir):
+    x = _pixels(5)
+    raw = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 2}).encode_pixels(x)
+    assert raw.shape == (5, 8, 4, 4) and raw.dtype == torch.float32
+    with torch.no_grad():
+        posterior = _load_reference_vae(tiny_vae_dir).encode(x.float() / 127.5 - 1).latent_dist
+    torch.testing.assert_close(raw[:, :4], posterior.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(raw[:, 4:], posterior.std, rtol=1e-5, atol=1e-5)
+    assert not raw.requires_grad
+
+
+def test_vae_encode_latents_scaling_and_sampling():
+    enc = StabilityVAEEncoder(vae_name="unused")  # no VAE needed for this step
+    mean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    raw_mean = torch.tensor(enc.raw_mean).reshape(1, 4, 1, 1)
+    raw_std = torch.tensor(enc.raw_std).reshape(1, 4, 1, 1)
+    # With zero posterior std the sample is the mean: pure scaling (raw - raw_mean) * final_std / raw_std.
+    out = enc.encode_latents(torch.cat([mean, torch.zeros_like(mean)], dim=1))
+    torch.testing.assert_close(out, (mean - raw_mean) * 0.5 / raw_std + 0.0)
+    # With a posterior std the sample varies, reproducibly per generator, with the expected spread.
+    big = torch.cat([torch.zeros(1, 4, 64, 64), torch.ones(1, 4, 64, 64) * 2], dim=1)
+    a = enc.encode_latents(big, torch.Generator().manual_seed(7))
+    b = enc.encode_latents(big, torch.Generator().manual_seed(7))
+    c = enc.encode_latents(big, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    expected_std = 2 * 0.5 / torch.tensor(enc.raw_std)
+    measured_std = a[0].flatten(1).std(dim=1)
+    torch.testing.assert_close(measured_std, expected_std, rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match=r"\[N, 8, H, W\]"):
+        enc.encode_latents(mean)
+
+
+def test_vae_decode_inverts_scaling(tiny_vae_dir):
+    enc = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 3})
+    raw = enc.encode_pixels(_pixels(4))
+    raw_mean_only = torch.cat([raw[:, :4], torch.zeros_like(raw[:, 4:])], dim=1)
+    images = enc.decode(enc.encode_latents(raw_mean_only))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+    with torch.no_grad():
+        direct = _load_reference_vae(tiny_vae_dir).decode(raw[:, :4]).sample
+    expected = ((direct + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    # One step of rounding at most (the scaling round trip is float32).
+    assert (images.int() - expected.int()).abs().max() <= 1
+    assert (images == expected).float().mean() > 0.99
+    with pytest.raises(ValueError, match=r"\[N, 4, h, w\]"):
+        enc.decode(raw)

@@ -1,0 +1,1 @@
+"""torch_utils: distributed helpers, seeding and other small utilities shared by the scripts."""

@@ -1,0 +1,175 @@
+"""Pixel and latent encoders: between uint8 RGB images and the network's input space (SPEC 8).
+
+An encoder is described by a JSON-able settings dict (stored in model files and datasets):
+
+    {"class": "standard_rgb"}
+    {"class": "stability_vae", "vae_name": "stabilityai/sd-vae-ft-mse", "raw_mean": [...], "raw_std": [...],
+     "final_mean": 0.0, "final_std": 0.5, "batch_size": 8}
+
+Each encoder has three steps:
+    encode_pixels(uint8 [N, 3, H, W]) -> raw       (dataset preparation; for the VAE: posterior mean and std)
+    encode_latents(raw, generator)    -> float32   (per training sample: what the network sees)
+    decode(float32)                   -> uint8 [N, 3, H, W]
+The VAE (diffusers AutoencoderKL) is loaded lazily on first use; its weights never enter a model file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+STABILITY_VAE_DEFAULTS: dict[str, Any] = {
+    "vae_name": "stabilityai/sd-vae-ft-mse",
+    "raw_mean": [5.81, 3.25, 0.12, -2.15],
+    "raw_std": [4.17, 4.62, 3.71, 3.28],
+    "final_mean": 0.0,
+    "final_std": 0.5,
+    "batch_size": 8,
+}
+
+
+def _check_pixels(x: torch.Tensor, who: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who}.encode_pixels: expected a uint8 tensor [N, 3, H, W], got {got}")
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 [0, 255]: (x + 1) * 127.5, clamped and rounded."""
+    return ((x.to(torch.float32) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
+class StandardRGBEncoder:
+    """Pixels as they are: uint8 RGB <-> [-1, 1]."""
+
+    def config(self) -> dict[str, Any]:
+        return {"class": "standard_rgb"}
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        _check_pixels(x, "StandardRGBEncoder")
+        return x
+
+    def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x.to(torch.float32) / 127.5 - 1
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return _to_uint8(x)
+
+
+class StabilityVAEEncoder:
+    """Stable Diffusion VAE latents (8x down, 4 channels), scaled per channel to the network's range."""
+
+    def __init__(
+        self,
+        vae_name: str = STABILITY_VAE_DEFAULTS["vae_name"],  # hub name or local directory of an AutoencoderKL
+        raw_mean: Sequence[float] = STABILITY_VAE_DEFAULTS["raw_mean"],  # per-channel mean of raw latents
+        raw_std: Sequence[float] = STABILITY_VAE_DEFAULTS["raw_std"],  # per-channel std of raw latents
+        final_mean: float = STABILITY_VAE_DEFAULTS["final_mean"],  # wanted mean of the scaled latents
+        final_std: float = STABILITY_VAE_DEFAULTS["final_std"],  # wanted std of the scaled latents (sigma_data)
+        batch_size: int = STABILITY_VAE_DEFAULTS["batch_size"],  # images per VAE call
+    ):
+        if not isinstance(vae_name, str) or not vae_name:
+            raise ValueError(f"StabilityVAEEncoder: vae_name must be a non-empty string, got {vae_name!r}")
+        raw_mean, raw_std = [float(v) for v in raw_mean], [float(v) for v in raw_std]
+        if len(raw_mean) != len(raw_std):
+            raise ValueError(f"StabilityVAEEncoder: raw_mean ({len(raw_mean)}) and raw_std ({len(raw_std)}) differ in length")
+        if not all(s > 0 for s in raw_std) or not final_std > 0:
+            raise ValueError(f"StabilityVAEEncoder: raw_std and final_std must be positive, got {raw_std}, {final_std}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"StabilityVAEEncoder: batch_size must be a positive integer, got {batch_size!r}")
+        self.vae_name = vae_name
+        self.raw_mean = raw_mean
+        self.raw_std = raw_std
+        self.final_mean = float(final_mean)
+        self.final_std = float(final_std)
+        self.batch_size = batch_size
+        self._vae = None  # loaded on first use
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "class": "stability_vae",
+            "vae_name": self.vae_name,
+            "raw_mean": list(self.raw_mean),
+            "raw_std": list(self.raw_std),
+            "final_mean": self.final_mean,
+            "final_std": self.final_std,
+            "batch_size": self.batch_size,
+        }
+
+    def vae(self, device: torch.device | str) -> torch.nn.Module:
+        """The AutoencoderKL on `device`, loaded on first use (weights from the hub or a local directory)."""
+        if self._vae is None:
+            import importlib.util
+
+            from diffusers import AutoencoderKL
+
+            # Without accelerate, diffusers warns and falls back to this anyway; say it to keep logs quiet.
+            kwargs = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+            try:
+                vae = AutoencoderKL.from_pretrained(self.vae_name, **kwargs)
+            except Exception as e:  # the hub and the file system raise many kinds
+                raise RuntimeError(f"StabilityVAEEncoder: cannot load the VAE {self.vae_name!r}: {e}") from e
+            self._vae = vae.eval().requires_grad_(False)
+        self._vae.to(device)
+        return self._vae
+
+    def _scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel multiplier and offset of raw -> final: final = raw * scale + bias."""
+        raw_mean = torch.tensor(self.raw_mean, dtype=torch.float32, device=like.device).reshape(1, -1, 1, 1)
+        raw_std = torch.tensor(self.raw_std, dtype=torch.float32, device=like.device).reshape(1, -1, 1, 1)
+        scale = self.final_std / raw_std
+        return scale, self.final_mean - raw_mean * scale
+
+    @torch.no_grad()
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> raw latents [N, 2C, H/8, W/8]: posterior mean and std, float32."""
+        _check_pixels(x, "StabilityVAEEncoder")
+        vae = self.vae(x.device)
+        out = []
+        for batch in x.split(self.batch_size):
+            posterior = vae.encode(batch.to(torch.float32) / 127.5 - 1).latent_dist
+            out.append(torch.cat([posterior.mean, posterior.std], dim=1).to(torch.float32))
+        return torch.cat(out)
+
+    def encode_latents(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Raw latents -> one sample mean + std * N(0, 1), scaled per channel (SPEC 8)."""
+        channels = len(self.raw_mean)
+        if raw.ndim != 4 or raw.shape[1] != 2 * channels:
+            raise ValueError(f"StabilityVAEEncoder.encode_latents: expected [N, {2 * channels}, H, W] raw latents, got {list(raw.shape)}")
+        raw = raw.to(torch.float32)
+        mean, std = raw[:, :channels], raw[:, channels:]
+        gen_device = generator.device if generator is not None else raw.device
+        eps = torch.randn(mean.shape, generator=generator, device=gen_device).to(raw.device)
+        scale, bias = self._scale(raw)
+        return (mean + std * eps) * scale + bias
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [N, C, h, w] -> uint8 images [N, 3, 8h, 8w]."""
+        channels = len(self.raw_mean)
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"StabilityVAEEncoder.decode: expected [N, {channels}, h, w] latents, got {list(x.shape)}")
+        vae = self.vae(x.device)
+        scale, bias = self._scale(x)
+        raw = (x.to(torch.float32) - bias) / scale
+        images = [_to_uint8(vae.decode(batch).sample) for batch in raw.split(self.batch_size)]
+        return torch.cat(images)
+
+
+ENCODER_CLASSES: dict[str, type] = {"standard_rgb": StandardRGBEncoder, "stability_vae": StabilityVAEEncoder}
+_ENCODER_KEYS: dict[str, set[str]] = {"standard_rgb": set(), "stability_vae": set(STABILITY_VAE_DEFAULTS)}
+
+
+def encoder_from_config(cfg: dict[str, Any]) -> StandardRGBEncoder | StabilityVAEEncoder:
+    """The encoder a settings dict describes (missing optional keys take their defaults)."""
+    if not isinstance(cfg, dict) or "class" not in cfg:
+        raise ValueError(f"encoder settings must be a dict with a 'class' key, got {cfg!r}")
+    name = cfg["class"]
+    if name not in ENCODER_CLASSES:
+        raise ValueError(f"encoder settings: unknown class {name!r}; expected one of {sorted(ENCODER_CLASSES)}")
+    kwargs = {k: v for k, v in cfg.items() if k != "class"}
+    unknown = sorted(set(kwargs) - _ENCODER_KEYS[name])
+    if unknown:
+        raise ValueError(f"encoder settings for {name!r}: unknown keys {unknown}; allowed {sorted(_ENCODER_KEYS[name])}")
+    return ENCODER_CLASSES[name](**kwargs)
