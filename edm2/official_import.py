@@ -1,0 +1,205 @@
+"""From the records of an official EDM2 pickle to this project's network and encoder settings (SPEC 10).
+
+`edm2.official_pickle` turns the file into plain data: the network, encoder and loss become InertObjects
+holding `_init_args` / `_init_kwargs` and, for modules, `_parameters` / `_buffers` / `_modules`. Here the
+official Precond's constructor arguments become this project's Precond arguments, the nested parameters and
+buffers become a state dict (the module names are the same, SPEC 4), and the official encoder record becomes
+the shared encoder settings dict.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import pathlib
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from .model_files import ModelFileError, NetworkFile, build_network
+from .official_pickle import InertObject, load_official_pickle
+
+OFFICIAL_FORMAT = "edm2-official-pickle"
+
+# The official Precond's positional parameters, in order (its remaining arguments are keywords).
+PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim")
+
+# The official StabilityVAEEncoder's defaults, for pickles that recorded no constructor arguments.
+STABILITY_VAE_DEFAULTS = {
+    "vae_name": "stabilityai/sd-vae-ft-mse",
+    "raw_mean": [5.81, 3.25, 0.12, -2.15],
+    "raw_std": [4.17, 4.62, 3.71, 3.28],
+    "final_mean": 0.0,
+    "final_std": 0.5,
+    "batch_size": 8,
+}
+
+# network-snapshot-0671088-0.100.pkl, edm2-img512-xs-2147483-0.135.pkl, phema-2147483-0.150.pkl: kimg and std.
+SNAPSHOT_NAME = re.compile(r"(?:^|-)(\d+)(?:-(\d+\.\d+))?\.pkl$")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of pickled plain data (dict subclasses, tuples, numpy scalars and arrays)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, InertObject):
+        return {"class": value.class_name, "init_kwargs": _plain(value.init_kwargs)}
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return repr(value)
+
+
+def _record(value: Any, what: str, source: str) -> InertObject:
+    if not isinstance(value, InertObject) or not isinstance(value.state, dict):
+        raise ModelFileError(f"{source}: {what} is not an official persistent object (got {type(value).__name__})")
+    return value
+
+
+def official_state_dict(record: InertObject, source: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of a module record and its submodules, under state-dict names."""
+    state = record.state if isinstance(record.state, dict) else {}
+    out: dict[str, torch.Tensor] = {}
+    non_persistent = set(state.get("_non_persistent_buffers_set") or ())
+    for group in ("_parameters", "_buffers"):
+        for name, tensor in (state.get(group) or {}).items():
+            if tensor is None or (group == "_buffers" and name in non_persistent):
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise ModelFileError(f"{source}: {prefix}{name} should be a tensor, got {type(tensor).__name__}")
+            out[prefix + name] = tensor.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, InertObject):
+            raise ModelFileError(f"{source}: submodule {prefix}{name} is a {type(child).__name__}, not a module record")
+        out.update(official_state_dict(child, source, f"{prefix}{name}."))
+    return out
+
+
+def precond_kwargs_from_official(record: InertObject, source: str) -> dict[str, Any]:
+    """This project's Precond arguments from the official Precond's recorded constructor arguments."""
+    from networks import Precond
+
+    args = record.init_args
+    if len(args) > len(PRECOND_POSITIONAL):
+        raise ModelFileError(f"{source}: official Precond has {len(args)} positional arguments, expected at most 3")
+    kwargs = dict(zip(PRECOND_POSITIONAL, args))
+    for key, value in record.init_kwargs.items():
+        if key in kwargs:
+            raise ModelFileError(f"{source}: official Precond argument {key!r} given twice")
+        kwargs[key] = _plain(value)
+    accepted = set(inspect.signature(Precond).parameters) - {"precision"}  # official files say use_fp16
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ModelFileError(
+            f"{source}: official Precond arguments not supported by this project: {unknown}; "
+            f"supported: {sorted(accepted)}"
+        )
+    missing = [k for k in PRECOND_POSITIONAL if k not in kwargs]
+    if missing:
+        raise ModelFileError(f"{source}: official Precond record lacks {missing}")
+    return kwargs
+
+
+def encoder_settings_from_official(record: Any, source: str) -> dict[str, Any] | None:
+    """The shared encoder settings dict for an official encoder record (None when the pickle has none)."""
+    if record is None:
+        return None
+    record = _record(record, "the encoder", source)
+    if record.class_name == "StandardRGBEncoder":
+        return {"class": "standard_rgb"}
+    if record.class_name != "StabilityVAEEncoder":
+        raise ModelFileError(
+            f"{source}: unsupported official encoder class {record.class_name!r}; "
+            "supported: StandardRGBEncoder, StabilityVAEEncoder"
+        )
+    unknown = sorted(set(record.init_kwargs) - set(STABILITY_VAE_DEFAULTS))
+    if unknown:
+        raise ModelFileError(f"{source}: unsupported StabilityVAEEncoder arguments {unknown}")
+    settings = {**STABILITY_VAE_DEFAULTS, **_plain(record.init_kwargs)}
+    state = record.state
+    settings["vae_name"] = str(state.get("vae_name", settings["vae_name"]))
+    settings["batch_size"] = int(state.get("batch_size", settings["batch_size"]))
+    _check_encoder_scale(settings, state, source)
+    return {"class": "stability_vae", **settings}
+
+
+def _check_encoder_scale(settings: dict[str, Any], state: dict, source: str) -> None:
+    """The official encoder stores scale = final_std / raw_std and bias = final_mean - raw_mean * scale; if
+    they disagree with the recorded arguments, take raw_mean / raw_std from them (they are what it applied)."""
+    if "scale" not in state or "bias" not in state:
+        return
+    scale = np.asarray(state["scale"], dtype=np.float64).reshape(-1)
+    bias = np.asarray(state["bias"], dtype=np.float64).reshape(-1)
+    raw_std = settings["final_std"] / scale
+    raw_mean = (settings["final_mean"] - bias) / scale
+    if not (np.allclose(raw_std, settings["raw_std"], rtol=1e-5) and np.allclose(raw_mean, settings["raw_mean"], rtol=1e-5, atol=1e-6)):
+        if not (np.all(np.isfinite(raw_std)) and np.all(np.isfinite(raw_mean))):
+            raise ModelFileError(f"{source}: the encoder's scale / bias are not finite")
+        settings["raw_std"] = [float(v) for v in raw_std]
+        settings["raw_mean"] = [float(v) for v in raw_mean]
+
+
+def loss_settings_from_official(record: Any) -> dict[str, Any] | None:
+    if not isinstance(record, InertObject) or not isinstance(record.state, dict):
+        return None
+    keys = ("P_mean", "P_std", "sigma_data")
+    return {"class": record.class_name, **{k: _plain(record.state[k]) for k in keys if k in record.state}}
+
+
+def parse_snapshot_name(name: str) -> tuple[int | None, float | None]:
+    """(training kimg, EMA std) from an official file name; (None, None) when it follows no known pattern."""
+    m = SNAPSHOT_NAME.search(pathlib.PurePath(name).name)
+    if not m:
+        return None, None
+    return int(m.group(1)), (float(m.group(2)) if m.group(2) else None)
+
+
+def network_file_from_official(data: Any, path: pathlib.Path, device: torch.device | str = "cpu") -> NetworkFile:
+    """This project's network, encoder settings and header from the unpickled contents of an official file."""
+    source = str(path)
+    if not isinstance(data, dict) or "ema" not in data:
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise ModelFileError(f"{source}: expected an official network pickle (a dict with key 'ema'), got {keys}")
+    ema = _record(data["ema"], "'ema'", source)
+    if ema.class_name != "Precond":
+        raise ModelFileError(f"{source}: unsupported official network class {ema.class_name!r}; supported: Precond")
+    kwargs = precond_kwargs_from_official(ema, source)
+    raw = official_state_dict(ema, source)
+    source_dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in raw.values()})  # official raw snapshots are float16
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.items()}
+    net = build_network("Precond", kwargs, state, device, source=source)
+
+    kimg, ema_std = parse_snapshot_name(path.name)
+    encoder = encoder_settings_from_official(data.get("encoder"), source)
+    meta = {
+        "format": OFFICIAL_FORMAT,
+        "network_class": "Precond",
+        "init_kwargs": net.init_kwargs,
+        "encoder": encoder,
+        # Official files record time and EMA length only in their names, in kimg (nimg // 1000).
+        "training_nimg": kimg * 1000 if kimg is not None else None,
+        "ema_std": ema_std,
+        "official_init_kwargs": _plain(ema.init_kwargs),
+        "dataset_kwargs": _plain(data.get("dataset_kwargs")),
+        "loss": loss_settings_from_official(data.get("loss_fn")),
+        "source_dtypes": source_dtypes,
+    }
+    if meta["ema_std"] is not None and not (math.isfinite(meta["ema_std"]) and meta["ema_std"] > 0):
+        meta["ema_std"] = None
+    return NetworkFile(net=net, encoder=encoder, meta=meta, path=path)
+
+
+def load_official_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> NetworkFile:
+    """Read an official EDM2 `.pkl` (network snapshot or post-hoc reconstruction) without running its code."""
+    path = pathlib.Path(path)
+    return network_file_from_official(load_official_pickle(path), path, device)
