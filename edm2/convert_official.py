@@ -1,7 +1,7 @@
 """Convert an official EDM2 network pickle (path or URL) to this project's model file.
 
     python -m edm2.convert_official edm2-img512-xs-2147483-0.135.pkl edm2-img512-xs-2147483-0.135.safetensors
-    python -m edm2.convert_official https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/....pkl out.safetensors
+    python -m edm2.convert_official "$URL" out.safetensors   # URLs: edm2.official.OFFICIAL_PRESETS
 
 The pickle is read with the allow-listed unpickler (its code is never run); weights become float32. The
 training image count and EMA std come from the official file name when it follows the official pattern.
@@ -14,6 +14,7 @@ import pathlib
 
 import click
 
+from .download import DownloadError
 from .model_files import ModelFileError, NetworkFile, load_network, save_network
 
 
@@ -21,7 +22,8 @@ def convert_official(src: str | os.PathLike, dest: str | os.PathLike, sha256: st
     """Read `src` (an official .pkl, local or http(s)) and write it to `dest` (.safetensors); returns what was read."""
     loaded = load_network(src, device="cpu", sha256=sha256)
     if loaded.meta.get("format") != "edm2-official-pickle":
-        raise ModelFileError(f"{loaded.path}: not an official EDM2 pickle (it is already a {loaded.meta.get('format')!r} file)")
+        found = loaded.meta.get("format")
+        raise ModelFileError(f"{loaded.path}: not an official EDM2 pickle (it is already a {found!r} file)")
     extra = {
         "converted_from": str(src),
         "official_init_kwargs": loaded.meta.get("official_init_kwargs"),
@@ -50,7 +52,7 @@ def main(src: str, dest: str, sha256: str | None) -> None:
         raise click.BadParameter(f"must end in .safetensors, got {dest!r}", param_hint="OUT.safetensors")
     try:
         loaded = convert_official(src, dest, sha256=sha256)
-    except (ModelFileError, FileNotFoundError, ValueError) as e:
+    except (ModelFileError, DownloadError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     params = sum(p.numel() for p in loaded.net.parameters())
     click.echo(

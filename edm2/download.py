@@ -85,25 +85,23 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
     try:
-        digest = _stream_to(url, fd, progress)
-        fd = None  # closed by _stream_to
+        digest = _stream_to(url, tmp_name, progress)
         if sha256 is not None and digest != sha256:
             raise DownloadError(f"download {url}: SHA-256 mismatch: expected {sha256}, got {digest}; file not kept")
         os.replace(tmp_name, dest)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
     return dest
 
 
-def _stream_to(url: str, fd: int, progress: bool) -> str:
-    """Stream `url` into the open file descriptor `fd` (closing it after fsync); returns the hex SHA-256."""
+def _stream_to(url: str, dest: str, progress: bool) -> str:
+    """Stream `url` into the file `dest` (fsynced); returns the hex SHA-256 of the bytes received."""
     h = hashlib.sha256()
-    with os.fdopen(fd, "wb") as f:
+    with open(dest, "wb") as f:
         try:
             response = requests.get(url, stream=True, timeout=TIMEOUT_S)
         except requests.RequestException as e:
@@ -112,9 +110,12 @@ def _stream_to(url: str, fd: int, progress: bool) -> str:
             if response.status_code != 200:
                 raise DownloadError(f"download {url}: HTTP {response.status_code} {response.reason}")
             total = int(response.headers.get("Content-Length", 0)) or None
+            if response.headers.get("Content-Encoding", "identity") != "identity":
+                total = None  # requests decodes compressed transfers; the length counts the compressed bytes
             received = 0
             name = pathlib.PurePosixPath(urllib.parse.urlparse(url).path).name
-            with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}", disable=not progress) as bar:
+            bar = tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}", disable=not progress)
+            with bar:
                 try:
                     for chunk in response.iter_content(CHUNK_BYTES):
                         f.write(chunk)

@@ -235,7 +235,9 @@ def detect_format(path: pathlib.Path) -> str:
     if head[:1] == b"\x80":  # PROTO opcode: pickle protocol 2 or later
         return "pickle"
     if head[:4] == b"PK\x03\x04":
-        raise ModelFileError(f"{path}: a zip archive (torch.save?); expected a .safetensors model file or an official .pkl")
+        raise ModelFileError(
+            f"{path}: a zip archive (torch.save?); expected a .safetensors model file or an official .pkl"
+        )
     if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
     if path.suffix == ".pkl":  # protocols 0 and 1 have no magic bytes
@@ -305,7 +307,8 @@ def _parse_header(metadata: dict[str, str], path: pathlib.Path) -> dict[str, Any
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: the {HEADER_KEY!r} header is not valid JSON: {e}") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{path}: header format must be {FORMAT_NAME!r}, got {header.get('format') if isinstance(header, dict) else header!r}")
+        found = header.get("format") if isinstance(header, dict) else header
+        raise ModelFileError(f"{path}: header format must be {FORMAT_NAME!r}, got {found!r}")
     version = header.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ModelFileError(

@@ -66,9 +66,15 @@ OFFICIAL_PRESETS: dict[str, dict[str, Any]] = {
     "edm2-img512-xxl-guid-dino": _preset("edm2-img512-xxl-0939524-0.015", f"{UNCOND_XS}-0.015", 1.7),  # FD_DINOv2 33.09
     # Autoguidance paper, Table 1: conditional ImageNet-512, guided by a smaller, shorter-trained model.
     "edm2-img512-s-autog-fid": _preset("edm2-img512-s-2147483-0.070", "edm2-img512-xs-0134217-0.125", 2.10),  # FID 1.34
-    "edm2-img512-s-autog-dino": _preset("edm2-img512-s-2147483-0.120", "edm2-img512-xs-0134217-0.165", 2.45),  # FD_DINOv2 36.67
-    "edm2-img512-xxl-autog-fid": _preset("edm2-img512-xxl-0939524-0.075", "edm2-img512-m-0268435-0.155", 2.05),  # FID 1.25
-    "edm2-img512-xxl-autog-dino": _preset("edm2-img512-xxl-0939524-0.130", "edm2-img512-m-0268435-0.205", 2.30),  # FD_DINOv2 24.18
+    "edm2-img512-s-autog-dino": _preset(
+        "edm2-img512-s-2147483-0.120", "edm2-img512-xs-0134217-0.165", 2.45
+    ),  # FD_DINOv2 36.67
+    "edm2-img512-xxl-autog-fid": _preset(
+        "edm2-img512-xxl-0939524-0.075", "edm2-img512-m-0268435-0.155", 2.05
+    ),  # FID 1.25
+    "edm2-img512-xxl-autog-dino": _preset(
+        "edm2-img512-xxl-0939524-0.130", "edm2-img512-m-0268435-0.205", 2.30
+    ),  # FD_DINOv2 24.18
     # Autoguidance paper, Table 1: unconditional ImageNet-512.
     "edm2-img512-s-uncond-autog-fid": _preset(
         "edm2-img512-s-uncond-2147483-0.070", "edm2-img512-xs-uncond-0134217-0.110", 2.85
@@ -78,7 +84,9 @@ OFFICIAL_PRESETS: dict[str, dict[str, Any]] = {
     ),  # FD_DINOv2 90.39
     # Autoguidance paper, Table 1: conditional ImageNet-64.
     "edm2-img64-s-autog-fid": _preset("edm2-img64-s-1073741-0.045", "edm2-img64-xs-0134217-0.110", 1.70),  # FID 1.01
-    "edm2-img64-s-autog-dino": _preset("edm2-img64-s-1073741-0.105", "edm2-img64-xs-0134217-0.175", 2.20),  # FD_DINOv2 31.85
+    "edm2-img64-s-autog-dino": _preset(
+        "edm2-img64-s-1073741-0.105", "edm2-img64-xs-0134217-0.175", 2.20
+    ),  # FD_DINOv2 31.85
 }
 
 

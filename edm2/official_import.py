@@ -142,7 +142,10 @@ def _check_encoder_scale(settings: dict[str, Any], state: dict, source: str) -> 
     bias = np.asarray(state["bias"], dtype=np.float64).reshape(-1)
     raw_std = settings["final_std"] / scale
     raw_mean = (settings["final_mean"] - bias) / scale
-    if not (np.allclose(raw_std, settings["raw_std"], rtol=1e-5) and np.allclose(raw_mean, settings["raw_mean"], rtol=1e-5, atol=1e-6)):
+    consistent = np.allclose(raw_std, settings["raw_std"], rtol=1e-5) and np.allclose(
+        raw_mean, settings["raw_mean"], rtol=1e-5, atol=1e-6
+    )
+    if not consistent:
         if not (np.all(np.isfinite(raw_std)) and np.all(np.isfinite(raw_mean))):
             raise ModelFileError(f"{source}: the encoder's scale / bias are not finite")
         settings["raw_std"] = [float(v) for v in raw_std]
@@ -175,7 +178,7 @@ def network_file_from_official(data: Any, path: pathlib.Path, device: torch.devi
         raise ModelFileError(f"{source}: unsupported official network class {ema.class_name!r}; supported: Precond")
     kwargs = precond_kwargs_from_official(ema, source)
     raw = official_state_dict(ema, source)
-    source_dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in raw.values()})  # official raw snapshots are float16
+    source_dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in raw.values()})  # raw snapshots: float16
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.items()}
     net = build_network("Precond", kwargs, state, device, source=source)
 

@@ -11,9 +11,11 @@ Allowed (what plain pickles of torch modules, tensors and numpy arrays need):
 - tensors: `torch._utils._rebuild_tensor_v2`, `_rebuild_parameter`, `_rebuild_parameter_with_state`; storages
   pickle as `torch.storage._load_from_bytes(b)` where `b` is a `torch.save` archive: that is loaded with
   `torch.load(weights_only=True)`, torch's own restricted unpickler, instead of the unrestricted original;
-- `collections.OrderedDict`, `builtins.set / frozenset / slice / complex / bytearray / object`, torch dtypes,
-  `torch.device`, `torch.Size`; numpy `_reconstruct` / `scalar` (both `numpy.core` and `numpy._core`),
-  `numpy.ndarray`, `numpy.dtype`;
+- `_codecs.encode` for latin-1 text only (how protocols 0-2 spell bytes);
+- `collections.OrderedDict`, `builtins.dict / list / tuple / set / frozenset / slice / complex / bytearray /
+  object`, torch dtypes, `torch.device`, `torch.Size`;
+- numpy `_reconstruct` / `scalar` / `_frombuffer` (both `numpy.core` and `numpy._core`), `numpy.ndarray`,
+  `numpy.dtype`;
 - records instead of objects: `torch_utils.persistence._reconstruct_persistent_obj` (official classes),
   `torch.nn.modules.*` classes (e.g. ModuleDict; never imported), `copyreg._reconstructor` for those;
   `dnnlib.util.EasyDict` becomes a dict.
@@ -25,6 +27,7 @@ cannot modify torch's or this module's functions and classes for the rest of the
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -39,9 +42,9 @@ import torch
 from .model_files import ModelFileError
 
 try:
-    from numpy._core import multiarray as _multiarray  # numpy >= 2
+    from numpy._core import multiarray as _multiarray, numeric as _numeric  # numpy >= 2
 except ImportError:  # pragma: no cover
-    from numpy.core import multiarray as _multiarray  # numpy 1.x
+    from numpy.core import multiarray as _multiarray, numeric as _numeric  # numpy 1.x
 
 PERSISTENT_RECONSTRUCT = "torch_utils.persistence._reconstruct_persistent_obj"
 EASYDICT = "dnnlib.util.EasyDict"
@@ -105,6 +108,13 @@ def _load_storage_from_bytes(data: bytes) -> Any:
         return torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location="cpu")
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """Stand-in for `_codecs.encode`, which protocols 0-2 use to spell bytes objects; latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"_codecs.encode is allowed only for latin-1 text, got encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 def _persistent_record(meta: Any) -> InertObject:
     """Stand-in for `_reconstruct_persistent_obj`: keeps the class name and state, drops `module_src` unread."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
@@ -113,7 +123,8 @@ def _persistent_record(meta: Any) -> InertObject:
             f"got {type(meta).__name__} with keys {sorted(meta) if isinstance(meta, dict) else '-'}"
         )
     state = meta.get("state")
-    return InertObject(meta["class_name"], "persistent", dict(state) if isinstance(state, dict) else state, meta.get("version"))
+    state = dict(state) if isinstance(state, dict) else state
+    return InertObject(meta["class_name"], "persistent", state, meta.get("version"))
 
 
 def _allowed_globals() -> dict[str, Any]:
@@ -132,9 +143,13 @@ def _allowed_globals() -> dict[str, Any]:
             torch._utils._rebuild_parameter_with_state, "_rebuild_parameter_with_state"
         ),
         "torch.storage._load_from_bytes": _fresh_wrapper(_load_storage_from_bytes, "_load_from_bytes"),
+        "_codecs.encode": _fresh_wrapper(_latin1_bytes, "encode"),
         "torch.device": torch.device,
         "torch.Size": torch.Size,
         "collections.OrderedDict": collections.OrderedDict,
+        "builtins.dict": dict,
+        "builtins.list": list,
+        "builtins.tuple": tuple,
         "builtins.set": set,
         "builtins.frozenset": frozenset,
         "builtins.slice": slice,
@@ -149,6 +164,8 @@ def _allowed_globals() -> dict[str, Any]:
     for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x spellings
         table[f"{prefix}._reconstruct"] = _multiarray._reconstruct
         table[f"{prefix}.scalar"] = _multiarray.scalar
+    for prefix in ("numpy.core.numeric", "numpy._core.numeric"):  # arrays under pickle protocol 5
+        table[f"{prefix}._frombuffer"] = _fresh_wrapper(_numeric._frombuffer, "_frombuffer")
     for name in TORCH_DTYPE_NAMES:
         table[f"torch.{name}"] = getattr(torch, name)
     return table
@@ -173,13 +190,19 @@ class SafeUnpickler(pickle.Unpickler):
             self._record_types[dotted] = type("InertRecordType", (), {"__new__": new, "record_name": dotted})
         return self._record_types[dotted]
 
-    def _reconstructor(self, cls: Any, base: Any, state: Any) -> InertObject:
-        """Stand-in for `copyreg._reconstructor` (protocols 0 and 1): only for record types."""
+    def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
+        """Stand-in for `copyreg._reconstructor` (protocols 0 and 1): only for record types and EasyDict."""
+        if cls is self._table[EASYDICT] and base is dict:
+            return cls(state or {})
         if not (isinstance(cls, type) and cls in self._record_types.values()):
             raise UnsafePickleError(f"{self.source}: copyreg._reconstructor used with {cls!r}, which is not allowed")
         return InertObject(cls.record_name, "global")
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocols 0-2 spell some names the Python 2 way (copy_reg, __builtin__); map them as pickle does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         dotted = f"{module}.{name}"
         if dotted in self._table:
             return self._table[dotted]

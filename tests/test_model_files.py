@@ -134,7 +134,7 @@ class OfficialPickler:
             return plain
         return self.module_record(module, dtype=dtype)
 
-    def snapshot(self, ref: dict, dtype=None, ema_kwargs_extra: dict | None = None, encoder="vae") -> bytes:
+    def snapshot(self, ref: dict, dtype=None, ema_kwargs_extra: dict | None = None, encoder="vae", protocol=4) -> bytes:
         """A whole official network pickle: EasyDict(encoder, dataset_kwargs, loss_fn, ema)."""
         net = build_reference_net(ref)
         kwargs = {**reference_net_kwargs(ref), "use_fp16": False, **(ema_kwargs_extra or {})}
@@ -155,7 +155,7 @@ class OfficialPickler:
                                              "P_mean": -0.4, "P_std": 1.0, "sigma_data": 0.5}),  # fmt: skip
         )
         data["ema"] = self.module_record(net, kwargs, dtype=dtype)
-        return pickle.dumps(data)
+        return pickle.dumps(data, protocol=protocol)
 
 
 @pytest.fixture
@@ -202,6 +202,29 @@ def test_official_fp16_snapshot_becomes_float32(ref, official, tmp_path):
     assert loaded.encoder == {"class": "standard_rgb"}
     assert (loaded.meta["training_nimg"], loaded.meta["ema_std"]) == (2147483000, 0.135)
     assert not os.path.exists(official.marker)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_official_pickle_any_protocol_any_file_name(ref, official, tmp_path, protocol):
+    path = tmp_path / ("weights.bin" if protocol >= 2 else "weights.pkl")  # by content (protocol 2+), not by name
+    path.write_bytes(official.snapshot(ref, protocol=protocol))
+    loaded = load_network(path)
+    theirs = build_reference_net(ref).state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in loaded.net.state_dict().items())
+    assert loaded.meta["training_nimg"] is None and loaded.meta["ema_std"] is None  # no official file name
+    assert not os.path.exists(official.marker)
+
+
+def test_crafted_build_cannot_modify_torch(tmp_path):
+    """BUILD opcodes applied to the allowed callables only touch per-load stand-ins."""
+    import torch._utils
+
+    before = torch._utils._rebuild_tensor_v2.__defaults__
+    path = tmp_path / "crafted.pkl"
+    path.write_bytes(b"ctorch._utils\n_rebuild_tensor_v2\n(N}S'__defaults__'\n(I1\ntstb.")
+    with pytest.raises(ModelFileError):
+        load_network(path)  # loads the (altered) stand-in, which is no official network pickle
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == before
 
 
 def test_official_unknown_constructor_argument_is_reported(ref, official, tmp_path):
