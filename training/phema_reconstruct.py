@@ -21,6 +21,7 @@ import pathlib
 import re
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import tqdm
 
@@ -120,16 +121,19 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     from edm2 import model_files
 
     path = pathlib.Path(path)
-    meta = model_files.read_metadata(path)
-    std, nimg = meta.get("ema_std"), meta.get("training_nimg")
+    try:
+        header = model_files.read_header(path)
+    except model_files.ModelFileError as error:
+        raise SnapshotError(str(error)) from None
+    std, nimg = header.get("ema_std"), header.get("training_nimg")
     if std is None or nimg is None:
-        raise SnapshotError(f"{path}: not a power-function EMA snapshot (needs ema_std and training_nimg in its "
-                            f"metadata, got ema_std={std!r}, training_nimg={nimg!r})")
+        raise SnapshotError(f"{path}: not a power-function EMA snapshot (its header needs ema_std and training_nimg, "
+                            f"got ema_std={std!r}, training_nimg={nimg!r})")
     try:
         std = check_std(std, f"{path}: ema_std")
     except ValueError as error:
         raise SnapshotError(str(error)) from None
-    network = json.dumps(meta.get("init_kwargs", meta.get("network")), sort_keys=True)
+    network = json.dumps({"class": header["network_class"], "init_kwargs": header["init_kwargs"]}, sort_keys=True)
     return SnapshotInfo(path=path, nimg=int(nimg), std=std, network=network)
 
 
@@ -154,8 +158,13 @@ def scan_snapshots(snapshots: str | os.PathLike | Iterable[str | os.PathLike], p
     first = infos[0]
     for info in infos[1:]:
         if info.network != first.network:
-            raise SnapshotError(f"snapshots hold different networks: {info.path.name} has {info.network}, "
-                                f"{first.path.name} has {first.network}")
+            a, b = json.loads(first.network), json.loads(info.network)
+            a, b = dict(a["init_kwargs"], network_class=a["class"]), dict(b["init_kwargs"], network_class=b["class"])
+            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+            raise SnapshotError(
+                f"snapshots hold different networks: {first.path.name} vs {info.path.name} differ in "
+                + ", ".join(f"{k} ({x!r} vs {y!r})" for k, (x, y) in diff.items())
+            )
     seen: dict[tuple[int, float], pathlib.Path] = {}
     for info in infos:
         key = (info.nimg, info.std)
@@ -199,13 +208,11 @@ def reconstruct(
     progress: bool = True,  # a progress bar over the inputs of every pass
     accumulate_dtype: torch.dtype = torch.float64,  # the sums, cast back to the parameter dtype at the end
 ) -> Iterator[ReconstructedNetwork]:
-    """Yield the network for every wanted std (in the given order), without writing anything.
+    """An iterator over the network of every wanted std (in the given order); nothing is written.
 
     Parameters are sum_i X_ij theta_i over the input snapshots; buffers (not trained) are copied from the
-    latest input. Every pass reads each input once.
+    latest input. Every pass reads each input once. Arguments and snapshots are checked before returning.
     """
-    from edm2 import model_files
-
     stds = parse_std_list(out_std)
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -217,6 +224,21 @@ def reconstruct(
         out_ofs=[out_nimg] * len(stds),
         out_std=stds,
     )
+    return _reconstruct_passes(inputs, stds, out_nimg, coefs, batch, device, progress, accumulate_dtype)
+
+
+def _reconstruct_passes(
+    inputs: list[SnapshotInfo],
+    stds: list[float],
+    out_nimg: int,
+    coefs: np.ndarray,
+    batch: int,
+    device: torch.device | str,
+    progress: bool,
+    accumulate_dtype: torch.dtype,
+) -> Iterator[ReconstructedNetwork]:
+    from edm2 import model_files
+
     passes = math.ceil(len(stds) / batch)
     for first in range(0, len(stds), batch):
         columns = list(range(first, min(first + batch, len(stds))))
@@ -224,9 +246,9 @@ def reconstruct(
         template = None
         bar = tqdm.tqdm(inputs, desc=f"phema pass {first // batch + 1}/{passes}", unit="snapshot", disable=not progress, leave=False)
         for row, info in enumerate(bar):
-            template = None  # drop the previous input before loading the next one
-            loaded = model_files.load_network(info.path, device=device)
-            params = _parameter_tensors(loaded.net)
+            template = None  # drop the previous input before loading the next: one input in memory at a time
+            template = model_files.load_network(info.path, device=device)
+            params = _parameter_tensors(template.net)
             if sums is None:
                 sums = [{k: torch.zeros_like(v, dtype=accumulate_dtype) for k, v in params.items()} for _ in columns]
                 shapes = {k: v.shape for k, v in params.items()}
@@ -237,7 +259,6 @@ def reconstruct(
                 for name, value in params.items():
                     out[name].add_(value.to(accumulate_dtype), alpha=weight)
             del params
-            template = loaded
         bar.close()
         for out, column in zip(sums, columns):
             net = copy.deepcopy(template.net).eval()  # buffers of the latest input (copied, not averaged)
