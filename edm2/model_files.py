@@ -287,10 +287,18 @@ def build_network(
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a model file, without reading the tensors."""
+    """The JSON header of a model file, without reading the tensors. For an official `.pkl` (recognised by
+    content), the equivalent summary: training_nimg and ema_std then come from the official file name, and the
+    whole pickle is read (it has no separate header)."""
     from safetensors import safe_open
 
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    if detect_format(path) == "pickle":
+        from .official_import import read_official_header
+
+        return read_official_header(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

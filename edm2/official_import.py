@@ -167,39 +167,60 @@ def parse_snapshot_name(name: str) -> tuple[int | None, float | None]:
     return int(m.group(1)), (float(m.group(2)) if m.group(2) else None)
 
 
-def network_file_from_official(data: Any, path: pathlib.Path, device: torch.device | str = "cpu") -> NetworkFile:
-    """This project's network, encoder settings and header from the unpickled contents of an official file."""
-    source = str(path)
+def _ema_record(data: Any, source: str) -> InertObject:
     if not isinstance(data, dict) or "ema" not in data:
         keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ModelFileError(f"{source}: expected an official network pickle (a dict with key 'ema'), got {keys}")
     ema = _record(data["ema"], "'ema'", source)
     if ema.class_name != "Precond":
         raise ModelFileError(f"{source}: unsupported official network class {ema.class_name!r}; supported: Precond")
-    kwargs = precond_kwargs_from_official(ema, source)
-    raw = official_state_dict(ema, source)
-    source_dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in raw.values()})  # raw snapshots: float16
-    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.items()}
-    net = build_network("Precond", kwargs, state, device, source=source)
+    return ema
 
+
+def header_from_official(data: Any, path: pathlib.Path) -> dict[str, Any]:
+    """The header-like summary of an official file's contents (the same keys as a model file's header)."""
+    from networks import Precond
+
+    source = str(path)
+    ema = _ema_record(data, source)
+    kwargs = precond_kwargs_from_official(ema, source)
+    try:
+        with torch.device("meta"):  # only to normalise the arguments as this project's files record them
+            init_kwargs = Precond(**kwargs).init_kwargs
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{source}: the official Precond arguments are not valid here: {e}") from e
     kimg, ema_std = parse_snapshot_name(path.name)
-    encoder = encoder_settings_from_official(data.get("encoder"), source)
-    meta = {
+    if ema_std is not None and not (math.isfinite(ema_std) and ema_std > 0):
+        ema_std = None
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in official_state_dict(ema, source).values()}
+    return {
         "format": OFFICIAL_FORMAT,
         "network_class": "Precond",
-        "init_kwargs": net.init_kwargs,
-        "encoder": encoder,
+        "init_kwargs": init_kwargs,
+        "encoder": encoder_settings_from_official(data.get("encoder"), source),
         # Official files record time and EMA length only in their names, in kimg (nimg // 1000).
         "training_nimg": kimg * 1000 if kimg is not None else None,
         "ema_std": ema_std,
         "official_init_kwargs": _plain(ema.init_kwargs),
         "dataset_kwargs": _plain(data.get("dataset_kwargs")),
         "loss": loss_settings_from_official(data.get("loss_fn")),
-        "source_dtypes": source_dtypes,
+        "source_dtypes": sorted(dtypes),  # official raw snapshots hold float16
     }
-    if meta["ema_std"] is not None and not (math.isfinite(meta["ema_std"]) and meta["ema_std"] > 0):
-        meta["ema_std"] = None
-    return NetworkFile(net=net, encoder=encoder, meta=meta, path=path)
+
+
+def network_file_from_official(data: Any, path: pathlib.Path, device: torch.device | str = "cpu") -> NetworkFile:
+    """This project's network, encoder settings and header from the unpickled contents of an official file."""
+    header = header_from_official(data, path)
+    raw = official_state_dict(_ema_record(data, str(path)), str(path))
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.items()}
+    net = build_network("Precond", header["init_kwargs"], state, device, source=str(path))
+    return NetworkFile(net=net, encoder=header["encoder"], meta=header, path=path)
+
+
+def read_official_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The header-like summary of an official `.pkl` (this unpickles the whole file, weights included)."""
+    path = pathlib.Path(path)
+    return header_from_official(load_official_pickle(path), path)
 
 
 def load_official_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> NetworkFile:

@@ -182,6 +182,7 @@ def test_official_pickle_loads_without_running_code_and_matches_reference(ref, o
     assert loaded.meta["loss"] == {"class": "EDM2Loss", "P_mean": -0.4, "P_std": 1.0, "sigma_data": 0.5}
     assert loaded.meta["dataset_kwargs"]["path"] == "img512-sd.zip"
     json.dumps(loaded.meta)  # the summary is plain JSON
+    assert read_header(path) == loaded.meta and loaded.meta["init_kwargs"] == loaded.net.init_kwargs
 
     # The file is armed: the official way of loading (plain pickle with the persistence module importable)
     # does execute module_src. This is what the safe loader avoided above.
