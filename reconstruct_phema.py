@@ -21,24 +21,62 @@ def _std_list(ctx, param, value):
 
 
 @click.command()
-@click.option("--indir", help="Directory holding the training snapshots (network-snapshot-*.safetensors)", metavar="DIR",
-              type=click.Path(exists=True, file_okay=False), required=True)
+@click.option(
+    "--indir",
+    help="Directory holding the training snapshots (network-snapshot-*.safetensors)",
+    metavar="DIR",
+    type=click.Path(exists=True, file_okay=False),
+    required=True,
+)
 @click.option("--outdir", help="Where the reconstructed networks are written", metavar="DIR", type=str, required=True)
-@click.option("--outstd", help="EMA lengths (relative std) to build: list, ranges like 0.010,0.015,...,0.250",
-              metavar="LIST", type=str, callback=_std_list, required=True)
-@click.option("--outkimg", help="End time of the profiles: kimg of a snapshot  [default: the latest]", metavar="KIMG",
-              type=click.IntRange(min=0), default=None)
-@click.option("--batch", help="Outputs built per pass over the inputs", metavar="INT", type=click.IntRange(min=1),
-              default=8, show_default=True)
-@click.option("--prefix", help="Output file name prefix", metavar="STR", type=str, default=OUTPUT_PREFIX, show_default=True)
+@click.option(
+    "--outstd",
+    help="EMA lengths (relative std) to build: list, ranges like 0.010,0.015,...,0.250",
+    metavar="LIST",
+    type=str,
+    callback=_std_list,
+    required=True,
+)
+@click.option(
+    "--outkimg",
+    help="End time of the profiles: kimg of a snapshot  [default: the latest]",
+    metavar="KIMG",
+    type=click.IntRange(min=0),
+    default=None,
+)
+@click.option(
+    "--batch",
+    help="Outputs built per pass over the inputs",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+)
+@click.option(
+    "--prefix", help="Output file name prefix", metavar="STR", type=str, default=OUTPUT_PREFIX, show_default=True
+)
 @click.option("--skip-existing", help="Skip outputs that already exist", is_flag=True)
-@click.option("--device", help="Device for loading and summing the snapshots", metavar="STR", type=str,
-              default="cpu", show_default=True)
+@click.option(
+    "--device",
+    help="Device for loading and summing the snapshots",
+    metavar="STR",
+    type=str,
+    default="cpu",
+    show_default=True,
+)
 def main(indir, outdir, outstd, outkimg, batch, prefix, skip_existing, device):
     """Reconstruct post-hoc EMA networks from the snapshots in INDIR."""
     try:
-        paths = reconstruct_to_dir(indir, outdir, outstd, out_kimg=outkimg, batch=batch, prefix=prefix,
-                                   skip_existing=skip_existing, device=device)
+        paths = reconstruct_to_dir(
+            indir,
+            outdir,
+            outstd,
+            out_kimg=outkimg,
+            batch=batch,
+            prefix=prefix,
+            skip_existing=skip_existing,
+            device=device,
+        )
     except SnapshotError as error:
         raise click.ClickException(str(error)) from None
     except ValueError as error:

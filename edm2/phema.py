@@ -1,10 +1,12 @@
 """Power-function EMA and post-hoc EMA reconstruction (SPEC 6): the public namespace.
 
+Example:
+
     import edm2.phema as phema
-    phema.std_to_exp(0.1)                                   # exponent g of the profile (Eq. 126)
-    ema = phema.PowerFunctionEMA(net, stds=[0.05, 0.10])    # during training: ema.update(net, cur_nimg, batch)
-    for rec in phema.reconstruct('training-runs/00000', '0.05,0.06,...,0.20'):
-        print(rec.std, metric(rec.net))                     # nothing written to disk
+    phema.std_to_exp(0.1)                                 # exponent g of the profile (Eq. 126)
+    ema = phema.PowerFunctionEMA(net, stds=[0.05, 0.10])  # training: ema.update(net, cur_nimg, batch_size)
+    for rec in phema.reconstruct("training-runs/00000", "0.05,0.06,...,0.20"):
+        print(rec.std, metric(rec.net))                   # nothing written to disk
 """
 
 from training.phema import (
@@ -38,9 +40,27 @@ from training.phema_sweep import (
 )
 
 __all__ = [
-    "DEFAULT_STDS", "PowerFunctionEMA", "ReconstructedNetwork", "STD_LIMIT", "SnapshotError", "SnapshotInfo",
-    "SweepResult", "TraditionalEMA", "check_std", "exp_to_std", "load_validation_data", "parse_std_list",
-    "plot_sweep", "power_function_beta", "power_function_correlation", "reconstruct", "reconstruct_to_dir",
-    "save_sweep_table", "scan_snapshots", "solve_posthoc_coefficients", "std_to_exp", "sweep_ema_length",
+    "DEFAULT_STDS",
+    "STD_LIMIT",
+    "PowerFunctionEMA",
+    "ReconstructedNetwork",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SweepResult",
+    "TraditionalEMA",
+    "check_std",
+    "exp_to_std",
+    "load_validation_data",
+    "parse_std_list",
+    "plot_sweep",
+    "power_function_beta",
+    "power_function_correlation",
+    "reconstruct",
+    "reconstruct_to_dir",
+    "save_sweep_table",
+    "scan_snapshots",
+    "solve_posthoc_coefficients",
+    "std_to_exp",
+    "sweep_ema_length",
     "validation_loss_metric",
 ]

@@ -47,7 +47,9 @@ def test_beta_matches_reference(phema_ref):
 
 
 def test_posthoc_coefficients_match_reference(phema_ref):
-    coefs = phema.solve_posthoc_coefficients(phema_ref["in_ofs"], phema_ref["in_std"], phema_ref["out_ofs"], phema_ref["out_std"])
+    coefs = phema.solve_posthoc_coefficients(
+        phema_ref["in_ofs"], phema_ref["in_std"], phema_ref["out_ofs"], phema_ref["out_std"]
+    )
     expected = phema_ref["coefs"]
     assert coefs.shape == expected.shape == (len(phema_ref["in_ofs"]), len(phema_ref["out_ofs"]))
     # 1e-10 relative to each column's largest coefficient: entries ~1e-25 are round-off of the solve in

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import pathlib
 import shutil
 import warnings
 
@@ -13,14 +12,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import edm2.phema as phema
-from edm2 import model_files
+from edm2 import model_files, phema
 from networks import Precond
 from training import EDM2Loss
 
 TINY = dict(  # the fixture's architecture, narrower and at 8x8 so that a step takes milliseconds
-    img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-    attn_resolutions=[4], channels_per_head=8, logvar_channels=8,
+    img_resolution=8,
+    img_channels=3,
+    label_dim=4,
+    model_channels=8,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    channels_per_head=8,
+    logvar_channels=8,
 )
 STEPS = 160
 SNAPSHOT_EVERY = 10  # steps
@@ -73,7 +78,9 @@ def run(tmp_path_factory, single_thread):
         if step % SNAPSHOT_EVERY == 0:
             for std, ema_net in ema:
                 if std != 0.07:
-                    model_files.save_network(outdir / _snapshot_name(nimg, std), ema_net, ema_std=std, training_nimg=nimg)
+                    model_files.save_network(
+                        outdir / _snapshot_name(nimg, std), ema_net, ema_std=std, training_nimg=nimg
+                    )
     return dict(dir=outdir, ema=dict(ema.ema_networks()), nimg=nimg, images=images, labels=labels)
 
 
@@ -88,8 +95,10 @@ def test_reconstruction_matches_a_directly_tracked_std(run):
     error = (_flat(rec.net) - tracked).norm()
     rel_to_weights = float(error / tracked.norm())
     rel_to_ema_spread = float(error / (e05 - e10).norm())  # how far apart the EMA lengths are
-    print(f"0.07 reconstruction: |rec - tracked| / |tracked| = {rel_to_weights:.3g}, "
-          f"/ |ema0.05 - ema0.10| = {rel_to_ema_spread:.3g}")
+    print(
+        f"0.07 reconstruction: |rec - tracked| / |tracked| = {rel_to_weights:.3g}, "
+        f"/ |ema0.05 - ema0.10| = {rel_to_ema_spread:.3g}"
+    )
     assert rel_to_weights < 1e-4
     assert rel_to_ema_spread < 1e-2
     # Sanity: the reconstruction is much closer to the tracked 0.07 than either snapshot series is.
@@ -148,7 +157,9 @@ def test_cli_writes_loadable_snapshots(run, tmp_path):
     original = model_files.load_network
     model_files.load_network = lambda *a, **k: pytest.fail("an existing output was rebuilt")
     try:
-        assert _cli("--indir", run["dir"], "--outdir", tmp_path, "--outstd", "0.05,0.08", "--skip-existing").exit_code == 0
+        assert (
+            _cli("--indir", run["dir"], "--outdir", tmp_path, "--outstd", "0.05,0.08", "--skip-existing").exit_code == 0
+        )
     finally:
         model_files.load_network = original
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
@@ -176,9 +187,13 @@ def test_cli_rejects_missing_or_mismatched_snapshots(run, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(run["dir"], mixed)
     other = Precond(**dict(TINY, model_channels=16)).eval()
-    model_files.save_network(mixed / _snapshot_name(run["nimg"] + 1000, 0.05), other, ema_std=0.05, training_nimg=run["nimg"] + 1000)
+    model_files.save_network(
+        mixed / _snapshot_name(run["nimg"] + 1000, 0.05), other, ema_std=0.05, training_nimg=run["nimg"] + 1000
+    )
     result = _cli("--indir", mixed, "--outdir", tmp_path / "out", "--outstd", "0.07")
-    assert result.exit_code != 0 and "different networks" in result.output and "model_channels (8 vs 16)" in result.output
+    assert (
+        result.exit_code != 0 and "different networks" in result.output and "model_channels (8 vs 16)" in result.output
+    )
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
@@ -240,7 +255,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_snapshots(tmp_path, monkey
     def peak_bytes(files) -> int:
         baseline = _live_tensor_bytes()
         peak = {"bytes": 0}
-        original = phema_reconstruct_load = model_files.load_network
+        original = model_files.load_network
 
         def measuring_load(*args, **kwargs):  # measured right after each input is loaded
             loaded = original(*args, **kwargs)
@@ -251,12 +266,13 @@ def test_peak_memory_does_not_grow_with_the_number_of_snapshots(tmp_path, monkey
         for rec in phema.reconstruct(files, [0.06, 0.08], batch=2, progress=False):
             peak["bytes"] = max(peak["bytes"], _live_tensor_bytes() - baseline)
             del rec
-        monkeypatch.setattr(model_files, "load_network", phema_reconstruct_load)
+        monkeypatch.setattr(model_files, "load_network", original)
         return peak["bytes"]
 
     few = peak_bytes(all_files[-8:])  # 4 snapshot times x 2 stds
     many = peak_bytes(all_files)  # 16 snapshot times x 2 stds
-    print(f"peak live tensor bytes: 8 inputs {few / 1e6:.2f} MB, 32 inputs {many / 1e6:.2f} MB, one network {net_bytes / 1e6:.2f} MB")
+    mb = 1e-6
+    print(f"peak live tensor bytes: 8 inputs {few * mb:.2f} MB, 32 inputs {many * mb:.2f} MB, net {net_bytes * mb:.2f} MB")
     assert few >= net_bytes  # the measurement sees the loaded input
     assert many <= few * 1.05 + 64 * 1024
     # One input, two float64 sums and one float32 output (+ slack): far below 32 inputs.
@@ -287,8 +303,11 @@ def test_sweep_cli(run, tmp_path):
 
     data = tmp_path / "val.npz"
     np.savez(data, images=run["images"][:16].numpy(), labels=run["labels"][:16].numpy())
-    result = CliRunner().invoke(main, ["--indir", str(run["dir"]), "--data", str(data), "--outdir", str(tmp_path / "sweep"),
-                                       "--outstd", "0.05,0.1"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main,
+        ["--indir", str(run["dir"]), "--data", str(data), "--outdir", str(tmp_path / "sweep"), "--outstd", "0.05,0.1"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     assert "best EMA length" in result.output
     assert {p.name for p in (tmp_path / "sweep").iterdir()} == {"sweep.png", "sweep.json", "sweep.csv"}

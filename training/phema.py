@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -118,11 +118,17 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std) -> np.ndarray:
     normalises every column to sum 1 so that the result is an average of the snapshots (SPEC 6).
     """
     in_ofs, in_std = (np.atleast_1d(_as_float64(n, v)).reshape(-1) for n, v in (("in_ofs", in_ofs), ("in_std", in_std)))
-    out_ofs, out_std = (np.atleast_1d(_as_float64(n, v)).reshape(-1) for n, v in (("out_ofs", out_ofs), ("out_std", out_std)))
+    out_ofs, out_std = (
+        np.atleast_1d(_as_float64(n, v)).reshape(-1) for n, v in (("out_ofs", out_ofs), ("out_std", out_std))
+    )
     if in_ofs.shape != in_std.shape or in_ofs.size == 0:
-        raise ValueError(f"in_ofs and in_std must be non-empty and of equal length, got {in_ofs.size} and {in_std.size}")
+        raise ValueError(
+            f"in_ofs and in_std must be non-empty and of equal length, got {in_ofs.size} and {in_std.size}"
+        )
     if out_ofs.shape != out_std.shape or out_ofs.size == 0:
-        raise ValueError(f"out_ofs and out_std must be non-empty and of equal length, got {out_ofs.size} and {out_std.size}")
+        raise ValueError(
+            f"out_ofs and out_std must be non-empty and of equal length, got {out_ofs.size} and {out_std.size}"
+        )
     inputs = np.stack([in_ofs, in_std], axis=1)
     if len(np.unique(inputs, axis=0)) != len(inputs):
         raise ValueError("input profiles (in_ofs, in_std) must be distinct: duplicates make the system singular")
@@ -149,7 +155,9 @@ def _blend_into(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None
     ema_params = list(ema.parameters())
     net_params = [p.detach() for p in net.parameters()]
     if len(ema_params) != len(net_params):
-        raise ValueError(f"EMA update: the network has {len(net_params)} parameters, the tracked copy {len(ema_params)}")
+        raise ValueError(
+            f"EMA update: the network has {len(net_params)} parameters, the tracked copy {len(ema_params)}"
+        )
     if ema_params:
         torch._foreach_lerp_(ema_params, net_params, 1 - beta)
     for ema_buf, net_buf in zip(ema.buffers(), net.buffers()):
@@ -160,8 +168,9 @@ def _check_step(cur_nimg: int, batch_size: int, who: str) -> None:
     if not (isinstance(batch_size, numbers.Real) and batch_size > 0):
         raise ValueError(f"{who}.update: batch_size must be a positive number, got {batch_size!r}")
     if not (isinstance(cur_nimg, numbers.Real) and cur_nimg >= batch_size):
-        raise ValueError(f"{who}.update: cur_nimg (images seen after this step) must be >= batch_size "
-                         f"{batch_size}, got {cur_nimg!r}")
+        raise ValueError(
+            f"{who}.update: cur_nimg (images seen after this step) must be >= batch_size {batch_size}, got {cur_nimg!r}"
+        )
 
 
 class PowerFunctionEMA:
@@ -220,7 +229,7 @@ class PowerFunctionEMA:
             raise ValueError(f"PowerFunctionEMA.load_state_dict: state tracks stds {saved}, this tracker {self.stds}")
         for i, ema in enumerate(self.emas):
             prefix = f"ema.{i}."
-            ema.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+            ema.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
 
 
 class TraditionalEMA:

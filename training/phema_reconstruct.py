@@ -19,7 +19,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ class SnapshotInfo:
     @property
     def kimg(self) -> int:
         return self.nimg // 1000
+
+
+Snapshots = str | os.PathLike | Iterable[str | os.PathLike] | Sequence[SnapshotInfo]
 
 
 @dataclasses.dataclass
@@ -127,8 +130,10 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
         raise SnapshotError(str(error)) from None
     std, nimg = header.get("ema_std"), header.get("training_nimg")
     if std is None or nimg is None:
-        raise SnapshotError(f"{path}: not a power-function EMA snapshot (its header needs ema_std and training_nimg, "
-                            f"got ema_std={std!r}, training_nimg={nimg!r})")
+        raise SnapshotError(
+            f"{path}: not a power-function EMA snapshot (its header needs ema_std and training_nimg, "
+            f"got ema_std={std!r}, training_nimg={nimg!r})"
+        )
     try:
         std = check_std(std, f"{path}: ema_std")
     except ValueError as error:
@@ -137,7 +142,9 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     return SnapshotInfo(path=path, nimg=int(nimg), std=std, network=network)
 
 
-def scan_snapshots(snapshots: str | os.PathLike | Iterable[str | os.PathLike], pattern: str = SNAPSHOT_PATTERN) -> list[SnapshotInfo]:
+def scan_snapshots(
+    snapshots: str | os.PathLike | Iterable[str | os.PathLike], pattern: str = SNAPSHOT_PATTERN
+) -> list[SnapshotInfo]:
     """The snapshots in a directory (files matching `pattern`) or a list of files, sorted by (nimg, std).
 
     Raises SnapshotError when there are none, when they hold different network shapes, or when two files
@@ -169,7 +176,9 @@ def scan_snapshots(snapshots: str | os.PathLike | Iterable[str | os.PathLike], p
     for info in infos:
         key = (info.nimg, info.std)
         if key in seen:
-            raise SnapshotError(f"{seen[key].name} and {info.path.name} both hold std {info.std:.3f} at {info.nimg} images")
+            raise SnapshotError(
+                f"{seen[key].name} and {info.path.name} both hold std {info.std:.3f} at {info.nimg} images"
+            )
         seen[key] = info.path
     return infos
 
@@ -200,7 +209,7 @@ def _parameter_tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reconstruct(
-    snapshots: str | os.PathLike | Iterable[str | os.PathLike] | Sequence[SnapshotInfo],  # directory, files or scan result
+    snapshots: Snapshots,  # a directory, a list of files or the result of scan_snapshots
     out_std: str | float | Sequence[float],  # the wanted EMA lengths (see parse_std_list)
     out_kimg: int | None = None,  # end time of the wanted profiles: a snapshot's kimg; None = the latest
     batch: int = 8,  # outputs built per pass over the inputs (memory: one input + `batch` outputs)
@@ -244,7 +253,9 @@ def _reconstruct_passes(
         columns = list(range(first, min(first + batch, len(stds))))
         sums: list[dict[str, torch.Tensor]] | None = None
         template = None
-        bar = tqdm.tqdm(inputs, desc=f"phema pass {first // batch + 1}/{passes}", unit="snapshot", disable=not progress, leave=False)
+        bar = tqdm.tqdm(
+            inputs, desc=f"phema pass {first // batch + 1}/{passes}", unit="snapshot", disable=not progress, leave=False
+        )
         for row, info in enumerate(bar):
             template = None  # drop the previous input before loading the next: one input in memory at a time
             template = model_files.load_network(info.path, device=device)
@@ -278,7 +289,11 @@ def _reconstruct_passes(
 
 
 def _is_scan_result(snapshots) -> bool:
-    return isinstance(snapshots, (list, tuple)) and len(snapshots) > 0 and all(isinstance(s, SnapshotInfo) for s in snapshots)
+    return (
+        isinstance(snapshots, (list, tuple))
+        and len(snapshots) > 0
+        and all(isinstance(s, SnapshotInfo) for s in snapshots)
+    )
 
 
 def reconstruct_to_dir(
@@ -321,7 +336,17 @@ def reconstruct_to_dir(
 
 
 __all__ = [
-    "OUTPUT_PREFIX", "ReconstructedNetwork", "SNAPSHOT_PATTERN", "STD_LIMIT", "SnapshotError", "SnapshotInfo",
-    "output_filename", "parse_std_list", "read_snapshot_info", "reconstruct", "reconstruct_to_dir",
-    "scan_snapshots", "select_inputs",
+    "OUTPUT_PREFIX",
+    "SNAPSHOT_PATTERN",
+    "STD_LIMIT",
+    "ReconstructedNetwork",
+    "SnapshotError",
+    "SnapshotInfo",
+    "output_filename",
+    "parse_std_list",
+    "read_snapshot_info",
+    "reconstruct",
+    "reconstruct_to_dir",
+    "scan_snapshots",
+    "select_inputs",
 ]

@@ -18,7 +18,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,8 +56,9 @@ class SweepResult:
 
 
 def validation_loss_metric(
-    images: torch.Tensor | np.ndarray,  # held-out data [N, C, H, W]: uint8 pixels (mapped to [-1, 1]) or floats
+    images: torch.Tensor | np.ndarray,  # held-out data [N, C, H, W]: raw dataset values (see `encoder`)
     labels: torch.Tensor | np.ndarray | None = None,  # [N] integer or [N, label_dim] float labels; None = none
+    encoder=None,  # raw values -> network inputs (training.encoders); None: uint8 -> [-1, 1], floats as is
     P_mean: float = -0.4,  # noise-level distribution, as in training
     P_std: float = 1.0,
     sigma_data: float = 0.5,
@@ -70,17 +71,26 @@ def validation_loss_metric(
     images = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"validation images must have shape [N, C, H, W] with N > 0, got {list(images.shape)}")
-    if images.dtype == torch.uint8:
+    generator = torch.Generator().manual_seed(seed)
+    if encoder is not None:
+        images = torch.cat(
+            [
+                encoder.encode_latents(images[i : i + batch_size], generator=generator)
+                for i in range(0, images.shape[0], batch_size)
+            ]
+        )
+    elif images.dtype == torch.uint8:
         images = images.to(torch.float32) / 127.5 - 1
     images = images.to(torch.float32)
     if labels is not None:
         labels = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels)
         if labels.shape[0] != images.shape[0]:
-            raise ValueError(f"validation labels must have {images.shape[0]} rows (one per image), got {list(labels.shape)}")
+            raise ValueError(
+                f"validation labels must have {images.shape[0]} rows (one per image), got {list(labels.shape)}"
+            )
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     loss_fn = EDM2Loss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
-    generator = torch.Generator().manual_seed(seed)
     n = images.shape[0]
     sigmas = [loss_fn.sample_sigma(n, generator=generator) for _ in range(repeats)]
     noises = [torch.randn(images.shape, generator=generator) for _ in range(repeats)]
@@ -102,18 +112,30 @@ def validation_loss_metric(
     return metric
 
 
-def load_validation_data(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images (and labels) from a .npy file ([N, C, H, W]) or a .npz file with 'images' (and 'labels')."""
+def load_validation_data(
+    path: str | os.PathLike, max_images: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw images / latents [N, C, H, W] and labels (or None) from a .npy file, a .npz file with 'images'
+    (and 'labels'), or a dataset folder / zip (training.dataset; labels one-hot). At most `max_images`."""
     path = pathlib.Path(path)
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)), None
-    if path.suffix == ".npz":
+        images, labels = torch.from_numpy(np.load(path, allow_pickle=False)), None
+    elif path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             if "images" not in data.files:
                 raise ValueError(f"{path}: expected an array 'images' (and optionally 'labels'), found {data.files}")
             labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
-            return torch.from_numpy(data["images"]), labels
-    raise ValueError(f"{path}: validation data must be a .npy or .npz file")
+            images = torch.from_numpy(data["images"])
+    else:
+        from .dataset import ImageFolderDataset
+
+        dataset = ImageFolderDataset(str(path), max_size=max_images)
+        items = [dataset[i] for i in range(len(dataset))]
+        images = torch.stack([x for x, _ in items])
+        labels = torch.stack([y for _, y in items]) if dataset.label_dim else None
+    if max_images is not None:
+        images, labels = images[:max_images], None if labels is None else labels[:max_images]
+    return images, labels
 
 
 def sweep_ema_length(
@@ -168,8 +190,15 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None =
     fig = Figure(figsize=(5, 3.5), dpi=150)
     ax = fig.add_subplot()
     ax.plot(result.stds, result.values, "-o", markersize=3, linewidth=1.5, label=result.metric)
-    ax.plot([result.best_std], [result.best_value], marker="*", markersize=14, color="tab:red", linestyle="none",
-            label=f"optimum: std {result.best_std:.3f}, {result.metric} {result.best_value:.4g}")
+    ax.plot(
+        [result.best_std],
+        [result.best_value],
+        marker="*",
+        markersize=14,
+        color="tab:red",
+        linestyle="none",
+        label=f"optimum: std {result.best_std:.3f}, {result.metric} {result.best_value:.4g}",
+    )
     ax.axvline(result.best_std, color="tab:red", linewidth=0.8, linestyle=":")
     ax.set_xlabel(r"EMA length $\sigma_\mathrm{rel}$")
     ax.set_ylabel(result.metric)
