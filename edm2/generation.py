@@ -1,0 +1,219 @@
+"""Image generation from model files: per-seed sampling, decoding, PNG output and grids (SPEC 7).
+
+    images = edm2.generate_batch(net, seeds=[0, 1, 2], gnet=gnet, guidance=1.7)   # uint8 [3, 3, H, W]
+    summary = edm2.generate_images(net, seeds=range(64), outdir='out', grid_path='grid.png')
+
+Reproducibility: image k's noise, class and churn noise come from a generator seeded with k (edm2.seeds).
+With torchrun the seeds are cut into global batches of `batch_size` consecutive seeds, independent of the
+number of processes, and whole batches are dealt to ranks; so each image is computed in the same batch
+whatever the number of GPUs, and the output is bit-identical across GPU counts (same device type). A
+different batch size gives the same noise and classes; batched float kernels may then round differently
+in the last bits (see tests/test_generate.py for how much that changes the PNGs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import tqdm
+
+from torch_utils import distributed as dist
+from training.encoders import StandardRGBEncoder, encoder_from_config
+
+from .sampler import SamplerStats, check_guiding_network, edm_sampler
+from .seeds import seed_noise_and_labels
+
+
+@dataclasses.dataclass
+class GenerationSummary:
+    """What generate_images did, summed over all ranks."""
+
+    num_images: int  # images generated (all ranks)
+    seconds: float  # wall time of the sampling loop
+    evals_per_image: float  # network evaluations per image (a guided evaluation costs two)
+    world_size: int  # processes that shared the work
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_images / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        return (
+            f"Generated {self.num_images} images in {self.seconds:.1f} s ({self.images_per_second:.2f} img/s, "
+            f"{self.evals_per_image:g} network evaluations per image, {self.world_size} process"
+            f"{'es' if self.world_size != 1 else ''})"
+        )
+
+
+def encoder_for(net: torch.nn.Module, encoder_settings: dict[str, Any] | None):
+    """The encoder that turns this network's output into images (pixel networks need none in the file)."""
+    if encoder_settings is not None:
+        return encoder_from_config(encoder_settings)
+    if getattr(net, "img_channels", None) == 3:
+        return StandardRGBEncoder()
+    raise ValueError(
+        f"the model file names no encoder and the network has {getattr(net, 'img_channels', '?')} channels: "
+        "only 3-channel pixel networks can be written as images without one"
+    )
+
+
+def check_class_index(net: torch.nn.Module, class_idx: int | None) -> None:
+    """ValueError unless class_idx is None or a valid class of the network."""
+    if class_idx is None:
+        return
+    label_dim = getattr(net, "label_dim", 0)
+    if label_dim == 0:
+        raise ValueError(f"class {class_idx} given, but the network is unconditional (label_dim 0)")
+    if not 0 <= class_idx < label_dim:
+        raise ValueError(f"class {class_idx} is out of range: the network has {label_dim} classes (0..{label_dim - 1})")
+
+
+def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive batches of seeds, the same for any number of processes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    seeds = list(seeds)
+    return [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+
+
+@torch.no_grad()
+def generate_batch(
+    net: torch.nn.Module,
+    seeds: Sequence[int],
+    gnet: torch.nn.Module | None = None,
+    encoder: Any = None,
+    class_idx: int | None = None,
+    device: torch.device | str | None = None,
+    stats: SamplerStats | None = None,
+    **sampler_kwargs: Any,
+) -> torch.Tensor:
+    """uint8 images [len(seeds), 3, H, W] (on the CPU), one per seed; sampler_kwargs go to edm_sampler."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    encoder = encoder if encoder is not None else encoder_for(net, None)
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    noise, labels, gens = seed_noise_and_labels(seeds, shape, getattr(net, "label_dim", 0), class_idx, device)
+    x = edm_sampler(net, noise, labels, gnet=gnet, randn_like=gens.randn_like, stats=stats, **sampler_kwargs)
+    return encoder.decode(x).cpu()
+
+
+def image_path(outdir: str | os.PathLike, seed: int, subdirs: bool = False) -> pathlib.Path:
+    """outdir/000123.png, or outdir/000000/000123.png with subdirs (1000 images per folder)."""
+    outdir = pathlib.Path(outdir)
+    if subdirs:
+        outdir = outdir / f"{seed - seed % 1000:06d}"
+    return outdir / f"{seed:06d}.png"
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:
+    """Write one uint8 image ([3, H, W] tensor or [H, W, 3] array) as PNG, atomically."""
+    import PIL.Image
+
+    if isinstance(image, torch.Tensor):
+        image = image.permute(1, 2, 0).numpy()
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"save_png: expected a uint8 RGB image, got {image.dtype} {list(image.shape)}")
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image, "RGB").save(buffer, format="PNG")
+    _atomic_write_bytes(pathlib.Path(path), buffer.getvalue())
+
+
+def make_grid(images: torch.Tensor | np.ndarray, columns: int | None = None) -> np.ndarray:
+    """Tile uint8 images [N, 3, H, W] into one [rows*H, columns*W, 3] array (row-major; blanks are black)."""
+    images = np.asarray(images)
+    n, c, h, w = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / columns)
+    grid = np.zeros([rows * h, columns * w, c], dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image.transpose(1, 2, 0)
+    return grid
+
+
+def generate_images(
+    net: torch.nn.Module,
+    seeds: Sequence[int],
+    gnet: torch.nn.Module | None = None,
+    encoder_settings: dict[str, Any] | None = None,
+    class_idx: int | None = None,
+    batch_size: int = 32,
+    outdir: str | os.PathLike | None = None,
+    subdirs: bool = False,
+    grid_path: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    **sampler_kwargs: Any,
+) -> GenerationSummary:
+    """Generate one image per seed, writing PNGs named by seed and/or one grid; works under torchrun.
+
+    Each rank takes every world_size-th batch of `seed_batches(seeds, batch_size)`. The grid (rank 0
+    writes it) holds the images in the order of `seeds`.
+    """
+    if outdir is None and grid_path is None:
+        raise ValueError("generate_images: nothing to write; give outdir and/or grid_path")
+    check_guiding_network(net, gnet, sampler_kwargs.get("guidance", 1))
+    check_class_index(net, class_idx)
+    encoder = encoder_for(net, encoder_settings)
+    device = torch.device(device) if device is not None else dist.device()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    my_batches = dist.split_for_rank(seed_batches(seeds, batch_size), rank, world_size)
+    kept: dict[int, np.ndarray] = {}  # seed -> image, only for the grid
+    stats = SamplerStats()
+    start = time.perf_counter()
+    bar = tqdm.tqdm(
+        total=sum(len(b) for b in my_batches),
+        unit="img",
+        desc=f"rank 0 of {world_size}" if world_size > 1 else "generating",
+        disable=not (progress and rank == 0),
+    )
+    with bar:
+        for batch in my_batches:
+            images = generate_batch(net, batch, gnet, encoder, class_idx, device, stats, **sampler_kwargs)
+            for seed, image in zip(batch, images):
+                if outdir is not None:
+                    save_png(image_path(outdir, seed, subdirs), image)
+                if grid_path is not None:
+                    kept[seed] = image.numpy()
+            bar.update(len(batch))
+    local_images = sum(len(b) for b in my_batches)
+    num_images = int(dist.all_reduce_sum(local_images))
+    evals = dist.all_reduce_sum(stats.total_evals * (local_images / max(len(my_batches), 1)))
+    seconds = time.perf_counter() - start
+    if grid_path is not None:
+        gathered: dict[int, np.ndarray] = {}
+        for part in dist.all_gather_objects(kept):
+            gathered.update(part)
+        if rank == 0:
+            grid = make_grid(np.stack([gathered[s] for s in seeds]))
+            save_png(grid_path, grid)
+    dist.barrier()
+    return GenerationSummary(
+        num_images=num_images,
+        seconds=seconds,
+        evals_per_image=evals / max(num_images, 1),
+        world_size=world_size,
+    )

@@ -1,0 +1,167 @@
+"""Generate images with the EDM sampler, optionally guided (classifier-free guidance or autoguidance).
+
+Examples:
+
+    # 64 images of a trained model, one PNG per seed
+    python generate.py --net runs/00000/network-snapshot-0008388608-0.100.safetensors --outdir out --seeds 0-63
+
+    # an official preset (downloaded once into $EDM2_CACHE_DIR), autoguidance limited to an interval
+    python generate.py --preset edm2-img512-s-autog-fid --outdir out --seeds 0-49999 --subdirs \\
+        --guidance-interval 0.28,5.42
+
+    # several GPUs: the seeds are shared out; the images do not depend on the number of GPUs
+    torchrun --standalone --nproc_per_node=8 generate.py --preset edm2-img512-xxl-guid-fid --outdir out --seeds 0-49999 --subdirs
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from edm2.generation import check_class_index, encoder_for, generate_images
+from edm2.sampler import check_guidance_interval, check_guiding_network, check_schedule
+from edm2.seeds import parse_seeds
+from torch_utils import distributed as dist
+
+
+def _parse_seeds_option(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        return parse_seeds(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def _parse_interval_option(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        parts = [float(v) for v in value.split(",")]
+        return check_guidance_interval(parts)
+    except ValueError as e:
+        raise click.BadParameter(
+            f"expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI (e.g. 0.28,5.42), got {value!r} ({e})",
+            ctx=ctx,
+            param=param,
+        ) from None
+
+
+def _load(option: str, path_or_url: str, device):
+    """load_network with errors that name the option; rank 0 downloads first, the others then read the cache."""
+    from edm2.model_files import load_network
+
+    if not dist.is_main():
+        dist.barrier()
+    try:
+        loaded = load_network(path_or_url, device=device)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise click.BadParameter(f"cannot load {path_or_url!r}: {e}", param_hint=f"'{option}'") from None
+    finally:
+        if dist.is_main():
+            dist.barrier()
+    return loaded
+
+
+@click.command(context_settings=dict(show_default=True, max_content_width=120))
+@click.option("--preset", metavar="NAME", help="Official model preset (sets --net, --gnet, --guidance; explicit options win)")
+@click.option("--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl, path or http(s) URL")
+@click.option("--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (unconditional, or smaller / less trained)")
+@click.option("--guidance", type=float, default=None, help="Guidance weight w in D_g + w (D - D_g)  [default: preset's, else 1]")
+@click.option("--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]")
+@click.option("--outdir", type=click.Path(file_okay=False), help="Where to write one PNG per seed (000123.png)")
+@click.option("--subdirs", is_flag=True, help="Put 1000 images per sub-folder (000000/, 001000/, ...)")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), help="Also write all images as one PNG grid")
+@click.option("--seeds", default="0-63", callback=_parse_seeds_option, help="Seeds, e.g. 0-63,100,200-299 (one image each)")
+@click.option("--class", "class_idx", type=int, default=None, help="Class index for every image  [default: random per seed]")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, help="Images per batch and process")
+@click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, help="Sampling steps N (2N - 1 evaluations)")
+@click.option("--sigma-min", type=float, default=0.002, help="Lowest noise level")
+@click.option("--sigma-max", type=float, default=80.0, help="Highest noise level")
+@click.option("--rho", type=float, default=7.0, help="Time-step exponent")
+@click.option("--s-churn", "S_churn", type=click.FloatRange(min=0), default=0.0, help="Stochasticity: churn amount (0 = deterministic ODE)")
+@click.option("--s-min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this")
+@click.option("--s-max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
+@click.option("--s-noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Network activation precision  [default: the model file's]")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar")
+def main(preset, net_path, gnet_path, guidance, guidance_interval, outdir, subdirs, grid_path, seeds, class_idx,
+         batch_size, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, precision, progress):
+    """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun."""
+    if preset is not None:
+        from edm2.official import resolve_official_preset
+
+        try:
+            settings = resolve_official_preset(preset)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--preset'") from None
+        net_path = net_path or settings["net"]
+        gnet_path = gnet_path or settings["gnet"]
+        guidance = settings["guidance"] if guidance is None else guidance
+    guidance = 1.0 if guidance is None else guidance
+    if net_path is None:
+        raise click.UsageError("give the network: --net PATH|URL or --preset NAME")
+    if outdir is None and grid_path is None:
+        raise click.UsageError("nothing to write: give --outdir and/or --grid")
+    if not math.isfinite(guidance):
+        raise click.BadParameter(f"must be finite, got {guidance}", param_hint="'--guidance'")
+    if guidance != 1 and gnet_path is None:
+        raise click.BadParameter(f"guidance {guidance} needs a guiding network: give --gnet (or use --guidance 1)", param_hint="'--guidance'")
+    try:
+        check_schedule(num_steps, sigma_min, sigma_max, rho)
+    except ValueError as e:
+        raise click.BadParameter(str(e).replace("sigma_", "--sigma-"), param_hint="'--sigma-min' / '--sigma-max' / '--rho'") from None
+
+    dist.init()
+    try:
+        device = dist.device()
+        loaded = _load("--net", net_path, device)
+        net = loaded.net
+        try:
+            check_class_index(net, class_idx)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--class'") from None
+        try:
+            encoder_for(net, loaded.encoder)
+        except ValueError as e:
+            raise click.BadParameter(f"{net_path}: {e}", param_hint="'--net'") from None
+        gnet = None
+        if gnet_path is not None and guidance != 1:  # w = 1 never evaluates the guiding network
+            gnet = _load("--gnet", gnet_path, device).net
+            try:
+                check_guiding_network(net, gnet, guidance)
+            except ValueError as e:
+                raise click.BadParameter(f"{gnet_path} does not fit {net_path}: {e}", param_hint="'--gnet'") from None
+        if precision is not None:
+            net.precision = precision
+            if gnet is not None:
+                gnet.precision = precision
+        summary = generate_images(
+            net,
+            seeds,
+            gnet=gnet,
+            encoder_settings=loaded.encoder,
+            class_idx=class_idx,
+            batch_size=batch_size,
+            outdir=outdir,
+            subdirs=subdirs,
+            grid_path=grid_path,
+            device=device,
+            progress=progress,
+            guidance=guidance,
+            guidance_interval=guidance_interval,
+            num_steps=num_steps,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=rho,
+            S_churn=S_churn,
+            S_min=S_min,
+            S_max=S_max,
+            S_noise=S_noise,
+        )
+        dist.print0(summary.line())
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
