@@ -42,6 +42,19 @@ PAPER_PARAMS_M = {"xs": 125, "s": 280, "m": 498, "l": 777, "xl": 1119, "xxl": 15
 PAPER_GFLOPS = {"xs": 46, "s": 102, "m": 181, "l": 282, "xl": 406, "xxl": 552}
 
 
+# Not from the paper: a network small enough to train on a laptop CPU in minutes, on the built-in demo data
+# (32x32 RGB, 10 classes). Same architecture, just narrow and shallow; its own learning-rate ramp-up.
+DEMO_NETWORK = dict(
+    img_resolution=32, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2, 2], num_blocks=1,
+    attn_resolutions=[8], channels_per_head=32,
+)
+PRESETS["demo"] = dict(duration=16 * Ki, batch=64, channels=32, lr=0.0100, decay=2000, dropout=0.00, P_mean=-0.8, P_std=1.6)
+RAMPUP_IMG = {"demo": 4 * Ki}  # everything else: 10Mi images (SPEC 5)
+# Images between status lines, EMA snapshots and checkpoints (SPEC 5 for the paper's presets).
+REPORTING = {"demo": dict(status=2 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)}
+DEFAULT_REPORTING = dict(status=128 * Ki, snapshot=8 * Mi, checkpoint=128 * Mi)
+
+
 def get_preset(name: str) -> dict[str, Any]:
     """The training hyperparameters of a preset (a copy), e.g. get_preset('edm2-img512-s')['lr']."""
     if name not in PRESETS:
@@ -50,15 +63,16 @@ def get_preset(name: str) -> dict[str, Any]:
 
 
 def preset_dataset(name: str) -> str:
-    """'img512' or 'img64' for a preset name."""
+    """'img512', 'img64' or 'demo' for a preset name."""
     get_preset(name)
-    return name.split("-")[1]
+    return "demo" if name == "demo" else name.split("-")[1]
 
 
 def preset_network_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     """Precond constructor arguments for a preset; `overrides` replace or add arguments."""
     p = get_preset(name)
-    kwargs = dict(DATASETS[preset_dataset(name)], model_channels=p["channels"], dropout=p["dropout"])
+    base = copy.deepcopy(DEMO_NETWORK) if name == "demo" else dict(DATASETS[preset_dataset(name)])
+    kwargs = dict(base, model_channels=p["channels"], dropout=p["dropout"])
     kwargs.update(overrides)
     return kwargs
 
@@ -70,5 +84,6 @@ def preset_training_kwargs(name: str) -> dict[str, Any]:
         duration=p["duration"],
         batch=p["batch"],
         loss=dict(P_mean=p["P_mean"], P_std=p["P_std"]),
-        lr=dict(ref_lr=p["lr"], ref_batches=p["decay"]),
+        lr=dict(ref_lr=p["lr"], ref_batches=p["decay"], rampup_img=RAMPUP_IMG.get(name, 10 * Mi)),
+        **REPORTING.get(name, DEFAULT_REPORTING),
     )

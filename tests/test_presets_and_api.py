@@ -24,11 +24,12 @@ def test_presets_hold_the_spec_table():
     p = edm2.get_preset("edm2-img512-m")
     assert p == dict(duration=2048 << 20, batch=2048, channels=256, lr=0.0090, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0)
     assert edm2.get_preset("edm2-img64-xl")["duration"] == 640 << 20
-    assert len(edm2.PRESETS) == 12
+    assert len(edm2.PRESETS) == 13  # the paper's 12 and the CPU demo
     kw = edm2.preset_network_kwargs("edm2-img64-s")
     assert kw["img_channels"] == 3 and kw["img_resolution"] == 64 and kw["label_dim"] == 1000 and kw["model_channels"] == 192
     t = edm2.preset_training_kwargs("edm2-img64-s")
-    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000)
+    assert t["status"] == 128 << 10 and t["snapshot"] == 8 << 20 and t["checkpoint"] == 128 << 20
+    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000, rampup_img=10 << 20)
 
 
 def test_get_preset_returns_a_copy():

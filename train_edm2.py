@@ -1,0 +1,144 @@
+"""Train an EDM2 model: presets of the paper, the built-in demo, one or many GPUs (torchrun).
+
+    python train_edm2.py --outdir runs/demo --data demo --preset demo
+    torchrun --nproc_per_node=8 train_edm2.py --outdir runs/s --data latents.zip --preset edm2-img512-s
+
+Rerunning the same command resumes from the newest checkpoint in --outdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import click
+import torch
+
+import edm2
+from training.dataset import DatasetError, ImageFolderDataset
+from training.encoders import STABILITY_VAE_DEFAULTS
+from training.training_loop import TrainingError, default_config, training_loop
+
+SUFFIXES = {"": 1, "K": 2**10, "KI": 2**10, "M": 2**20, "MI": 2**20, "G": 2**30, "GI": 2**30}
+
+
+def parse_nimg(value: str | int, option: str = "value") -> int:
+    """'128Ki' -> 131072; '2048Mi' -> 2147483648; plain integers as they are. Suffixes are powers of two."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?)?\s*", str(value), flags=re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"expected a count such as 4096, 128Ki, 8Mi or 2Gi, got {value!r}", param_hint=option)
+    n = float(m.group(1)) * SUFFIXES[(m.group(2) or "").upper()]
+    if n != int(n):
+        raise click.BadParameter(f"{value!r} is not a whole number of images", param_hint=option)
+    return int(n)
+
+
+def parse_float_list(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=option) from None
+
+
+def build_config(opts: dict) -> dict:
+    """The training configuration (JSON) from the command-line options."""
+    c = default_config()
+    if opts["preset"] is not None:
+        try:
+            train = edm2.preset_training_kwargs(opts["preset"])
+            c["network"] = edm2.preset_network_kwargs(opts["preset"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--preset") from None
+        for key in ("duration", "batch", "status", "snapshot", "checkpoint"):
+            c[key] = train[key]
+        c["loss"].update(train["loss"])
+        c["lr"].update(train["lr"])
+    net = c["network"]
+    if opts["network_kwargs"]:
+        try:
+            extra = json.loads(opts["network_kwargs"])
+            assert isinstance(extra, dict)
+        except (json.JSONDecodeError, AssertionError):
+            raise click.BadParameter(f"expected a JSON object, got {opts['network_kwargs']!r}", param_hint="--network-kwargs") from None
+        net.update(extra)
+    for opt, key in (("channels", "model_channels"), ("dropout", "dropout")):
+        if opts[opt] is not None:
+            net[key] = opts[opt]
+    for opt, group, key in (("P_mean", "loss", "P_mean"), ("P_std", "loss", "P_std"), ("lr", "lr", "ref_lr"), ("decay", "lr", "ref_batches")):
+        if opts[opt] is not None:
+            c[group][key] = opts[opt]
+    for opt, key in (("duration", "duration"), ("batch", "batch"), ("status", "status"), ("snapshot", "snapshot"), ("checkpoint", "checkpoint")):
+        if opts[opt] is not None:
+            c[key] = parse_nimg(opts[opt], f"--{opt}")
+    if opts["rampup"] is not None:
+        c["lr"]["rampup_img"] = parse_nimg(opts["rampup"], "--rampup")
+    if opts["batch_gpu"] is not None:
+        c["batch_gpu"] = parse_nimg(opts["batch_gpu"], "--batch-gpu")
+    cuda = torch.cuda.is_available()
+    net["precision"] = opts["precision"] if opts["precision"] != "auto" else ("fp16" if cuda else "fp32")
+    c["ema_stds"] = parse_float_list(opts["ema_stds"], "--ema-stds")
+    c.update(cond=opts["cond"], xflip=opts["xflip"], seed=opts["seed"], workers=opts["workers"])
+
+    data = opts["data"]
+    if data == "demo":
+        from training.demo_data import write_demo_dataset
+
+        data = write_demo_dataset(os.path.join(opts["outdir"], "demo-data.zip"))
+    c["data"] = os.path.abspath(data)
+    try:
+        dataset = ImageFolderDataset(c["data"], use_labels=c["cond"])
+    except DatasetError as e:
+        raise click.BadParameter(str(e), param_hint="--data") from None
+    if dataset.is_latent:
+        c["encoder"] = dict(STABILITY_VAE_DEFAULTS, vae_name=opts["vae"] or STABILITY_VAE_DEFAULTS["vae_name"])
+        c["encoder"]["class"] = "stability_vae"
+    return c
+
+
+@click.command(context_settings=dict(show_default=True, max_content_width=120))
+@click.option("--outdir", required=True, help="Run directory (checkpoints, snapshots, logs); resumed if it exists")
+@click.option("--data", required=True, help="Dataset folder or zip (.png pixels or .npy latents), or 'demo'")
+@click.option("--cond/--uncond", default=True, help="Class-conditional (labels from dataset.json)")
+@click.option("--preset", default=None, help=f"Configuration preset: {', '.join(edm2.PRESETS)}")
+@click.option("--duration", default=None, help="Training duration in images, e.g. 2048Mi")
+@click.option("--batch", default=None, help="Total batch size in images")
+@click.option("--batch-gpu", "batch_gpu", default=None, help="Images per GPU per round (gradient accumulation) [default: batch / GPUs]")
+@click.option("--channels", type=click.IntRange(min=1), default=None, help="Base channel count (model_channels)")
+@click.option("--network-kwargs", "network_kwargs", default=None, help='More network arguments as JSON, e.g. \'{"channel_mult": [1, 2], "num_blocks": 1}\'')
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout probability")
+@click.option("--P_mean", "P_mean", type=float, default=None, help="Mean of ln(sigma) in training")
+@click.option("--P_std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None, help="Std of ln(sigma) in training")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Reference learning rate")
+@click.option("--decay", type=click.FloatRange(min=0), default=None, help="Learning-rate decay start t_ref, in batches (0 = none)")
+@click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10Mi]")
+@click.option("--ema-stds", "ema_stds", default="0.050,0.100", help="Power-function EMA stds to track and snapshot")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", help="Forward precision (auto: fp16 on GPU, fp32 on CPU)")
+@click.option("--xflip", is_flag=True, help="Augment with x-flips")
+@click.option("--status", default=None, help="Images between status lines [default: preset's, else 128Ki]")
+@click.option("--snapshot", default=None, help="Images between EMA network snapshots, 0 = at the end only [default: preset's, else 8Mi]")
+@click.option("--checkpoint", default=None, help="Images between training checkpoints, 0 = at the end and on signals only [default: preset's, else 128Mi]")
+@click.option("--seed", type=int, default=0, help="Random seed")
+@click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader worker processes per GPU")
+@click.option("--vae", default=None, help="VAE for latent datasets: a hub name or a local directory [default: stabilityai/sd-vae-ft-mse]")
+@click.option("--dry-run", "dry_run", is_flag=True, help="Print the resolved configuration as JSON and exit")
+def main(**opts) -> None:
+    """Train an EDM2 diffusion model."""
+    config = build_config(opts)
+    if opts["dry_run"]:
+        click.echo(json.dumps(config, indent=2))
+        return
+    try:
+        summary = training_loop(opts["outdir"], config)
+    except (TrainingError, DatasetError) as e:
+        raise click.ClickException(str(e)) from None
+    from torch_utils import distributed as dist
+
+    dist.print0(f"Done: {summary['cur_nimg']} images in {summary['training_time']:.0f} s of training; outputs in {opts['outdir']}")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Datasets of PNG images (pixels) or NPY arrays (raw latents) in a folder or an uncompressed zip (SPEC 8).
+
+Labels come from an optional `dataset.json`: {"labels": [[relative_path, class_index], ...]}. With
+x-flips the dataset doubles: index i >= N is image i - N mirrored, so augmentation is a pure function of
+the index and the data order stays reproducible across restarts and GPU counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png",)
+ARRAY_EXTENSIONS = (".npy",)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file."""
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images ([C, H, W] uint8) or raw latents ([C, H, W] float32) with one-hot labels."""
+
+    def __init__(
+        self,
+        path: str,  # folder or .zip
+        use_labels: bool = True,  # read dataset.json labels; False = unconditional
+        xflip: bool = False,  # append mirrored copies
+        max_size: int | None = None,  # use only the first max_size files (sorted order)
+    ):
+        self.path = os.fspath(path)
+        self.use_labels = use_labels
+        self.xflip = xflip
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+        if os.path.isdir(self.path):
+            names = [
+                os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, "/")
+                for root, _dirs, files in os.walk(self.path)
+                for f in files
+            ]
+        elif os.path.isfile(self.path):
+            if not zipfile.is_zipfile(self.path):
+                raise DatasetError(f"dataset {self.path}: not a folder or a zip file")
+            with zipfile.ZipFile(self.path) as z:
+                names = z.namelist()
+                compressed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if compressed:
+                raise DatasetError(f"dataset {self.path}: zip members must be stored uncompressed, e.g. {compressed[0]!r} is not")
+        else:
+            raise DatasetError(f"dataset {self.path}: no such folder or file")
+        names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS))
+        kinds = {os.path.splitext(n)[1].lower() in ARRAY_EXTENSIONS for n in names}
+        if not names:
+            raise DatasetError(f"dataset {self.path}: holds no .png or .npy files")
+        if len(kinds) > 1:
+            raise DatasetError(f"dataset {self.path}: mixes .png images and .npy arrays; use one kind")
+        self.is_latent = kinds.pop()
+        self.names = names[:max_size] if max_size is not None else names
+        self.labels = self._load_labels() if use_labels else None
+        first = self._load_raw(0)
+        self.raw_shape = list(first.shape)  # [C, H, W]
+        self.dtype = first.dtype
+
+    # --- file access -------------------------------------------------------------------------------------
+
+    def _read(self, name: str) -> bytes:
+        if os.path.isdir(self.path):
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        if self._zip is None or self._zip_pid != os.getpid():  # one handle per DataLoader worker
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip.read(name)
+
+    def _has(self, name: str) -> bool:
+        if os.path.isdir(self.path):
+            return os.path.isfile(os.path.join(self.path, name))
+        with zipfile.ZipFile(self.path) as z:
+            return name in z.namelist()
+
+    def _load_labels(self) -> np.ndarray | None:
+        if not self._has("dataset.json"):
+            return None
+        where = f"{self.path}/dataset.json"
+        try:
+            meta = json.loads(self._read("dataset.json"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{where}: not valid JSON ({e})") from e
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        if labels is None:
+            return None
+        try:
+            table = {str(name): int(label) for name, label in labels}
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{where}: 'labels' must be a list of [relative_path, class_index]") from e
+        missing = [n for n in self.names if n not in table]
+        if missing:
+            raise DatasetError(f"{where}: no label for {len(missing)} file(s), e.g. {missing[0]!r}")
+        out = np.array([table[n] for n in self.names], dtype=np.int64)
+        if out.min() < 0:
+            raise DatasetError(f"{where}: class indices must be non-negative, found {int(out.min())}")
+        return out
+
+    def _load_raw(self, idx: int) -> np.ndarray:
+        name = self.names[idx]
+        data = self._read(name)
+        try:
+            if self.is_latent:
+                arr = np.load(io.BytesIO(data), allow_pickle=False)
+                if arr.ndim != 3:
+                    raise ValueError(f"expected a [C, H, W] array, got shape {arr.shape}")
+                return arr.astype(np.float32)
+            import PIL.Image
+
+            with PIL.Image.open(io.BytesIO(data)) as img:
+                img.load()
+                arr = np.asarray(img.convert("RGB") if img.mode not in ("RGB", "L") else img)
+            arr = arr[:, :, None] if arr.ndim == 2 else arr
+            return arr.transpose(2, 0, 1).copy()  # HWC -> CHW
+        except Exception as e:  # noqa: BLE001 - any decoder error becomes one that names the file
+            raise DatasetError(f"dataset {self.path}: cannot read {name!r}: {e}") from e
+
+    # --- torch Dataset -----------------------------------------------------------------------------------
+
+    @property
+    def label_dim(self) -> int:
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    @property
+    def resolution(self) -> int:
+        return self.raw_shape[2]
+
+    @property
+    def num_channels(self) -> int:
+        return self.raw_shape[0]
+
+    def __len__(self) -> int:
+        return len(self.names) * (2 if self.xflip else 1)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.names)
+        arr = self._load_raw(idx % n)
+        if list(arr.shape) != self.raw_shape:
+            raise DatasetError(f"dataset {self.path}: {self.names[idx % n]!r} has shape {list(arr.shape)}, expected {self.raw_shape}")
+        if idx >= n:
+            arr = arr[:, :, ::-1].copy()
+        label = torch.zeros(self.label_dim, dtype=torch.float32)
+        if self.labels is not None:
+            label[self.labels[idx % n]] = 1
+        return torch.from_numpy(arr), label
+
+    def describe(self) -> dict[str, Any]:
+        return dict(
+            path=self.path, num_files=len(self.names), xflip=self.xflip, raw_shape=self.raw_shape,
+            latent=self.is_latent, label_dim=self.label_dim,
+        )
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless, reproducible order of dataset indices that can resume at any step.
+
+    Global position p (images counted from the start of training) maps to epoch p // N and a seeded
+    permutation of that epoch. A step covers positions [step * batch, (step + 1) * batch); it is cut into
+    `rounds * world_size` chunks of batch_gpu, chunk (round, rank) at offset (round * world_size + rank).
+    So the global batch of every step is the same whatever the number of GPUs or accumulation rounds.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,  # len(dataset)
+        batch_size: int,  # images per optimizer step, all GPUs together
+        batch_gpu: int,  # images per GPU per accumulation round
+        rank: int = 0,  # this process
+        world_size: int = 1,  # processes
+        seed: int = 0,  # shuffling seed
+        start_step: int = 0,  # resume here
+    ):
+        if batch_size % (batch_gpu * world_size) != 0:
+            raise ValueError(f"batch {batch_size} is not divisible by batch_gpu {batch_gpu} x {world_size} GPU(s)")
+        self.size = dataset_size
+        self.batch_size = batch_size
+        self.batch_gpu = batch_gpu
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_step = start_step
+        self.rounds = batch_size // (batch_gpu * world_size)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, perm = -1, None
+        step = self.start_step
+        while True:
+            for rnd in range(self.rounds):
+                first = step * self.batch_size + (rnd * self.world_size + self.rank) * self.batch_gpu
+                for pos in range(first, first + self.batch_gpu):
+                    if pos // self.size != epoch:
+                        epoch = pos // self.size
+                        perm = self._permutation(epoch)
+                    yield int(perm[pos % self.size])
+            step += 1

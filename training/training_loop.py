@@ -1,0 +1,337 @@
+"""The EDM2 training loop: one or many GPUs (torchrun), power-function EMA snapshots, crash-safe checkpoints
+and exact resume (SPEC 5, 6).
+
+Reproducibility by construction: the images of every optimizer step, their sigma and their noise are
+functions of (seed, step) for the whole global batch, and each process takes its slice. So one process and
+N processes with the same total batch compute the same update, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import json
+import os
+import re
+import signal
+import time
+from typing import Any
+
+import torch
+
+from networks import Precond
+from torch_utils import distributed as dist
+from torch_utils.state_io import StateFileError, atomic_write, load_state, save_state
+
+from .dataset import ImageFolderDataset, InfiniteSampler
+from .encoders import encoder_from_config
+from .loss import EDM2Loss, reduce_batch_loss
+from .phema import PowerFunctionEMA
+from .schedule import learning_rate_schedule
+
+CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
+SNAPSHOT_PATTERN = "network-snapshot-{kimg:07d}-{std:.3f}.safetensors"
+OPTIONS_FILE = "training_options.json"
+# Options that may change between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = ("duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu")
+KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
+
+
+def default_config() -> dict[str, Any]:
+    """A complete training configuration (plain JSON values); train_edm2.py fills it from its options."""
+    return dict(
+        data=None,  # dataset folder or zip
+        cond=True,  # class-conditional (needs dataset.json labels)
+        xflip=False,  # x-flip augmentation
+        encoder=dict({"class": "standard_rgb"}),  # encoder settings (training/encoders.py)
+        network=dict(),  # Precond keyword arguments; dataset shape and label width are added
+        loss=dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5),
+        lr=dict(ref_lr=0.0100, ref_batches=70000, rampup_img=10 * 2**20),
+        betas=[0.9, 0.99],  # Adam
+        eps=1e-8,  # Adam
+        duration=2048 * 2**20,  # training images
+        batch=2048,  # images per optimizer step, all GPUs
+        batch_gpu=None,  # images per GPU per accumulation round; None = batch / GPUs
+        ema_stds=[0.050, 0.100],  # power-function EMA profiles (relative std)
+        status=128 * 2**10,  # images between status lines
+        snapshot=8 * 2**20,  # images between EMA snapshots; 0 = only at the end
+        checkpoint=128 * 2**20,  # images between training checkpoints; 0 = only at the end and on signals
+        seed=0,
+        workers=2,  # DataLoader workers per GPU
+    )
+
+
+class TrainingError(ValueError):
+    """A configuration or run directory that cannot be trained; the message names the option or file."""
+
+
+# --- run directory ---------------------------------------------------------------------------------------
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """[(images, path)] of the training checkpoints in run_dir, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "training-state-*.safetensors")):
+        m = re.fullmatch(r"training-state-(\d+)\.safetensors", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def load_latest_checkpoint(run_dir: str, log=print) -> dict[str, Any] | None:
+    """The newest readable checkpoint; a damaged one is reported and the one before it used."""
+    for _nimg, path in list_checkpoints(run_dir):
+        try:
+            return load_state(path)
+        except StateFileError as e:
+            log(f"WARNING: skipping damaged checkpoint: {e}")
+    return None
+
+
+def check_run_dir(run_dir: str, config: dict[str, Any]) -> None:
+    """Refuse a run directory that was made by a different configuration."""
+    path = os.path.join(run_dir, OPTIONS_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainingError(f"{path}: unreadable ({e}); move the directory away or pick another --outdir") from e
+    differ = sorted(k for k in set(old) | set(config) if k not in RESUMABLE_CHANGES and old.get(k) != config.get(k))
+    if differ:
+        details = "; ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in differ)
+        raise TrainingError(f"--outdir {run_dir} holds a run with a different configuration ({details}); use another --outdir")
+
+
+def write_json(path: str, obj: Any) -> None:
+    text = json.dumps(obj, indent=2)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+
+# --- setup -----------------------------------------------------------------------------------------------
+
+
+def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    for key in ("duration", "batch"):
+        if not isinstance(config[key], int) or config[key] <= 0:
+            raise TrainingError(f"--{key} must be a positive number of images, got {config[key]!r}")
+    batch, batch_gpu = config["batch"], config["batch_gpu"] or config["batch"] // world_size
+    if batch_gpu <= 0 or batch % (batch_gpu * world_size) != 0:
+        raise TrainingError(
+            f"--batch {batch} must be divisible by --batch-gpu {batch_gpu} x {world_size} GPU(s) "
+            "(the accumulation rounds must be whole)"
+        )
+    config["batch_gpu"] = batch_gpu
+    for key in ("status", "snapshot", "checkpoint"):
+        if not isinstance(config[key], int) or config[key] < 0:
+            raise TrainingError(f"--{key} must be a non-negative number of images, got {config[key]!r}")
+    if config["data"] is None:
+        raise TrainingError("--data is required")
+    return config
+
+
+def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, Any, Precond]:
+    dataset = ImageFolderDataset(config["data"], use_labels=config["cond"], xflip=config["xflip"])
+    if config["cond"] and dataset.labels is None:
+        raise TrainingError(f"--cond needs labels, but {config['data']} has no dataset.json with 'labels'")
+    encoder = encoder_from_config(config["encoder"])
+    is_vae = config["encoder"]["class"] != "standard_rgb"
+    if dataset.is_latent != is_vae:
+        kind = "latent .npy" if dataset.is_latent else "image .png"
+        raise TrainingError(f"--data {config['data']} holds {kind} files, which the {config['encoder']['class']} encoder cannot take")
+    channels = dataset.num_channels // 2 if is_vae else dataset.num_channels  # raw latents hold mean and std
+    kwargs = dict(config["network"])
+    for key, value in dict(img_resolution=dataset.resolution, img_channels=channels, label_dim=dataset.label_dim).items():
+        if kwargs.setdefault(key, value) != value:
+            raise TrainingError(
+                f"--data {config['data']}: the dataset gives {key} {value}, but the network expects {kwargs[key]} "
+                "(pick a preset that fits the data)"
+            )
+    try:
+        net = Precond(**kwargs)
+    except ValueError as e:
+        raise TrainingError(f"network: {e}") from e
+    return dataset, encoder, net
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.raised = True
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+    """Train (or resume) in run_dir; returns a summary. Call under torchrun for several GPUs."""
+    dist.init()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = device or dist.device()
+    config = validate_config(config, world)
+    log = dist.print0
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        check_run_dir(run_dir, config)
+    dist.barrier()
+
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank
+    dataset, encoder, net = build_dataset_and_net(config)
+    torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
+    net.to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"])
+    ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
+    loss_fn = EDM2Loss(**config["loss"])
+    batch, batch_gpu = config["batch"], config["batch_gpu"]
+    rounds = batch // (batch_gpu * world)
+
+    cur_nimg, training_time = 0, 0.0
+    state = load_latest_checkpoint(run_dir, log)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        cur_nimg, training_time = int(state["cur_nimg"]), float(state["training_time"])
+        rng = state["rng"][rank] if rank < len(state["rng"]) else None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
+        log(f"Resuming from {cur_nimg} images ({cur_nimg // batch} steps).")
+        del state
+    if rank == 0:
+        write_json(os.path.join(run_dir, OPTIONS_FILE), config)
+        log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2))
+        log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
+            f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
+
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+    step = cur_nimg // batch
+    sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, config["seed"], start_step=step)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_gpu, sampler=sampler, num_workers=config["workers"],
+        pin_memory=device.type == "cuda", prefetch_factor=4 if config["workers"] else None,
+        persistent_workers=config["workers"] > 0,
+    )
+    batches = iter(loader)
+    stop = _StopFlag()
+    stats_path = os.path.join(run_dir, "stats.jsonl")
+    loss_sum = torch.zeros([], device=device, dtype=torch.float64)
+    loss_count = 0
+    tick_nimg, tick_time, start_nimg = cur_nimg, time.time(), cur_nimg
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def crossed(interval: int, before: int, after: int) -> bool:
+        return interval > 0 and after // interval > before // interval
+
+    try:
+        while cur_nimg < config["duration"]:
+            lr = learning_rate_schedule(cur_nimg, batch, **config["lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            gen = _step_generator(config["seed"], step, device)
+            sigma_all = loss_fn.sample_sigma(batch, device, gen)
+            noise_all = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=gen)
+            for rnd in range(rounds):
+                images, labels = next(batches)
+                chunk = (rnd * world + rank) * batch_gpu
+                sl = slice(chunk, chunk + batch_gpu)
+                images = images.to(device, non_blocking=True)
+                latent_gen = _step_generator(config["seed"] + 1, step * batch + chunk, device)
+                images = encoder.encode_latents(images, generator=latent_gen)
+                labels = labels.to(device) if net.label_dim else None
+                sync = contextlib.nullcontext() if (world == 1 or rnd == rounds - 1) else ddp.no_sync()
+                with sync:
+                    loss = loss_fn(ddp, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
+                    reduce_batch_loss(loss, batch // world).backward()
+                loss_sum += loss.detach().sum(dtype=torch.float64)
+                loss_count += loss.numel()
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0, posinf=0, neginf=0)
+            optimizer.step()
+            net.normalize_weights_()  # forced weight normalization (Eq. 66)
+            before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
+            if ema is not None:
+                ema.update(net, cur_nimg, batch)
+
+            stopping = stop.raised
+            if world > 1:
+                stopping = dist.all_reduce_sum(float(stopping)) > 0
+            done = cur_nimg >= config["duration"]
+            if crossed(config["status"], before, cur_nimg) or done or stopping:
+                now = time.time()
+                training_time += now - tick_time
+                total_loss = dist.all_reduce_sum(float(loss_sum)) / max(dist.all_reduce_sum(loss_count), 1)
+                entry = dict(
+                    kimg=cur_nimg / 1e3, nimg=cur_nimg, loss=total_loss, lr=lr,
+                    img_per_s=(cur_nimg - tick_nimg) / max(now - tick_time, 1e-9), time_s=training_time,
+                )
+                if device.type == "cuda":
+                    entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if rank == 0:
+                    with open(stats_path, "a") as f:
+                        f.write(json.dumps(entry) + "\n")
+                log(f"kimg {entry['kimg']:<9.1f} loss {total_loss:<8.4f} lr {lr:<9.3g} img/s {entry['img_per_s']:<8.1f}"
+                    + (f" mem {entry['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in entry else ""), flush=True)
+                loss_sum.zero_()
+                loss_count = 0
+                tick_nimg, tick_time = cur_nimg, time.time()
+            if rank == 0 and ema is not None and (crossed(config["snapshot"], before, cur_nimg) or done):
+                save_snapshots(run_dir, ema, encoder, cur_nimg)
+            if crossed(config["checkpoint"], before, cur_nimg) or done or stopping:
+                training_time += time.time() - tick_time
+                tick_time = time.time()
+                save_checkpoint(run_dir, net, optimizer, ema, cur_nimg, training_time, config, device, rank)
+            if stopping and not done:
+                log(f"Stopped by signal at {cur_nimg} images; the checkpoint is saved. Run the same command to resume.")
+                break
+    finally:
+        stop.restore()
+        del batches
+    return dict(cur_nimg=cur_nimg, steps=step, images_this_run=cur_nimg - start_nimg, training_time=training_time)
+
+
+def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) -> None:
+    from edm2.model_files import save_network
+
+    for std, ema_net in ema:
+        path = os.path.join(run_dir, SNAPSHOT_PATTERN.format(kimg=cur_nimg // 1000, std=std))
+        save_network(path, ema_net, encoder=encoder.config(), ema_std=std, training_nimg=cur_nimg)
+
+
+def save_checkpoint(run_dir, net, optimizer, ema, cur_nimg, training_time, config, device, rank) -> None:
+    rng = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rngs = dist.all_gather_objects(rng)
+    if rank == 0:
+        state = dict(
+            cur_nimg=cur_nimg, training_time=training_time, config=config, rng=rngs,
+            net=net.state_dict(), optimizer=optimizer.state_dict(), ema=ema.state_dict(),
+        )
+        save_state(os.path.join(run_dir, CHECKPOINT_PATTERN.format(nimg=cur_nimg)), state)
+        for _nimg, old in list_checkpoints(run_dir)[KEEP_CHECKPOINTS:]:
+            os.remove(old)
+    dist.barrier()
