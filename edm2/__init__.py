@@ -18,6 +18,11 @@ from networks import (
 )
 from training import EDM2Loss, learning_rate_schedule, reduce_batch_loss
 
+from . import phema
+from .download import DownloadError, download, resolve_path_or_url
+from .model_files import ModelFileError, NetworkFile, load_network, read_header, register_network_class, save_network
+from .official import OFFICIAL_PRESETS, resolve_official_preset
+from .official_pickle import UnsafePickleError
 from .presets import (
     DATASETS,
     PRESETS,
@@ -30,6 +35,9 @@ from .presets import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DownloadError", "ModelFileError", "NetworkFile", "OFFICIAL_PRESETS", "UnsafePickleError", "download",
+    "load_network", "phema", "read_header", "register_network_class", "resolve_official_preset",
+    "resolve_path_or_url", "save_network",
     "DATASETS", "EDM2Loss", "MPConv", "MPFourier", "PRESETS", "Precond", "UNet", "__version__",
     "get_preset", "learning_rate_schedule", "mp_cat", "mp_silu", "mp_sum", "normalize", "pixel_norm",
     "preset_dataset", "preset_network_kwargs", "preset_training_kwargs", "reduce_batch_loss",
