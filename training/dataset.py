@@ -63,6 +63,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"dataset {self.path}: mixes .png images and .npy arrays; use one kind")
         self.is_latent = kinds.pop()
         self.names = names[:max_size] if max_size is not None else names
+        self.num_classes: int | None = None  # from dataset.json when it says; else max label + 1
         self.labels = self._load_labels() if use_labels else None
         first = self._load_raw(0)
         self.raw_shape = list(first.shape)  # [C, H, W]
@@ -106,6 +107,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         out = np.array([table[n] for n in self.names], dtype=np.int64)
         if out.min() < 0:
             raise DatasetError(f"{where}: class indices must be non-negative, found {int(out.min())}")
+        num_classes = meta.get("num_classes", len(meta["class_names"]) if isinstance(meta.get("class_names"), list) else None)
+        if num_classes is not None:
+            if not isinstance(num_classes, int) or num_classes <= out.max():
+                raise DatasetError(f"{where}: num_classes {num_classes!r} must be an integer above the largest label {int(out.max())}")
+            self.num_classes = num_classes
         return out
 
     def _load_raw(self, idx: int) -> np.ndarray:
@@ -131,7 +137,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     @property
     def label_dim(self) -> int:
-        return 0 if self.labels is None else int(self.labels.max()) + 1
+        if self.labels is None:
+            return 0
+        return self.num_classes if self.num_classes is not None else int(self.labels.max()) + 1
 
     @property
     def resolution(self) -> int:
