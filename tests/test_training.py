@@ -100,14 +100,16 @@ def test_killed_and_resumed_run_equals_straight_run(tmp_path, data):
     assert stats[-1]["nimg"] == 320 and all(s["loss"] > 0 for s in stats)
 
 
-def test_sigterm_checkpoints_and_stops(tmp_path, data):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_checkpoints_and_stops(tmp_path, data, sig):
+    """SIGTERM (a scheduler) or SIGINT to the whole process group (Ctrl-C), DataLoader workers included."""
     outdir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_edm2.py"), *train_args(outdir, data, duration=100000, checkpoint=0)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_edm2.py"), *train_args(outdir, data, duration=100000, checkpoint=0, workers=2)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (outdir / "stats.jsonl").exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "Stopped by signal" in out

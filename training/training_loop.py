@@ -161,6 +161,13 @@ def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generat
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process (Ctrl-C signals the whole process
+    group), which finishes its step, checkpoints and then shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _StopFlag:
     """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step."""
 
@@ -230,7 +237,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_gpu, sampler=sampler, num_workers=config["workers"],
         pin_memory=device.type == "cuda", prefetch_factor=4 if config["workers"] else None,
-        persistent_workers=config["workers"] > 0,
+        persistent_workers=config["workers"] > 0, worker_init_fn=_ignore_stop_signals,
     )
     batches = iter(loader)
     stop = _StopFlag()
