@@ -23,7 +23,7 @@ def _std_list(ctx, param, value):
 @click.command()
 @click.option(
     "--indir",
-    help="Directory holding the training snapshots (network-snapshot-*.safetensors)",
+    help="Directory holding the training snapshots (network-snapshot-*.safetensors, or official .pkl)",
     metavar="DIR",
     type=click.Path(exists=True, file_okay=False),
     required=True,

@@ -27,7 +27,9 @@ import tqdm
 
 from .phema import STD_LIMIT, check_std, solve_posthoc_coefficients
 
-SNAPSHOT_PATTERN = "network-snapshot-*.safetensors"  # training's snapshot files (see train_edm2.py)
+# Training's snapshot files (train_edm2.py), and the official code's raw snapshots (read via edm2.model_files;
+# their time is known only to 1 kimg, from the file name).
+SNAPSHOT_PATTERNS = ("network-snapshot-*.safetensors", "network-snapshot-*.pkl")
 OUTPUT_PREFIX = "phema"  # reconstructed files: {prefix}-{kimg:07d}-{std:.3f}.safetensors
 
 
@@ -143,9 +145,10 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
 
 
 def scan_snapshots(
-    snapshots: str | os.PathLike | Iterable[str | os.PathLike], pattern: str = SNAPSHOT_PATTERN
+    snapshots: str | os.PathLike | Iterable[str | os.PathLike],
+    patterns: str | Sequence[str] = SNAPSHOT_PATTERNS,
 ) -> list[SnapshotInfo]:
-    """The snapshots in a directory (files matching `pattern`) or a list of files, sorted by (nimg, std).
+    """The snapshots in a directory (files matching `patterns`) or a list of files, sorted by (nimg, std).
 
     Raises SnapshotError when there are none, when they hold different network shapes, or when two files
     claim the same (nimg, std).
@@ -154,8 +157,9 @@ def scan_snapshots(
         folder = pathlib.Path(snapshots)
         if not folder.is_dir():
             raise SnapshotError(f"snapshot directory {str(folder)!r} does not exist")
-        paths = sorted(folder.glob(pattern))
-        where = f"{str(folder)!r} (pattern {pattern!r})"
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        paths = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+        where = f"{str(folder)!r} (looked for {', '.join(patterns)})"
     else:
         paths = [pathlib.Path(p) for p in snapshots]
         where = "the given file list"
@@ -337,7 +341,7 @@ def reconstruct_to_dir(
 
 __all__ = [
     "OUTPUT_PREFIX",
-    "SNAPSHOT_PATTERN",
+    "SNAPSHOT_PATTERNS",
     "STD_LIMIT",
     "ReconstructedNetwork",
     "SnapshotError",
