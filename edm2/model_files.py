@@ -232,14 +232,15 @@ def detect_format(path: pathlib.Path) -> str:
         head = f.read(9)
     if not head:
         raise ModelFileError(f"{path}: empty file")
+    # Safetensors first: its 8-byte little-endian header length can itself start with 0x80.
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return "safetensors"
     if head[:1] == b"\x80":  # PROTO opcode: pickle protocol 2 or later
         return "pickle"
     if head[:4] == b"PK\x03\x04":
         raise ModelFileError(
             f"{path}: a zip archive (torch.save?); expected a .safetensors model file or an official .pkl"
         )
-    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
-        return "safetensors"
     if path.suffix == ".pkl":  # protocols 0 and 1 have no magic bytes
         return "pickle"
     raise ModelFileError(f"{path}: unrecognised file format; expected a .safetensors model file or an official .pkl")

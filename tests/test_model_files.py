@@ -441,3 +441,17 @@ def test_official_presets():
     assert OFFICIAL_PRESETS["edm2-img512-xxl-guid-dino"]["guidance"] == 1.7  # a copy
     with pytest.raises(ValueError, match="edm2-img512-s-autog-fid"):
         resolve_official_preset("edm2-img512-s-nonsense")
+
+
+def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A header of 128 + 256 k bytes makes the file start with byte 0x80, the pickle PROTO opcode."""
+    import struct
+
+    from edm2.model_files import detect_format
+
+    header = b'{"__metadata__":{"a":"' + b"x" * 200 + b'"}}'
+    header += b" " * (384 - len(header))
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert path.read_bytes()[:1] == b"\x80"
+    assert detect_format(path) == "safetensors"

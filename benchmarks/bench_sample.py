@@ -1,0 +1,60 @@
+"""Sampling throughput of the EDM Heun sampler on a preset-sized network (random weights); prints JSON.
+
+    python benchmarks/bench_sample.py --preset edm2-img512-s --batch 64 --steps 32 [--guidance 1.4]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import edm2  # noqa: E402
+from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
+
+
+@click.command()
+@click.option("--preset", default="edm2-img512-s", show_default=True)
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=32, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--guidance", type=float, default=1.0, show_default=True, help="!= 1: guide with a second network of the same size")
+@click.option("--repeats", type=int, default=3, show_default=True)
+def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).eval().requires_grad_(False).to(device)
+    gnet = None
+    if guidance != 1:
+        gnet = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).eval().requires_grad_(False).to(device)
+    noise = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    labels = torch.randint(0, net.label_dim, [batch], device=device) if net.label_dim else None
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            stats = SamplerStats()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, num_steps=steps, stats=stats)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:  # the first run warms up
+                times.append(time.perf_counter() - t0)
+    best = min(times)
+    print(json.dumps(dict(
+        benchmark="sample", preset=preset, precision=precision, batch=batch, steps=steps, guidance=guidance,
+        net_evals=stats.net_evals, gnet_evals=stats.gnet_evals, seconds=round(best, 3), img_per_s=round(batch / best, 2),
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+    )))
+
+
+if __name__ == "__main__":
+    main()

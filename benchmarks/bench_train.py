@@ -1,0 +1,87 @@
+"""Training throughput of the real training loop (train_edm2's) on random latents; prints JSON.
+
+    python benchmarks/bench_train.py --preset edm2-img512-xs --batch-gpu 64 --steps 60
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_train.py --preset edm2-img512-s --batch-gpu 64
+
+Random raw latents (8 x 64 x 64, like `dataset_tool.py encode` output) in an uncompressed zip; the loop
+runs exactly as in training (data loading, loss, backward, Adam, forced weight normalization, two EMAs),
+status every `--interval` steps; the first interval is warm-up and is left out of the figure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+import zipfile
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import edm2  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
+from training.encoders import STABILITY_VAE_DEFAULTS  # noqa: E402
+from training.training_loop import default_config, training_loop  # noqa: E402
+
+
+def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> str:
+    rng = np.random.default_rng(0)
+    labels = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for i in range(num):
+            raw = np.concatenate([rng.normal(size=(4, resolution, resolution)) * 4, np.full((4, resolution, resolution), 0.1)])
+            buf = io.BytesIO()
+            np.save(buf, raw.astype(np.float32))
+            z.writestr(f"{i:08d}.npy", buf.getvalue())
+            labels.append([f"{i:08d}.npy", i % label_dim])
+        z.writestr("dataset.json", json.dumps({"labels": labels, "num_classes": label_dim}))
+    return path
+
+
+@click.command()
+@click.option("--preset", default="edm2-img512-xs", show_default=True)
+@click.option("--batch-gpu", "batch_gpu", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=60, show_default=True)
+@click.option("--interval", type=int, default=10, show_default=True, help="Steps per status interval")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True)
+def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int) -> None:
+    dist.init()
+    world = dist.get_world_size()
+    batch = batch_gpu * world
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    data = os.path.join(tmp, "latents.zip")
+    if dist.is_main():
+        random_latent_zip(data, 512, 64, 1000)
+    dist.barrier()
+    c = default_config()
+    t = edm2.preset_training_kwargs(preset)
+    c.update(
+        data=data, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}),
+        network=edm2.preset_network_kwargs(preset, precision=precision), duration=batch * steps, batch=batch,
+        batch_gpu=batch_gpu, status=batch * interval, snapshot=0, checkpoint=0, workers=workers,
+    )
+    c["loss"].update(t["loss"])
+    c["lr"].update(t["lr"])
+    run_dir = os.path.join(tmp, "run")
+    training_loop(run_dir, c)
+    if dist.is_main():
+        stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
+        steady = stats[1:] or stats
+        img_s = sum(s["img_per_s"] for s in steady) / len(steady)
+        print(json.dumps(dict(
+            benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
+            steps=steps, img_per_s=round(img_s, 1), img_per_s_per_gpu=round(img_s / world, 1),
+            peak_mem_gib=round(max(s.get("peak_mem_gib", 0) for s in stats), 2), final_loss=stats[-1]["loss"],
+            device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
+        )))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The CUDA paths against the reference fixture: fp32 / fp16 / bf16 forward, torch.compile, a compiled
+training step. Prints JSON; run on a GPU machine (python benchmarks/check_cuda.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from conftest import build_reference_net, load_reference  # noqa: E402
+from training import EDM2Loss  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    ref = load_reference()
+    x, sigma, labels, noise = (torch.from_numpy(ref[k]).to(dev) for k in ("x", "sigma", "labels", "noise"))
+    out_D = torch.from_numpy(ref["out_D"]).to(dev)
+    net = build_reference_net(ref).to(dev)
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        D32 = net(x, sigma, labels)
+        res["fp32_vs_reference"] = rel(D32, out_D)
+        for p in ("fp16", "bf16"):
+            net.precision = p
+            res[f"{p}_vs_reference"] = rel(net(x, sigma, labels), out_D)
+        net.precision = "fp32"
+        compiled = torch.compile(net, fullgraph=True)
+        res["compiled_fp32_vs_reference"] = rel(compiled(x, sigma, labels), out_D)
+        net.precision = "fp16"
+        res["compiled_fp16_vs_reference"] = rel(torch.compile(net, fullgraph=True)(x, sigma, labels), out_D)
+    # A compiled training step: loss and gradients match eager within float32 tolerance.
+    net.precision = "fp32"
+    net.train()
+    loss_fn = EDM2Loss()
+    grads = []
+    for fn in (net, torch.compile(net, fullgraph=True)):
+        net.zero_grad()
+        loss_fn(fn, x, labels, sigma=sigma, noise=noise).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    res["compiled_train_grad_vs_eager"] = rel(grads[1], grads[0])
+    grad_ref = torch.cat([torch.from_numpy(ref["grad/" + n]).flatten() for n, _ in net.named_parameters()]).to(dev)
+    res["eager_grad_vs_reference"] = rel(grads[0], grad_ref)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
