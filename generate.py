@@ -10,7 +10,8 @@ Examples:
         --guidance-interval 0.28,5.42
 
     # several GPUs: the seeds are shared out; the images do not depend on the number of GPUs
-    torchrun --standalone --nproc_per_node=8 generate.py --preset edm2-img512-xxl-guid-fid --outdir out --seeds 0-49999 --subdirs
+    torchrun --standalone --nproc_per_node=8 generate.py --preset edm2-img512-xxl-guid-fid \
+        --outdir out --seeds 0-49999 --subdirs
 """
 
 from __future__ import annotations
@@ -62,30 +63,78 @@ def _load(option: str, path_or_url: str, device):
     return loaded
 
 
-@click.command(context_settings=dict(show_default=True, max_content_width=120))
-@click.option("--preset", metavar="NAME", help="Official model preset (sets --net, --gnet, --guidance; explicit options win)")
-@click.option("--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl, path or http(s) URL")
-@click.option("--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (unconditional, or smaller / less trained)")
-@click.option("--guidance", type=float, default=None, help="Guidance weight w in D_g + w (D - D_g)  [default: preset's, else 1]")
-@click.option("--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]")
+@click.command(context_settings={"show_default": True, "max_content_width": 120})
+@click.option(
+    "--preset", metavar="NAME", help="Official model preset (sets --net, --gnet, --guidance; explicit options win)"
+)
+@click.option(
+    "--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl, path or http(s) URL"
+)
+@click.option(
+    "--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (unconditional, or smaller / less trained)"
+)
+@click.option(
+    "--guidance", type=float, default=None, help="Guidance weight w in D_g + w (D - D_g)  [default: preset's, else 1]"
+)
+@click.option(
+    "--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]"
+)
 @click.option("--outdir", type=click.Path(file_okay=False), help="Where to write one PNG per seed (000123.png)")
 @click.option("--subdirs", is_flag=True, help="Put 1000 images per sub-folder (000000/, 001000/, ...)")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), help="Also write all images as one PNG grid")
-@click.option("--seeds", default="0-63", callback=_parse_seeds_option, help="Seeds, e.g. 0-63,100,200-299 (one image each)")
-@click.option("--class", "class_idx", type=int, default=None, help="Class index for every image  [default: random per seed]")
+@click.option(
+    "--seeds", default="0-63", callback=_parse_seeds_option, help="Seeds, e.g. 0-63,100,200-299 (one image each)"
+)
+@click.option(
+    "--class", "class_idx", type=int, default=None, help="Class index for every image  [default: random per seed]"
+)
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, help="Images per batch and process")
-@click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, help="Sampling steps N (2N - 1 evaluations)")
+@click.option(
+    "--steps", "num_steps", type=click.IntRange(min=1), default=32, help="Sampling steps N (2N - 1 evaluations)"
+)
 @click.option("--sigma-min", type=float, default=0.002, help="Lowest noise level")
 @click.option("--sigma-max", type=float, default=80.0, help="Highest noise level")
 @click.option("--rho", type=float, default=7.0, help="Time-step exponent")
-@click.option("--s-churn", "S_churn", type=click.FloatRange(min=0), default=0.0, help="Stochasticity: churn amount (0 = deterministic ODE)")
+@click.option(
+    "--s-churn",
+    "S_churn",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Stochasticity: churn amount (0 = deterministic ODE)",
+)
 @click.option("--s-min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this")
 @click.option("--s-max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
 @click.option("--s-noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Network activation precision  [default: the model file's]")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default=None,
+    help="Network activation precision  [default: the model file's]",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar")
-def main(preset, net_path, gnet_path, guidance, guidance_interval, outdir, subdirs, grid_path, seeds, class_idx,
-         batch_size, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, precision, progress):
+def main(
+    preset,
+    net_path,
+    gnet_path,
+    guidance,
+    guidance_interval,
+    outdir,
+    subdirs,
+    grid_path,
+    seeds,
+    class_idx,
+    batch_size,
+    num_steps,
+    sigma_min,
+    sigma_max,
+    rho,
+    S_churn,
+    S_min,
+    S_max,
+    S_noise,
+    precision,
+    progress,
+):
     """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun."""
     if preset is not None:
         from edm2.official import resolve_official_preset
@@ -105,11 +154,15 @@ def main(preset, net_path, gnet_path, guidance, guidance_interval, outdir, subdi
     if not math.isfinite(guidance):
         raise click.BadParameter(f"must be finite, got {guidance}", param_hint="'--guidance'")
     if guidance != 1 and gnet_path is None:
-        raise click.BadParameter(f"guidance {guidance} needs a guiding network: give --gnet (or use --guidance 1)", param_hint="'--guidance'")
+        raise click.BadParameter(
+            f"guidance {guidance} needs a guiding network: give --gnet (or use --guidance 1)", param_hint="'--guidance'"
+        )
     try:
         check_schedule(num_steps, sigma_min, sigma_max, rho)
     except ValueError as e:
-        raise click.BadParameter(str(e).replace("sigma_", "--sigma-"), param_hint="'--sigma-min' / '--sigma-max' / '--rho'") from None
+        raise click.BadParameter(
+            str(e).replace("sigma_", "--sigma-"), param_hint="'--sigma-min' / '--sigma-max' / '--rho'"
+        ) from None
 
     dist.init()
     try:

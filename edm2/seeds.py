@@ -8,7 +8,7 @@ random class (if any), then the churn noise of each step.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -100,7 +100,9 @@ def seed_noise_and_labels(
         if label_dim == 0:
             raise ValueError(f"class {class_idx} given for an unconditional network (label_dim 0)")
         if not 0 <= class_idx < label_dim:
-            raise ValueError(f"class {class_idx} is out of range: the network has {label_dim} classes (0..{label_dim - 1})")
+            raise ValueError(
+                f"class {class_idx} is out of range: the network has {label_dim} classes (0..{label_dim - 1})"
+            )
     gens = SeedGenerators(seeds, device)
     noise = gens.randn(shape)
     labels = None

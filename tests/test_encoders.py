@@ -67,7 +67,10 @@ def test_config_roundtrips_through_json(cfg):
 
 
 def test_config_defaults_and_errors():
-    assert encoder_from_config({"class": "stability_vae"}).config() == {"class": "stability_vae", **STABILITY_VAE_DEFAULTS}
+    assert encoder_from_config({"class": "stability_vae"}).config() == {
+        "class": "stability_vae",
+        **STABILITY_VAE_DEFAULTS,
+    }
     with pytest.raises(ValueError, match="unknown class 'jpeg'"):
         encoder_from_config({"class": "jpeg"})
     with pytest.raises(ValueError, match=r"unknown keys \['scale'\]"):

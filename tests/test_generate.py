@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import ROOT
+
 from edm2.generation import generate_batch, image_path, make_grid, seed_batches
 from edm2.model_files import save_network
 from edm2.sampler import count_evaluations
@@ -23,18 +23,27 @@ from networks import Precond
 from torch_utils import distributed as dist
 from training.encoders import encoder_from_config
 
-TINY = dict(
-    img_resolution=16,
-    img_channels=3,
-    label_dim=10,
-    model_channels=16,
-    channel_mult=[1, 2, 2],
-    num_blocks=1,
-    attn_resolutions=[8, 4],
-    channels_per_head=16,
-    logvar_channels=16,
-)
+TINY = {
+    "img_resolution": 16,
+    "img_channels": 3,
+    "label_dim": 10,
+    "model_channels": 16,
+    "channel_mult": [1, 2, 2],
+    "num_blocks": 1,
+    "attn_resolutions": [8, 4],
+    "channels_per_head": 16,
+    "logvar_channels": 16,
+}
 FAST = ["--steps", "6", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The networks here are tiny: extra threads only add synchronisation (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _tiny_net(seed: int, **overrides) -> Precond:
@@ -102,8 +111,23 @@ def _pngs(folder: pathlib.Path, seeds) -> np.ndarray:
 
 def test_pngs_by_seed_grid_and_summary(files, tmp_path):
     seeds = [0, 1, 2, 3, 9]
-    r = _run("--net", files["net"], "--gnet", files["gnet"], "--guidance", "1.5", "--seeds", "0-3,9", "--batch", "4",
-             "--outdir", tmp_path / "out", "--grid", tmp_path / "grid.png", *FAST)
+    r = _run(
+        "--net",
+        files["net"],
+        "--gnet",
+        files["gnet"],
+        "--guidance",
+        "1.5",
+        "--seeds",
+        "0-3,9",
+        "--batch",
+        "4",
+        "--outdir",
+        tmp_path / "out",
+        "--grid",
+        tmp_path / "grid.png",
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{s:06d}.png" for s in seeds]
     images = _pngs(tmp_path / "out", seeds)
@@ -122,8 +146,23 @@ def test_pngs_by_seed_grid_and_summary(files, tmp_path):
 def test_cli_output_matches_the_library(files, tmp_path):
     from edm2.model_files import load_network
 
-    r = _run("--net", files["net"], "--gnet", files["uncond"], "--guidance", "2", "--seeds", "3-6", "--batch", "4",
-             "--s-churn", "10", "--outdir", tmp_path, *FAST)
+    r = _run(
+        "--net",
+        files["net"],
+        "--gnet",
+        files["uncond"],
+        "--guidance",
+        "2",
+        "--seeds",
+        "3-6",
+        "--batch",
+        "4",
+        "--s-churn",
+        "10",
+        "--outdir",
+        tmp_path,
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     net, uncond = load_network(files["net"]).net, load_network(files["uncond"]).net
     expected = generate_batch(net, [3, 4, 5, 6], gnet=uncond, guidance=2, num_steps=6, S_churn=10)
@@ -131,7 +170,19 @@ def test_cli_output_matches_the_library(files, tmp_path):
 
 
 def test_batch_size_changes_only_float_rounding(files, tmp_path):
-    args = ["--net", files["net"], "--gnet", files["gnet"], "--guidance", "1.7", "--seeds", "0-7", "--s-churn", "5", *FAST]
+    args = [
+        "--net",
+        files["net"],
+        "--gnet",
+        files["gnet"],
+        "--guidance",
+        "1.7",
+        "--seeds",
+        "0-7",
+        "--s-churn",
+        "5",
+        *FAST,
+    ]
     assert _run(*args, "--batch", "4", "--outdir", tmp_path / "b4").exit_code == 0
     assert _run(*args, "--batch", "1", "--outdir", tmp_path / "b1").exit_code == 0
     assert _run(*args, "--batch", "3", "--outdir", tmp_path / "b3").exit_code == 0
@@ -146,16 +197,42 @@ def test_batch_size_changes_only_float_rounding(files, tmp_path):
 
 
 def test_torchrun_two_processes_match_one_bit_for_bit(files, tmp_path):
-    args = ["generate.py", "--net", files["net"], "--gnet", files["gnet"], "--guidance", "1.6", "--seeds", "0-6,20",
-            "--batch", "3", "--s-churn", "4", "--guidance-interval", "0.1,20", *FAST]
+    args = [
+        "generate.py",
+        "--net",
+        files["net"],
+        "--gnet",
+        files["gnet"],
+        "--guidance",
+        "1.6",
+        "--seeds",
+        "0-6,20",
+        "--batch",
+        "3",
+        "--s-churn",
+        "4",
+        "--guidance-interval",
+        "0.1,20",
+        *FAST,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
 
     def launch(nproc: int, name: str) -> str:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *map(str, args), "--outdir", str(tmp_path / name), "--grid", str(tmp_path / f"{name}.png")]
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *map(str, args),
+            "--outdir",
+            str(tmp_path / name),
+            "--grid",
+            str(tmp_path / f"{name}.png"),
+        ]
+        p = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         return p.stdout
 
@@ -164,7 +241,9 @@ def test_torchrun_two_processes_match_one_bit_for_bit(files, tmp_path):
     assert "Generated 8 images" in out2 and "2 processes" in out2 and out2.count("Generated") == 1  # rank 0 only
     seeds = [0, 1, 2, 3, 4, 5, 6, 20]
     for seed in seeds:
-        assert (tmp_path / "one" / f"{seed:06d}.png").read_bytes() == (tmp_path / "two" / f"{seed:06d}.png").read_bytes()
+        assert (tmp_path / "one" / f"{seed:06d}.png").read_bytes() == (
+            tmp_path / "two" / f"{seed:06d}.png"
+        ).read_bytes()
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
 
 
@@ -196,9 +275,14 @@ def test_subdirs_class_and_interval(files, tmp_path):
     assert (fixed != random_class).mean() > 0.1
     # A guidance interval that holds no step's sigma gives exactly the unguided images.
     g = ["--gnet", files["gnet"], "--guidance", "3"]
-    assert _run(*base, *g, "--seeds", "0-3", "--guidance-interval", "100,200", "--outdir", tmp_path / "none").exit_code == 0
+    assert (
+        _run(*base, *g, "--seeds", "0-3", "--guidance-interval", "100,200", "--outdir", tmp_path / "none").exit_code
+        == 0
+    )
     assert _run(*base, "--seeds", "0-3", "--outdir", tmp_path / "plain").exit_code == 0
-    assert _run(*base, *g, "--seeds", "0-3", "--guidance-interval", "0.3,5", "--outdir", tmp_path / "some").exit_code == 0
+    assert (
+        _run(*base, *g, "--seeds", "0-3", "--guidance-interval", "0.3,5", "--outdir", tmp_path / "some").exit_code == 0
+    )
     np.testing.assert_array_equal(_pngs(tmp_path / "none", range(4)), _pngs(tmp_path / "plain", range(4)))
     assert (_pngs(tmp_path / "some", range(4)) != _pngs(tmp_path / "plain", range(4))).mean() > 0.1
 
@@ -243,7 +327,7 @@ def test_net_from_url_is_cached(files, tmp_path, monkeypatch):
 def test_preset_supplies_net_gnet_and_guidance(files, tmp_path, monkeypatch):
     import edm2.official
 
-    preset = dict(net=str(files["net"]), gnet=str(files["gnet"]), guidance=1.8)
+    preset = {"net": str(files["net"]), "gnet": str(files["gnet"]), "guidance": 1.8}
     monkeypatch.setattr(edm2.official, "resolve_official_preset", lambda name: dict(preset))
     assert _run("--preset", "anything", "--seeds", "0-1", "--outdir", tmp_path / "p", *FAST).exit_code == 0
     explicit = ["--net", files["net"], "--gnet", files["gnet"], "--guidance", "1.8", "--seeds", "0-1"]
@@ -277,7 +361,10 @@ def test_bad_input_names_the_option(files, tmp_path):
         ([*net, "--seeds", "0-3,x", *out], ["--seeds", "'x'"]),
         ([*net, "--seeds", "5-2", *out], ["--seeds", "backwards"]),
         ([*net, "--seeds", "1,1", *out], ["--seeds", "more than once"]),
-        ([*net, "--gnet", files["gnet"], "--guidance", "2", "--guidance-interval", "5,1", *out], ["--guidance-interval"]),
+        (
+            [*net, "--gnet", files["gnet"], "--guidance", "2", "--guidance-interval", "5,1", *out],
+            ["--guidance-interval"],
+        ),
         ([*net, "--guidance-interval", "abc", *out], ["--guidance-interval"]),
         ([*net, "--sigma-min", "0", *out], ["--sigma-min"]),
         ([*net, "--batch", "0", *out], ["--batch"]),

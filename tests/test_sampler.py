@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_reference_net, reference_meta
+
 from edm2.sampler import (
     SamplerStats,
     count_evaluations,
@@ -37,6 +37,15 @@ class ToyDenoiser(torch.nn.Module):
         return self.mean + (x - self.mean) * self.sd**2 / (sigma**2 + self.sd**2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The networks here are tiny: extra threads only add synchronisation (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _relative_error(a: torch.Tensor, b: np.ndarray) -> float:
     return float(np.abs(a.numpy() - b).max() / np.abs(b).max())
 
@@ -52,7 +61,13 @@ def test_reference_sampler_outputs(ref, ref_nets, dtype):
     settings = reference_meta(ref)["sampler"]
     noise = torch.from_numpy(ref["sampler_noise"])
     labels = torch.from_numpy(ref["labels"])
-    kwargs = dict(num_steps=settings["num_steps"], sigma_min=settings["sigma_min"], sigma_max=settings["sigma_max"], rho=settings["rho"], dtype=dtype)
+    kwargs = {
+        "num_steps": settings["num_steps"],
+        "sigma_min": settings["sigma_min"],
+        "sigma_max": settings["sigma_max"],
+        "rho": settings["rho"],
+        "dtype": dtype,
+    }
     with torch.no_grad():
         plain = edm_sampler(net, noise, labels, **kwargs)
         guided = edm_sampler(net, noise, labels, gnet=gnet, guidance=settings["guidance"], **kwargs)
@@ -72,9 +87,9 @@ def test_step_sigmas_follow_the_schedule():
     expected = (80 ** (1 / 7) + i / 31 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert s[i].item() == pytest.approx(expected, rel=1e-12)
     assert step_sigmas(1, 0.002, 80, 7).tolist() == [80.0, 0.0]
-    for bad in [dict(num_steps=0), dict(sigma_min=0), dict(sigma_max=0.001), dict(rho=-1), dict(num_steps=2.5)]:
+    for bad in [{"num_steps": 0}, {"sigma_min": 0}, {"sigma_max": 0.001}, {"rho": -1}, {"num_steps": 2.5}]:
         with pytest.raises(ValueError, match=next(iter(bad))):
-            step_sigmas(**{**dict(num_steps=4, sigma_min=0.002, sigma_max=80, rho=7), **bad})
+            step_sigmas(**{"num_steps": 4, "sigma_min": 0.002, "sigma_max": 80, "rho": 7, **bad})
 
 
 def test_heun_solves_the_gaussian_ode():
@@ -145,11 +160,22 @@ def test_guidance_interval_and_honest_counts(interval):
 def test_count_evaluations_matches_the_sampler_with_churn():
     main, guide = ToyDenoiser(mean=0.3), ToyDenoiser(mean=-0.2)
     gens = SeedGenerators([5, 6])
-    churn = dict(S_churn=20, S_min=0.05, S_max=50, S_noise=1.003)
+    churn = {"S_churn": 20, "S_min": 0.05, "S_max": 50, "S_noise": 1.003}
     stats = SamplerStats()
-    edm_sampler(main, gens.randn([2, 4, 4]), gnet=guide, guidance=1.5, num_steps=12, guidance_interval=(0.1, 10),
-                randn_like=gens.randn_like, stats=stats, **churn)
-    expected = count_evaluations(12, guidance=1.5, guidance_interval=(0.1, 10), **{k: v for k, v in churn.items() if k != "S_noise"})
+    edm_sampler(
+        main,
+        gens.randn([2, 4, 4]),
+        gnet=guide,
+        guidance=1.5,
+        num_steps=12,
+        guidance_interval=(0.1, 10),
+        randn_like=gens.randn_like,
+        stats=stats,
+        **churn,
+    )
+    expected = count_evaluations(
+        12, guidance=1.5, guidance_interval=(0.1, 10), **{k: v for k, v in churn.items() if k != "S_noise"}
+    )
     assert stats == expected and stats.net_evals == 23
     # Churn raises the noise level above the schedule where it applies, and only there.
     plain_sigmas = evaluation_sigmas(12)
@@ -160,7 +186,7 @@ def test_count_evaluations_matches_the_sampler_with_churn():
 
 def test_churn_noise_is_per_seed():
     net = ToyDenoiser()
-    churn = dict(S_churn=40, num_steps=8)
+    churn = {"S_churn": 40, "num_steps": 8}
     both = SeedGenerators([3, 4])
     out_both = edm_sampler(net, both.randn([2, 4, 4]), randn_like=both.randn_like, dtype=torch.float64, **churn)
     singles = []
@@ -179,12 +205,16 @@ def test_reference_net_batch_composition_changes_only_rounding(ref, ref_nets):
     seeds = [11, 12, 13, 14]
     with torch.no_grad():
         noise, labels, gens = seed_noise_and_labels(seeds, [4, 16, 16], label_dim=10)
-        batched = edm_sampler(net, noise, labels, gnet=gnet, guidance=1.7, num_steps=6, S_churn=5, randn_like=gens.randn_like)
+        batched = edm_sampler(
+            net, noise, labels, gnet=gnet, guidance=1.7, num_steps=6, S_churn=5, randn_like=gens.randn_like
+        )
         singles = []
         for seed in seeds:
             n, l, g = seed_noise_and_labels([seed], [4, 16, 16], label_dim=10)
             assert torch.equal(n[0], noise[seeds.index(seed)]) and torch.equal(l[0], labels[seeds.index(seed)])
-            singles.append(edm_sampler(net, n, l, gnet=gnet, guidance=1.7, num_steps=6, S_churn=5, randn_like=g.randn_like))
+            singles.append(
+                edm_sampler(net, n, l, gnet=gnet, guidance=1.7, num_steps=6, S_churn=5, randn_like=g.randn_like)
+            )
     singles = torch.cat(singles)
     assert (batched - singles).abs().max() <= 1e-5 * batched.abs().max()
 
@@ -210,8 +240,16 @@ def test_seed_lists():
     assert parse_seeds("0-3,10, 20-21") == [0, 1, 2, 3, 10, 20, 21]
     assert parse_seeds("7") == [7]
     assert format_seeds(parse_seeds("0-63,100,200-299")) == "0-63,100,200-299"
-    for bad, match in [("", "non-empty"), ("1-", "malformed"), ("a", "malformed"), ("5-2", "backwards"),
-                       ("1,1", "more than once"), ("-3", "malformed"), ("1,,2", "malformed"), (f"{2**64}", "at most")]:
+    for bad, match in [
+        ("", "non-empty"),
+        ("1-", "malformed"),
+        ("a", "malformed"),
+        ("5-2", "backwards"),
+        ("1,1", "more than once"),
+        ("-3", "malformed"),
+        ("1,,2", "malformed"),
+        (f"{2**64}", "at most"),
+    ]:
         with pytest.raises(ValueError, match=match):
             parse_seeds(bad)
 

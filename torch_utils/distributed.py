@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,7 +57,7 @@ def init(backend: str | None = None, timeout_s: float = 1800) -> None:
         raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank() % torch.cuda.device_count())
-    kwargs: dict[str, Any] = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
     torch.distributed.init_process_group(**kwargs)

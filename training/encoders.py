@@ -15,7 +15,8 @@ The VAE (diffusers AutoencoderKL) is loaded lazily on first use; its weights nev
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -73,7 +74,9 @@ class StabilityVAEEncoder:
             raise ValueError(f"StabilityVAEEncoder: vae_name must be a non-empty string, got {vae_name!r}")
         raw_mean, raw_std = [float(v) for v in raw_mean], [float(v) for v in raw_std]
         if len(raw_mean) != len(raw_std):
-            raise ValueError(f"StabilityVAEEncoder: raw_mean ({len(raw_mean)}) and raw_std ({len(raw_std)}) differ in length")
+            raise ValueError(
+                f"StabilityVAEEncoder: raw_mean ({len(raw_mean)}) and raw_std ({len(raw_std)}) differ in length"
+            )
         if not all(s > 0 for s in raw_std) or not final_std > 0:
             raise ValueError(f"StabilityVAEEncoder: raw_std and final_std must be positive, got {raw_std}, {final_std}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -136,7 +139,10 @@ class StabilityVAEEncoder:
         """Raw latents -> one sample mean + std * N(0, 1), scaled per channel (SPEC 8)."""
         channels = len(self.raw_mean)
         if raw.ndim != 4 or raw.shape[1] != 2 * channels:
-            raise ValueError(f"StabilityVAEEncoder.encode_latents: expected [N, {2 * channels}, H, W] raw latents, got {list(raw.shape)}")
+            raise ValueError(
+                f"StabilityVAEEncoder.encode_latents: expected [N, {2 * channels}, H, W] raw latents, "
+                f"got {list(raw.shape)}"
+            )
         raw = raw.to(torch.float32)
         mean, std = raw[:, :channels], raw[:, channels:]
         gen_device = generator.device if generator is not None else raw.device
@@ -171,5 +177,7 @@ def encoder_from_config(cfg: dict[str, Any]) -> StandardRGBEncoder | StabilityVA
     kwargs = {k: v for k, v in cfg.items() if k != "class"}
     unknown = sorted(set(kwargs) - _ENCODER_KEYS[name])
     if unknown:
-        raise ValueError(f"encoder settings for {name!r}: unknown keys {unknown}; allowed {sorted(_ENCODER_KEYS[name])}")
+        raise ValueError(
+            f"encoder settings for {name!r}: unknown keys {unknown}; allowed {sorted(_ENCODER_KEYS[name])}"
+        )
     return ENCODER_CLASSES[name](**kwargs)
