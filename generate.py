@@ -71,7 +71,10 @@ def _load(option: str, path_or_url: str, device):
     "--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl, path or http(s) URL"
 )
 @click.option(
-    "--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (unconditional, or smaller / less trained)"
+    "--gnet",
+    "gnet_path",
+    metavar="PATH|URL",
+    help="Guiding network (unconditional, or smaller / less trained); used when --guidance is not 1",
 )
 @click.option(
     "--guidance", type=float, default=None, help="Guidance weight w in D_g + w (D - D_g)  [default: preset's, else 1]"
