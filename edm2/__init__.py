@@ -18,11 +18,17 @@ from networks import (
 )
 from training import EDM2Loss, learning_rate_schedule, reduce_batch_loss
 
+from training.encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_config
+from training.phema import PowerFunctionEMA, TraditionalEMA
+
 from . import phema
 from .download import DownloadError, download, resolve_path_or_url
 from .model_files import ModelFileError, NetworkFile, load_network, read_header, register_network_class, save_network
 from .official import OFFICIAL_PRESETS, resolve_official_preset
 from .official_pickle import UnsafePickleError
+from .generation import GenerationSummary, generate_batch, generate_images, make_grid, save_png
+from .sampler import SamplerStats, count_evaluations, edm_sampler, evaluation_sigmas, step_sigmas
+from .seeds import SeedGenerators, format_seeds, parse_seeds, seed_noise_and_labels
 from .presets import (
     DATASETS,
     PRESETS,
@@ -35,6 +41,10 @@ from .presets import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GenerationSummary", "PowerFunctionEMA", "SamplerStats", "SeedGenerators", "StabilityVAEEncoder",
+    "StandardRGBEncoder", "TraditionalEMA", "count_evaluations", "edm_sampler", "encoder_from_config",
+    "evaluation_sigmas", "format_seeds", "generate_batch", "generate_images", "make_grid", "parse_seeds",
+    "save_png", "seed_noise_and_labels", "step_sigmas",
     "DownloadError", "ModelFileError", "NetworkFile", "OFFICIAL_PRESETS", "UnsafePickleError", "download",
     "load_network", "phema", "read_header", "register_network_class", "resolve_official_preset",
     "resolve_path_or_url", "save_network",

@@ -123,12 +123,15 @@ class Precond(torch.nn.Module):
         return class_labels.to(torch.float32).expand(n, -1)
 
     def _sigma(self, sigma: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        on_host = not isinstance(sigma, torch.Tensor) or sigma.device.type == "cpu"
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
         if sigma.numel() not in (1, n):
             raise ValueError(f"Precond: sigma must have 1 or {n} elements (one per image), got shape {list(sigma.shape)}")
-        if not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
+        # Checked where it is free, on the host. Reading a GPU tensor's values would stall the GPU on every call;
+        # device-side sigmas come from the sampler's schedule or the loss's distribution, checked upstream.
+        if on_host and not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
             raise ValueError(f"Precond: sigma must be positive and finite, got {sigma.flatten().tolist()}")
-        return sigma.reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
+        return sigma.to(device).reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
 
     def forward(
         self,

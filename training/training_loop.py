@@ -284,8 +284,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 ema.update(net, cur_nimg, batch)
 
             stopping = stop.raised
-            if world > 1:
-                stopping = dist.all_reduce_sum(float(stopping)) > 0
+            if world > 1:  # agree every few steps: each agreement waits for the GPU
+                stopping = step % 8 == 0 and dist.all_reduce_sum(float(stopping)) > 0
             done = cur_nimg >= config["duration"]
             if crossed(config["status"], before, cur_nimg) or done or stopping:
                 now = time.time()
