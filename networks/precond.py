@@ -9,14 +9,40 @@ import torch
 
 from .mp import MPConv, MPFourier
 from .unet import UNet
+from .uvit import UViT
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ARCHS = ("edm2-unet", "uvit")  # backbones F that Precond can wrap
+# Arguments that only the EDM2 U-Net reads (a U-ViT must leave them at their defaults) and the U-ViT's own
+# (None = the U-ViT default; an EDM2 U-Net must leave them None).
+UNET_ONLY = ("channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks", "attn_resolutions", "label_balance")
+UVIT_ONLY = ("patch_size", "depth", "mlp_ratio")
 
 
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def _check_backbone_arguments(args: dict[str, Any]) -> None:
+    """Clear errors for an unknown arch and for arguments that the chosen backbone would silently ignore."""
+    arch = args["arch"]
+    if arch not in ARCHS:
+        raise ValueError(f"Precond: arch must be one of {list(ARCHS)}, got {arch!r}")
+    if arch == "uvit":
+        defaults = inspect.signature(Precond.__init__).parameters
+        changed = [k for k in UNET_ONLY if _plain(args[k]) != _plain(defaults[k].default)]
+        if changed:
+            raise ValueError(f"Precond: {changed} apply to arch 'edm2-unet' only; the U-ViT takes {list(UVIT_ONLY)}")
+    else:
+        given = [k for k in UVIT_ONLY if args[k] is not None]
+        if given:
+            raise ValueError(f"Precond: {given} apply to arch 'uvit' only (arch is {arch!r})")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 class Precond(torch.nn.Module):
@@ -49,12 +75,20 @@ class Precond(torch.nn.Module):
         attn_balance: float = 0.3,  # mp_sum weight of attention branches
         clip_act: float | None = 256,  # activation clipping
         resample_filter: Sequence[int] = (1, 1),  # the reference's resampling filter; only [1, 1] exists here
+        arch: str = "edm2-unet",  # backbone: 'edm2-unet' (the paper's) or 'uvit' (networks/uvit.py)
+        skip_scaling: str = "none",  # ScaleLong long-skip scaling: none, inv_sqrt2, cs, ls, ls_nonshared
+        kappa: float = 0.7,  # CS base: skip i (1 = outermost) is multiplied by kappa^(i-1); in (0, 1]
+        ls_reduction: int = 16,  # SENet reduction r of the LS gates
+        patch_size: int | None = None,  # U-ViT only: patch side (None: 2)
+        depth: int | None = None,  # U-ViT only: transformer blocks, odd (None: 7)
+        mlp_ratio: int | None = None,  # U-ViT only: MLP width / model_channels (None: 4)
         **unknown: Any,  # rejected with a ValueError that names them
     ):
         super().__init__()
         if unknown:
             known = [k for k in inspect.signature(Precond.__init__).parameters if k not in ("self", "unknown")]
             raise ValueError(f"Precond: unknown constructor argument(s) {sorted(unknown)}; expected some of {known}")
+        _check_backbone_arguments(locals())
         kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "use_fp16", "resample_filter", "unknown")}
         if list(resample_filter) != [1, 1]:
             raise ValueError(f"Precond: resample_filter must be [1, 1] (box / nearest), got {list(resample_filter)}")
@@ -75,27 +109,43 @@ class Precond(torch.nn.Module):
         kwargs["precision"] = precision
         # Constructor arguments as plain JSON values, for model files.
         self.init_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-        self.unet = UNet(
-            img_resolution=img_resolution,
-            img_channels=img_channels,
-            label_dim=label_dim,
-            model_channels=model_channels,
-            channel_mult=channel_mult,
-            channel_mult_noise=channel_mult_noise,
-            channel_mult_emb=channel_mult_emb,
-            num_blocks=num_blocks,
-            attn_resolutions=attn_resolutions,
-            label_balance=label_balance,
-            concat_balance=concat_balance,
-            channels_per_head=channels_per_head,
-            dropout=dropout,
-            res_balance=res_balance,
-            attn_balance=attn_balance,
-            clip_act=clip_act,
-        )
+        backbone = dict(skip_scaling=skip_scaling, kappa=kappa, ls_reduction=ls_reduction)
+        if arch == "uvit":
+            uvit = {k: v for k, v in dict(patch_size=patch_size, depth=depth, mlp_ratio=mlp_ratio).items() if v is not None}
+            self.uvit = UViT(
+                img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                model_channels=model_channels, channels_per_head=channels_per_head, concat_balance=concat_balance,
+                dropout=dropout, res_balance=res_balance, attn_balance=attn_balance, clip_act=clip_act,
+                **uvit, **backbone,
+            )  # fmt: skip
+        else:
+            self.unet = UNet(
+                img_resolution=img_resolution,
+                img_channels=img_channels,
+                label_dim=label_dim,
+                model_channels=model_channels,
+                channel_mult=channel_mult,
+                channel_mult_noise=channel_mult_noise,
+                channel_mult_emb=channel_mult_emb,
+                num_blocks=num_blocks,
+                attn_resolutions=attn_resolutions,
+                label_balance=label_balance,
+                concat_balance=concat_balance,
+                channels_per_head=channels_per_head,
+                dropout=dropout,
+                res_balance=res_balance,
+                attn_balance=attn_balance,
+                clip_act=clip_act,
+                **backbone,
+            )
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
         self.normalize_weights_()
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """F: the EDM2 U-Net (`self.unet`, the reference's state-dict names) or the U-ViT (`self.uvit`)."""
+        return self.uvit if self.init_kwargs.get("arch") == "uvit" else self.unet
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:
@@ -156,7 +206,7 @@ class Precond(torch.nn.Module):
         c_in = 1 / (sd**2 + sigma**2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
-        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
+        F_x = self.backbone((c_in * x).to(dtype), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x

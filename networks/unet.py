@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .mp import MPConv, MPFourier, cosine_attention, mp_cat, mp_silu, mp_sum, normalize, resample
+from .skip_scaling import SkipScaling
 
 
 class Block(torch.nn.Module):
@@ -100,6 +101,9 @@ class UNet(torch.nn.Module):
         res_balance: float = 0.3,  # mp_sum weight of residual branches
         attn_balance: float = 0.3,  # mp_sum weight of attention branches
         clip_act: float | None = 256,  # activation clipping in every block
+        skip_scaling: str = "none",  # ScaleLong mode of the long skips (networks/skip_scaling.py)
+        kappa: float = 0.7,  # CS base: skip i (1 = outermost) is multiplied by kappa^(i-1)
+        ls_reduction: int = 16,  # SENet reduction r of the LS gates
     ):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
@@ -156,6 +160,9 @@ class UNet(torch.nn.Module):
                 attn = res in attn_resolutions
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, flavor="dec", attention=attn, **block)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+        # Every encoder output is a long skip; the first one (i = 1) meets the last decoder block.
+        skip_channels = [getattr(b, "out_channels") for b in self.enc.values()]
+        self.skip_scale = SkipScaling(skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         emb = self.emb_noise(self.emb_fourier(noise_labels))
@@ -171,6 +178,7 @@ class UNet(torch.nn.Module):
             skips.append(x)
         for name, block in self.dec.items():
             if "block" in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+                skip = skips.pop()
+                x = mp_cat(x, self.skip_scale(skip, len(skips) + 1), t=self.concat_balance)
             x = block(x, emb)
         return self.out_conv(x, gain=self.out_gain)
