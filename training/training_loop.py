@@ -26,6 +26,7 @@ from torch_utils.state_io import StateFileError, atomic_write, load_state, save_
 
 from .dataset import ImageFolderDataset, InfiniteSampler
 from .encoders import encoder_from_config
+from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .phema import PowerFunctionEMA
 from .schedule import learning_rate_schedule
@@ -206,6 +207,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     net.to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"])
     ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
+    instruments = SkipInstruments(net)  # ScaleLong figures per skip and stage on status steps
     loss_fn = EDM2Loss(**config["loss"])
     batch, batch_gpu = config["batch"], config["batch_gpu"]
     rounds = batch // (batch_gpu * world)
@@ -257,6 +259,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
+            instruments.arm(crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"])
             gen = _step_generator(config["seed"], step, device)
             sigma_all = loss_fn.sample_sigma(batch, device, gen)
             noise_all = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=gen)
@@ -295,6 +298,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                     kimg=cur_nimg / 1e3, nimg=cur_nimg, loss=total_loss, lr=lr,
                     img_per_s=(cur_nimg - tick_nimg) / max(now - tick_time, 1e-9), time_s=training_time,
                 )
+                entry.update(instruments.collect())
                 if device.type == "cuda":
                     entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:
