@@ -43,6 +43,30 @@ def parse_float_list(value: str, option: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=option) from None
 
 
+def select_arch(net: dict, arch: str | None, preset: str | None) -> dict:
+    """--arch: keep the preset's network, or swap in a U-ViT (the demo preset has one: uvit-demo)."""
+    if arch is None or arch == net.get("arch", "edm2-unet"):
+        return net
+    if arch == "uvit" and preset is None:
+        return dict(net, arch="uvit")
+    if arch == "uvit" and preset == "demo":
+        return edm2.presets.uvit_network_kwargs("uvit-demo", dropout=net.get("dropout", 0.0))
+    raise click.BadParameter(
+        f"no U-ViT configuration for --preset {preset}; use --preset demo, or no preset and --network-kwargs",
+        param_hint="--arch",
+    )
+
+
+def set_skip_scaling(net: dict, mode: str | None, kappa: float | None) -> None:
+    """--skip-scaling / --kappa (ScaleLong, networks/skip_scaling.py) into the network arguments."""
+    if mode is not None:
+        net["skip_scaling"] = mode
+    if kappa is not None:
+        if net.get("skip_scaling", "none") != "cs":
+            raise click.BadParameter("--kappa applies to --skip-scaling cs only", param_hint="--kappa")
+        net["kappa"] = kappa
+
+
 def build_config(opts: dict) -> dict:
     """The training configuration (JSON) from the command-line options."""
     c = default_config()
@@ -56,7 +80,7 @@ def build_config(opts: dict) -> dict:
             c[key] = train[key]
         c["loss"].update(train["loss"])
         c["lr"].update(train["lr"])
-    net = c["network"]
+    net = c["network"] = select_arch(c["network"], opts["arch"], opts["preset"])
     if opts["network_kwargs"]:
         try:
             extra = json.loads(opts["network_kwargs"])
@@ -73,6 +97,7 @@ def build_config(opts: dict) -> dict:
     for opt, key in (("duration", "duration"), ("batch", "batch"), ("status", "status"), ("snapshot", "snapshot"), ("checkpoint", "checkpoint")):
         if opts[opt] is not None:
             c[key] = parse_nimg(opts[opt], f"--{opt}")
+    set_skip_scaling(net, opts["skip_scaling"], opts["kappa"])
     if opts["rampup"] is not None:
         c["lr"]["rampup_img"] = parse_nimg(opts["rampup"], "--rampup")
     if opts["batch_gpu"] is not None:
@@ -108,6 +133,9 @@ def build_config(opts: dict) -> dict:
 @click.option("--batch-gpu", "batch_gpu", default=None, help="Images per GPU per round (gradient accumulation) [default: batch / GPUs]")
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Base channel count (model_channels)")
 @click.option("--network-kwargs", "network_kwargs", default=None, help='More network arguments as JSON, e.g. \'{"channel_mult": [1, 2], "num_blocks": 1}\'')
+@click.option("--arch", type=click.Choice(["edm2-unet", "uvit"]), default=None, help="Backbone [default: the preset's, edm2-unet]")
+@click.option("--skip-scaling", "skip_scaling", type=click.Choice(["none", "inv_sqrt2", "cs", "ls", "ls_nonshared"]), default=None, help="ScaleLong scaling of the long skips [default: none]")
+@click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=None, help="CS: skip i (1 = outermost) is multiplied by kappa^(i-1) [default: 0.7]")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout probability")
 @click.option("--P_mean", "P_mean", type=float, default=None, help="Mean of ln(sigma) in training")
 @click.option("--P_std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None, help="Std of ln(sigma) in training")

@@ -87,3 +87,25 @@ def preset_training_kwargs(name: str) -> dict[str, Any]:
         lr=dict(ref_lr=p["lr"], ref_batches=p["decay"], rampup_img=RAMPUP_IMG.get(name, 10 * Mi)),
         **REPORTING.get(name, DEFAULT_REPORTING),
     )
+
+
+# U-ViT backbones (arch='uvit', networks/uvit.py) sized for the demo data (32x32 RGB, 10 classes); not from a
+# paper. They train with the demo preset's hyperparameters: `train_edm2.py --preset demo --arch uvit`.
+# 'uvit-demo' has about the demo U-Net's parameter count (1.5M vs 1.2M); 'uvit-demo-xs' is for CPU tests.
+UVIT_DEMO_NETWORKS: dict[str, dict[str, Any]] = {
+    "uvit-demo": dict(
+        img_resolution=32, img_channels=3, label_dim=10, arch="uvit", model_channels=128, depth=7, patch_size=2,
+        mlp_ratio=4, channels_per_head=32,
+    ),
+    "uvit-demo-xs": dict(
+        img_resolution=32, img_channels=3, label_dim=10, arch="uvit", model_channels=64, depth=5, patch_size=4,
+        mlp_ratio=2, channels_per_head=32,
+    ),
+}
+
+
+def uvit_network_kwargs(name: str = "uvit-demo", **overrides: Any) -> dict[str, Any]:
+    """Precond constructor arguments of a U-ViT demo size; `overrides` replace or add arguments."""
+    if name not in UVIT_DEMO_NETWORKS:
+        raise ValueError(f"unknown U-ViT size {name!r}; expected one of: {', '.join(UVIT_DEMO_NETWORKS)}")
+    return dict(copy.deepcopy(UVIT_DEMO_NETWORKS[name]), **overrides)
