@@ -1,6 +1,195 @@
-"""Compute FID and FD_DINOv2 (reference statistics, image folders, models). Not yet implemented."""
+"""FID and FD_DINOv2: reference statistics, image folders and models (SPEC 8). Works alone or under torchrun.
 
-import sys
+Examples:
+
+    # 1. reference statistics of the training images (all images; both metrics)
+    python calculate_metrics.py ref --data img512.zip --dest img512-ref.npz
+
+    # 2. metrics of 50,000 generated PNGs in a folder or zip
+    python calculate_metrics.py calc --images fid-images --ref img512-ref.npz
+
+    # 3. metrics of a model, generating on the fly (nothing written to disk), on 8 GPUs
+    torchrun --standalone --nproc_per_node=8 calculate_metrics.py gen --preset edm2-img512-s-fid --ref img512-ref.npz
+
+Detector weights (first match wins): --inception-weights / --dinov2-weights (file or URL), the environment
+variables EDM2_INCEPTION_WEIGHTS / EDM2_DINOV2_WEIGHTS, else the public files, downloaded once into
+$EDM2_CACHE_DIR (default ~/.cache/edm2): pt_inception-2015-12-05-6726825d.pth (pytorch-fid release
+fid_weights) and dinov2_vitl14_pretrain.pth (dl.fbaipublicfiles.com).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import click
+
+from edm2 import metrics as M
+from edm2.detectors import METRICS, DetectorWeightsError
+from edm2.model_files import ModelFileError
+from generate import _load, _parse_interval_option, _parse_seeds_option
+from torch_utils import distributed as dist
+
+
+def _metrics_option(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return M._metric_list(value, METRICS)
+    except M.MetricsError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def common_options(f):
+    """Options every subcommand takes."""
+    options = [
+        click.option("--metrics", callback=_metrics_option, metavar="LIST",
+                     help=f"Comma-separated subset of {','.join(METRICS)}  [default: ref: all; calc/gen: those in --ref]"),
+        click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Images per batch and process"),
+        click.option("--inception-weights", metavar="PATH|URL",
+                     help="FID Inception weights  [default: $EDM2_INCEPTION_WEIGHTS, else download]"),
+        click.option("--dinov2-weights", metavar="PATH|URL",
+                     help="DINOv2 ViT-L/14 weights  [default: $EDM2_DINOV2_WEIGHTS, else download]"),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _weights(inception_weights, dinov2_weights) -> dict:
+    return {"fid": inception_weights, "fd_dinov2": dinov2_weights}
+
+
+def _report(results: dict[str, float], num_images: int, out: str | None) -> None:
+    """Print the metrics (rank 0) and write them as JSON when asked."""
+    if not dist.is_main():
+        return
+    for metric, value in results.items():
+        click.echo(f"{metric:<10s} {value:.4f}   ({num_images} images)")
+    if out is not None:
+        data = json.dumps({"results": results, "num_images": num_images}, indent=2).encode()
+        M._write_atomic(pathlib.Path(out), data)
+
+
+def _run(task):
+    """Run task() inside the process group, turning input errors into click errors (rank-0 messages)."""
+    dist.init()
+    try:
+        return task()
+    except (M.MetricsError, DetectorWeightsError, ModelFileError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        dist.shutdown()
+
+
+@click.group()
+def main():
+    """Calculate FID and FD_DINOv2 (SPEC 8): `ref` makes reference statistics, `calc` scores images, `gen` a model."""
+
+
+@main.command()
+@click.option("--data", required=True, metavar="PATH", type=click.Path(exists=True), help="Dataset: folder or zip of PNGs")
+@click.option("--dest", required=True, metavar="FILE.npz", type=click.Path(dir_okay=False), help="Where to write the statistics")
+@click.option("--num", type=click.IntRange(min=0), default=0, show_default=True, help="Images to use (0 = all)")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
+@common_options
+def ref(data, dest, num, workers, metrics, batch_size, inception_weights, dinov2_weights, progress):
+    """Reference statistics (mean, covariance per metric) of a dataset, written as .npz."""
+    if not dest.endswith(".npz"):
+        raise click.BadParameter(f"{dest!r} must end in .npz", param_hint="'--dest'")
+
+    def task():
+        stats = M.dataset_statistics(data, metrics, num=num or None, batch_size=batch_size,
+                                     weights=_weights(inception_weights, dinov2_weights), workers=workers, progress=progress)
+        if dist.is_main():
+            M.save_reference(dest, stats, source=str(data))
+            n = next(iter(stats.values())).num_images
+            click.echo(f"Wrote {', '.join(stats)} statistics of {n} images to {dest}")
+        dist.barrier()
+
+    _run(task)
+
+
+@main.command()
+@click.option("--images", required=True, metavar="PATH", type=click.Path(exists=True), help="Folder or zip of PNGs")
+@click.option("--ref", "ref_path", required=True, metavar="PATH|URL", help="Reference statistics (.npz or EDM2 .pkl)")
+@click.option("--num", type=click.IntRange(min=2), default=M.DEFAULT_NUM_IMAGES, show_default=True,
+              help="Images to use; fewer is an error")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
+@click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
+@common_options
+def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
+    """Metrics of a folder or zip of images against reference statistics."""
+
+    def task():
+        results = M.calc_metrics_for_images(images, ref_path, metrics, num=num, batch_size=batch_size, workers=workers,
+                                            weights=_weights(inception_weights, dinov2_weights), progress=progress)
+        _report(results, num, out)
+
+    _run(task)
+
+
+@main.command()
+@click.option("--preset", metavar="NAME", help="Official model preset (sets --net, --gnet, --guidance)")
+@click.option("--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl")
+@click.option("--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (used when --guidance is not 1)")
+@click.option("--guidance", type=float, default=None, help="Guidance weight  [default: preset's, else 1]")
+@click.option("--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]")
+@click.option("--ref", "ref_path", required=True, metavar="PATH|URL", help="Reference statistics (.npz or EDM2 .pkl)")
+@click.option("--seeds", default=f"0-{M.DEFAULT_NUM_IMAGES - 1}", show_default=True, callback=_parse_seeds_option,
+              help="One image per seed")
+@click.option("--class", "class_idx", type=int, default=None, help="Class of every image  [default: random per seed]")
+@click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, show_default=True, help="Sampling steps")
+@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="Lowest noise level")
+@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="Highest noise level")
+@click.option("--rho", type=float, default=7.0, show_default=True, help="Time-step exponent")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Network activation precision  [default: the model file's]")
+@click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
+@common_options
+def gen(preset, net_path, gnet_path, guidance, guidance_interval, ref_path, seeds, class_idx, num_steps, sigma_min,
+        sigma_max, rho, precision, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
+    """Metrics of a model against reference statistics, generating images on the fly (none written)."""
+    if preset is not None:
+        from edm2.official import resolve_official_preset
+
+        try:
+            settings = resolve_official_preset(preset)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--preset'") from None
+        net_path, gnet_path = net_path or settings["net"], gnet_path or settings["gnet"]
+        guidance = settings["guidance"] if guidance is None else guidance
+    guidance = 1.0 if guidance is None else guidance
+    if net_path is None:
+        raise click.UsageError("give the network: --net PATH|URL or --preset NAME")
+    if not math.isfinite(guidance) or (guidance != 1 and gnet_path is None):
+        raise click.BadParameter(f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'")
+
+    def task():
+        device = dist.device()
+        loaded = _load("--net", net_path, device)
+        gnet = _load("--gnet", gnet_path, device).net if gnet_path is not None and guidance != 1 else None
+        for network in (loaded.net, gnet):
+            if network is not None and precision is not None:
+                network.precision = precision
+        try:
+            results = M.calc_metrics_for_model(
+                loaded.net, ref_path, metrics, seeds, batch_size=batch_size, gnet=gnet,
+                encoder_settings=loaded.encoder, class_idx=class_idx, weights=_weights(inception_weights, dinov2_weights),
+                device=device, progress=progress, guidance=guidance, guidance_interval=guidance_interval,
+                num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+            )
+        except (M.MetricsError, DetectorWeightsError):
+            raise
+        except ValueError as e:  # sampler / class / encoder settings
+            raise click.ClickException(f"{net_path}: {e}") from None
+        _report(results, len(seeds), out)
+
+    _run(task)
+
 
 if __name__ == "__main__":
-    sys.exit("calculate_metrics.py: not yet implemented (metrics issue); see README.md for the status.")
+    main()
