@@ -113,13 +113,16 @@ class SkipScaling(torch.nn.Module):
         self.skip_channels = list(skip_channels)
         self.gates = None
         self.gate_index: list[int] = []  # skip i uses gates[gate_index[i - 1]]
-        if mode == "ls":
-            widths = sorted(set(self.skip_channels))
-            self.gates = torch.nn.ModuleList(SEGate(c, ls_reduction) for c in widths)
-            self.gate_index = [widths.index(c) for c in self.skip_channels]
-        elif mode == "ls_nonshared":
-            self.gates = torch.nn.ModuleList(SEGate(c, ls_reduction) for c in self.skip_channels)
-            self.gate_index = list(range(len(self.skip_channels)))
+        # The gates draw their initial weights without advancing the global generator, so that every other
+        # weight of an LS network is the one the same seed gives without gates: the modes differ only by them.
+        with torch.random.fork_rng(devices=[]):
+            if mode == "ls":
+                widths = sorted(set(self.skip_channels))
+                self.gates = torch.nn.ModuleList(SEGate(c, ls_reduction) for c in widths)
+                self.gate_index = [widths.index(c) for c in self.skip_channels]
+            elif mode == "ls_nonshared":
+                self.gates = torch.nn.ModuleList(SEGate(c, ls_reduction) for c in self.skip_channels)
+                self.gate_index = list(range(len(self.skip_channels)))
 
     @property
     def num_skips(self) -> int:
