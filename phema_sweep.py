@@ -1,9 +1,13 @@
 """EMA-length sweep (EDM2 Fig. 5): reconstruct a range of EMA lengths post hoc, score each, plot the curve.
 
     python phema_sweep.py --indir=training-runs/00000 --data=val.npz --outstd=0.02,0.03,...,0.25 --outdir=sweep
+    python phema_sweep.py --indir=training-runs/00000 --metric=fid --ref=img512-ref.npz --seeds=0-9999 --outdir=sweep
+    torchrun --standalone --nproc_per_node=8 phema_sweep.py --indir=... --metric=fd_dinov2 --ref=img512-ref.npz ...
 
 Writes sweep.png (the metric against the EMA length, optimum marked), sweep.json and sweep.csv.
-The default metric is the EDM2 validation loss with fixed seeds; networks are never written to disk.
+Metrics: the EDM2 validation loss with fixed seeds (--data), or FID / FD_DINOv2 against reference statistics
+of `calculate_metrics.py ref` (--ref), generating one image per seed for every EMA length (the paper's
+Fig. 5 / 6). Networks and images are never written to disk; under torchrun the images are shared out.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import pathlib
 import click
 
 from edm2.model_files import read_header
+from edm2.seeds import parse_seeds
+from torch_utils import distributed as dist
 from training.encoders import encoder_from_config
 from training.phema_reconstruct import parse_std_list, scan_snapshots
 from training.phema_sweep import (
@@ -41,10 +47,9 @@ def _std_list(ctx, param, value):
 )
 @click.option(
     "--data",
-    help="Validation data: dataset folder/zip, .npy [N,C,H,W] or .npz with 'images' (and 'labels')",
+    help="Validation data for --metric val-loss: dataset folder/zip, .npy [N,C,H,W] or .npz with 'images' (and 'labels')",
     metavar="PATH",
     type=click.Path(exists=True),
-    required=True,
 )
 @click.option("--outdir", help="Where sweep.png / .json / .csv go", metavar="DIR", type=str, required=True)
 @click.option(
@@ -64,8 +69,21 @@ def _std_list(ctx, param, value):
     default=None,
 )
 @click.option(
-    "--metric", help="Metric to minimise", type=click.Choice(["val-loss"]), default="val-loss", show_default=True
+    "--metric",
+    help="Metric to minimise",
+    type=click.Choice(["val-loss", "fid", "fd_dinov2"]),
+    default="val-loss",
+    show_default=True,
 )
+@click.option("--ref", "ref_path", help="Reference statistics for fid / fd_dinov2 (calculate_metrics.py ref)", metavar="PATH|URL")
+@click.option(
+    "--seeds", help="fid / fd_dinov2: one generated image per seed", metavar="LIST", default="0-49999", show_default=True
+)
+@click.option(
+    "--steps", "num_steps", help="fid / fd_dinov2: sampling steps", type=click.IntRange(min=1), default=32, show_default=True
+)
+@click.option("--inception-weights", help="FID Inception weights (file or URL)", metavar="PATH|URL")
+@click.option("--dinov2-weights", help="DINOv2 ViT-L/14 weights (file or URL)", metavar="PATH|URL")
 @click.option(
     "--num",
     help="Validation images to use (0 = all)",
@@ -106,9 +124,71 @@ def _std_list(ctx, param, value):
     default=64,
     show_default=True,
 )
-@click.option("--device", help="Device", metavar="STR", type=str, default="cpu", show_default=True)
-def main(indir, data, outdir, outstd, outkimg, metric, num, repeats, P_mean, P_std, seed, batch, eval_batch, device):
+@click.option("--device", help="Device  [default: cuda if available (torchrun: the rank's GPU), else cpu]", metavar="STR", type=str, default=None)
+def main(
+    indir, data, outdir, outstd, outkimg, metric, ref_path, seeds, num_steps, inception_weights, dinov2_weights, num,
+    repeats, P_mean, P_std, seed, batch, eval_batch, device,
+):
     """Sweep the post-hoc EMA length of the run in INDIR and plot the metric."""
+    if metric == "val-loss":
+        if data is None:
+            raise click.BadParameter("--metric val-loss needs validation data", param_hint="--data")
+        result = _sweep_validation_loss(indir, data, outstd, outkimg, num, repeats, P_mean, P_std, seed, batch, eval_batch, device or "cpu")
+    else:
+        if ref_path is None:
+            raise click.BadParameter(f"--metric {metric} needs reference statistics (calculate_metrics.py ref)", param_hint="--ref")
+        try:
+            seed_list = parse_seeds(seeds)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--seeds") from None
+        dist.init()
+        try:
+            result = _sweep_generation_metric(
+                indir, metric, ref_path, seed_list, num_steps, inception_weights, dinov2_weights, outstd, outkimg, batch,
+                eval_batch, device,
+            )
+        finally:
+            dist.shutdown()
+        if not dist.is_main():
+            return
+    outdir = pathlib.Path(outdir)
+    plot_sweep(result, outdir / "sweep.png")
+    save_sweep_table(result, outdir / "sweep.json")
+    save_sweep_table(result, outdir / "sweep.csv")
+    click.echo(f"best EMA length: std {result.best_std:.3f} ({metric} {result.best_value:.6g}); written to {outdir}")
+
+
+def _sweep_generation_metric(
+    indir, metric, ref_path, seeds, num_steps, inception_weights, dinov2_weights, outstd, outkimg, batch, eval_batch, device
+):
+    """FID / FD_DINOv2 of every reconstructed EMA length, images generated on the fly (edm2.metrics)."""
+    from edm2 import metrics as M
+    from edm2.detectors import DetectorWeightsError
+
+    device = device or dist.device()
+    try:
+        snapshots = scan_snapshots(indir)
+        score = M.model_metric(
+            ref_path,
+            metric,
+            seeds,
+            weights={"fid": inception_weights, "fd_dinov2": dinov2_weights},
+            device=device,
+            encoder_settings=read_header(snapshots[-1].path).get("encoder"),
+            batch_size=eval_batch,
+            num_steps=num_steps,
+            progress=dist.is_main(),
+        )
+        return sweep_ema_length(
+            snapshots, outstd, score, out_kimg=outkimg, batch=batch, device=device, metric_name=metric,
+            progress=dist.is_main(),
+        )
+    except (ValueError, DetectorWeightsError) as error:  # MetricsError, SnapshotError, ModelFileError: name the file
+        raise click.ClickException(str(error)) from None
+
+
+def _sweep_validation_loss(indir, data, outstd, outkimg, num, repeats, P_mean, P_std, seed, batch, eval_batch, device):
+    """The EDM2 loss on held-out data (fixed sigma and noise) of every reconstructed EMA length."""
     try:
         images, labels = load_validation_data(data, max_images=num or None)
     except ValueError as error:
@@ -128,16 +208,11 @@ def main(indir, data, outdir, outstd, outkimg, metric, num, repeats, P_mean, P_s
             batch_size=eval_batch,
             device=device,
         )
-        result = sweep_ema_length(
-            snapshots, outstd, score, out_kimg=outkimg, batch=batch, device=device, metric_name=metric
+        return sweep_ema_length(
+            snapshots, outstd, score, out_kimg=outkimg, batch=batch, device=device, metric_name="val-loss"
         )
     except ValueError as error:  # SnapshotError, ModelFileError, shape mismatches: all name the culprit
         raise click.ClickException(str(error)) from None
-    outdir = pathlib.Path(outdir)
-    plot_sweep(result, outdir / "sweep.png")
-    save_sweep_table(result, outdir / "sweep.json")
-    save_sweep_table(result, outdir / "sweep.csv")
-    click.echo(f"best EMA length: std {result.best_std:.3f} ({metric} {result.best_value:.6g}); written to {outdir}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """EMA-length sweep (EDM2 Fig. 5): reconstruct a range of stds post hoc, score each, plot the curve.
 
-The metric is any callable net -> float (lower is better unless `higher_is_better`). Until FID /
-FD_DINOv2 are wired in, `validation_loss_metric` scores a network by its EDM2 loss on held-out data with
-fixed sigma and noise, so that two calls on the same network give the same number.
+The metric is any callable net -> float (lower is better unless `higher_is_better`):
+`edm2.metrics.model_metric(ref, 'fid')` (or 'fd_dinov2') generates images on the fly and scores them against
+reference statistics; `validation_loss_metric` scores a network by its EDM2 loss on held-out data with fixed
+sigma and noise (cheap, and two calls on the same network give the same number).
 
     metric = validation_loss_metric(images)
     results = sweep_ema_length('training-runs/00000', '0.02,0.03,...,0.25', metric)
