@@ -39,6 +39,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(duration=1 * Ki, batch=32, status=32, workers=0, parallel=1, num_images=512, time_limit=600),
     "gpu": dict(duration=2048 * Ki, batch=256, status=4 * 256, workers=1, parallel=10, num_images=2000, time_limit=380),
 }
+SMOOTH = 8  # readings in the moving average of the loss
 COLORS = dict(none="black", inv_sqrt2="tab:blue", cs="tab:green", ls="tab:orange", ls_nonshared="tab:red")
 
 
@@ -116,6 +117,12 @@ def log_std(values: np.ndarray) -> float:
     return float(np.std(np.log(v))) if len(v) > 1 else float("nan")
 
 
+def _mean(values: list[float]) -> float | None:
+    """Mean of the finite values; None when there are none."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
     window = max(1, min(window, len(values)))
     kernel = np.ones(window) / window
@@ -137,20 +144,21 @@ def run_figures(entries: list[dict[str, Any]], target_loss: float | None) -> dic
         images=int(nimg[-1]) if n else 0,
         readings=n,
         final_loss=float(np.mean(series(tail, "loss"))),
-        min_smoothed_loss=float(np.min(smooth(loss, 8))),
+        min_smoothed_loss=float(np.min(smooth(loss, SMOOTH))),
         loss_std_second_half=float(np.std(series(second, "loss"))),
-        grad_norm_mean=float(np.nanmean(series(second, "grad_norm"))),
+        grad_norm_mean=_mean(list(series(second, "grad_norm"))),
         grad_norm_osc=mean_abs_log_step(series(second, "grad_norm")),
         grad_norm_log_std=log_std(series(second, "grad_norm")),
-        skip_feat_rms_log_std=float(np.nanmean([log_std(series(second, f"skips/{i}/feat_rms")) for i in skips])) if skips else None,
-        skip_grad_osc=float(np.nanmean([mean_abs_log_step(series(second, f"skips/{i}/grad_norm")) for i in skips])) if skips else None,
-        dec_feat_rms_log_std=float(np.nanmean([log_std(series(second, f"stages/{k}/feat_rms")) for k in dec])) if dec else None,
-        dec_feat_grad_osc=float(np.nanmean([mean_abs_log_step(series(second, f"stages/{k}/feat_grad_norm")) for k in dec])) if dec else None,
+        skip_feat_rms_log_std=_mean([log_std(series(second, f"skips/{i}/feat_rms")) for i in skips]),
+        skip_grad_osc=_mean([mean_abs_log_step(series(second, f"skips/{i}/grad_norm")) for i in skips]),
+        dec_feat_rms_log_std=_mean([log_std(series(second, f"stages/{k}/feat_rms")) for k in dec]),
+        dec_feat_grad_osc=_mean([mean_abs_log_step(series(second, f"stages/{k}/feat_grad_norm")) for k in dec]),
         sum_sq_skip_scale=float(sum(np.nanmean(series(second, f"skips/{i}/scale")) ** 2 for i in skips)) if skips else None,
         num_skips=len(skips),
     )
+    fig["final_smoothed_loss"] = float(smooth(loss, SMOOTH)[-1]) if n else float("nan")
     if target_loss is not None:
-        hit = np.nonzero(smooth(loss, 8) <= target_loss)[0]
+        hit = np.nonzero(smooth(loss, SMOOTH) <= target_loss * (1 + 1e-9))[0]
         fig["images_to_none_final_loss"] = int(nimg[hit[0]]) if len(hit) else None
     return fig
 
@@ -173,7 +181,7 @@ def analyze(outdir: str, settings: dict[str, Any] | None = None) -> dict[str, An
     for backbone, by_mode in runs.items():
         common = min(max((e["nimg"] for e in entries), default=0) for entries in by_mode.values())
         cut = {mode: [e for e in entries if e["nimg"] <= common] for mode, entries in by_mode.items()}
-        base = run_figures(cut["none"], None)["final_loss"] if cut.get("none") else None
+        base = run_figures(cut["none"], None)["final_smoothed_loss"] if cut.get("none") else None
         figures = {mode: run_figures(entries, base) for mode, entries in cut.items() if entries}
         ref = figures.get("none", {}).get("images_to_none_final_loss")
         for f in figures.values():
@@ -211,7 +219,7 @@ def plot(path: str, cut_runs: dict[str, dict[str, list[dict[str, Any]]]]) -> Non
     import matplotlib.pyplot as plt
 
     panels = [
-        ("loss (smoothed)", lambda es: smooth(series(es, "loss"), 8), False),
+        ("loss (smoothed)", lambda es: smooth(series(es, "loss"), SMOOTH), False),
         ("gradient norm, all parameters", lambda es: series(es, "grad_norm"), True),
         ("gradient norm at the long skips (mean)", lambda es: _mean_over(es, "skips/", "/grad_norm"), True),
         ("decoder feature RMS (mean over stages)", lambda es: _mean_over(es, ("stages/dec.", "stages/out"), "/feat_rms"), False),

@@ -17,7 +17,7 @@ the squared skip coefficients, so smaller coefficients (decaying towards the inn
 training.
 
 LS gate (SENet shape): s = channel means of the skip (average over pixels / tokens); g = sigmoid(W2
-relu(W1 s)) with W1: C -> C/r, W2: C/r -> C, r = 16; the skip is multiplied by g per channel. W1 and W2 are
+relu(W1 s)) with W1: C -> C/r, W2: C/r -> C, r = 16 (at least 4 hidden units for narrow skips); the skip is multiplied by g per channel. W1 and W2 are
 magnitude-preserving linear layers (MPConv, no bias, forced weight normalization like every weight of the
 network), so the gate trains with the same optimizer settings as the rest.
 
@@ -45,6 +45,9 @@ from .mp import MPConv
 
 SKIP_SCALING_MODES = ("none", "inv_sqrt2", "cs", "ls", "ls_nonshared")
 LEARNED_MODES = ("ls", "ls_nonshared")
+# Narrow skips (C < 4 r) would leave the gate one or two ReLU units, which a bias-free layer easily starts
+# with all dead (the gate then stays at sigmoid(0) = 0.5 and never learns); 4 units make that unlikely.
+MIN_GATE_HIDDEN = 4
 
 
 def check_skip_scaling(mode: str, kappa: float, ls_reduction: int, num_skips: int, where: str = "skip_scaling") -> None:
@@ -71,10 +74,10 @@ class SEGate(torch.nn.Module):
     def __init__(
         self,
         channels: int,  # width C of the skips it gates
-        reduction: int = 16,  # r: the hidden width is max(C // r, 1)
+        reduction: int = 16,  # r: the hidden width is max(C // r, MIN_GATE_HIDDEN)
     ):
         super().__init__()
-        hidden = max(channels // reduction, 1)
+        hidden = max(channels // reduction, MIN_GATE_HIDDEN)
         self.squeeze = MPConv(channels, hidden, kernel=[])
         self.excite = MPConv(hidden, channels, kernel=[])
 

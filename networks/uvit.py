@@ -155,7 +155,7 @@ class UViT(torch.nn.Module):
         self.emb_noise = MPConv(model_channels, model_channels, kernel=[])  # -> the time token
         self.emb_label = MPConv(label_dim, model_channels, kernel=[]) if label_dim else None  # -> the class token
         self.patch_embed = MPConv((img_channels + 1) * patch_size**2, model_channels, kernel=[])
-        self.register_buffer("pos_embed", sincos_position_embedding(grid, model_channels), persistent=False)
+        self.register_buffer("pos_embed", sincos_position_embedding(grid, model_channels))  # in files: meta-device loading
         self.in_blocks = torch.nn.ModuleList(UViTBlock(**block) for _ in range(half))
         self.mid_block = UViTBlock(**block)
         self.out_blocks = torch.nn.ModuleList(UViTBlock(merge_skip=long_skips, **block) for _ in range(half))
