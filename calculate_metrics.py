@@ -44,14 +44,30 @@ def _metrics_option(ctx, param, value):
 def common_options(f):
     """Options every subcommand takes."""
     options = [
-        click.option("--metrics", callback=_metrics_option, metavar="LIST",
-                     help=f"Comma-separated subset of {','.join(METRICS)}  [default: ref: all; calc/gen: those in --ref]"),
-        click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Images per batch and process"),
-        click.option("--inception-weights", metavar="PATH|URL",
-                     help="FID Inception weights  [default: $EDM2_INCEPTION_WEIGHTS, else download]"),
-        click.option("--dinov2-weights", metavar="PATH|URL",
-                     help="DINOv2 ViT-L/14 weights  [default: $EDM2_DINOV2_WEIGHTS, else download]"),
+        click.option(
+            "--metrics",
+            callback=_metrics_option,
+            metavar="LIST",
+            help=f"Comma-separated subset of {','.join(METRICS)}  [default: ref: all; calc/gen: those in --ref]",
+        ),
+        click.option(
+            "--batch",
+            "batch_size",
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help="Images per batch and process",
+        ),
+        click.option(
+            "--inception-weights",
+            metavar="PATH|URL",
+            help="FID Inception weights  [default: $EDM2_INCEPTION_WEIGHTS, else download]",
+        ),
+        click.option(
+            "--dinov2-weights",
+            metavar="PATH|URL",
+            help="DINOv2 ViT-L/14 weights  [default: $EDM2_DINOV2_WEIGHTS, else download]",
+        ),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars"),
     ]
     for option in reversed(options):
@@ -91,8 +107,12 @@ def main():
 
 
 @main.command()
-@click.option("--data", required=True, metavar="PATH", type=click.Path(exists=True), help="Dataset: folder or zip of PNGs")
-@click.option("--dest", required=True, metavar="FILE.npz", type=click.Path(dir_okay=False), help="Where to write the statistics")
+@click.option(
+    "--data", required=True, metavar="PATH", type=click.Path(exists=True), help="Dataset: folder or zip of PNGs"
+)
+@click.option(
+    "--dest", required=True, metavar="FILE.npz", type=click.Path(dir_okay=False), help="Where to write the statistics"
+)
 @click.option("--num", type=click.IntRange(min=0), default=0, show_default=True, help="Images to use (0 = all)")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
 @common_options
@@ -102,8 +122,15 @@ def ref(data, dest, num, workers, metrics, batch_size, inception_weights, dinov2
         raise click.BadParameter(f"{dest!r} must end in .npz", param_hint="'--dest'")
 
     def task():
-        stats = M.dataset_statistics(data, metrics, num=num or None, batch_size=batch_size,
-                                     weights=_weights(inception_weights, dinov2_weights), workers=workers, progress=progress)
+        stats = M.dataset_statistics(
+            data,
+            metrics,
+            num=num or None,
+            batch_size=batch_size,
+            weights=_weights(inception_weights, dinov2_weights),
+            workers=workers,
+            progress=progress,
+        )
         if dist.is_main():
             M.save_reference(dest, stats, source=str(data))
             n = next(iter(stats.values())).num_images
@@ -116,8 +143,13 @@ def ref(data, dest, num, workers, metrics, batch_size, inception_weights, dinov2
 @main.command()
 @click.option("--images", required=True, metavar="PATH", type=click.Path(exists=True), help="Folder or zip of PNGs")
 @click.option("--ref", "ref_path", required=True, metavar="PATH|URL", help="Reference statistics (.npz or EDM2 .pkl)")
-@click.option("--num", type=click.IntRange(min=2), default=M.DEFAULT_NUM_IMAGES, show_default=True,
-              help="Images to use; fewer is an error")
+@click.option(
+    "--num",
+    type=click.IntRange(min=2),
+    default=M.DEFAULT_NUM_IMAGES,
+    show_default=True,
+    help="Images to use; fewer is an error",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
 @click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
 @common_options
@@ -125,8 +157,16 @@ def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_wei
     """Metrics of a folder or zip of images against reference statistics."""
 
     def task():
-        results = M.calc_metrics_for_images(images, ref_path, metrics, num=num, batch_size=batch_size, workers=workers,
-                                            weights=_weights(inception_weights, dinov2_weights), progress=progress)
+        results = M.calc_metrics_for_images(
+            images,
+            ref_path,
+            metrics,
+            num=num,
+            batch_size=batch_size,
+            workers=workers,
+            weights=_weights(inception_weights, dinov2_weights),
+            progress=progress,
+        )
         _report(results, num, out)
 
     _run(task)
@@ -137,21 +177,51 @@ def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_wei
 @click.option("--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl")
 @click.option("--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (used when --guidance is not 1)")
 @click.option("--guidance", type=float, default=None, help="Guidance weight  [default: preset's, else 1]")
-@click.option("--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]")
+@click.option(
+    "--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]"
+)
 @click.option("--ref", "ref_path", required=True, metavar="PATH|URL", help="Reference statistics (.npz or EDM2 .pkl)")
-@click.option("--seeds", default=f"0-{M.DEFAULT_NUM_IMAGES - 1}", show_default=True, callback=_parse_seeds_option,
-              help="One image per seed")
+@click.option(
+    "--seeds",
+    default=f"0-{M.DEFAULT_NUM_IMAGES - 1}",
+    show_default=True,
+    callback=_parse_seeds_option,
+    help="One image per seed",
+)
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image  [default: random per seed]")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, show_default=True, help="Sampling steps")
 @click.option("--sigma-min", type=float, default=0.002, show_default=True, help="Lowest noise level")
 @click.option("--sigma-max", type=float, default=80.0, show_default=True, help="Highest noise level")
 @click.option("--rho", type=float, default=7.0, show_default=True, help="Time-step exponent")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Network activation precision  [default: the model file's]")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default=None,
+    help="Network activation precision  [default: the model file's]",
+)
 @click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
 @common_options
-def gen(preset, net_path, gnet_path, guidance, guidance_interval, ref_path, seeds, class_idx, num_steps, sigma_min,
-        sigma_max, rho, precision, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
+def gen(
+    preset,
+    net_path,
+    gnet_path,
+    guidance,
+    guidance_interval,
+    ref_path,
+    seeds,
+    class_idx,
+    num_steps,
+    sigma_min,
+    sigma_max,
+    rho,
+    precision,
+    out,
+    metrics,
+    batch_size,
+    inception_weights,
+    dinov2_weights,
+    progress,
+):
     """Metrics of a model against reference statistics, generating images on the fly (none written)."""
     if preset is not None:
         from edm2.official import resolve_official_preset
@@ -166,7 +236,9 @@ def gen(preset, net_path, gnet_path, guidance, guidance_interval, ref_path, seed
     if net_path is None:
         raise click.UsageError("give the network: --net PATH|URL or --preset NAME")
     if not math.isfinite(guidance) or (guidance != 1 and gnet_path is None):
-        raise click.BadParameter(f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'")
+        raise click.BadParameter(
+            f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'"
+        )
 
     def task():
         device = dist.device()
@@ -177,10 +249,23 @@ def gen(preset, net_path, gnet_path, guidance, guidance_interval, ref_path, seed
                 network.precision = precision
         try:
             results = M.calc_metrics_for_model(
-                loaded.net, ref_path, metrics, seeds, batch_size=batch_size, gnet=gnet,
-                encoder_settings=loaded.encoder, class_idx=class_idx, weights=_weights(inception_weights, dinov2_weights),
-                device=device, progress=progress, guidance=guidance, guidance_interval=guidance_interval,
-                num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                loaded.net,
+                ref_path,
+                metrics,
+                seeds,
+                batch_size=batch_size,
+                gnet=gnet,
+                encoder_settings=loaded.encoder,
+                class_idx=class_idx,
+                weights=_weights(inception_weights, dinov2_weights),
+                device=device,
+                progress=progress,
+                guidance=guidance,
+                guidance_interval=guidance_interval,
+                num_steps=num_steps,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                rho=rho,
             )
         except (M.MetricsError, DetectorWeightsError):
             raise

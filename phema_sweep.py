@@ -75,12 +75,23 @@ def _std_list(ctx, param, value):
     default="val-loss",
     show_default=True,
 )
-@click.option("--ref", "ref_path", help="Reference statistics for fid / fd_dinov2 (calculate_metrics.py ref)", metavar="PATH|URL")
 @click.option(
-    "--seeds", help="fid / fd_dinov2: one generated image per seed", metavar="LIST", default="0-49999", show_default=True
+    "--ref", "ref_path", help="Reference statistics for fid / fd_dinov2 (calculate_metrics.py ref)", metavar="PATH|URL"
 )
 @click.option(
-    "--steps", "num_steps", help="fid / fd_dinov2: sampling steps", type=click.IntRange(min=1), default=32, show_default=True
+    "--seeds",
+    help="fid / fd_dinov2: one generated image per seed",
+    metavar="LIST",
+    default="0-49999",
+    show_default=True,
+)
+@click.option(
+    "--steps",
+    "num_steps",
+    help="fid / fd_dinov2: sampling steps",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
 )
 @click.option("--inception-weights", help="FID Inception weights (file or URL)", metavar="PATH|URL")
 @click.option("--dinov2-weights", help="DINOv2 ViT-L/14 weights (file or URL)", metavar="PATH|URL")
@@ -124,19 +135,46 @@ def _std_list(ctx, param, value):
     default=64,
     show_default=True,
 )
-@click.option("--device", help="Device  [default: cuda if available (torchrun: the rank's GPU), else cpu]", metavar="STR", type=str, default=None)
+@click.option(
+    "--device",
+    help="Device  [default: cuda if available (torchrun: the rank's GPU), else cpu]",
+    metavar="STR",
+    type=str,
+    default=None,
+)
 def main(
-    indir, data, outdir, outstd, outkimg, metric, ref_path, seeds, num_steps, inception_weights, dinov2_weights, num,
-    repeats, P_mean, P_std, seed, batch, eval_batch, device,
+    indir,
+    data,
+    outdir,
+    outstd,
+    outkimg,
+    metric,
+    ref_path,
+    seeds,
+    num_steps,
+    inception_weights,
+    dinov2_weights,
+    num,
+    repeats,
+    P_mean,
+    P_std,
+    seed,
+    batch,
+    eval_batch,
+    device,
 ):
     """Sweep the post-hoc EMA length of the run in INDIR and plot the metric."""
     if metric == "val-loss":
         if data is None:
             raise click.BadParameter("--metric val-loss needs validation data", param_hint="--data")
-        result = _sweep_validation_loss(indir, data, outstd, outkimg, num, repeats, P_mean, P_std, seed, batch, eval_batch, device or "cpu")
+        result = _sweep_validation_loss(
+            indir, data, outstd, outkimg, num, repeats, P_mean, P_std, seed, batch, eval_batch, device or "cpu"
+        )
     else:
         if ref_path is None:
-            raise click.BadParameter(f"--metric {metric} needs reference statistics (calculate_metrics.py ref)", param_hint="--ref")
+            raise click.BadParameter(
+                f"--metric {metric} needs reference statistics (calculate_metrics.py ref)", param_hint="--ref"
+            )
         try:
             seed_list = parse_seeds(seeds)
         except ValueError as error:
@@ -144,8 +182,18 @@ def main(
         dist.init()
         try:
             result = _sweep_generation_metric(
-                indir, metric, ref_path, seed_list, num_steps, inception_weights, dinov2_weights, outstd, outkimg, batch,
-                eval_batch, device,
+                indir,
+                metric,
+                ref_path,
+                seed_list,
+                num_steps,
+                inception_weights,
+                dinov2_weights,
+                outstd,
+                outkimg,
+                batch,
+                eval_batch,
+                device,
             )
         finally:
             dist.shutdown()
@@ -159,7 +207,18 @@ def main(
 
 
 def _sweep_generation_metric(
-    indir, metric, ref_path, seeds, num_steps, inception_weights, dinov2_weights, outstd, outkimg, batch, eval_batch, device
+    indir,
+    metric,
+    ref_path,
+    seeds,
+    num_steps,
+    inception_weights,
+    dinov2_weights,
+    outstd,
+    outkimg,
+    batch,
+    eval_batch,
+    device,
 ):
     """FID / FD_DINOv2 of every reconstructed EMA length, images generated on the fly (edm2.metrics)."""
     from edm2 import metrics as M
@@ -180,7 +239,13 @@ def _sweep_generation_metric(
             progress=dist.is_main(),
         )
         return sweep_ema_length(
-            snapshots, outstd, score, out_kimg=outkimg, batch=batch, device=device, metric_name=metric,
+            snapshots,
+            outstd,
+            score,
+            out_kimg=outkimg,
+            batch=batch,
+            device=device,
+            metric_name=metric,
             progress=dist.is_main(),
         )
     except (ValueError, DetectorWeightsError) as error:  # MetricsError, SnapshotError, ModelFileError: name the file

@@ -37,7 +37,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 
-from .detectors import METRICS, get_spec, load_detector
+from .detectors import METRICS, load_detector
 
 REFERENCE_FORMAT = "edm2-metric-reference"
 REFERENCE_VERSION = 1
@@ -92,7 +92,7 @@ class FeatureAccumulator:
             tensors = [count, self.sum.to(backend_device), self.sum_outer.to(backend_device)]
             for t in tensors:
                 torch.distributed.all_reduce(t)
-            self.num = int(round(count.item()))
+            self.num = round(count.item())
             self.sum, self.sum_outer = tensors[1].to(self.sum.device), tensors[2].to(self.sum_outer.device)
         return self
 
@@ -184,7 +184,8 @@ def save_reference(
         "version": REFERENCE_VERSION,
         "source": source,
         "metrics": {
-            m: {"num_images": s.num_images, "feature_dim": s.feature_dim, "detector": s.detector} for m, s in stats.items()
+            m: {"num_images": s.num_images, "feature_dim": s.feature_dim, "detector": s.detector}
+            for m, s in stats.items()
         },
     }
     arrays: dict[str, np.ndarray] = {"meta_json": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
@@ -212,14 +213,18 @@ def load_reference(path_or_url: str | os.PathLike) -> dict[str, FeatureStatistic
         return _load_npz_reference(path)
     if magic[:1] == b"\x80":
         return _load_official_reference(path)
-    raise MetricsError(f"{path}: not a reference file (expected an .npz from `calculate_metrics.py ref` or an EDM2 .pkl)")
+    raise MetricsError(
+        f"{path}: not a reference file (expected an .npz from `calculate_metrics.py ref` or an EDM2 .pkl)"
+    )
 
 
 def _check_stats(path: pathlib.Path, metric: str, mu: Any, sigma: Any) -> tuple[np.ndarray, np.ndarray]:
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     d = mu.shape[0] if mu.ndim == 1 else -1
     if d < 1 or sigma.shape != (d, d) or not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise MetricsError(f"{path}: {metric}: expected finite mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+        raise MetricsError(
+            f"{path}: {metric}: expected finite mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}"
+        )
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
@@ -234,12 +239,16 @@ def _load_npz_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]:
     except (KeyError, ValueError) as e:
         raise MetricsError(f"{path}: not a reference of calculate_metrics.py (no readable meta_json)") from e
     if meta.get("format") != REFERENCE_FORMAT or meta.get("version") != REFERENCE_VERSION:
-        raise MetricsError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
-                           f"{REFERENCE_FORMAT!r} version {REFERENCE_VERSION}")
+        raise MetricsError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
+            f"{REFERENCE_FORMAT!r} version {REFERENCE_VERSION}"
+        )
     out = {}
     for metric, info in meta.get("metrics", {}).items():
         if f"{metric}/mu" not in arrays or f"{metric}/sigma" not in arrays:
-            raise MetricsError(f"{path}: metadata lists {metric!r} but the arrays {metric}/mu, {metric}/sigma are missing")
+            raise MetricsError(
+                f"{path}: metadata lists {metric!r} but the arrays {metric}/mu, {metric}/sigma are missing"
+            )
         mu, sigma = _check_stats(path, metric, arrays[f"{metric}/mu"], arrays[f"{metric}/sigma"])
         out[metric] = FeatureStatistics(metric, mu, sigma, int(info.get("num_images", 0)), info.get("detector"))
     return out
@@ -287,7 +296,7 @@ def load_detectors(
         for metric in metrics:
             source = (weights or {}).get(metric)
             detector = load_detector(metric, source, device=device, progress=progress and dist.is_main())
-            detector.description = detector_description(detector, source if source else get_spec(metric).file_name)
+            detector.description = detector_description(detector, getattr(detector, "weights_path", None))
             out[metric] = detector
     finally:
         if dist.is_main():
@@ -317,9 +326,7 @@ def compute_statistics(
     """Statistics of every detector's features over the images of all processes (summed over ranks)."""
     if not detectors:
         raise MetricsError("no metrics to compute")
-    accumulators = {
-        m: FeatureAccumulator(d.feature_dim, next(d.parameters()).device) for m, d in detectors.items()
-    }
+    accumulators = {m: FeatureAccumulator(d.feature_dim, next(d.parameters()).device) for m, d in detectors.items()}
     bar = tqdm.tqdm(total=total, unit="img", desc=desc, disable=not (progress and dist.is_main()))
     with bar, _full_precision_matmuls():
         for images in batches:
@@ -478,7 +485,9 @@ def compare_to_reference(
     for metric, s in stats.items():
         ref = reference.get(metric)
         if ref is None:
-            raise MetricsError(f"{source}: holds statistics for {', '.join(reference) or 'nothing'}, not for {metric!r}")
+            raise MetricsError(
+                f"{source}: holds statistics for {', '.join(reference) or 'nothing'}, not for {metric!r}"
+            )
         if ref.feature_dim != s.feature_dim:
             raise MetricsError(
                 f"{source}: {metric} statistics have {ref.feature_dim} features but the detector gives {s.feature_dim}: "
@@ -540,7 +549,9 @@ def model_metric(
     """A callable net -> metric value (for the post-hoc EMA sweep): the reference and the detector are loaded
     once, each call generates len(seeds) images and never writes them."""
     reference, source, metrics = _reference_and_metrics(ref, [metric])
-    detectors = detectors if detectors is not None else load_detectors(metrics, weights, device, kwargs.get("progress", True))
+    detectors = (
+        detectors if detectors is not None else load_detectors(metrics, weights, device, kwargs.get("progress", True))
+    )
 
     def score(net: torch.nn.Module) -> float:
         stats = model_statistics(net, seeds, metrics, detectors=detectors, device=device, **kwargs)

@@ -41,14 +41,16 @@ def _one_thread():
 
 # pt_inception-2015-12-05-6726825d.pth: every conv layer as (name, out, in, kh, kw); each has
 # `.conv.weight` and `.bn.{weight,bias,running_mean,running_var}`; then fc (1008 classes).
-INCEPTION_CONVS = """
+INCEPTION_CONVS = (
+    """
 Conv2d_1a_3x3 32 3 3 3
 Conv2d_2a_3x3 32 32 3 3
 Conv2d_2b_3x3 64 32 3 3
 Conv2d_3b_1x1 80 64 1 1
 Conv2d_4a_3x3 192 80 3 3
-""" + "".join(
-    f"""
+"""
+    + "".join(
+        f"""
 Mixed_5{b}.branch1x1 64 {cin} 1 1
 Mixed_5{b}.branch5x5_1 48 {cin} 1 1
 Mixed_5{b}.branch5x5_2 64 48 5 5
@@ -57,14 +59,16 @@ Mixed_5{b}.branch3x3dbl_2 96 64 3 3
 Mixed_5{b}.branch3x3dbl_3 96 96 3 3
 Mixed_5{b}.branch_pool {pool} {cin} 1 1
 """
-    for b, cin, pool in (("b", 192, 32), ("c", 256, 64), ("d", 288, 64))
-) + """
+        for b, cin, pool in (("b", 192, 32), ("c", 256, 64), ("d", 288, 64))
+    )
+    + """
 Mixed_6a.branch3x3 384 288 3 3
 Mixed_6a.branch3x3dbl_1 64 288 1 1
 Mixed_6a.branch3x3dbl_2 96 64 3 3
 Mixed_6a.branch3x3dbl_3 96 96 3 3
-""" + "".join(
-    f"""
+"""
+    + "".join(
+        f"""
 Mixed_6{b}.branch1x1 192 768 1 1
 Mixed_6{b}.branch7x7_1 {c} 768 1 1
 Mixed_6{b}.branch7x7_2 {c} {c} 1 7
@@ -76,16 +80,18 @@ Mixed_6{b}.branch7x7dbl_4 {c} {c} 7 1
 Mixed_6{b}.branch7x7dbl_5 192 {c} 1 7
 Mixed_6{b}.branch_pool 192 768 1 1
 """
-    for b, c in (("b", 128), ("c", 160), ("d", 160), ("e", 192))
-) + """
+        for b, c in (("b", 128), ("c", 160), ("d", 160), ("e", 192))
+    )
+    + """
 Mixed_7a.branch3x3_1 192 768 1 1
 Mixed_7a.branch3x3_2 320 192 3 3
 Mixed_7a.branch7x7x3_1 192 768 1 1
 Mixed_7a.branch7x7x3_2 192 192 1 7
 Mixed_7a.branch7x7x3_3 192 192 7 1
 Mixed_7a.branch7x7x3_4 192 192 3 3
-""" + "".join(
-    f"""
+"""
+    + "".join(
+        f"""
 Mixed_7{b}.branch1x1 320 {cin} 1 1
 Mixed_7{b}.branch3x3_1 384 {cin} 1 1
 Mixed_7{b}.branch3x3_2a 384 384 1 3
@@ -96,7 +102,8 @@ Mixed_7{b}.branch3x3dbl_3a 384 384 1 3
 Mixed_7{b}.branch3x3dbl_3b 384 384 3 1
 Mixed_7{b}.branch_pool 192 {cin} 1 1
 """
-    for b, cin in (("b", 1280), ("c", 2048))
+        for b, cin in (("b", 1280), ("c", 2048))
+    )
 )
 
 
@@ -189,7 +196,7 @@ def _reference_tf_resize_1d(row: np.ndarray, size: int) -> np.ndarray:
     out = np.empty(size)
     for i in range(size):
         src = i * n / size
-        lo = min(int(math.floor(src)), n - 1)
+        lo = min(math.floor(src), n - 1)
         hi = min(lo + 1, n - 1)
         out[i] = row[lo] + (row[hi] - row[lo]) * (src - lo)
     return out
@@ -272,7 +279,10 @@ def test_dinov2_preprocessing_and_attention():
 
 @pytest.mark.parametrize("bad", [torch.zeros(2, 3, 8, 8), torch.zeros(2, 4, 8, 8, dtype=torch.uint8)])
 def test_detectors_reject_non_uint8_rgb(bad):
-    for model in (InceptionV3FID(resolution=75, width=0.05), DINOv2ViT(resolution=28, embed_dim=8, depth=1, num_heads=2)):
+    for model in (
+        InceptionV3FID(resolution=75, width=0.05),
+        DINOv2ViT(resolution=28, embed_dim=8, depth=1, num_heads=2),
+    ):
         with pytest.raises(ValueError, match=r"uint8 RGB images \[N, 3, H, W\]"):
             model(bad)
 
@@ -336,8 +346,8 @@ def test_torch_pickle_weights_load_with_weights_only(tiny_files, tmp_path):
 
 
 def test_damaged_or_incomplete_files_are_named(tiny_files, tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(tiny_files["fid"]), "pt") as f:
         metadata = f.metadata()
@@ -374,7 +384,12 @@ def test_missing_weights_without_network_say_which_file_and_where(tmp_path, monk
     with pytest.raises(DetectorWeightsError) as info:
         load_detector("fid", cache_dir=tmp_path, progress=False)
     message = str(info.value)
-    for needle in ("pt_inception-2015-12-05-6726825d.pth", "--inception-weights", "EDM2_INCEPTION_WEIGHTS", str(tmp_path)):
+    for needle in (
+        "pt_inception-2015-12-05-6726825d.pth",
+        "--inception-weights",
+        "EDM2_INCEPTION_WEIGHTS",
+        str(tmp_path),
+    ):
         assert needle in message
     with pytest.raises(DetectorWeightsError, match="no such file 'nowhere.pth'.*--inception-weights"):
         load_detector("fid", "nowhere.pth")

@@ -24,7 +24,18 @@ from .loading import (
 )
 
 __all__ = [
-    "DETECTORS", "DINOv2ViT", "DetectorSpec", "DetectorWeightsError", "InceptionV3FID", "METRICS",
-    "build_detector", "check_state_dict", "get_spec", "load_detector", "read_weights", "resolve_weights",
-    "save_detector", "tf_legacy_bilinear_resize",
+    "DETECTORS",
+    "METRICS",
+    "DINOv2ViT",
+    "DetectorSpec",
+    "DetectorWeightsError",
+    "InceptionV3FID",
+    "build_detector",
+    "check_state_dict",
+    "get_spec",
+    "load_detector",
+    "read_weights",
+    "resolve_weights",
+    "save_detector",
+    "tf_legacy_bilinear_resize",
 ]

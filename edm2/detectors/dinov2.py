@@ -139,15 +139,15 @@ class DINOv2ViT(torch.nn.Module):
         super().__init__()
         if not (isinstance(resolution, int) and isinstance(patch_size, int) and resolution % patch_size == 0):
             raise ValueError(f"DINOv2ViT: resolution {resolution!r} must be a multiple of patch_size {patch_size!r}")
-        self.init_kwargs = dict(
-            resolution=resolution,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=float(mlp_ratio),
-            pos_grid=pos_grid,
-        )
+        self.init_kwargs = {
+            "resolution": resolution,
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": float(mlp_ratio),
+            "pos_grid": pos_grid,
+        }
         self.resolution = resolution
         self.feature_dim = embed_dim
         self.patch_embed = PatchEmbed(patch_size, embed_dim)

@@ -155,7 +155,7 @@ class Mixed17(torch.nn.Module):
 
     def __init__(self, in_channels: int, c7: int, w):
         super().__init__()
-        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        row, col = {"kernel": (1, 7), "padding": (0, 3)}, {"kernel": (7, 1), "padding": (3, 0)}
         self.branch1x1 = ConvBN(in_channels, w(192), 1)
         self.branch7x7_1 = ConvBN(in_channels, c7, 1)
         self.branch7x7_2 = ConvBN(c7, c7, **row)
@@ -207,7 +207,7 @@ class Mixed8(torch.nn.Module):
     def __init__(self, in_channels: int, w, max_pool: bool):
         super().__init__()
         self.max_pool = max_pool
-        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        row, col = {"kernel": (1, 3), "padding": (0, 1)}, {"kernel": (3, 1), "padding": (1, 0)}
         self.branch1x1 = ConvBN(in_channels, w(320), 1)
         self.branch3x3_1 = ConvBN(in_channels, w(384), 1)
         self.branch3x3_2a = ConvBN(w(384), w(384), **row)
@@ -249,7 +249,7 @@ class InceptionV3FID(torch.nn.Module):
             raise ValueError(f"InceptionV3FID: resolution must be an integer >= 75, got {resolution!r}")
         if not (isinstance(width, (int, float)) and 0 < width <= 1):
             raise ValueError(f"InceptionV3FID: width must be in (0, 1], got {width!r}")
-        self.init_kwargs = dict(resolution=resolution, width=float(width), num_classes=num_classes)
+        self.init_kwargs = {"resolution": resolution, "width": float(width), "num_classes": num_classes}
         self.resolution = resolution
 
         def w(channels: int) -> int:

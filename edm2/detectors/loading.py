@@ -161,22 +161,26 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                state = {k: f.get_tensor(k) for k in f}
             if METADATA_KEY in metadata:
                 description = json.loads(metadata[METADATA_KEY])
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader error becomes one that names the file
+    except Exception as e:
         raise DetectorWeightsError(f"{path}: cannot read detector weights: {type(e).__name__}: {e}") from e
     if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         for key in ("model", "state_dict", "teacher"):  # common wrappers around a state dict
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise DetectorWeightsError(f"{path}: expected a state dict (names -> tensors), got {type(state).__name__}")
     if description is not None and not (isinstance(description, dict) and isinstance(description.get("kwargs"), dict)):
-        raise DetectorWeightsError(f"{path}: metadata {METADATA_KEY!r} must be JSON {{'metric': ..., 'kwargs': {{...}}}}")
+        raise DetectorWeightsError(
+            f"{path}: metadata {METADATA_KEY!r} must be JSON {{'metric': ..., 'kwargs': {{...}}}}"
+        )
     return state, description
 
 
@@ -192,8 +196,11 @@ def check_state_dict(
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: {list(state[k].shape)} (expected {list(v.shape)})" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k}: {list(state[k].shape)} (expected {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
         if keys:
@@ -204,7 +211,9 @@ def check_state_dict(
     return state
 
 
-def build_detector(metric: str, state: dict[str, torch.Tensor], description: dict | None, source: str) -> torch.nn.Module:
+def build_detector(
+    metric: str, state: dict[str, torch.Tensor], description: dict | None, source: str
+) -> torch.nn.Module:
     """The metric's detector with `state` loaded strictly; `description` (file metadata) may set the architecture."""
     spec = get_spec(metric)
     kwargs: dict[str, Any] = {}
@@ -234,7 +243,9 @@ def load_detector(
     """The metric's feature detector with its weights, in eval mode on `device` (uint8 images in, features out)."""
     path = resolve_weights(metric, weights, cache_dir=cache_dir, progress=progress)
     state, description = read_weights(path)
-    return build_detector(metric, state, description, str(path)).to(device)
+    model = build_detector(metric, state, description, str(path)).to(device)
+    model.weights_path = path  # recorded in reference files
+    return model
 
 
 def save_detector(path: str | os.PathLike, model: torch.nn.Module) -> pathlib.Path:
