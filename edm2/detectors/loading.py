@@ -161,7 +161,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
             if METADATA_KEY in metadata:
                 description = json.loads(metadata[METADATA_KEY])
         else:
