@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
+from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
 from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 
 
@@ -26,13 +27,22 @@ from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="!= 1: guide with a second network of the same size")
 @click.option("--repeats", type=int, default=3, show_default=True)
-def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int) -> None:
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="[default: on with CUDA]")
+@click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
+def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, channels_last: bool | None, compile_net: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).eval().requires_grad_(False).to(device)
     gnet = None
     if guidance != 1:
         gnet = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).eval().requires_grad_(False).to(device)
+    for n in (net, gnet):
+        if n is not None:
+            n.channels_last = device.type == "cuda" if channels_last is None else channels_last
+    flops = flops_per_image(net, train=False)
+    if compile_net:
+        net = torch.compile(net)
+        gnet = torch.compile(gnet) if gnet is not None else None
     noise = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = torch.randint(0, net.label_dim, [batch], device=device) if net.label_dim else None
     times = []
@@ -48,7 +58,13 @@ def main(preset: str, batch: int, steps: int, precision: str, guidance: float, r
             if i > 0:  # the first run warms up
                 times.append(time.perf_counter() - t0)
     best = min(times)
+    evals = stats.net_evals + stats.gnet_evals
+    peak = matmul_peak_tflops()
+    tflops = flops * batch * evals / best / 1e12
     print(json.dumps(dict(
+        channels_last=channels_last, compile=compile_net, gflop_per_eval_per_img=round(flops / 1e9, 1),
+        tflop_per_s=round(tflops, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
+        fraction_of_peak=None if peak is None else round(tflops / peak, 3),
         benchmark="sample", preset=preset, precision=precision, batch=batch, steps=steps, guidance=guidance,
         net_evals=stats.net_evals, gnet_evals=stats.gnet_evals, seconds=round(best, 3), img_per_s=round(batch / best, 2),
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,

@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import edm2  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training.encoders import STABILITY_VAE_DEFAULTS  # noqa: E402
-from training.training_loop import default_config, training_loop  # noqa: E402
+from training.training_loop import build_dataset_and_net, default_config, training_loop  # noqa: E402
+
+from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
 
 
 def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> str:
@@ -50,7 +52,9 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--interval", type=int, default=10, show_default=True, help="Steps per status interval")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True)
-def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int) -> None:
+@click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="[default: on with CUDA]")
+def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool, channels_last: bool | None) -> None:
     dist.init()
     world = dist.get_world_size()
     batch = batch_gpu * world
@@ -65,18 +69,25 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         data=data, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}),
         network=edm2.preset_network_kwargs(preset, precision=precision), duration=batch * steps, batch=batch,
         batch_gpu=batch_gpu, status=batch * interval, snapshot=0, checkpoint=0, workers=workers,
+        compile=compile_net, channels_last=channels_last,
     )
     c["loss"].update(t["loss"])
     c["lr"].update(t["lr"])
     run_dir = os.path.join(tmp, "run")
     training_loop(run_dir, c)
     if dist.is_main():
+        _, _, net = build_dataset_and_net(c)
+        flops = flops_per_image(net.to(dist.device()).train(), train=True)
+        peak = matmul_peak_tflops()
         stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
         steady = stats[1:] or stats
         img_s = sum(s["img_per_s"] for s in steady) / len(steady)
         print(json.dumps(dict(
             benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
-            steps=steps, img_per_s=round(img_s, 1), img_per_s_per_gpu=round(img_s / world, 1),
+            steps=steps, compile=compile_net, channels_last=channels_last, img_per_s=round(img_s, 1),
+            img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
+            tflop_per_s=round(flops * img_s / 1e12, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
+            fraction_of_peak=None if peak is None else round(flops * img_s / world / 1e12 / peak, 3),
             peak_mem_gib=round(max(s.get("peak_mem_gib", 0) for s in stats), 2), final_loss=stats[-1]["loss"],
             device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
         )))

@@ -99,22 +99,41 @@ class MPConv(torch.nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self._cache: tuple[tuple, torch.Tensor] | None = None  # inference: the last effective weight
 
     @torch.no_grad()
     def normalize_weight_(self) -> None:
         """Forced weight normalization: overwrite the stored weight by normalize(weight)."""
         self.weight.copy_(normalize(self.weight.to(torch.float32)))
 
-    def effective_weight(self, gain: float | torch.Tensor = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def effective_weight(
+        self, gain: float | torch.Tensor = 1, dtype: torch.dtype = torch.float32, channels_last: bool = False
+    ) -> torch.Tensor:
+        """normalize(weight) * gain / sqrt(fan_in) in `dtype` (Eq. 47). Without autograd and with a constant
+        gain (sampling), the result is kept until the weight changes, so it is computed once, not per call."""
+        cacheable = not torch.is_grad_enabled() and not isinstance(gain, torch.Tensor) and not torch.compiler.is_compiling()
+        if cacheable:
+            wt = self.weight
+            key = (wt.data_ptr(), wt._version, wt.dtype, wt.device, dtype, float(gain), channels_last)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         w = normalize(self.weight.to(torch.float32))
-        w = w * (gain / math.sqrt(w[0].numel()))
-        return w.to(dtype)
+        w = (w * (gain / math.sqrt(w[0].numel()))).to(dtype)
+        if channels_last and w.ndim == 4:
+            w = w.contiguous(memory_format=torch.channels_last)
+        if cacheable:
+            self._cache = (key, w)
+        return w
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
-        w = self.effective_weight(gain, x.dtype)
+        channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        w = self.effective_weight(gain, x.dtype, channels_last)
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}  # deep copies (EMA) and pickles leave the cache behind
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"

@@ -106,6 +106,7 @@ class Precond(torch.nn.Module):
         self.label_dim = label_dim
         self.sigma_data = sigma_data
         self.precision = _check_precision(precision)
+        self.channels_last = False  # runtime speed switch (CUDA): NHWC activations; not part of the model
         kwargs["precision"] = precision
         # Constructor arguments as plain JSON values, for model files.
         self.init_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
@@ -206,7 +207,10 @@ class Precond(torch.nn.Module):
         c_in = 1 / (sd**2 + sigma**2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
-        F_x = self.backbone((c_in * x).to(dtype), c_noise, class_labels)
+        x_in = (c_in * x).to(dtype)
+        if self.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        F_x = self.backbone(x_in, c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x

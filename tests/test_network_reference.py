@@ -122,3 +122,31 @@ def test_scalar_sigma_broadcasts(ref):
     x, _, labels, _ = inputs(ref)
     with torch.no_grad():
         assert torch.equal(net(x, 2.0, labels), net(x, torch.full([4], 2.0), labels))
+
+
+def test_inference_weight_cache_follows_weight_changes(ref):
+    net = build_reference_net(ref)
+    x, sigma, labels, _ = inputs(ref)
+    with torch.no_grad():
+        first = net(x, sigma, labels)
+        assert torch.equal(net(x, sigma, labels), first)  # served from the cache
+        conv = net.unet.enc["16x16_block0"].conv_res0
+        assert conv._cache is not None
+        conv.weight.mul_(-1)  # an in-place change must invalidate the cached weight
+        changed = net(x, sigma, labels)
+        conv.weight.mul_(-1)
+        assert not torch.equal(changed, first)
+        assert torch.equal(net(x, sigma, labels), first)
+    import copy
+
+    assert copy.deepcopy(conv)._cache is None
+
+
+def test_channels_last_gives_the_same_result(ref):
+    net = build_reference_net(ref)
+    x, sigma, labels, _ = inputs(ref)
+    with torch.no_grad():
+        plain = net(x, sigma, labels)
+        net.channels_last = True
+        nhwc = net(x, sigma, labels)
+    assert rel_err(nhwc, plain) < 1e-5

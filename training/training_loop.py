@@ -35,7 +35,7 @@ CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
 SNAPSHOT_PATTERN = "network-snapshot-{kimg:07d}-{std:.3f}.safetensors"
 OPTIONS_FILE = "training_options.json"
 # Options that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = ("duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu")
+RESUMABLE_CHANGES = ("duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last")
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
 
 
@@ -60,6 +60,8 @@ def default_config() -> dict[str, Any]:
         checkpoint=128 * 2**20,  # images between training checkpoints; 0 = only at the end and on signals
         seed=0,
         workers=2,  # DataLoader workers per GPU
+        compile=False,  # torch.compile the network for training (minutes of compilation, then faster steps)
+        channels_last=None,  # NHWC activations; None = on CUDA
     )
 
 
@@ -205,7 +207,11 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     dataset, encoder, net = build_dataset_and_net(config)
     torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
     net.to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"])
+    optimizer = torch.optim.Adam(
+        net.parameters(), lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"],
+        fused=device.type == "cuda",  # one kernel for all parameters
+    )
+    net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
     ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
     instruments = SkipInstruments(net)  # ScaleLong figures per skip and stage on status steps
     loss_fn = EDM2Loss(**config["loss"])
@@ -234,6 +240,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
 
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+    # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
+    compiled = torch.compile(ddp) if config.get("compile") else ddp
     step = cur_nimg // batch
     sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, config["seed"], start_step=step)
     loader = torch.utils.data.DataLoader(
@@ -273,7 +281,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 labels = labels.to(device) if net.label_dim else None
                 sync = contextlib.nullcontext() if (world == 1 or rnd == rounds - 1) else ddp.no_sync()
                 with sync:
-                    loss = loss_fn(ddp, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
+                    loss = loss_fn(ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
                     reduce_batch_loss(loss, batch // world).backward()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()

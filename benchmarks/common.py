@@ -1,0 +1,43 @@
+"""Shared measurements for the benchmarks: FLOPs per image (torch's flop counter) and the bf16 matrix-product
+peak of the GPU in the same run, so achieved TFLOP/s can be stated as a fraction of what the chip does."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def flops_per_image(net: torch.nn.Module, train: bool, batch: int = 2) -> float:
+    """FLOPs of one forward (train=False) or forward + backward (train=True) per image, as torch counts them
+    (one multiply-add = 2 FLOPs)."""
+    dev = next(net.parameters()).device
+    x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
+    sigma = torch.full([batch], 1.0, device=dev)
+    labels = torch.eye(net.label_dim, device=dev)[:batch] if net.label_dim else None
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            D, logvar = net(x, sigma, labels, return_logvar=True)
+            (D.square().mean() + logvar.mean()).backward()
+        else:
+            with torch.no_grad():
+                net(x, sigma, labels)
+    if train:
+        net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float | None:
+    """bf16 n x n x n matrix-product rate on random data (TFLOP/s), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
