@@ -37,7 +37,7 @@ MODES = ("none", "inv_sqrt2", "cs", "ls", "ls_nonshared")
 # Images per run, per step, between instrument readings; DataLoader workers; runs at once; data set size.
 SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(duration=1 * Ki, batch=32, status=32, workers=0, parallel=1, num_images=512, time_limit=600),
-    "gpu": dict(duration=2048 * Ki, batch=256, status=4 * 256, workers=1, parallel=10, num_images=2000, time_limit=380),
+    "gpu": dict(duration=2048 * Ki, batch=256, status=16 * 256, workers=1, parallel=10, num_images=2000, time_limit=380),
 }
 SMOOTH = 8  # readings in the moving average of the loss
 COLORS = dict(none="black", inv_sqrt2="tab:blue", cs="tab:green", ls="tab:orange", ls_nonshared="tab:red")
@@ -69,6 +69,7 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
     pending = list(runs)
     active: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     walls: dict[str, float] = {}
+    stopped: set[str] = set()
     with click.progressbar(length=len(runs), label="ScaleLong runs") as bar:
         while pending or active:
             while pending and len(active) < s["parallel"]:
@@ -81,13 +82,13 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                 active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), time.time(), log)
             time.sleep(0.5)
             for name, (proc, start, log) in list(active.items()):
-                if proc.poll() is None and time.time() - start > s["time_limit"]:
+                overtime = time.time() - start - s["time_limit"]
+                if proc.poll() is None and overtime > 0 and name not in stopped:
                     proc.send_signal(signal.SIGTERM)  # the loop checkpoints and stops after its step
-                    try:
-                        proc.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                    stopped.add(name)
+                elif proc.poll() is None and overtime > 60:
+                    proc.kill()
+                    proc.wait()
                 if proc.poll() is not None:
                     log.close()
                     walls[name] = time.time() - start
