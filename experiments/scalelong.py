@@ -66,6 +66,10 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
     if not os.path.isfile(data):
         write_demo_dataset(data, num_images=s["num_images"])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    import torch
+
+    gpus = torch.cuda.device_count()  # runs are spread round-robin over the visible GPUs
+    started = 0
     pending = list(runs)
     active: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     walls: dict[str, float] = {}
@@ -79,7 +83,9 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                 os.makedirs(run_dir, exist_ok=True)
                 log = open(os.path.join(run_dir, "log.txt"), "a")
                 cmd = train_command(run_dir, data, backbone, mode, s, kappa, seed)
-                active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), time.time(), log)
+                run_env = dict(env, CUDA_VISIBLE_DEVICES=str(started % gpus)) if gpus > 1 else env
+                started += 1
+                active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=ROOT), time.time(), log)
             time.sleep(0.5)
             for name, (proc, start, log) in list(active.items()):
                 overtime = time.time() - start - s["time_limit"]

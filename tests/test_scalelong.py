@@ -308,3 +308,15 @@ def test_experiment_figures_and_outputs(tmp_path):
     assert figs["cs"]["sum_sq_skip_scale"] == pytest.approx(0.25) and figs["none"]["speedup_vs_none"] == 1.0
     for name in ("scalelong.json", "scalelong.md", "scalelong.png"):
         assert (tmp_path / name).stat().st_size > 100
+
+
+def test_tensorboard_export(tmp_path):
+    pytest.importorskip("tensorboard")
+    from training.instruments import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stats.jsonl").write_text(json.dumps({"nimg": 64, "loss": 1.0, "skips/01/feat_rms": 0.9}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["tensorboard", str(run)])
+    assert e.value.code == 0 and any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
