@@ -69,13 +69,14 @@ def versus_torchvision() -> None:
     except ImportError:
         print(json.dumps({"check": "inception vs torchvision", "skipped": "no torchvision"}))
         return
-    ours = init_(InceptionV3FID()).double()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours = init_(InceptionV3FID()).to(device)
     theirs = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
     result = theirs.load_state_dict(ours.state_dict(), strict=False)  # independent key names and shapes
-    theirs = theirs.double().eval()
+    theirs = theirs.to(device).eval()
     theirs.fc = torch.nn.Identity()
-    images = torch.randint(0, 256, (4, 3, 299, 299), dtype=torch.uint8)
-    x = ours.preprocess(images).double()
+    images = torch.randint(0, 256, (4, 3, 299, 299), dtype=torch.uint8, device=device)
+    x = ours.preprocess(images)
     with torch.no_grad():
         tv = theirs(x)
         ours.Mixed_7c.max_pool = False  # torchvision has neither FID quirk
@@ -98,14 +99,15 @@ def versus_timm() -> None:
     except ImportError:
         print(json.dumps({"check": "dinov2 vs timm", "skipped": "no timm"}))
         return
-    ours = init_(DINOv2ViT(resolution=518)).double()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours = init_(DINOv2ViT(resolution=518)).to(device)
     theirs = timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
     result = theirs.load_state_dict(ours.state_dict(), strict=False)
-    theirs = theirs.double().eval()
-    images = torch.randint(0, 256, (2, 3, 518, 518), dtype=torch.uint8)
+    theirs = theirs.to(device).eval()
+    images = torch.randint(0, 256, (2, 3, 518, 518), dtype=torch.uint8, device=device)
     with torch.no_grad():
         a = ours(images)
-        b = theirs.forward_features(ours.preprocess(images).double())[:, 0]
+        b = theirs.forward_features(ours.preprocess(images))[:, 0]
     print(json.dumps({"check": "dinov2 vs timm", "missing": result.missing_keys, "unexpected": result.unexpected_keys,
                       "max_rel": rel(a, b)}))  # fmt: skip
 

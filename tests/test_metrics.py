@@ -164,6 +164,11 @@ def detectors(env):
     return M.load_detectors(M.METRICS, {m: env["weights"][m] for m in M.METRICS}, device="cpu", progress=False)
 
 
+# Float32 features of the same image differ in the last bits between batch compositions; more so on a GPU
+# (cuDNN picks kernels by batch size), where the tests run too (benchmarks: python -m pytest on a GPU machine).
+FEATURE_RTOL = 1e-4 if torch.cuda.is_available() else 1e-6
+
+
 def _cli(*args) -> tuple[int, str]:
     from calculate_metrics import main
 
@@ -232,13 +237,15 @@ def test_gen_scores_a_model_without_writing_images(weights_env, tmp_path):
     assert code == 0, out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["gen.json"])
     got = json.loads((tmp_path / "gen.json").read_text())["results"]
-    loaded = load_network(env["net"])
+    from torch_utils import distributed as dist
+
+    loaded = load_network(env["net"], device=dist.device())  # where gen runs it
     generate_images(loaded.net, range(10), outdir=tmp_path / "pngs", batch_size=4, num_steps=3, progress=False)
     code, out = _cli("calc", "--images", tmp_path / "pngs", "--ref", ref, "--num", 10, "--workers", 0, "--no-progress",
                      "--out", tmp_path / "calc.json")  # fmt: skip
     assert code == 0, out
     expected = json.loads((tmp_path / "calc.json").read_text())["results"]
-    assert got == pytest.approx(expected, rel=1e-6) and all(v > 0 for v in got.values())
+    assert got == pytest.approx(expected, rel=10 * FEATURE_RTOL) and all(v > 0 for v in got.values())
 
 
 def test_torchrun_two_processes_give_the_statistics_of_one(env, detectors, tmp_path):
@@ -256,8 +263,9 @@ def test_torchrun_two_processes_give_the_statistics_of_one(env, detectors, tmp_p
     one = M.dataset_statistics(env["data"], detectors=detectors, batch_size=4, workers=0, progress=False)
     for metric in M.METRICS:
         assert two[metric].num_images == 30
-        np.testing.assert_allclose(two[metric].mu, one[metric].mu, rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(two[metric].sigma, one[metric].sigma, rtol=1e-5, atol=1e-9)
+        mu, sigma = one[metric].mu, one[metric].sigma
+        np.testing.assert_allclose(two[metric].mu, mu, rtol=FEATURE_RTOL, atol=FEATURE_RTOL * np.abs(mu).max())
+        np.testing.assert_allclose(two[metric].sigma, sigma, rtol=FEATURE_RTOL, atol=FEATURE_RTOL * np.abs(sigma).max())
 
 
 def test_phema_sweep_on_fid(weights_env, tmp_path):
