@@ -21,7 +21,15 @@ from training import EDM2Loss, learning_rate_schedule, reduce_batch_loss
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_config
 from training.phema import PowerFunctionEMA, TraditionalEMA
 
-from . import phema
+from . import detectors, metrics, phema
+from .metrics import (
+    FeatureStatistics,
+    calc_metrics_for_images,
+    calc_metrics_for_model,
+    frechet_distance,
+    load_reference,
+    save_reference,
+)
 from .download import DownloadError, download, resolve_path_or_url
 from .model_files import ModelFileError, NetworkFile, load_network, read_header, register_network_class, save_network
 from .official import OFFICIAL_PRESETS, resolve_official_preset
@@ -41,6 +49,8 @@ from .presets import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FeatureStatistics", "calc_metrics_for_images", "calc_metrics_for_model", "detectors", "frechet_distance",
+    "load_reference", "metrics", "save_reference",
     "GenerationSummary", "PowerFunctionEMA", "SamplerStats", "SeedGenerators", "StabilityVAEEncoder",
     "StandardRGBEncoder", "TraditionalEMA", "count_evaluations", "edm_sampler", "encoder_from_config",
     "evaluation_sigmas", "format_seeds", "generate_batch", "generate_images", "make_grid", "parse_seeds",
