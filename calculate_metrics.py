@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 
 import click
 
@@ -30,6 +29,7 @@ from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.model_files import ModelFileError
 from generate import _load, _parse_interval_option, _parse_seeds_option
 from torch_utils import distributed as dist
+from torch_utils.state_io import atomic_write_bytes
 
 
 def _metrics_option(ctx, param, value):
@@ -87,7 +87,7 @@ def _report(results: dict[str, float], num_images: int, out: str | None) -> None
         click.echo(f"{metric:<10s} {value:.4f}   ({num_images} images)")
     if out is not None:
         data = json.dumps({"results": results, "num_images": num_images}, indent=2).encode()
-        M._write_atomic(pathlib.Path(out), data)
+        atomic_write_bytes(out, data)
 
 
 def _run(task):

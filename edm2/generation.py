@@ -18,7 +18,6 @@ import io
 import math
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
+from torch_utils.state_io import atomic_write_bytes
 from training.encoders import StandardRGBEncoder, encoder_from_config
 
 from .sampler import SamplerStats, check_guiding_network, edm_sampler
@@ -114,21 +114,6 @@ def image_path(outdir: str | os.PathLike, seed: int, subdirs: bool = False) -> p
     return outdir / f"{seed:06d}.png"
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:
     """Write one uint8 image ([3, H, W] tensor or [H, W, 3] array) as PNG, atomically."""
     import PIL.Image
@@ -139,7 +124,7 @@ def save_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:
         raise ValueError(f"save_png: expected a uint8 RGB image, got {image.dtype} {list(image.shape)}")
     buffer = io.BytesIO()
     PIL.Image.fromarray(image, "RGB").save(buffer, format="PNG")
-    _atomic_write_bytes(pathlib.Path(path), buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def make_grid(images: torch.Tensor | np.ndarray, columns: int | None = None) -> np.ndarray:

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
+from torch_utils.state_io import atomic_write_bytes
 
 from .detectors import METRICS, load_detector
 
@@ -154,20 +154,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 # Reference files
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_reference(
     path: str | os.PathLike,
     stats: dict[str, FeatureStatistics],
@@ -194,7 +180,7 @@ def save_reference(
         arrays[f"{metric}/sigma"] = np.asarray(s.sigma, np.float64)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -26,10 +26,11 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import torch
+
+from torch_utils.state_io import atomic_write
 
 FORMAT_NAME = "edm2-model"
 FORMAT_VERSION = 1
@@ -171,19 +172,6 @@ def _header_json(header: dict) -> str:
         raise ValueError(f"save_network: the header (init_kwargs / encoder / extra) must be plain JSON: {e}") from e
 
 
-def _fsync_dir(folder: pathlib.Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the file itself is already synced
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_network(
     path: str | os.PathLike,
     net: torch.nn.Module,
@@ -207,19 +195,7 @@ def save_network(
         t = t.detach().to("cpu")
         tensors[name] = (t.to(torch.float32) if t.is_floating_point() else t).contiguous()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata={HEADER_KEY: header_json})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={HEADER_KEY: header_json}))
 
 
 # ---------------------------------------------------------------------------------------------------------

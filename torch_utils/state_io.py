@@ -75,6 +75,16 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to path atomically (see atomic_write)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
 def save_state(path: str | os.PathLike, state: Any) -> None:
     """Write a nested state atomically as safetensors + JSON skeleton."""
     from safetensors.torch import save_file

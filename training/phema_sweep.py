@@ -18,11 +18,12 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
+from torch_utils.state_io import atomic_write_bytes
 
 from .loss import EDM2Loss
 from .phema_reconstruct import reconstruct
@@ -167,20 +168,6 @@ def sweep_ema_length(
     )
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> pathlib.Path:
     """Draw the metric against the EMA length as in the paper's Fig. 5, the optimum marked; PNG."""
     import matplotlib
@@ -210,7 +197,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None =
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     path = pathlib.Path(path)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -228,5 +215,5 @@ def save_sweep_table(result: SweepResult, path: str | os.PathLike) -> pathlib.Pa
         data = text.getvalue().encode()
     else:
         raise ValueError(f"{path}: sweep table must be .json or .csv")
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return path
