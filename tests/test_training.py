@@ -225,3 +225,15 @@ def test_labels_that_do_not_match_files(tmp_path):
             dst.writestr(name, data)
     r = invoke(train_args(tmp_path / "a", str(path)))
     assert r.exit_code != 0 and "dataset.json" in r.output and "no label for 1 file" in r.output
+
+
+def test_loss_plot(tmp_path, data):
+    from training.plot_stats import main as plot_main
+
+    outdir = tmp_path / "run"
+    assert invoke(train_args(outdir, data, duration=64, status=16, snapshot=64)).exit_code == 0
+    assert (outdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written with the snapshots
+    r = CliRunner().invoke(plot_main, [str(outdir), str(outdir), "--out", str(tmp_path / "both.png")])
+    assert r.exit_code == 0 and (tmp_path / "both.png").stat().st_size > 1000
+    r = CliRunner().invoke(plot_main, [str(tmp_path / "nothing")])
+    assert r.exit_code != 0 and "stats.jsonl" in r.output

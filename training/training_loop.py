@@ -335,9 +335,13 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
 def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) -> None:
     from edm2.model_files import save_network
 
+    from .plot_stats import plot_loss_curves
+
     for std, ema_net in ema:
         path = os.path.join(run_dir, SNAPSHOT_PATTERN.format(kimg=cur_nimg // 1000, std=std))
         save_network(path, ema_net, encoder=encoder.config(), ema_std=std, training_nimg=cur_nimg)
+    if os.path.isfile(os.path.join(run_dir, "stats.jsonl")):
+        plot_loss_curves([run_dir], os.path.join(run_dir, "loss.png"))  # a picture of the run so far
 
 
 def save_checkpoint(run_dir, net, optimizer, ema, cur_nimg, training_time, config, device, rank) -> None:
