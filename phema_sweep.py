@@ -17,10 +17,11 @@ import pathlib
 import click
 
 from edm2.model_files import read_header
+from reconstruct_phema import std_list_option
 from edm2.seeds import parse_seeds
 from torch_utils import distributed as dist
 from training.encoders import encoder_from_config
-from training.phema_reconstruct import parse_std_list, scan_snapshots
+from training.phema_reconstruct import scan_snapshots
 from training.phema_sweep import (
     load_validation_data,
     plot_sweep,
@@ -28,13 +29,6 @@ from training.phema_sweep import (
     sweep_ema_length,
     validation_loss_metric,
 )
-
-
-def _std_list(ctx, param, value):
-    try:
-        return parse_std_list(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
 
 
 @click.command()
@@ -57,7 +51,7 @@ def _std_list(ctx, param, value):
     help="EMA lengths to try: list, ranges like 0.02,0.03,...,0.25",
     metavar="LIST",
     type=str,
-    callback=_std_list,
+    callback=std_list_option,
     default="0.02,0.03,...,0.25",
     show_default=True,
 )

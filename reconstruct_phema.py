@@ -13,7 +13,8 @@ import click
 from training.phema_reconstruct import OUTPUT_PREFIX, SnapshotError, parse_std_list, reconstruct_to_dir
 
 
-def _std_list(ctx, param, value):
+def std_list_option(ctx, param, value):
+    """click callback: an --outstd list (ranges like 0.010,0.015,...,0.250) as floats."""
     try:
         return parse_std_list(value)
     except ValueError as error:
@@ -34,7 +35,7 @@ def _std_list(ctx, param, value):
     help="EMA lengths (relative std) to build: list, ranges like 0.010,0.015,...,0.250",
     metavar="LIST",
     type=str,
-    callback=_std_list,
+    callback=std_list_option,
     required=True,
 )
 @click.option(

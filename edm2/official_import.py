@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# The official StabilityVAEEncoder's defaults are ours; they fill in pickles that recorded no arguments.
+from training.encoders import STABILITY_VAE_DEFAULTS
+
 from .model_files import ModelFileError, NetworkFile, build_network
 from .official_pickle import InertObject, load_official_pickle
 
@@ -27,15 +30,6 @@ OFFICIAL_FORMAT = "edm2-official-pickle"
 # The official Precond's positional parameters, in order (its remaining arguments are keywords).
 PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim")
 
-# The official StabilityVAEEncoder's defaults, for pickles that recorded no constructor arguments.
-STABILITY_VAE_DEFAULTS = {
-    "vae_name": "stabilityai/sd-vae-ft-mse",
-    "raw_mean": [5.81, 3.25, 0.12, -2.15],
-    "raw_std": [4.17, 4.62, 3.71, 3.28],
-    "final_mean": 0.0,
-    "final_std": 0.5,
-    "batch_size": 8,
-}
 
 # network-snapshot-0671088-0.100.pkl, edm2-img512-xs-2147483-0.135.pkl, phema-2147483-0.150.pkl: kimg and std.
 SNAPSHOT_NAME = re.compile(r"(?:^|-)(\d+)(?:-(\d+\.\d+))?\.pkl$")
