@@ -153,11 +153,14 @@ def run_figures(entries: list[dict[str, Any]], target_loss: float | None) -> dic
         final_loss=float(np.mean(series(tail, "loss"))),
         min_smoothed_loss=float(np.min(smooth(loss, SMOOTH))),
         loss_std_second_half=float(np.std(series(second, "loss"))),
+        loss_last_quarter=float(np.mean(series(entries[n - max(n // 4, 1) :], "loss"))),
+        loss_last_quarter_sem=float(np.std(series(entries[n - max(n // 4, 1) :], "loss")) / math.sqrt(max(n // 4, 1))),
         grad_norm_mean=_mean(list(series(second, "grad_norm"))),
         grad_norm_osc=mean_abs_log_step(series(second, "grad_norm")),
         grad_norm_log_std=log_std(series(second, "grad_norm")),
         skip_feat_rms_log_std=_mean([log_std(series(second, f"skips/{i}/feat_rms")) for i in skips]),
         skip_grad_osc=_mean([mean_abs_log_step(series(second, f"skips/{i}/grad_norm")) for i in skips]),
+        dec_feat_rms_mean=_mean([_mean(list(series(second, f"stages/{k}/feat_rms"))) for k in dec]),
         dec_feat_rms_log_std=_mean([log_std(series(second, f"stages/{k}/feat_rms")) for k in dec]),
         dec_feat_grad_osc=_mean([mean_abs_log_step(series(second, f"stages/{k}/feat_grad_norm")) for k in dec]),
         sum_sq_skip_scale=float(sum(np.nanmean(series(second, f"skips/{i}/scale")) ** 2 for i in skips)) if skips else None,
@@ -201,10 +204,12 @@ def analyze(outdir: str, settings: dict[str, Any] | None = None) -> dict[str, An
 
 def markdown_table(results: dict[str, Any]) -> str:
     cols = [
-        ("final_loss", "final loss", "{:.4f}"), ("loss_std_second_half", "loss std (2nd half)", "{:.4f}"),
+        ("final_loss", "final loss", "{:.4f}"), ("loss_last_quarter", "loss, last quarter", "{:.4f}"),
+        ("loss_last_quarter_sem", "+-", "{:.4f}"), ("loss_std_second_half", "loss std (2nd half)", "{:.4f}"),
         ("speedup_vs_none", "speed-up to none's final loss", "{:.2f}x"), ("grad_norm_mean", "grad norm", "{:.3f}"),
         ("grad_norm_osc", "grad-norm osc.", "{:.3f}"), ("skip_grad_osc", "skip-grad osc.", "{:.3f}"),
-        ("skip_feat_rms_log_std", "skip-feature spread", "{:.4f}"), ("dec_feat_rms_log_std", "decoder-feature spread", "{:.4f}"),
+        ("skip_feat_rms_log_std", "skip-feature spread", "{:.4f}"), ("dec_feat_rms_mean", "decoder-feature RMS", "{:.3f}"),
+        ("dec_feat_rms_log_std", "decoder-feature spread", "{:.4f}"),
         ("dec_feat_grad_osc", "decoder-grad osc.", "{:.3f}"), ("sum_sq_skip_scale", "sum coef^2", "{:.2f}"),
     ]  # fmt: skip
     lines = []
