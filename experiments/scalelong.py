@@ -29,15 +29,17 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from edm2.presets import Ki  # noqa: E402
-from training.instruments import read_stats  # noqa: E402
+from edm2.presets import Ki
+from training.instruments import read_stats
 
 BACKBONES = ("edm2-unet", "uvit")
 MODES = ("none", "inv_sqrt2", "cs", "ls", "ls_nonshared")
 # Images per run, per step, between instrument readings; DataLoader workers; runs at once; data set size.
 SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(duration=1 * Ki, batch=32, status=32, workers=0, parallel=1, num_images=512, time_limit=600),
-    "gpu": dict(duration=2048 * Ki, batch=256, status=16 * 256, workers=1, parallel=10, num_images=2000, time_limit=380),
+    "gpu": dict(
+        duration=2048 * Ki, batch=256, status=16 * 256, workers=1, parallel=10, num_images=2000, time_limit=380
+    ),
 }
 SMOOTH = 8  # readings in the moving average of the loss
 COLORS = dict(none="black", inv_sqrt2="tab:blue", cs="tab:green", ls="tab:orange", ls_nonshared="tab:red")
@@ -47,7 +49,9 @@ def run_name(backbone: str, mode: str) -> str:
     return f"{backbone}-{mode}"
 
 
-def train_command(run_dir: str, data: str, backbone: str, mode: str, s: dict[str, Any], kappa: float, seed: int) -> list[str]:
+def train_command(
+    run_dir: str, data: str, backbone: str, mode: str, s: dict[str, Any], kappa: float, seed: int
+) -> list[str]:
     cmd = [
         sys.executable, os.path.join(ROOT, "train_edm2.py"), "--outdir", run_dir, "--data", data, "--preset", "demo",
         "--arch", backbone, "--skip-scaling", mode, "--duration", str(s["duration"]), "--batch", str(s["batch"]),
@@ -81,11 +85,15 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                 name = run_name(backbone, mode)
                 run_dir = os.path.join(outdir, name)
                 os.makedirs(run_dir, exist_ok=True)
-                log = open(os.path.join(run_dir, "log.txt"), "a")
+                log = open(os.path.join(run_dir, "log.txt"), "a")  # noqa: SIM115 (open while the run lasts)
                 cmd = train_command(run_dir, data, backbone, mode, s, kappa, seed)
                 run_env = dict(env, CUDA_VISIBLE_DEVICES=str(started % gpus)) if gpus > 1 else env
                 started += 1
-                active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=ROOT), time.time(), log)
+                active[name] = (
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=ROOT),
+                    time.time(),
+                    log,
+                )
             time.sleep(0.5)
             for name, (proc, start, log) in list(active.items()):
                 overtime = time.time() - start - s["time_limit"]
@@ -99,7 +107,10 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                     log.close()
                     walls[name] = time.time() - start
                     if proc.returncode not in (0, -signal.SIGTERM):
-                        click.echo(f"\n{name}: exit code {proc.returncode}; see {os.path.join(outdir, name, 'log.txt')}", err=True)
+                        click.echo(
+                            f"\n{name}: exit code {proc.returncode}; see {os.path.join(outdir, name, 'log.txt')}",
+                            err=True,
+                        )
                     del active[name]
                     bar.update(1)
     return walls
@@ -145,7 +156,7 @@ def run_figures(entries: list[dict[str, Any]], target_loss: float | None) -> dic
     tail = entries[max(n - max(n // 10, 1), 0) :]
     second = entries[n // 2 :]
     skips = sorted({k.split("/")[1] for e in entries for k in e if k.startswith("skips/")})
-    dec = sorted({k.split("/")[1] for e in entries for k in e if k.startswith("stages/dec.") or k.startswith("stages/out")})
+    dec = sorted({k.split("/")[1] for e in entries for k in e if k.startswith(("stages/dec.", "stages/out"))})
     dec = [k for k in dec if any(f"stages/{k}/feat_rms" in e for e in entries)]
     fig: dict[str, Any] = dict(
         images=int(nimg[-1]) if n else 0,
@@ -163,7 +174,9 @@ def run_figures(entries: list[dict[str, Any]], target_loss: float | None) -> dic
         dec_feat_rms_mean=_mean([_mean(list(series(second, f"stages/{k}/feat_rms"))) for k in dec]),
         dec_feat_rms_log_std=_mean([log_std(series(second, f"stages/{k}/feat_rms")) for k in dec]),
         dec_feat_grad_osc=_mean([mean_abs_log_step(series(second, f"stages/{k}/feat_grad_norm")) for k in dec]),
-        sum_sq_skip_scale=float(sum(np.nanmean(series(second, f"skips/{i}/scale")) ** 2 for i in skips)) if skips else None,
+        sum_sq_skip_scale=float(sum(np.nanmean(series(second, f"skips/{i}/scale")) ** 2 for i in skips))
+        if skips
+        else None,
         num_skips=len(skips),
     )
     fig["final_smoothed_loss"] = float(smooth(loss, SMOOTH)[-1]) if n else float("nan")
@@ -186,7 +199,9 @@ def analyze(outdir: str, settings: dict[str, Any] | None = None) -> dict[str, An
         with open(previous) as f:
             settings = json.load(f).get("settings")
     if not runs:
-        raise click.ClickException(f"{outdir}: no runs with stats.jsonl (expected folders such as {run_name('uvit', 'cs')})")
+        raise click.ClickException(
+            f"{outdir}: no runs with stats.jsonl (expected folders such as {run_name('uvit', 'cs')})"
+        )
     results: dict[str, Any] = dict(settings=settings, backbones={})
     for backbone, by_mode in runs.items():
         common = min(max((e["nimg"] for e in entries), default=0) for entries in by_mode.values())
@@ -198,7 +213,14 @@ def analyze(outdir: str, settings: dict[str, Any] | None = None) -> dict[str, An
             reached = f.get("images_to_none_final_loss")
             f["speedup_vs_none"] = ref / reached if (ref and reached) else None
         results["backbones"][backbone] = dict(common_images=int(common), modes=figures)
-    write_outputs(outdir, results, cut_runs={b: {m: [e for e in es if e["nimg"] <= results["backbones"][b]["common_images"]] for m, es in bm.items()} for b, bm in runs.items()})
+    write_outputs(
+        outdir,
+        results,
+        cut_runs={
+            b: {m: [e for e in es if e["nimg"] <= results["backbones"][b]["common_images"]] for m, es in bm.items()}
+            for b, bm in runs.items()
+        },
+    )
     return results
 
 
@@ -218,7 +240,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| mode | " + " | ".join(c[1] for c in cols) + " |")
         lines.append("| --- " * (len(cols) + 1) + "|")
         for mode, f in b["modes"].items():
-            cells = ["-" if f.get(k) is None or (isinstance(f.get(k), float) and math.isnan(f[k])) else fmt.format(f[k]) for k, _, fmt in cols]
+            cells = [
+                "-" if f.get(k) is None or (isinstance(f.get(k), float) and math.isnan(f[k])) else fmt.format(f[k])
+                for k, _, fmt in cols
+            ]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -234,10 +259,16 @@ def plot(path: str, cut_runs: dict[str, dict[str, list[dict[str, Any]]]]) -> Non
         ("loss (smoothed)", lambda es: smooth(series(es, "loss"), SMOOTH), False),
         ("gradient norm, all parameters", lambda es: series(es, "grad_norm"), True),
         ("gradient norm at the long skips (mean)", lambda es: _mean_over(es, "skips/", "/grad_norm"), True),
-        ("decoder feature RMS (mean over stages)", lambda es: _mean_over(es, ("stages/dec.", "stages/out"), "/feat_rms"), False),
+        (
+            "decoder feature RMS (mean over stages)",
+            lambda es: _mean_over(es, ("stages/dec.", "stages/out"), "/feat_rms"),
+            False,
+        ),
     ]
     backbones = list(cut_runs)
-    fig, axes = plt.subplots(len(backbones), len(panels), figsize=(4.2 * len(panels), 3.3 * len(backbones)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(backbones), len(panels), figsize=(4.2 * len(panels), 3.3 * len(backbones)), squeeze=False
+    )
     for row, backbone in enumerate(backbones):
         for col, (title, fn, logy) in enumerate(panels):
             ax = axes[row][col]
@@ -286,7 +317,9 @@ def _choices(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
-        raise click.BadParameter(f"expected a comma-separated subset of {', '.join(allowed)}, got {value!r}", param_hint=option)
+        raise click.BadParameter(
+            f"expected a comma-separated subset of {', '.join(allowed)}, got {value!r}", param_hint=option
+        )
     return items
 
 
@@ -303,9 +336,13 @@ def cli() -> None:
 @click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=0.7, show_default=True, help="CS base")
 @click.option("--duration", type=click.IntRange(min=1), default=None, help="Images per run [default: the setting's]")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per step [default: the setting's]")
-@click.option("--status", type=click.IntRange(min=1), default=None, help="Images between readings [default: the setting's]")
+@click.option(
+    "--status", type=click.IntRange(min=1), default=None, help="Images between readings [default: the setting's]"
+)
 @click.option("--parallel", type=click.IntRange(min=1), default=None, help="Runs at once [default: the setting's]")
-@click.option("--time-limit", "time_limit", type=click.FloatRange(min=1), default=None, help="Seconds per run before SIGTERM")
+@click.option(
+    "--time-limit", "time_limit", type=click.FloatRange(min=1), default=None, help="Seconds per run before SIGTERM"
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the same for every run)")
 def run(outdir: str, setting: str, backbones: str, modes: str, kappa: float, seed: int, **overrides) -> None:
     """Train every (backbone, mode) and write the comparison."""

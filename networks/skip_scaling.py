@@ -37,7 +37,7 @@ weight-normalized layers see a slightly smaller input, which the learned gains a
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

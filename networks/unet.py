@@ -161,7 +161,7 @@ class UNet(torch.nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, flavor="dec", attention=attn, **block)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
         # Every encoder output is a long skip; the first one (i = 1) meets the last decoder block.
-        skip_channels = [getattr(b, "out_channels") for b in self.enc.values()]
+        skip_channels = [b.out_channels for b in self.enc.values()]
         self.skip_scale = SkipScaling(skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:

@@ -129,7 +129,9 @@ class UViT(torch.nn.Module):
         ls_reduction: int = 16,  # SENet reduction r of the LS gates
     ):
         super().__init__()
-        for name, value in dict(depth=depth, patch_size=patch_size, mlp_ratio=mlp_ratio, model_channels=model_channels).items():
+        for name, value in dict(
+            depth=depth, patch_size=patch_size, mlp_ratio=mlp_ratio, model_channels=model_channels
+        ).items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"UViT: {name} must be a positive integer, got {value!r}")
         if depth % 2 != 1:
@@ -137,7 +139,9 @@ class UViT(torch.nn.Module):
         if img_resolution % patch_size != 0:
             raise ValueError(f"UViT: img_resolution {img_resolution} must be divisible by patch_size {patch_size}")
         if model_channels % channels_per_head != 0:
-            raise ValueError(f"UViT: model_channels {model_channels} must be divisible by channels_per_head {channels_per_head}")
+            raise ValueError(
+                f"UViT: model_channels {model_channels} must be divisible by channels_per_head {channels_per_head}"
+            )
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -145,8 +149,13 @@ class UViT(torch.nn.Module):
         grid = img_resolution // patch_size
         half = depth // 2
         block = dict(
-            channels=model_channels, num_heads=model_channels // channels_per_head, mlp_ratio=mlp_ratio,
-            concat_balance=concat_balance, dropout=dropout, res_balance=res_balance, attn_balance=attn_balance,
+            channels=model_channels,
+            num_heads=model_channels // channels_per_head,
+            mlp_ratio=mlp_ratio,
+            concat_balance=concat_balance,
+            dropout=dropout,
+            res_balance=res_balance,
+            attn_balance=attn_balance,
             clip_act=clip_act,
         )
 
@@ -155,7 +164,9 @@ class UViT(torch.nn.Module):
         self.emb_noise = MPConv(model_channels, model_channels, kernel=[])  # -> the time token
         self.emb_label = MPConv(label_dim, model_channels, kernel=[]) if label_dim else None  # -> the class token
         self.patch_embed = MPConv((img_channels + 1) * patch_size**2, model_channels, kernel=[])
-        self.register_buffer("pos_embed", sincos_position_embedding(grid, model_channels))  # in files: meta-device loading
+        self.register_buffer(
+            "pos_embed", sincos_position_embedding(grid, model_channels)
+        )  # in files: meta-device loading
         self.in_blocks = torch.nn.ModuleList(UViTBlock(**block) for _ in range(half))
         self.mid_block = UViTBlock(**block)
         self.out_blocks = torch.nn.ModuleList(UViTBlock(merge_skip=long_skips, **block) for _ in range(half))
@@ -163,7 +174,9 @@ class UViT(torch.nn.Module):
         self.out_conv = MPConv(img_channels, img_channels, kernel=[3, 3])
         self.long_skips = long_skips
         skip_channels = [model_channels] * half if long_skips else []
-        self.skip_scale = SkipScaling(skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, channel_dim=2)
+        self.skip_scale = SkipScaling(
+            skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, channel_dim=2
+        )
 
     def stage_modules(self) -> dict[str, torch.nn.Module]:
         """The blocks in order, named for the instruments: in0 .. mid .. out{k-1}."""

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import build_reference_net
+
 from networks import Precond
 from networks.skip_scaling import SEGate, SkipScaling, cs_coefficients
 from networks.unet import UNet
@@ -30,7 +30,9 @@ def tiny(arch: str = "edm2-unet", **kw) -> Precond:
 def capture_skips(net: Precond, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """index -> (raw skip, scaled skip) from one forward."""
     seen = {}
-    h = net.backbone.skip_scale.register_forward_hook(lambda m, a, o: seen.__setitem__(int(a[1]), (a[0].detach(), o.detach())))
+    h = net.backbone.skip_scale.register_forward_hook(
+        lambda m, a, o: seen.__setitem__(int(a[1]), (a[0].detach(), o.detach()))
+    )
     net(x, 1.0, torch.arange(x.shape[0]) % 4)
     h.remove()
     return seen
@@ -210,7 +212,9 @@ def test_train_edm2_options(tmp_path):
     import train_edm2
 
     def dry(*args):
-        return CliRunner().invoke(train_edm2.main, ["--outdir", str(tmp_path), "--data", "demo", "--preset", "demo", "--dry-run", *args])
+        return CliRunner().invoke(
+            train_edm2.main, ["--outdir", str(tmp_path), "--data", "demo", "--preset", "demo", "--dry-run", *args]
+        )
 
     r = dry("--arch", "uvit", "--skip-scaling", "cs", "--kappa", "0.8")
     assert r.exit_code == 0, r.output
@@ -287,7 +291,9 @@ def test_instruments_measure_only_armed_steps():
 def test_experiment_figures_and_outputs(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("scalelong", os.path.join(os.path.dirname(__file__), "..", "experiments", "scalelong.py"))
+    spec = importlib.util.spec_from_file_location(
+        "scalelong", os.path.join(os.path.dirname(__file__), "..", "experiments", "scalelong.py")
+    )
     sl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sl)
     assert sl.mean_abs_log_step(np.array([1.0, 2.0, 1.0, 2.0])) == pytest.approx(math.log(2))

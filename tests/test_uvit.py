@@ -63,7 +63,9 @@ def test_forward_backward(label_dim):
         net.uvit.out_gain.fill_(1)
     D = net(x, torch.tensor([0.1, 1.0, 20.0]), labels)
     D.square().mean().backward()
-    missing = [n for n, p in net.named_parameters() if n.startswith("uvit.") and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in net.named_parameters() if n.startswith("uvit.") and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert missing == []
     assert all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None)
 

@@ -123,8 +123,14 @@ class SkipInstruments:
             return {}
         keys = sorted(self._sums)
         device = next((t.device for t in self._sums.values()), torch.device("cpu"))
-        totals = torch.stack([self._sums[k].to(device) for k in keys]) if keys else torch.zeros([0], dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        totals = (
+            torch.stack([self._sums[k].to(device) for k in keys]) if keys else torch.zeros([0], dtype=torch.float64)
+        )
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             if torch.distributed.get_backend() == "nccl" and totals.device.type != "cuda":
                 totals = totals.cuda()
             torch.distributed.all_reduce(totals)
