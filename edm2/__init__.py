@@ -18,6 +18,8 @@ from networks import (
 )
 from training import EDM2Loss, learning_rate_schedule, reduce_batch_loss
 
+from networks import SKIP_SCALING_MODES, SkipScaling, UViT
+from training.instruments import SkipInstruments
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_config
 from training.phema import PowerFunctionEMA, TraditionalEMA
 
@@ -37,6 +39,7 @@ from .official_pickle import UnsafePickleError
 from .generation import GenerationSummary, generate_batch, generate_images, make_grid, save_png
 from .sampler import SamplerStats, count_evaluations, edm_sampler, evaluation_sigmas, step_sigmas
 from .seeds import SeedGenerators, format_seeds, parse_seeds, seed_noise_and_labels
+from .presets import UVIT_DEMO_NETWORKS, uvit_network_kwargs
 from .presets import (
     DATASETS,
     PRESETS,
@@ -49,6 +52,7 @@ from .presets import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "SKIP_SCALING_MODES", "SkipInstruments", "SkipScaling", "UVIT_DEMO_NETWORKS", "UViT", "uvit_network_kwargs",
     "FeatureStatistics", "calc_metrics_for_images", "calc_metrics_for_model", "detectors", "frechet_distance",
     "load_reference", "metrics", "save_reference",
     "GenerationSummary", "PowerFunctionEMA", "SamplerStats", "SeedGenerators", "StabilityVAEEncoder",

@@ -2,9 +2,12 @@
 
 from .mp import MPConv, MPFourier, cosine_attention, mp_cat, mp_silu, mp_sum, normalize, pixel_norm, resample
 from .precond import PRECISIONS, Precond
+from .skip_scaling import SKIP_SCALING_MODES, SEGate, SkipScaling
 from .unet import Block, UNet
+from .uvit import UViT
 
 __all__ = [
+    "SKIP_SCALING_MODES", "SEGate", "SkipScaling", "UViT",
     "Block", "MPConv", "MPFourier", "PRECISIONS", "Precond", "UNet", "cosine_attention",
     "mp_cat", "mp_silu", "mp_sum", "normalize", "pixel_norm", "resample",
 ]
