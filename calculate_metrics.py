@@ -27,7 +27,7 @@ import click
 from edm2 import metrics as M
 from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.model_files import ModelFileError
-from generate import _load, _parse_interval_option, _parse_seeds_option
+from generate import _load, _parse_interval_option, _parse_seeds_option, resolve_model_options
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
 
@@ -223,18 +223,7 @@ def gen(
     progress,
 ):
     """Metrics of a model against reference statistics, generating images on the fly (none written)."""
-    if preset is not None:
-        from edm2.official import resolve_official_preset
-
-        try:
-            settings = resolve_official_preset(preset)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--preset'") from None
-        net_path, gnet_path = net_path or settings["net"], gnet_path or settings["gnet"]
-        guidance = settings["guidance"] if guidance is None else guidance
-    guidance = 1.0 if guidance is None else guidance
-    if net_path is None:
-        raise click.UsageError("give the network: --net PATH|URL or --preset NAME")
+    net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
     if not math.isfinite(guidance) or (guidance != 1 and gnet_path is None):
         raise click.BadParameter(
             f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'"

@@ -47,6 +47,24 @@ def _parse_interval_option(ctx: click.Context, param: click.Parameter, value: st
         ) from None
 
 
+def resolve_model_options(
+    preset: str | None, net_path: str | None, gnet_path: str | None, guidance: float | None
+) -> tuple[str, str | None, float]:
+    """--preset fills in --net, --gnet and --guidance; explicit options win. Guidance defaults to 1."""
+    if preset is not None:
+        from edm2.official import resolve_official_preset
+
+        try:
+            settings = resolve_official_preset(preset)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--preset'") from None
+        net_path, gnet_path = net_path or settings["net"], gnet_path or settings["gnet"]
+        guidance = settings["guidance"] if guidance is None else guidance
+    if net_path is None:
+        raise click.UsageError("give the network: --net PATH|URL or --preset NAME")
+    return net_path, gnet_path, 1.0 if guidance is None else guidance
+
+
 def _load(option: str, path_or_url: str, device):
     """load_network with errors that name the option; rank 0 downloads first, the others then read the cache."""
     from edm2.model_files import load_network
@@ -139,19 +157,7 @@ def main(
     progress,
 ):
     """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun."""
-    if preset is not None:
-        from edm2.official import resolve_official_preset
-
-        try:
-            settings = resolve_official_preset(preset)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--preset'") from None
-        net_path = net_path or settings["net"]
-        gnet_path = gnet_path or settings["gnet"]
-        guidance = settings["guidance"] if guidance is None else guidance
-    guidance = 1.0 if guidance is None else guidance
-    if net_path is None:
-        raise click.UsageError("give the network: --net PATH|URL or --preset NAME")
+    net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
     if outdir is None and grid_path is None:
         raise click.UsageError("nothing to write: give --outdir and/or --grid")
     if not math.isfinite(guidance):
