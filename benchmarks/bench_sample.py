@@ -32,17 +32,13 @@ from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, channels_last: bool | None, compile_net: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).eval().requires_grad_(False).to(device)
+    net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(device)
     gnet = None
     if guidance != 1:
-        gnet = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).eval().requires_grad_(False).to(device)
-    for n in (net, gnet):
-        if n is not None:
-            n.channels_last = device.type == "cuda" if channels_last is None else channels_last
-    flops = flops_per_image(net, train=False)
-    if compile_net:
-        net = torch.compile(net)
-        gnet = torch.compile(gnet) if gnet is not None else None
+        gnet = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(device)
+    flops = flops_per_image(net.eval(), train=False)
+    net = edm2.prepare_for_sampling(net, compile=compile_net, channels_last=channels_last)  # as generate.py does
+    gnet = edm2.prepare_for_sampling(gnet, compile=compile_net, channels_last=channels_last) if gnet is not None else None
     noise = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = torch.randint(0, net.label_dim, [batch], device=device) if net.label_dim else None
     times = []

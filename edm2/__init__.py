@@ -36,7 +36,7 @@ from .download import DownloadError, download, resolve_path_or_url
 from .model_files import ModelFileError, NetworkFile, load_network, read_header, register_network_class, save_network
 from .official import OFFICIAL_PRESETS, resolve_official_preset
 from .official_pickle import UnsafePickleError
-from .generation import GenerationSummary, generate_batch, generate_images, make_grid, save_png
+from .generation import GenerationSummary, generate_batch, generate_images, make_grid, prepare_for_sampling, save_png
 from .sampler import SamplerStats, count_evaluations, edm_sampler, evaluation_sigmas, step_sigmas
 from .seeds import SeedGenerators, format_seeds, parse_seeds, seed_noise_and_labels
 from .presets import UVIT_DEMO_NETWORKS, uvit_network_kwargs
@@ -58,6 +58,7 @@ __all__ = [
     "GenerationSummary", "PowerFunctionEMA", "SamplerStats", "SeedGenerators", "StabilityVAEEncoder",
     "StandardRGBEncoder", "TraditionalEMA", "count_evaluations", "edm_sampler", "encoder_from_config",
     "evaluation_sigmas", "format_seeds", "generate_batch", "generate_images", "make_grid", "parse_seeds",
+    "prepare_for_sampling",
     "save_png", "seed_noise_and_labels", "step_sigmas",
     "DownloadError", "ModelFileError", "NetworkFile", "OFFICIAL_PRESETS", "UnsafePickleError", "download",
     "load_network", "phema", "read_header", "register_network_class", "resolve_official_preset",

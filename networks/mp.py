@@ -104,7 +104,12 @@ class MPConv(torch.nn.Module):
     @torch.no_grad()
     def normalize_weight_(self) -> None:
         """Forced weight normalization: overwrite the stored weight by normalize(weight)."""
-        self.weight.copy_(normalize(self.weight.to(torch.float32)))
+        w = self.weight
+        if w.dtype != torch.float32:
+            w.copy_(normalize(w.to(torch.float32)))
+            return
+        norm = torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
+        w.div_(NORM_EPS + norm * math.sqrt(norm.numel() / w.numel()))  # = normalize(w), in place: one pass
 
     def effective_weight(
         self, gain: float | torch.Tensor = 1, dtype: torch.dtype = torch.float32, channels_last: bool = False
@@ -147,7 +152,8 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """
     n, c3, h, w = qkv.shape
     y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)
-    q, k, v = normalize(y, dim=2).unbind(3)  # each [N, heads, C/heads, HW]
-    # SDPA wants [N, heads, tokens, C/heads]; its default scale 1/sqrt(C/heads) is the reference's.
-    o = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
+    # SDPA wants [N, heads, tokens, C/heads]; its default scale 1/sqrt(C/heads) is the reference's. Contiguous
+    # channels let it take the flash kernel (the math fallback materializes the [tokens, tokens] scores).
+    q, k, v = normalize(y, dim=2).permute(3, 0, 1, 4, 2).contiguous().unbind(0)  # each [N, heads, HW, C/heads]
+    o = F.scaled_dot_product_attention(q, k, v)
     return o.transpose(2, 3).reshape(n, c3 // 3, h, w)

@@ -53,7 +53,9 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, C, H, W]; emb: the conditioning embedding [N, emb_channels], or c: this block's modulation
+        emb_linear(emb) + 1 [N, out_channels] already computed (UNet computes all blocks' in one product)."""
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
@@ -61,7 +63,8 @@ class Block(torch.nn.Module):
             x = normalize(x, dim=1)  # pixel norm keeps the encoder's main path at unit magnitude
 
         y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        if c is None:
+            c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout != 0:
             y = torch.nn.functional.dropout(y, p=self.dropout)
@@ -163,6 +166,30 @@ class UNet(torch.nn.Module):
         # Every encoder output is a long skip; the first one (i = 1) meets the last decoder block.
         skip_channels = [b.out_channels for b in self.enc.values()]
         self.skip_scale = SkipScaling(skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction)
+        self._modulation_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def modulation_weight(self) -> torch.Tensor:
+        """The emb_linear weights of all blocks, each times its emb_gain / sqrt(fan_in), stacked in block order
+        [sum of out_channels, emb_channels] (float32). One [N, emb] x [emb, sum] product then modulates every
+        block: the per-block products are too small to fill the GPU (dozens of launches of a few tiles each).
+        Kept between calls at inference until a weight or gain changes."""
+        blocks = [b for b in self.blocks() if isinstance(b, Block)]
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = tuple((t.data_ptr(), t._version) for b in blocks for t in (b.emb_linear.weight, b.emb_gain))
+            if self._modulation_cache is not None and self._modulation_cache[0] == key:
+                return self._modulation_cache[1]
+        w = torch.cat([b.emb_linear.effective_weight(b.emb_gain) for b in blocks])
+        if cacheable:
+            self._modulation_cache = (key, w)
+        return w
+
+    def blocks(self) -> list[torch.nn.Module]:
+        """The encoder and decoder modules in the order forward runs them."""
+        return list(self.enc.values()) + list(self.dec.values())
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_modulation_cache": None}
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         emb = self.emb_noise(self.emb_fourier(noise_labels))
@@ -170,15 +197,17 @@ class UNet(torch.nn.Module):
             labels = class_labels * math.sqrt(class_labels.shape[1])
             emb = mp_sum(emb, self.emb_label(labels), t=self.label_balance)
         emb = mp_silu(emb)  # stays float32: the modulation is cast per block
+        sizes = [b.out_channels for b in self.blocks() if isinstance(b, Block)]
+        mods = iter((emb @ self.modulation_weight().t() + 1).split(sizes, dim=1))  # Eq. 47 per block, in one product
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
+            x = block(x) if name.endswith("_conv") else block(x, c=next(mods))
             skips.append(x)
         for name, block in self.dec.items():
             if "block" in name:
                 skip = skips.pop()
                 x = mp_cat(x, self.skip_scale(skip, len(skips) + 1), t=self.concat_balance)
-            x = block(x, emb)
+            x = block(x, c=next(mods))
         return self.out_conv(x, gain=self.out_gain)

@@ -35,7 +35,9 @@ CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
 SNAPSHOT_PATTERN = "network-snapshot-{kimg:07d}-{std:.3f}.safetensors"
 OPTIONS_FILE = "training_options.json"
 # Options that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = ("duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last")
+RESUMABLE_CHANGES = (
+    "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last", "instruments",
+)
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
 
 
@@ -62,6 +64,7 @@ def default_config() -> dict[str, Any]:
         workers=2,  # DataLoader workers per GPU
         compile=False,  # torch.compile the network for training (minutes of compilation, then faster steps)
         channels_last=None,  # NHWC activations; None = on CUDA
+        instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
     )
 
 
@@ -160,6 +163,13 @@ def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, A
     return dataset, encoder, net
 
 
+def zero_nonfinite_grads_(net: torch.nn.Module) -> None:
+    """Replace NaN / inf gradient elements by zero (the reference's guard against rare fp16 overflows)."""
+    for p in net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0, posinf=0, neginf=0)
+
+
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
@@ -203,6 +213,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
         check_run_dir(run_dir, config)
     dist.barrier()
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
     torch.manual_seed(config["seed"])  # the same initial weights on every rank
     dataset, encoder, net = build_dataset_and_net(config)
     torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
@@ -213,6 +225,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     )
     net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
     ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
+    use_instruments = config.get("instruments")
+    use_instruments = not config.get("compile") if use_instruments is None else bool(use_instruments)
     instruments = SkipInstruments(net)  # ScaleLong figures per skip and stage on status steps
     loss_fn = EDM2Loss(**config["loss"])
     batch, batch_gpu = config["batch"], config["batch_gpu"]
@@ -267,7 +281,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            instruments.arm(crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"])
+            status_step = crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
+            instruments.arm(use_instruments and status_step)
             gen = _step_generator(config["seed"], step, device)
             sigma_all = loss_fn.sample_sigma(batch, device, gen)
             noise_all = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=gen)
@@ -285,9 +300,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                     reduce_batch_loss(loss, batch // world).backward()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()
-            for p in net.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0, posinf=0, neginf=0)
+            zero_nonfinite_grads_(net)
             optimizer.step()
             net.normalize_weights_()  # forced weight normalization (Eq. 66)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1

@@ -1,0 +1,126 @@
+"""Does the fast path train like the plain one? The same 2,000-step run (same seed, so the same images, noise
+levels and noise at every step) on the demo data, once plain (float32, eager, TF32 off) and once fast
+(fp16 or bf16, torch.compile, channels-last); then a plot of both loss curves and JSON figures.
+
+    python benchmarks/loss_curves.py run --outdir runs/curves --path plain          # on one GPU
+    python benchmarks/loss_curves.py run --outdir runs/curves --path fp16           # on another, at once
+    python benchmarks/loss_curves.py compare --outdir runs/curves                   # plot + JSON
+
+The loss at a status point is the mean over its 20 steps. 'Within noise' is judged against the plain curve's
+own step-to-step scatter: the standard deviation of the differences between consecutive status points.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import edm2  # noqa: E402
+from torch_utils.state_io import atomic_write_bytes  # noqa: E402
+from training.demo_data import write_demo_dataset  # noqa: E402
+from training.plot_stats import read_stats  # noqa: E402
+from training.training_loop import default_config, training_loop  # noqa: E402
+
+PATHS = {  # name: (precision, compile, channels_last)
+    "plain": ("fp32", False, False),
+    "fp16": ("fp16", True, True),
+    "bf16": ("bf16", True, True),
+}
+# A U-Net of the EDM2 architecture sized for 32x32 data: four levels, attention at 16x16 and 8x8 (~21M parameters).
+NETWORK = dict(model_channels=64, channel_mult=[1, 2, 3, 4], num_blocks=2, attn_resolutions=[16, 8], channels_per_head=64)
+
+
+def curve_config(outdir: str, path: str, steps: int, batch: int) -> dict:
+    precision, compile_net, channels_last = PATHS[path]
+    t = edm2.preset_training_kwargs("demo")
+    c = default_config()
+    c.update(
+        data=write_demo_dataset(os.path.join(outdir, "demo-data.zip")),
+        network=dict(NETWORK, precision=precision), duration=steps * batch, batch=batch, status=20 * batch,
+        snapshot=0, checkpoint=0, workers=4, compile=compile_net, channels_last=channels_last, instruments=False,
+    )
+    c["loss"].update(t["loss"])
+    c["lr"].update(t["lr"])
+    return c
+
+
+@click.group()
+def cli() -> None:
+    """Loss curves of the plain and the fast training path."""
+
+
+@cli.command()
+@click.option("--outdir", required=True)
+@click.option("--path", "path", type=click.Choice(list(PATHS)), required=True)
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch", type=int, default=256, show_default=True)
+def run(outdir: str, path: str, steps: int, batch: int) -> None:
+    """Train one path."""
+    os.makedirs(outdir, exist_ok=True)
+    if path == "plain":  # the float32 reference: no TF32 in convolutions or matrix products
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    training_loop(os.path.join(outdir, path), curve_config(outdir, path, steps, batch))
+
+
+def curve_figures(plain: list[dict], fast: list[dict]) -> dict:
+    a, b = (np.array([s["loss"] for s in run]) for run in (plain, fast))
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    scatter = float(np.std(np.diff(a)))  # status-to-status scatter of the plain curve
+    diff = b - a
+    q = n * 3 // 4
+    return dict(
+        points=n, final_plain=float(a[-1]), final_fast=float(b[-1]), last_quarter_plain=float(a[q:].mean()),
+        last_quarter_fast=float(b[q:].mean()), mean_diff=float(diff.mean()), mean_abs_diff=float(np.abs(diff).mean()),
+        max_abs_diff=float(np.abs(diff).max()), plain_scatter=scatter,
+        mean_abs_diff_over_scatter=float(np.abs(diff).mean() / scatter) if scatter > 0 else None,
+    )
+
+
+@cli.command()
+@click.option("--outdir", required=True)
+@click.option("--out", default=None, help="PNG [default: OUTDIR/loss_curves.png]")
+def compare(outdir: str, out: str | None) -> None:
+    """Plot the runs found in OUTDIR and print their figures against the plain run as JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    runs = {p: read_stats(os.path.join(outdir, p)) for p in PATHS if os.path.isfile(os.path.join(outdir, p, "stats.jsonl"))}
+    if "plain" not in runs:
+        raise click.UsageError(f"{outdir}/plain/stats.jsonl is missing: run --path plain first")
+    fig = Figure(figsize=(10, 3.8), dpi=110)
+    ax, ax_d = fig.subplots(1, 2)
+    result = {}
+    steps_of = lambda run: [s["nimg"] / (run[0]["nimg"] / 20) for s in run]  # noqa: E731  (first status: step 20)
+    for name, run in runs.items():
+        ax.plot(steps_of(run), [s["loss"] for s in run], label=name, lw=1)
+        if name != "plain":
+            result[name] = curve_figures(runs["plain"], run)
+            n = result[name]["points"]
+            ax_d.plot(steps_of(run)[:n], [f["loss"] - p["loss"] for f, p in zip(run, runs["plain"])], label=f"{name} - plain", lw=1)
+    scatter = float(np.std(np.diff([s["loss"] for s in runs["plain"]])))
+    ax_d.axhspan(-scatter, scatter, color="grey", alpha=0.2, label="plain status-to-status std")
+    ax.set(xlabel="training step", ylabel="loss (mean of 20 steps)", title="plain (fp32 eager) vs fast paths")
+    ax_d.set(xlabel="training step", ylabel="loss difference", title="fast - plain")
+    for a in (ax, ax_d):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(out or os.path.join(outdir, "loss_curves.png"), buf.getvalue())
+    print(json.dumps(dict(benchmark="loss_curves", network=NETWORK, **result)))
+
+
+if __name__ == "__main__":
+    cli()

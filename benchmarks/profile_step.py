@@ -1,0 +1,170 @@
+"""Where a training step and a sampling evaluation spend their GPU time; prints JSON.
+
+    python benchmarks/profile_step.py --preset edm2-img512-s --batch 64 --compile
+
+A training step here is what `training_loop` does per optimizer step (forward, EDM2 loss, backward,
+non-finite gradients zeroed, fused Adam, forced weight normalization, two power-function EMAs). Each part is
+timed with CUDA events, then torch.profiler sums the kernels of a few steps by kind (convolution, matrix
+product, attention, generated Triton code, other elementwise, optimizer, copies), so one can see how far the
+step is from the matrix-product bound. `--sample` profiles one no-grad network evaluation at the sampling batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import edm2  # noqa: E402
+from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
+from training.loss import EDM2Loss, reduce_batch_loss  # noqa: E402
+from training.phema import PowerFunctionEMA  # noqa: E402
+from training.training_loop import zero_nonfinite_grads_  # noqa: E402
+
+KINDS = [  # first match wins; kernel names are lower-cased
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("convolution", ("conv", "dgrad", "wgrad", "fprop", "implicit", "nhwc", "xmma", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "ampere_", "cublas", "splitk")),
+    ("triton", ("triton",)),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "unrolled", "index")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def kernel_table(prof, repeats: int, top: int = 15) -> dict:
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if t <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        by_kind[kernel_kind(evt.key)] += t / repeats / 1e3
+        by_name[evt.key[:110]] += t / repeats / 1e3
+    total = sum(by_kind.values())
+    return dict(
+        gpu_ms=round(total, 2),
+        by_kind_ms={k: round(v, 2) for k, v in by_kind.most_common()},
+        top_kernels_ms=[[k, round(v, 3)] for k, v in by_name.most_common(top)],
+    )
+
+
+def cuda_timer():
+    events = []
+
+    def mark():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        events.append(e)
+
+    def spans():
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:])]
+
+    return mark, spans
+
+
+@click.command()
+@click.option("--preset", default="edm2-img512-s", show_default=True)
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--compile/--no-compile", "compile_net", default=True, show_default=True)
+@click.option("--mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=True, show_default=True)
+@click.option("--cudnn-benchmark/--no-cudnn-benchmark", "cudnn_benchmark", default=True, show_default=True)
+@click.option("--sample", is_flag=True, help="Profile a no-grad evaluation (sampling) instead of a training step")
+@click.option("--steps", type=int, default=8, show_default=True, help="Timed steps after warm-up")
+def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, sample, steps) -> None:
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(dev)
+    net.channels_last = channels_last
+    gflop = flops_per_image(net.train(not sample), train=not sample) / 1e9
+    x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
+    labels = torch.randint(0, net.label_dim, [batch], device=dev)
+    model = torch.compile(net, mode=mode) if compile_net else net
+    t_compile = time.perf_counter()
+    result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode, channels_last=channels_last,
+                  cudnn_benchmark=cudnn_benchmark, sample=sample, gflop_per_img=round(gflop, 1))
+
+    if sample:
+        net.eval().requires_grad_(False)
+        sigma = torch.full([batch], 2.5, device=dev)
+
+        def work():
+            with torch.no_grad():
+                model(x, sigma, labels)
+
+        names = ["eval"]
+    else:
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8, fused=True)
+        ema = PowerFunctionEMA(net, [0.05, 0.10])
+        loss_fn = EDM2Loss()
+        nimg = [0]
+
+        def work(mark=lambda: None):
+            optimizer.zero_grad(set_to_none=True)
+            mark()
+            loss = loss_fn(model, x, labels)
+            reduce_batch_loss(loss, batch).backward()
+            mark()
+            zero_nonfinite_grads_(net)
+            mark()
+            optimizer.step()
+            mark()
+            net.normalize_weights_()
+            mark()
+            nimg[0] += batch
+            ema.update(net, nimg[0] + 100 * batch, batch)
+            mark()
+
+        names = ["forward_backward", "zero_nonfinite", "adam", "normalize_weights", "ema"]
+
+    for _ in range(3):
+        work()
+    torch.cuda.synchronize()
+    result["warmup_s"] = round(time.perf_counter() - t_compile, 1)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        work()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    result.update(step_ms=round(step_ms, 2), img_per_s=round(batch / step_ms * 1e3, 1),
+                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if not sample:
+        parts = collections.Counter()
+        for _ in range(steps):
+            mark, spans = cuda_timer()
+            work(mark)
+            for n, t in zip(names, spans()):
+                parts[n] += t / steps
+        result["parts_ms"] = {n: round(parts[n], 2) for n in names}
+    peak = matmul_peak_tflops()
+    tflops = gflop * batch / step_ms  # GFLOP/ms = TFLOP/s
+    result.update(tflop_per_s=round(tflops, 1), matmul_peak=round(peak, 1), fraction_of_peak=round(tflops / peak, 3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            work()
+        torch.cuda.synchronize()
+    result.update(kernel_table(prof, 3))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
