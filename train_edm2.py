@@ -107,6 +107,7 @@ def build_config(opts: dict) -> dict:
     c["ema_stds"] = parse_float_list(opts["ema_stds"], "--ema-stds")
     c.update(cond=opts["cond"], xflip=opts["xflip"], seed=opts["seed"], workers=opts["workers"])
     c.update(compile=opts["compile_net"], channels_last=opts["channels_last"], instruments=opts["instruments"])
+    c.update(fused_step=opts["fused_step"])
 
     data = opts["data"]
     if data == "demo":
@@ -154,6 +155,7 @@ def build_config(opts: dict) -> dict:
 @click.option("--vae", default=None, help="VAE for latent datasets: a hub name or a local directory [default: stabilityai/sd-vae-ft-mse]")
 @click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network (GPU speed; compiles for minutes first)")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="NHWC activations [default: on with CUDA]")
+@click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="Adam, forced weight normalization and EMA updates in one Triton kernel [default: on with CUDA]")
 @click.option("--instruments/--no-instruments", default=None, help="Per-skip and per-stage feature/gradient figures on status steps [default: on unless --compile, as they run eagerly]")
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print the resolved configuration as JSON and exit")
 def main(**opts) -> None:

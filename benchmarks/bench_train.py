@@ -54,7 +54,9 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--workers", type=int, default=4, show_default=True)
 @click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="[default: on with CUDA]")
-def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool, channels_last: bool | None) -> None:
+@click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="[default: on with CUDA]")
+def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool,
+         channels_last: bool | None, fused_step: bool | None) -> None:
     dist.init()
     world = dist.get_world_size()
     batch = batch_gpu * world
@@ -69,7 +71,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         data=data, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}),
         network=edm2.preset_network_kwargs(preset, precision=precision), duration=batch * steps, batch=batch,
         batch_gpu=batch_gpu, status=batch * interval, snapshot=0, checkpoint=0, workers=workers,
-        compile=compile_net, channels_last=channels_last,
+        compile=compile_net, channels_last=channels_last, fused_step=fused_step,
     )
     c["loss"].update(t["loss"])
     c["lr"].update(t["lr"])
@@ -84,7 +86,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         img_s = sum(s["img_per_s"] for s in steady) / len(steady)
         print(json.dumps(dict(
             benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
-            steps=steps, compile=compile_net, channels_last=channels_last, img_per_s=round(img_s, 1),
+            steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step, img_per_s=round(img_s, 1),
             img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
             tflop_per_s=round(flops * img_s / 1e12, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
             fraction_of_peak=None if peak is None else round(flops * img_s / world / 1e12 / peak, 3),

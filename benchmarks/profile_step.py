@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py --preset edm2-img512-s --batch 64 --compile
 
 A training step here is what `training_loop` does per optimizer step (forward, EDM2 loss, backward,
-non-finite gradients zeroed, fused Adam, forced weight normalization, two power-function EMAs). Each part is
+non-finite gradients zeroed, Adam, forced weight normalization, two power-function EMAs: training/post_step.py). Each part is
 timed with CUDA events, then torch.profiler sums the kernels of a few steps by kind (convolution, matrix
 product, attention, generated Triton code, other elementwise, optimizer, copies), so one can see how far the
 step is from the matrix-product bound. `--sample` profiles one no-grad network evaluation at the sampling batch.
@@ -26,9 +26,10 @@ import edm2  # noqa: E402
 from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
 from training.loss import EDM2Loss, reduce_batch_loss  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
-from training.training_loop import zero_nonfinite_grads_  # noqa: E402
+from training.post_step import PostStep  # noqa: E402
 
 KINDS = [  # first match wins; kernel names are lower-cased
+    ("post_step", ("_post_step_rows",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("convolution", ("conv", "dgrad", "wgrad", "fprop", "implicit", "nhwc", "xmma", "cudnn")),
@@ -88,11 +89,17 @@ def cuda_timer():
 @click.option("--cudnn-benchmark/--no-cudnn-benchmark", "cudnn_benchmark", default=True, show_default=True)
 @click.option("--sample", is_flag=True, help="Profile a no-grad evaluation (sampling) instead of a training step")
 @click.option("--steps", type=int, default=8, show_default=True, help="Timed steps after warm-up")
-def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, sample, steps) -> None:
+@click.option("--post-step", "post_step_kind", type=click.Choice(["fused", "plain"]), default="fused", show_default=True)
+@click.option("--weights-channels-last", is_flag=True, help="Store 4-D weights channels-last (their gradients come out so)")
+@click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
+def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, sample, steps, post_step_kind,
+         weights_channels_last, trace) -> None:
     torch.backends.cudnn.benchmark = cudnn_benchmark
     dev = torch.device("cuda")
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(dev)
+    if weights_channels_last:
+        net.to(memory_format=torch.channels_last)
     net.channels_last = channels_last
     gflop = flops_per_image(net.train(not sample), train=not sample) / 1e9
     x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
@@ -100,7 +107,8 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
     model = torch.compile(net, mode=mode) if compile_net else net
     t_compile = time.perf_counter()
     result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode, channels_last=channels_last,
-                  cudnn_benchmark=cudnn_benchmark, sample=sample, gflop_per_img=round(gflop, 1))
+                  cudnn_benchmark=cudnn_benchmark, sample=sample, gflop_per_img=round(gflop, 1),
+                  post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last)
 
     if sample:
         net.eval().requires_grad_(False)
@@ -112,10 +120,12 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
 
         names = ["eval"]
     else:
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8, fused=True)
+        fused = post_step_kind == "fused"
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8, fused=not fused)
         ema = PowerFunctionEMA(net, [0.05, 0.10])
+        post_step = PostStep(net, optimizer, ema, fused=fused)
         loss_fn = EDM2Loss()
-        nimg = [0]
+        nimg = [100 * batch]
 
         def work(mark=lambda: None):
             optimizer.zero_grad(set_to_none=True)
@@ -123,17 +133,11 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
             loss = loss_fn(model, x, labels)
             reduce_batch_loss(loss, batch).backward()
             mark()
-            zero_nonfinite_grads_(net)
-            mark()
-            optimizer.step()
-            mark()
-            net.normalize_weights_()
-            mark()
             nimg[0] += batch
-            ema.update(net, nimg[0] + 100 * batch, batch)
+            post_step(nimg[0], batch)  # nan_to_num + Adam + forced WN + 2 EMAs
             mark()
 
-        names = ["forward_backward", "zero_nonfinite", "adam", "normalize_weights", "ema"]
+        names = ["forward_backward", "post_step"]
 
     for _ in range(3):
         work()
@@ -163,6 +167,19 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
             work()
         torch.cuda.synchronize()
     result.update(kernel_table(prof, 3))
+    if trace:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+            work()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(trace.removesuffix(".gz"))
+        if trace.endswith(".gz"):
+            import gzip
+            import shutil
+
+            with open(trace.removesuffix(".gz"), "rb") as f, gzip.open(trace, "wb") as g:
+                shutil.copyfileobj(f, g)
+            os.remove(trace.removesuffix(".gz"))
     print(json.dumps(result))
 
 

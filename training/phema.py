@@ -195,11 +195,14 @@ class PowerFunctionEMA:
         self.exps = [float(std_to_exp(s)) for s in stds]
         self.emas = [_frozen_copy(net) for _ in stds]
 
+    def betas(self, cur_nimg: int, batch_size: int) -> list[float]:
+        """The decay of each EMA for the step that brought training to cur_nimg images (Eq. 127)."""
+        _check_step(cur_nimg, batch_size, "PowerFunctionEMA")
+        return [(1 - batch_size / cur_nimg) ** (g + 1) for g in self.exps]
+
     @torch.no_grad()
     def update(self, net: torch.nn.Module, cur_nimg: int, batch_size: int) -> None:
-        _check_step(cur_nimg, batch_size, "PowerFunctionEMA")
-        for ema, g in zip(self.emas, self.exps):
-            beta = (1 - batch_size / cur_nimg) ** (g + 1)  # Eq. 127
+        for ema, beta in zip(self.emas, self.betas(cur_nimg, batch_size)):
             _blend_into(ema, net, beta)
 
     def ema_networks(self) -> list[tuple[float, torch.nn.Module]]:

@@ -29,6 +29,7 @@ from .encoders import encoder_from_config
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .phema import PowerFunctionEMA
+from .post_step import PostStep, fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from .schedule import learning_rate_schedule
 
 CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
@@ -37,6 +38,7 @@ OPTIONS_FILE = "training_options.json"
 # Options that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = (
     "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last", "instruments",
+    "fused_step",
 )
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
 
@@ -65,6 +67,7 @@ def default_config() -> dict[str, Any]:
         compile=False,  # torch.compile the network for training (minutes of compilation, then faster steps)
         channels_last=None,  # NHWC activations; None = on CUDA
         instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
+        fused_step=None,  # Adam + forced weight normalization + EMA updates in one Triton kernel; None = on CUDA
     )
 
 
@@ -163,13 +166,6 @@ def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, A
     return dataset, encoder, net
 
 
-def zero_nonfinite_grads_(net: torch.nn.Module) -> None:
-    """Replace NaN / inf gradient elements by zero (the reference's guard against rare fp16 overflows)."""
-    for p in net.parameters():
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0, posinf=0, neginf=0)
-
-
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
@@ -219,12 +215,18 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     dataset, encoder, net = build_dataset_and_net(config)
     torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
     net.to(device).train()
+    fused_step = config.get("fused_step")
+    fused_step = device.type == "cuda" and fused_available(device) if fused_step is None else bool(fused_step)
     optimizer = torch.optim.Adam(
         net.parameters(), lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"],
-        fused=device.type == "cuda",  # one kernel for all parameters
+        fused=device.type == "cuda" and not fused_step,  # torch's one-kernel Adam when ours is off
     )
     net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
     ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
+    try:
+        post_step = PostStep(net, optimizer, ema, fused=fused_step)
+    except ValueError as e:
+        raise TrainingError(f"--fused-step: {e}") from e
     use_instruments = config.get("instruments")
     use_instruments = not config.get("compile") if use_instruments is None else bool(use_instruments)
     instruments = SkipInstruments(net)  # ScaleLong figures per skip and stage on status steps
@@ -300,12 +302,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                     reduce_batch_loss(loss, batch // world).backward()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()
-            zero_nonfinite_grads_(net)
-            optimizer.step()
-            net.normalize_weights_()  # forced weight normalization (Eq. 66)
+            post_step(cur_nimg + batch, batch)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
-            if ema is not None:
-                ema.update(net, cur_nimg, batch)
 
             stopping = stop.raised
             if world > 1:  # agree every few steps: each agreement waits for the GPU

@@ -1,0 +1,159 @@
+"""The floor under a training step and a sampling evaluation: every matrix-heavy operation of the network
+(convolutions, linear layers, attention), timed alone at its real shape, fprop / dgrad / wgrad; prints JSON.
+
+    python benchmarks/conv_ceiling.py --preset edm2-img512-s --batch 64 --precision fp16
+
+A forward pass records each MPConv call's input and weight shape and each attention call's shape; each
+distinct shape is then timed in isolation (cuDNN autotuned, channels-last, CUDA events, median of repeats),
+and the times are summed with their multiplicities. The sum is what the step would cost if every
+elementwise operation were free: the measured step time over this sum is the overhead left to remove, and
+FLOPs over this sum is the best TFLOP/s these kernels allow.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+
+import click
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import edm2  # noqa: E402
+from benchmarks.common import matmul_peak_tflops  # noqa: E402
+from networks import mp  # noqa: E402
+
+
+def record_shapes(net: torch.nn.Module, batch: int) -> tuple[collections.Counter, collections.Counter]:
+    """Multiplicities of (input shape, weight shape) per MPConv call and of (N, heads, tokens, head dim) per attention."""
+    convs, attns = collections.Counter(), collections.Counter()
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: convs.update([(tuple(args[0].shape), tuple(m.weight.shape))]))
+        for m in net.modules()
+        if isinstance(m, mp.MPConv)
+    ]
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        attns.update([tuple(q.shape)])
+        return sdpa(q, k, v, *a, **kw)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        dev = next(net.parameters()).device
+        x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
+        labels = torch.randint(0, net.label_dim, [batch], device=dev) if net.label_dim else None
+        with torch.no_grad():
+            net(x, torch.ones([batch], device=dev), labels)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    return convs, attns
+
+
+def time_ms(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def conv_parts(xs: tuple, ws: tuple, dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    """(ms, GFLOP) of fprop, dgrad and wgrad of one call."""
+    dev = torch.device("cuda")
+    if len(ws) == 2:  # linear: [N, in] x [in, out]
+        x = torch.randn(xs, device=dev, dtype=dtype)
+        w = torch.randn(ws, device=dev, dtype=dtype)
+        g = torch.randn([xs[0], ws[0]], device=dev, dtype=dtype)
+        flop = 2 * xs[0] * ws[0] * ws[1] / 1e9
+        return dict(fprop=(time_ms(lambda: x @ w.t()), flop), dgrad=(time_ms(lambda: g @ w), flop),
+                    wgrad=(time_ms(lambda: g.t() @ x), flop))
+    cl = torch.channels_last
+    x = torch.randn(xs, device=dev, dtype=dtype).contiguous(memory_format=cl)
+    w = torch.randn(ws, device=dev, dtype=dtype).contiguous(memory_format=cl)
+    pad = ws[-1] // 2
+    y = F.conv2d(x, w, padding=pad)
+    g = torch.randn_like(y).contiguous(memory_format=cl)
+    flop = 2 * y.numel() * ws[1] * ws[2] * ws[3] / 1e9
+    args = (g, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1)
+    bwd = torch.ops.aten.convolution_backward
+    return dict(
+        fprop=(time_ms(lambda: F.conv2d(x, w, padding=pad)), flop),
+        dgrad=(time_ms(lambda: bwd(*args, [True, False, False])), flop),
+        wgrad=(time_ms(lambda: bwd(*args, [False, True, False])), flop),
+    )
+
+
+def attn_parts(shape: tuple, dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    n, h, t, d = shape
+    flop = 4 * n * h * t * t * d / 1e9
+    o = F.scaled_dot_product_attention(q, k, v)
+    go = torch.randn_like(o)
+    fwd = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+
+    def fb():
+        torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), go)
+
+    return dict(fprop=(fwd, flop), backward=(max(time_ms(fb) - fwd, 0.0), 2.5 * flop))
+
+
+@click.command()
+@click.option("--preset", default="edm2-img512-s", show_default=True)
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--precision", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--top", type=int, default=12, show_default=True, help="Shapes listed, costliest first")
+@click.option("--benchmark-limit", type=int, default=None, help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
+def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int | None) -> None:
+    torch.backends.cudnn.benchmark = True
+    if benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = benchmark_limit
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    torch.manual_seed(0)
+    net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).cuda().eval()
+    convs, attns = record_shapes(net, batch)
+    del net
+    totals = collections.Counter()
+    flops = collections.Counter()
+    rows = []
+    for (xs, ws), count in convs.items():
+        for part, (ms, gf) in conv_parts(xs, ws, dtype).items():
+            totals[part] += ms * count
+            flops[part] += gf * count
+            rows.append(dict(op="linear" if len(ws) == 2 else "conv", x=list(xs), w=list(ws), part=part, count=count,
+                             ms=round(ms, 4), tflop_per_s=round(gf / ms, 1)))
+    for shape, count in attns.items():
+        for part, (ms, gf) in attn_parts(shape, dtype).items():
+            key = "attn_" + part
+            totals[key] += ms * count
+            flops[key] += gf * count
+            rows.append(dict(op="attention", q=list(shape), part=part, count=count, ms=round(ms, 4),
+                             tflop_per_s=round(gf / max(ms, 1e-9), 1)))
+    rows.sort(key=lambda r: -r["ms"] * r["count"])
+    fwd = totals["fprop"] + totals["attn_fprop"]
+    train = sum(totals.values())
+    peak = matmul_peak_tflops()
+    print(json.dumps(dict(
+        benchmark="conv_ceiling", preset=preset, batch=batch, precision=precision, matmul_peak_tflop_per_s=round(peak, 1),
+        cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit,
+        parts_ms={k: round(v, 2) for k, v in totals.items()}, parts_tflop_per_s={k: round(flops[k] / totals[k], 1) for k in totals if totals[k] > 0},
+        forward_floor_ms=round(fwd, 2), train_floor_ms=round(train, 2),
+        sampling_img_per_s_bound_63_evals=round(batch / (fwd * 63 / 1e3), 1), training_img_per_s_bound=round(batch / train * 1e3, 1),
+        costliest=rows[:top], device=torch.cuda.get_device_name(), torch=torch.__version__,
+    )))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The fused post-step (training/post_step.py) against its definition: nan_to_num, torch.optim.Adam,
+forced weight normalization and the power-function EMA updates, run one after the other.
+
+The Triton kernel runs here in Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which must be set
+before Triton is imported); on a GPU, benchmarks/check_cuda.py runs the same comparison compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edm2
+from training.phema import PowerFunctionEMA
+from training.post_step import PostStep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMPARE = r"""
+import copy, json, torch
+import edm2
+from training.phema import PowerFunctionEMA
+from training.post_step import PostStep
+
+torch.manual_seed(0)
+net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=[1, 2],
+                   num_blocks=1, attn_resolutions=[4])
+conv = net.unet.enc["8x8_block0"].conv_res0
+conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)  # a channels-last weight too
+runs = []
+for fused in (False, True):
+    n = copy.deepcopy(net)
+    opt = torch.optim.Adam(n.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    ema = PowerFunctionEMA(n, [0.05, 0.10, 0.15])
+    runs.append((n, opt, ema, PostStep(n, opt, ema, fused=fused)))
+grads = []
+for step in range(3):
+    gen = torch.Generator().manual_seed(step)
+    grads.append([torch.randn(p.shape, generator=gen) * 10 ** (step - 2) for p in net.parameters()])
+    big = next(i for i, p in enumerate(net.parameters()) if p.numel() >= 3)
+    grads[-1][big].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+for n, opt, ema, post in runs:
+    for step, gs in enumerate(grads):
+        for p, g in zip(n.parameters(), gs):
+            p.grad = g.clone()  # contiguous: for the channels-last weight the kernel must re-lay it out
+        for group in opt.param_groups:
+            group["lr"] = 0.01 / (step + 1)
+        post((step + 1) * 8, 8)
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+(a, oa, ea, pa), (b, ob, eb, pb) = runs
+sa, sb = oa.state_dict(), ob.state_dict()
+out = dict(
+    fused=pb.fused,
+    params=max(rel(y, x) for x, y in zip(a.parameters(), b.parameters())),
+    emas=max(rel(y, x) for e, f in zip(ea.emas, eb.emas) for x, y in zip(e.parameters(), f.parameters())),
+    exp_avg=max(rel(sb["state"][k]["exp_avg"], sa["state"][k]["exp_avg"]) for k in sa["state"]),
+    exp_avg_sq=max(rel(sb["state"][k]["exp_avg_sq"], sa["state"][k]["exp_avg_sq"]) for k in sa["state"]),
+    steps=sorted({float(s["step"]) for s in sb["state"].values()}),
+    same_state_keys=sorted(sa["state"]) == sorted(sb["state"]) and all(
+        sorted(sa["state"][k]) == sorted(sb["state"][k]) for k in sa["state"]),
+    finite=all(bool(torch.isfinite(p).all()) for p in b.parameters()),
+    unit_rows=max(float((w.flatten(1).norm(dim=1) / w[0].numel() ** 0.5 - 1).abs().max())
+                  for m in b.modules() if isinstance(m, edm2.MPConv) for w in [m.weight]),
+    channels_last=b.unet.enc["8x8_block0"].conv_res0.weight.is_contiguous(memory_format=torch.channels_last),
+)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", COMPARE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_fused_step_matches_the_library_calls(interpreted):
+    r = interpreted
+    assert r["fused"]
+    # Same gradients in, so only float rounding separates them (the kernel's norm and lerp round differently).
+    assert r["params"] < 1e-5, r
+    assert r["emas"] < 1e-5, r
+    assert r["exp_avg"] < 1e-6 and r["exp_avg_sq"] < 1e-6, r
+    assert r["finite"], "NaN / inf gradient elements must be zeroed"
+
+
+def test_fused_step_keeps_adam_state_format_and_forced_normalization(interpreted):
+    r = interpreted
+    assert r["steps"] == [3.0], r  # every parameter's step counted, as torch.optim.Adam counts it
+    assert r["same_state_keys"], "checkpoints must look the same on either path"
+    assert r["unit_rows"] < 2e-4, r  # Eq. 66: every output unit at norm sqrt(fan_in), up to eps (1e-4 here)
+    assert r["channels_last"], "a channels-last weight keeps its layout"
+
+
+def test_plain_post_step_is_the_sequence_of_library_calls():
+    torch.manual_seed(0)
+    net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=16, channel_mult=[1, 2],
+                       num_blocks=1, attn_resolutions=[4])  # fmt: skip
+    ref = __import__("copy").deepcopy(net)
+    grads = [torch.randn_like(p) for p in net.parameters()]
+    grads[-1].view(-1)[0] = float("nan")
+    for n in (net, ref):
+        for p, g in zip(n.parameters(), grads):
+            p.grad = g.clone()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    ema = PowerFunctionEMA(net, [0.05])
+    PostStep(net, opt, ema, fused=False)(16, 8)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    ref_ema = PowerFunctionEMA(ref, [0.05])
+    for p in ref.parameters():
+        torch.nan_to_num_(p.grad, nan=0, posinf=0, neginf=0)
+    ref_opt.step()
+    ref.normalize_weights_()
+    ref_ema.update(ref, 16, 8)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.emas[0].parameters(), ref_ema.emas[0].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_post_step_rejects_what_it_cannot_do(monkeypatch):
+    net = edm2.Precond(img_resolution=8, img_channels=2, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                       attn_resolutions=[4])  # fmt: skip
+    opt = torch.optim.Adam(list(net.parameters())[1:], lr=0.01)
+    with pytest.raises(ValueError, match="the network's parameters"):
+        PostStep(net, opt)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=0.1)
+    with pytest.raises(ValueError, match="plain Adam"):
+        PostStep(net, opt)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="Triton"):
+        PostStep(net, opt, fused=True)  # CPU parameters, no interpreter
