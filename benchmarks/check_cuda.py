@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from conftest import build_reference_net, load_reference  # noqa: E402
+from networks import Precond  # noqa: E402
 from training import EDM2Loss  # noqa: E402
 
 
@@ -41,6 +42,13 @@ def main() -> None:
         res["compiled_fp32_vs_reference"] = rel(compiled(x, sigma, labels), out_D)
         net.precision = "fp16"
         res["compiled_fp16_vs_reference"] = rel(torch.compile(net, fullgraph=True)(x, sigma, labels), out_D)
+        net.channels_last = True  # the training layout: NHWC activations and weights
+        net.to(memory_format=torch.channels_last)
+        res["channels_last_fp16_vs_reference"] = rel(net(x, sigma, labels), out_D)
+        compiled = torch.compile(net, fullgraph=True)
+        res["compiled_channels_last_fp16_vs_reference"] = rel(compiled(x, sigma, labels), out_D)
+        net.channels_last = False
+        net.to(memory_format=torch.contiguous_format)
     # A compiled training step from the fixture's trainin/* weights: gradients match the reference and eager.
     net.precision = "fp32"
     state = net.state_dict()
@@ -58,10 +66,14 @@ def main() -> None:
     grad_ref = torch.cat([torch.from_numpy(ref["grad/" + n]).flatten() for n, _ in net.named_parameters()]).to(dev)
     res["eager_grad_vs_reference"] = rel(grads[0], grad_ref)
     res.update(check_post_step(net))
+    # Rows of up to 256 * 2 * 9 = 4608 elements: several 1024-element chunks per program, a ragged last one.
+    wide = Precond(img_resolution=16, img_channels=4, label_dim=10, model_channels=128, channel_mult=[1, 2],
+                   num_blocks=1, attn_resolutions=[8]).to(dev)
+    res.update(check_post_step(wide, "wide_"))
     print(json.dumps(res, indent=1))
 
 
-def check_post_step(net: torch.nn.Module) -> dict:
+def check_post_step(net: torch.nn.Module, prefix: str = "") -> dict:
     """The fused post-step kernel (compiled for the GPU) against the library calls, 5 steps from the same
     gradients (NaN / inf included), on a channels-last and a contiguous copy of the network."""
     import copy
@@ -89,8 +101,8 @@ def check_post_step(net: torch.nn.Module) -> dict:
                         memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
                 post((step + 1) * 64, 64)
         (a, ea, _), (b, eb, pb) = runs
-        out[f"post_step_fused_{layout}_params_vs_plain"] = max(rel(y, x) for x, y in zip(a.parameters(), b.parameters()))
-        out[f"post_step_fused_{layout}_ema_vs_plain"] = max(
+        out[f"{prefix}post_step_fused_{layout}_params_vs_plain"] = max(rel(y, x) for x, y in zip(a.parameters(), b.parameters()))
+        out[f"{prefix}post_step_fused_{layout}_ema_vs_plain"] = max(
             rel(y, x) for e, f in zip(ea.emas, eb.emas) for x, y in zip(e.parameters(), f.parameters()))
     return out
 

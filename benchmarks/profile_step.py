@@ -90,7 +90,8 @@ def cuda_timer():
 @click.option("--sample", is_flag=True, help="Profile a no-grad evaluation (sampling) instead of a training step")
 @click.option("--steps", type=int, default=8, show_default=True, help="Timed steps after warm-up")
 @click.option("--post-step", "post_step_kind", type=click.Choice(["fused", "plain"]), default="fused", show_default=True)
-@click.option("--weights-channels-last", is_flag=True, help="Store 4-D weights channels-last (their gradients come out so)")
+@click.option("--weights-channels-last/--no-weights-channels-last", "weights_channels_last", default=True, show_default=True,
+              help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
 def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, sample, steps, post_step_kind,
          weights_channels_last, trace) -> None:

@@ -151,9 +151,12 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     that official weights load unchanged). Returns [N, C, H, W].
     """
     n, c3, h, w = qkv.shape
-    y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)
+    # Token-major view [N, HW, heads, C/heads, 3]: free for channels-last activations (the CUDA layout), so the
+    # gradients flowing back into the qkv and output convolutions come out channels-last too, with no transposes.
+    y = qkv.permute(0, 2, 3, 1).reshape(n, h * w, num_heads, c3 // (3 * num_heads), 3)
     # SDPA wants [N, heads, tokens, C/heads]; its default scale 1/sqrt(C/heads) is the reference's. Contiguous
     # channels let it take the flash kernel (the math fallback materializes the [tokens, tokens] scores).
-    q, k, v = normalize(y, dim=2).permute(3, 0, 1, 4, 2).contiguous().unbind(0)  # each [N, heads, HW, C/heads]
+    q, k, v = normalize(y, dim=3).permute(4, 0, 2, 1, 3).contiguous().unbind(0)  # each [N, heads, HW, C/heads]
     o = F.scaled_dot_product_attention(q, k, v)
-    return o.transpose(2, 3).reshape(n, c3 // 3, h, w)
+    o = o.transpose(1, 2).reshape(n, h, w, c3 // 3).permute(0, 3, 1, 2)  # [N, C, H, W], stored channels-last
+    return o if qkv.is_contiguous(memory_format=torch.channels_last) else o.contiguous()

@@ -149,4 +149,13 @@ def test_channels_last_gives_the_same_result(ref):
         plain = net(x, sigma, labels)
         net.channels_last = True
         nhwc = net(x, sigma, labels)
-    assert rel_err(nhwc, plain) < 1e-5
+        net.to(memory_format=torch.channels_last)  # weights too, as training on CUDA stores them
+        nhwc_weights = net(x, sigma, labels)
+    assert rel_err(nhwc, plain) < 1e-5 and rel_err(nhwc_weights, plain) < 1e-5
+    grads = []
+    for channels_last in (False, True):  # gradients (attention included) do not depend on the layout either
+        net.channels_last = channels_last
+        net.zero_grad()
+        net(x, sigma, labels).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert rel_err(grads[1], grads[0]) < 1e-5

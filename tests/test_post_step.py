@@ -24,8 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARE = r"""
 import copy, json, torch
 import edm2
+import training.post_step
 from training.phema import PowerFunctionEMA
 from training.post_step import PostStep
+
+training.post_step.SUB = 128  # rows of 144..576 elements: several chunks each, and a ragged last chunk
 
 torch.manual_seed(0)
 net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=[1, 2],

@@ -157,6 +157,18 @@ def test_accumulation_rounds_equal_one_round(tmp_path, data):
     assert_states_equal(final_state(tmp_path / "one")[1], final_state(tmp_path / "acc")[1], atol=1e-5)
 
 
+def test_channels_last_weights_train_like_contiguous_ones_and_resume_across_layouts(tmp_path, data):
+    plain = run_cli(train_args(tmp_path / "plain", data, duration=96, batch=8))
+    assert plain.returncode == 0, plain.stderr
+    nhwc = tmp_path / "nhwc"  # weights and activations channels-last (the CUDA default) for 64 images, then not
+    first = run_cli(train_args(nhwc, data, duration=64, batch=8, checkpoint=64) + ["--channels-last"])
+    assert first.returncode == 0, first.stderr
+    second = run_cli(train_args(nhwc, data, duration=96, batch=8) + ["--no-channels-last"])
+    assert second.returncode == 0, second.stderr
+    assert "Resuming from 64 images" in second.stdout
+    assert_states_equal(final_state(tmp_path / "plain")[1], final_state(nhwc)[1], atol=1e-5)
+
+
 # --- command line and bad input (in process) -------------------------------------------------------------
 
 

@@ -4,11 +4,12 @@ zero, Adam, forced weight normalization (Eq. 66) and the power-function EMA upda
 `PostStep(..., fused=False)` runs the library calls one after the other (torch.nan_to_num_, torch.optim.Adam,
 `Precond.normalize_weights_`, `PowerFunctionEMA.update`): that is the definition, and it runs anywhere.
 `fused=True` computes the same thing with a Triton kernel (CUDA): each program owns one row of a parameter (one
-output unit of a weight: the unit whose norm forced weight normalization fixes), loads the weight, gradient and
-both Adam moments once, applies Adam, normalizes the row, stores it, then blends it into every EMA copy. That
-is 4 + 2k reads and 3 + k writes per element (k EMAs) in one launch per row-length bucket. The separate calls
-take about twice the memory traffic and hundreds of small launches: 8.9 ms against 3 ms a step for EDM2-S on
-an H200 (benchmarks/profile_step.py).
+output unit of a weight: the unit whose norm forced weight normalization fixes). It walks the row in chunks of
+1024 elements twice: first Adam (weight, gradient and both moments loaded once, stored once) and the row's sum
+of squares, then the normalization of the row, read back from cache, and the blend into every EMA copy. From
+memory that is 4 + k reads and 3 + k writes per element (k EMAs) in one launch per row-length bucket, against
+about twice that traffic and hundreds of small launches for the separate calls (benchmarks/profile_step.py
+--post-step fused|plain measures both).
 
 The Adam state stays in the torch.optim.Adam object (state 'step', 'exp_avg', 'exp_avg_sq'), so checkpoints
 look the same on either path and resume on the other.
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 MAX_EMAS = 4  # EMA copies one launch updates; more fall back to the plain path
 CHUNK = 1024  # parameters that are not normalized are processed in rows of at most this many elements
+SUB = 1024  # elements a program handles at once (4 warps, 8 per thread): rows are walked in chunks of this
 P, G, M, V, E0 = 0, 1, 2, 3, 4  # rows of the pointer table: weight, gradient, Adam moments, first EMA copy
 
 
@@ -55,13 +57,28 @@ if triton is not None:
     _NORM_EPS = tl.constexpr(NORM_EPS)
 
     @triton.jit
+    def _ema_lerp(bases, num_params, i, off, offs, mask, p, k: tl.constexpr, w0, w1, w2, w3):
+        """EMA copy k of the row chunk: ema.lerp_(p, w), as torch computes lerp."""
+        w = w0
+        if k == 1:
+            w = w1
+        if k == 2:
+            w = w2
+        if k == 3:
+            w = w3
+        e_ptr = tl.load(bases + (_E0 + k) * num_params + i).to(tl.pointer_type(tl.float32)) + off
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0)
+        e = tl.where(w < 0.5, e + w * (p - e), p - (p - e) * (1 - w))
+        tl.store(e_ptr + offs, e, mask=mask)
+
+    @triton.jit
     def _post_step_rows(
         bases,  # int64 [4 + NUM_EMA, num_params]: data pointers of weight, grad, exp_avg, exp_avg_sq, EMA copies
         num_params,  # row stride of `bases`
         row_param,  # int32 [rows]: which parameter each row belongs to
         row_offset,  # int64 [rows]: first element of the row in its parameter
         row_len,  # int32 [rows]: elements in the row (<= BLOCK)
-        row_scale,  # float32 [rows]: 1/sqrt(fan-in) for rows that forced weight normalization rescales, else 0
+        row_scale,  # float32 [rows]: 1/sqrt(fan-in), the scale of the row norm (read when NORMALIZE)
         step_size,  # lr / (1 - beta1^step)
         bias2_sqrt,  # sqrt(1 - beta2^step)
         beta1,
@@ -72,48 +89,49 @@ if triton is not None:
         ema_w2,
         ema_w3,
         NUM_EMA: tl.constexpr,
-        BLOCK: tl.constexpr,
+        NORMALIZE: tl.constexpr,  # rows are output units of an MPConv weight: forced weight normalization
+        BLOCK: tl.constexpr,  # row length rounded up to a power of two
+        SUB: tl.constexpr,  # elements per chunk: the row is walked in BLOCK // SUB unrolled chunks
     ):
         r = tl.program_id(0)
         i = tl.load(row_param + r)
         off = tl.load(row_offset + r)
         n = tl.load(row_len + r)
-        scale = tl.load(row_scale + r)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n
         p_ptr = tl.load(bases + _P * num_params + i).to(tl.pointer_type(tl.float32)) + off
         g_ptr = tl.load(bases + _G * num_params + i).to(tl.pointer_type(tl.float32)) + off
         m_ptr = tl.load(bases + _M * num_params + i).to(tl.pointer_type(tl.float32)) + off
         v_ptr = tl.load(bases + _V * num_params + i).to(tl.pointer_type(tl.float32)) + off
-
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(tl.abs(g) < float("inf"), g, 0.0)  # NaN and +-inf -> 0
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        # Adam, in torch.optim.Adam's order of operations.
-        m = m + (1 - beta1) * (g - m)
-        v = v * beta2 + (1 - beta2) * g * g
-        p = p - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
-        # Forced weight normalization of the row (Eq. 66): p / (eps + ||p|| / sqrt(fan_in)).
-        norm = _NORM_EPS + tl.sqrt(tl.sum(p * p, 0)) * scale
-        p = tl.where(scale > 0, p / norm, p)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        tl.store(p_ptr + offs, p, mask=mask)
-        for k in tl.static_range(NUM_EMA):  # ema.lerp_(p, w), as torch computes lerp
-            w = ema_w0
-            if k == 1:
-                w = ema_w1
-            if k == 2:
-                w = ema_w2
-            if k == 3:
-                w = ema_w3
-            e_ptr = tl.load(bases + (_E0 + k) * num_params + i).to(tl.pointer_type(tl.float32)) + off
-            e = tl.load(e_ptr + offs, mask=mask, other=0.0)
-            e = tl.where(w < 0.5, e + w * (p - e), p - (p - e) * (1 - w))
-            tl.store(e_ptr + offs, e, mask=mask)
-
+        # Pass 1: Adam, in torch.optim.Adam's order of operations, and the row's sum of squares. Chunks keep few
+        # registers per thread, so many rows are in flight per SM and their memory latency overlaps.
+        acc = tl.zeros([SUB], dtype=tl.float32)
+        for c in tl.static_range(BLOCK // SUB):
+            offs = c * SUB + tl.arange(0, SUB)
+            mask = offs < n
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+            g = tl.where(tl.abs(g) < float("inf"), g, 0.0)  # NaN and +-inf -> 0
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+            v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+            m = m + (1 - beta1) * (g - m)
+            v = v * beta2 + (1 - beta2) * g * g
+            p = p - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+            tl.store(m_ptr + offs, m, mask=mask)
+            tl.store(v_ptr + offs, v, mask=mask)
+            tl.store(p_ptr + offs, p, mask=mask)  # with NORMALIZE, read back below by the same threads (cached)
+            acc += p * p
+            if not NORMALIZE:
+                for k in tl.static_range(NUM_EMA):
+                    _ema_lerp(bases, num_params, i, off, offs, mask, p, k, ema_w0, ema_w1, ema_w2, ema_w3)
+        if NORMALIZE:
+            # Pass 2: forced weight normalization of the row (Eq. 66), p / (eps + ||p|| / sqrt(fan_in)), then EMAs.
+            norm = _NORM_EPS + tl.sqrt(tl.sum(acc, 0)) * tl.load(row_scale + r)
+            for c in tl.static_range(BLOCK // SUB):
+                offs = c * SUB + tl.arange(0, SUB)
+                mask = offs < n
+                p = tl.load(p_ptr + offs, mask=mask, other=0.0) / norm
+                tl.store(p_ptr + offs, p, mask=mask)
+                for k in tl.static_range(NUM_EMA):
+                    _ema_lerp(bases, num_params, i, off, offs, mask, p, k, ema_w0, ema_w1, ema_w2, ema_w3)
 
 def _rows(p: torch.Tensor, normalized: bool) -> tuple[list[int], list[int], float]:
     """Row offsets and lengths of one parameter, and the normalization scale of its rows."""
@@ -177,23 +195,23 @@ class PostStep:
     def _build_rows(self) -> None:
         """Rows of every parameter, grouped by the power of two that holds them (one launch per group)."""
         normalized = {id(m.weight) for m in self.net.modules() if isinstance(m, MPConv)}
-        buckets: dict[int, tuple[list, list, list, list]] = {}
+        buckets: dict[tuple[int, bool], tuple[list, list, list, list]] = {}
         for index, p in enumerate(self.params):
             if p.dtype != torch.float32 or not _dense(p):
                 raise ValueError(f"PostStep: fused=True needs dense float32 parameters, got {p.dtype} {p.stride()}")
             starts, lengths, scale = _rows(p, id(p) in normalized)
             for start, length in zip(starts, lengths):
                 block = max(16, triton.next_power_of_2(length))
-                rows = buckets.setdefault(block, ([], [], [], []))
+                rows = buckets.setdefault((block, scale > 0), ([], [], [], []))
                 rows[0].append(index)
                 rows[1].append(start)
                 rows[2].append(length)
                 rows[3].append(scale)
         dev = self.params[0].device
         self.buckets = [
-            (block, torch.tensor(a, dtype=torch.int32, device=dev), torch.tensor(b, dtype=torch.int64, device=dev),
+            (block, normalize, torch.tensor(a, dtype=torch.int32, device=dev), torch.tensor(b, dtype=torch.int64, device=dev),
              torch.tensor(c, dtype=torch.int32, device=dev), torch.tensor(d, dtype=torch.float32, device=dev))
-            for block, (a, b, c, d) in sorted(buckets.items())
+            for (block, normalize), (a, b, c, d) in sorted(buckets.items())
         ]  # fmt: skip
 
     def _state(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
@@ -246,11 +264,12 @@ class PostStep:
         w = [1 - b for b in betas] + [0.0] * (MAX_EMAS - len(betas))
         step_size = lr / (1 - beta1**step)
         bias2_sqrt = math.sqrt(1 - beta2**step)
-        for block, row_param, row_offset, row_len, row_scale in self.buckets:
+        for block, normalize, row_param, row_offset, row_len, row_scale in self.buckets:
+            sub = min(block, SUB)
             _post_step_rows[(row_param.numel(),)](
                 bases, len(self.params), row_param, row_offset, row_len, row_scale,
                 step_size, bias2_sqrt, beta1, beta2, group["eps"], *w,
-                NUM_EMA=len(emas), BLOCK=block, num_warps=max(1, min(16, block // 512)),
+                NUM_EMA=len(emas), NORMALIZE=normalize, BLOCK=block, SUB=sub, num_warps=max(1, sub // 256),
             )  # fmt: skip
         if self.ema is not None:  # buffers are not trained; copied as the plain path does
             for ema_net in self.ema.emas:

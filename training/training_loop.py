@@ -215,13 +215,15 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     dataset, encoder, net = build_dataset_and_net(config)
     torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
     net.to(device).train()
+    net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
+    if net.channels_last:  # weights laid out like their gradients: no transposes in backward or into .grad
+        net.to(memory_format=torch.channels_last)
     fused_step = config.get("fused_step")
     fused_step = device.type == "cuda" and fused_available(device) if fused_step is None else bool(fused_step)
     optimizer = torch.optim.Adam(
         net.parameters(), lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"],
         fused=device.type == "cuda" and not fused_step,  # torch's one-kernel Adam when ours is off
     )
-    net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
     ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
     try:
         post_step = PostStep(net, optimizer, ema, fused=fused_step)
@@ -239,6 +241,10 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     if state is not None:
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
+        for p in net.parameters():  # checkpoints hold contiguous moments: lay them out like the weights again
+            for key, value in optimizer.state.get(p, {}).items():
+                if key != "step" and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p).copy_(value)
         if ema is not None:
             ema.load_state_dict(state["ema"])
         cur_nimg, training_time = int(state["cur_nimg"]), float(state["training_time"])
