@@ -31,14 +31,10 @@ from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 @click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
 @click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None, help="[default: with --compile on CUDA]")
 @click.option("--gnet-preset", default=None, help="Guiding network's preset [default: --preset]")
-@click.option("--freezing", is_flag=True, help="Inductor freezing: parameters as constants (weights normalized once)")
+@click.option("--freezing/--no-freezing", "freezing", default=None, help="Weights as compile-time constants [default: with --compile on CUDA]")
 def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, channels_last: bool | None,
-         compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None, freezing: bool) -> None:
+         compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None, freezing: bool | None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if freezing:
-        from torch._inductor import config as inductor_config
-
-        inductor_config.freezing = True
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(device)
     gnet = None
@@ -46,7 +42,7 @@ def main(preset: str, batch: int, steps: int, precision: str, guidance: float, r
         gnet = edm2.Precond(**edm2.preset_network_kwargs(gnet_preset or preset, precision=precision)).to(device)
     flops = flops_per_image(net.eval(), train=False)
     gflop_g = flops_per_image(gnet.eval(), train=False) if gnet is not None else 0.0
-    prep = dict(compile=compile_net, channels_last=channels_last, cuda_graphs=cuda_graphs)
+    prep = dict(compile=compile_net, channels_last=channels_last, cuda_graphs=cuda_graphs, freezing=freezing)
     net = edm2.prepare_for_sampling(net, **prep)  # as generate.py does
     gnet = edm2.prepare_for_sampling(gnet, **prep) if gnet is not None else None
     noise = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -68,7 +64,7 @@ def main(preset: str, batch: int, steps: int, precision: str, guidance: float, r
     peak = matmul_peak_tflops()
     tflops = (flops * stats.net_evals + gflop_g * stats.gnet_evals) * batch / best / 1e12
     print(json.dumps(dict(
-        channels_last=channels_last, compile=compile_net, cuda_graphs=cuda_graphs, gnet_preset=gnet_preset if gnet else None,
+        channels_last=channels_last, compile=compile_net, cuda_graphs=cuda_graphs, gnet_preset=gnet_preset if gnet is not None else None,
         freezing=freezing,
         gflop_per_eval_per_img=round(flops / 1e9, 1), evals_per_s=round(evals * batch / best, 1),
         tflop_per_s=round(tflops, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),

@@ -29,23 +29,24 @@ from training.demo_data import write_demo_dataset  # noqa: E402
 from training.plot_stats import read_stats  # noqa: E402
 from training.training_loop import default_config, training_loop  # noqa: E402
 
-PATHS = {  # name: (precision, compile, channels_last)
-    "plain": ("fp32", False, False),
-    "fp16": ("fp16", True, True),
-    "bf16": ("bf16", True, True),
+PATHS = {  # name: (precision, compile, channels_last, fused post-step)
+    "plain": ("fp32", False, False, False),
+    "fp16": ("fp16", True, True, None),  # None: the training default (the fused kernel on CUDA)
+    "bf16": ("bf16", True, True, None),
 }
 # A U-Net of the EDM2 architecture sized for 32x32 data: four levels, attention at 16x16 and 8x8 (~21M parameters).
 NETWORK = dict(model_channels=64, channel_mult=[1, 2, 3, 4], num_blocks=2, attn_resolutions=[16, 8], channels_per_head=64)
 
 
 def curve_config(outdir: str, path: str, steps: int, batch: int) -> dict:
-    precision, compile_net, channels_last = PATHS[path]
+    precision, compile_net, channels_last, fused_step = PATHS[path]
     t = edm2.preset_training_kwargs("demo")
     c = default_config()
     c.update(
         data=write_demo_dataset(os.path.join(outdir, "demo-data.zip")),
         network=dict(NETWORK, precision=precision), duration=steps * batch, batch=batch, status=20 * batch,
-        snapshot=0, checkpoint=0, workers=4, compile=compile_net, channels_last=channels_last, instruments=False,
+        snapshot=0, checkpoint=0, workers=4, compile=compile_net, channels_last=channels_last, fused_step=fused_step,
+        instruments=False,
     )
     c["loss"].update(t["loss"])
     c["lr"].update(t["lr"])

@@ -87,14 +87,21 @@ def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
 
 
 def prepare_for_sampling(
-    net: torch.nn.Module, compile: bool = False, channels_last: bool | None = None, cuda_graphs: bool | None = None
+    net: torch.nn.Module,
+    compile: bool = False,
+    channels_last: bool | None = None,
+    cuda_graphs: bool | None = None,
+    freezing: bool | None = None,
 ) -> torch.nn.Module:
     """The network set up for fast sampling: eval mode, no parameter gradients, NHWC activations on CUDA
     (`channels_last` None = on CUDA), cuDNN picking its fastest algorithms for the fixed shapes, and with
     `compile` wrapped in torch.compile (tens of seconds once; the elementwise chains then run fused).
     `cuda_graphs` (None = with `compile` on CUDA) replays each evaluation as one CUDA graph: the sampler's
-    shapes never change, so the launches of hundreds of kernels per evaluation become one.
-    The outputs are the plain network's within float rounding; the module's attributes stay readable."""
+    shapes never change, so the launches of hundreds of kernels per evaluation become one. `freezing` (None =
+    with `compile` on CUDA) lets the compiler treat the weights as constants, so the normalized weights are
+    computed once at compile time: load other weights into this module afterwards and the compiled function
+    keeps using the old ones (prepare again). The outputs are the plain network's within float rounding; the
+    module's attributes stay readable."""
     net.eval().requires_grad_(False)
     on_cuda = next(net.parameters()).device.type == "cuda"
     if hasattr(net, "channels_last"):
@@ -104,7 +111,8 @@ def prepare_for_sampling(
     if not compile:
         return net
     graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
-    return torch.compile(net, mode="reduce-overhead" if graphs else None)
+    freeze = on_cuda if freezing is None else bool(freezing)
+    return torch.compile(net, options={"triton.cudagraphs": graphs, "freezing": freeze})
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 MAX_EMAS = 4  # EMA copies one launch updates; more fall back to the plain path
 CHUNK = 1024  # parameters that are not normalized are processed in rows of at most this many elements
-SUB = 1024  # elements a program handles at once (4 warps, 8 per thread): rows are walked in chunks of this
+SUB = 512  # elements a program handles at once (2 warps, 8 per thread): rows are walked in chunks of this
 P, G, M, V, E0 = 0, 1, 2, 3, 4  # rows of the pointer table: weight, gradient, Adam moments, first EMA copy
 
 
@@ -90,8 +90,8 @@ if triton is not None:
         ema_w3,
         NUM_EMA: tl.constexpr,
         NORMALIZE: tl.constexpr,  # rows are output units of an MPConv weight: forced weight normalization
-        BLOCK: tl.constexpr,  # row length rounded up to a power of two
-        SUB: tl.constexpr,  # elements per chunk: the row is walked in BLOCK // SUB unrolled chunks
+        BLOCK: tl.constexpr,  # row length rounded up to a power of two (short rows) or to a multiple of SUB
+        SUB: tl.constexpr,  # elements per chunk: the row is walked in BLOCK // SUB chunks
     ):
         r = tl.program_id(0)
         i = tl.load(row_param + r)
@@ -104,7 +104,7 @@ if triton is not None:
         # Pass 1: Adam, in torch.optim.Adam's order of operations, and the row's sum of squares. Chunks keep few
         # registers per thread, so many rows are in flight per SM and their memory latency overlaps.
         acc = tl.zeros([SUB], dtype=tl.float32)
-        for c in tl.static_range(BLOCK // SUB):
+        for c in range(BLOCK // SUB):  # a loop, not unrolled: unrolled chunks keep all their loads in registers
             offs = c * SUB + tl.arange(0, SUB)
             mask = offs < n
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -125,7 +125,7 @@ if triton is not None:
         if NORMALIZE:
             # Pass 2: forced weight normalization of the row (Eq. 66), p / (eps + ||p|| / sqrt(fan_in)), then EMAs.
             norm = _NORM_EPS + tl.sqrt(tl.sum(acc, 0)) * tl.load(row_scale + r)
-            for c in tl.static_range(BLOCK // SUB):
+            for c in range(BLOCK // SUB):
                 offs = c * SUB + tl.arange(0, SUB)
                 mask = offs < n
                 p = tl.load(p_ptr + offs, mask=mask, other=0.0) / norm
@@ -201,7 +201,7 @@ class PostStep:
                 raise ValueError(f"PostStep: fused=True needs dense float32 parameters, got {p.dtype} {p.stride()}")
             starts, lengths, scale = _rows(p, id(p) in normalized)
             for start, length in zip(starts, lengths):
-                block = max(16, triton.next_power_of_2(length))
+                block = max(16, triton.next_power_of_2(length)) if length <= SUB else -(-length // SUB) * SUB
                 rows = buckets.setdefault((block, scale > 0), ([], [], [], []))
                 rows[0].append(index)
                 rows[1].append(start)
@@ -269,7 +269,7 @@ class PostStep:
             _post_step_rows[(row_param.numel(),)](
                 bases, len(self.params), row_param, row_offset, row_len, row_scale,
                 step_size, bias2_sqrt, beta1, beta2, group["eps"], *w,
-                NUM_EMA=len(emas), NORMALIZE=normalize, BLOCK=block, SUB=sub, num_warps=max(1, sub // 256),
+                NUM_EMA=len(emas), NORMALIZE=normalize, BLOCK=block, SUB=sub, num_warps=max(1, min(16, sub // 256)),
             )  # fmt: skip
         if self.ema is not None:  # buffers are not trained; copied as the plain path does
             for ema_net in self.ema.emas:
