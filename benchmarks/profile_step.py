@@ -61,6 +61,10 @@ def kernel_table(prof, repeats: int, top: int = 15) -> dict:
         gpu_ms=round(total, 2),
         by_kind_ms={k: round(v, 2) for k, v in by_kind.most_common()},
         top_kernels_ms=[[k, round(v, 3)] for k, v in by_name.most_common(top)],
+        top_by_kind_ms={  # the kinds whose many small kernels the overall list hides
+            kind: [[k, round(v, 3)] for k, v in by_name.most_common() if kernel_kind(k) == kind][:top]
+            for kind in ("triton", "matmul", "elementwise", "other")
+        },
     )
 
 
@@ -87,15 +91,19 @@ def cuda_timer():
 @click.option("--mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=True, show_default=True)
 @click.option("--cudnn-benchmark/--no-cudnn-benchmark", "cudnn_benchmark", default=True, show_default=True)
+@click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
+              help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 @click.option("--sample", is_flag=True, help="Profile a no-grad evaluation (sampling) instead of a training step")
 @click.option("--steps", type=int, default=8, show_default=True, help="Timed steps after warm-up")
 @click.option("--post-step", "post_step_kind", type=click.Choice(["fused", "plain"]), default="fused", show_default=True)
 @click.option("--weights-channels-last/--no-weights-channels-last", "weights_channels_last", default=True, show_default=True,
               help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
-def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, sample, steps, post_step_kind,
+def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
          weights_channels_last, trace) -> None:
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    if benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = benchmark_limit
     dev = torch.device("cuda")
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(dev)
@@ -105,14 +113,16 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
     gflop = flops_per_image(net.train(not sample), train=not sample) / 1e9
     x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
     labels = torch.randint(0, net.label_dim, [batch], device=dev)
-    model = torch.compile(net, mode=mode) if compile_net else net
+    # Sampling compiles as prepare_for_sampling does, less the CUDA graphs (the profiler then sees each kernel).
+    kw = dict(mode=mode) if mode else dict(options={"freezing": True}) if sample else {}  # torch takes one of the two
+    model = torch.compile(net, **kw) if compile_net else net
     t_compile = time.perf_counter()
     result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode, channels_last=channels_last,
-                  cudnn_benchmark=cudnn_benchmark, sample=sample, gflop_per_img=round(gflop, 1),
+                  cudnn_benchmark=cudnn_benchmark, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, sample=sample, gflop_per_img=round(gflop, 1),
                   post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last)
 
     if sample:
-        net.eval().requires_grad_(False)
+        net.eval().requires_grad_(False)  # before the first call: freezing needs parameters without gradients
         sigma = torch.full([batch], 2.5, device=dev)
 
         def work():

@@ -59,8 +59,19 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
     if mode == "down":
         return F.avg_pool2d(x, 2)
     if mode == "up":
-        return F.interpolate(x, scale_factor=2, mode="nearest")
+        return upsample_nearest2x(x)
     raise ValueError(f"resample: mode must be 'keep', 'down' or 'up', got {mode!r}")
+
+
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 as a broadcast of every pixel to a 2x2 patch: F.interpolate's values, but the gradient
+    is a sum over each patch, where interpolate's backward scatters with atomic adds (slow under torch.compile).
+    Channels-last input is expanded in its token-major view, so the output stays channels-last without a copy."""
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, 2, w, 2, c)
+        return y.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
 class MPFourier(torch.nn.Module):

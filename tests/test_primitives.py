@@ -110,6 +110,17 @@ def test_resample(gen):
     assert torch.allclose(down[:, :, 1, 0], x[:, :, 2:4, 0:2].mean(dim=(2, 3)))
     up = resample(x, "up")
     assert up.shape == (2, 3, 8, 8) and torch.equal(up[:, :, 5, 2], x[:, :, 2, 1])
+    assert torch.equal(up, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    # Channels-last input (the CUDA layout) gives the same values and stays channels-last; the gradient of
+    # each input pixel is the sum over its 2x2 patch, in both layouts.
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        xin = xin.detach().requires_grad_(True)
+        up = resample(xin, "up")
+        assert torch.equal(up, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+        assert up.is_contiguous(memory_format=torch.channels_last) == (xin.stride(1) == 1)
+        g = torch.randn(up.shape, generator=gen)
+        up.backward(g)
+        assert torch.allclose(xin.grad, g.reshape(2, 3, 4, 2, 4, 2).sum(dim=(3, 5)), atol=1e-6)
     assert resample(x, "keep") is x
     with pytest.raises(ValueError, match="mode"):
         resample(x, "sideways")
