@@ -55,16 +55,18 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="[default: on with CUDA]")
 @click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="[default: on with CUDA]")
+@click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, show_default=True,
+              help="Compiled multi-GPU: all-reduces overlap the backward (graph split at buckets)")
 @click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool,
-         channels_last: bool | None, fused_step: bool | None, benchmark_limit: int | None) -> None:
+         channels_last: bool | None, fused_step: bool | None, ddp_overlap: bool, benchmark_limit: int | None) -> None:
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit
     dist.init()
     world = dist.get_world_size()
     batch = batch_gpu * world
-    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    tmp = dist.all_gather_objects(tempfile.mkdtemp(prefix="bench_train_") if dist.is_main() else None)[0]  # rank 0's
     data = os.path.join(tmp, "latents.zip")
     if dist.is_main():
         random_latent_zip(data, 512, 64, 1000)
@@ -75,7 +77,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         data=data, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}),
         network=edm2.preset_network_kwargs(preset, precision=precision), duration=batch * steps, batch=batch,
         batch_gpu=batch_gpu, status=batch * interval, snapshot=0, checkpoint=0, workers=workers,
-        compile=compile_net, channels_last=channels_last, fused_step=fused_step,
+        compile=compile_net, channels_last=channels_last, fused_step=fused_step, ddp_overlap=ddp_overlap,
     )
     c["loss"].update(t["loss"])
     c["lr"].update(t["lr"])
@@ -90,7 +92,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         img_s = sum(s["img_per_s"] for s in steady) / len(steady)
         print(json.dumps(dict(
             benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
-            steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step,
+            steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step, ddp_overlap=ddp_overlap,
             cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
             img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
             tflop_per_s=round(flops * img_s / 1e12, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),

@@ -187,7 +187,10 @@ def test_dry_run_prints_resolved_config(tmp_path, data):
     assert config["network"]["model_channels"] == 8 and config["network"]["channel_mult"] == [1, 2]
     assert config["duration"] == 320 and config["batch"] == 16  # the options override the preset
     assert config["lr"]["ref_lr"] == 0.01 and config["ema_stds"] == [0.05, 0.07]
+    assert config["ddp_overlap"] is False  # the default: the compiled graph stays whole on several GPUs
     assert not (tmp_path / "x" / "training_options.json").exists()
+    result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", "--ddp-overlap"])
+    assert result.exit_code == 0 and json.loads(result.output)["ddp_overlap"] is True
 
 
 @pytest.mark.parametrize("value,expected", [("4096", 4096), ("128Ki", 131072), ("8Mi", 8 << 20), ("2Gi", 2 << 30), ("1.5Ki", 1536)])
