@@ -77,7 +77,7 @@ def main() -> None:
     grad_ref = torch.cat([torch.from_numpy(ref["grad/" + n]).flatten() for n, _ in net.named_parameters()]).to(dev)
     res["eager_grad_vs_reference"] = rel(grads[0], grad_ref)
     res.update(check_post_step(net))
-    # Rows of up to 256 * 2 * 9 = 4608 elements: several 1024-element chunks per program, a ragged last one.
+    # Rows of up to 256 * 2 * 9 = 4608 elements: several SUB-element chunks per program, a ragged last one.
     wide = Precond(img_resolution=16, img_channels=4, label_dim=10, model_channels=128, channel_mult=[1, 2],
                    num_blocks=1, attn_resolutions=[8]).to(dev)
     res.update(check_post_step(wide, "wide_"))

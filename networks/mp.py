@@ -52,6 +52,11 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     return torch.cat([wa * a, wb * b], dim=dim)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is stored NHWC, and not also plain contiguous (as when C or H * W is 1)."""
+    return x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
     """'down': 2x2 box average with stride 2; 'up': nearest-neighbour x2; 'keep': identity."""
     if mode == "keep":
@@ -68,7 +73,7 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     is a sum over each patch, where interpolate's backward scatters with atomic adds (slow under torch.compile).
     Channels-last input is expanded in its token-major view, so the output stays channels-last without a copy."""
     n, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, 2, w, 2, c)
         return y.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
     return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
@@ -142,8 +147,7 @@ class MPConv(torch.nn.Module):
         return w
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
-        channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        w = self.effective_weight(gain, x.dtype, channels_last)
+        w = self.effective_weight(gain, x.dtype, is_channels_last(x))
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)

@@ -5,7 +5,7 @@ zero, Adam, forced weight normalization (Eq. 66) and the power-function EMA upda
 `Precond.normalize_weights_`, `PowerFunctionEMA.update`): that is the definition, and it runs anywhere.
 `fused=True` computes the same thing with a Triton kernel (CUDA): each program owns one row of a parameter (one
 output unit of a weight: the unit whose norm forced weight normalization fixes). It walks the row in chunks of
-1024 elements twice: first Adam (weight, gradient and both moments loaded once, stored once) and the row's sum
+SUB elements twice: first Adam (weight, gradient and both moments loaded once, stored once) and the row's sum
 of squares, then the normalization of the row, read back from cache, and the blend into every EMA copy. From
 memory that is 4 + k reads and 3 + k writes per element (k EMAs) in one launch per row-length bucket, against
 about twice that traffic and hundreds of small launches for the separate calls (benchmarks/profile_step.py
@@ -193,7 +193,8 @@ class PostStep:
     # --- the fused path ---------------------------------------------------------------------------------
 
     def _build_rows(self) -> None:
-        """Rows of every parameter, grouped by the power of two that holds them (one launch per group)."""
+        """Rows of every parameter, grouped by padded length (a power of two up to SUB, else a multiple of SUB)
+        and by whether forced weight normalization applies to them: one launch per group."""
         normalized = {id(m.weight) for m in self.net.modules() if isinstance(m, MPConv)}
         buckets: dict[tuple[int, bool], tuple[list, list, list, list]] = {}
         for index, p in enumerate(self.params):

@@ -263,12 +263,12 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
 
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
-    # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
     if config.get("compile") and world > 1:
         # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
         # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs:
         # EDM2-S on 2 H200s, 1304 img/s without against 1272 with (benchmarks/bench_train.py --ddp-overlap).
         torch._dynamo.config.optimize_ddp = bool(config.get("ddp_overlap", False))
+    # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
     compiled = torch.compile(ddp) if config.get("compile") else ddp
     step = cur_nimg // batch
     sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, config["seed"], start_step=step)
