@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import edm2  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training.encoders import STABILITY_VAE_DEFAULTS  # noqa: E402
-from training.training_loop import build_dataset_and_net, default_config, training_loop  # noqa: E402
+from training.training_loop import build_dataset_and_net, default_config, resolve_grad_sync, training_loop  # noqa: E402
 
 from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
 
@@ -57,10 +57,13 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="[default: on with CUDA]")
 @click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, show_default=True,
               help="Compiled multi-GPU: all-reduces overlap the backward (graph split at buckets)")
+@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat"]), default=None,
+              help="Several GPUs: gradient averaging [default: flat when compiled, else ddp]")
 @click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool,
-         channels_last: bool | None, fused_step: bool | None, ddp_overlap: bool, benchmark_limit: int | None) -> None:
+         channels_last: bool | None, fused_step: bool | None, ddp_overlap: bool, grad_sync: str | None,
+         benchmark_limit: int | None) -> None:
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit
     dist.init()
@@ -77,7 +80,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         data=data, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}),
         network=edm2.preset_network_kwargs(preset, precision=precision), duration=batch * steps, batch=batch,
         batch_gpu=batch_gpu, status=batch * interval, snapshot=0, checkpoint=0, workers=workers,
-        compile=compile_net, channels_last=channels_last, fused_step=fused_step, ddp_overlap=ddp_overlap,
+        compile=compile_net, channels_last=channels_last, fused_step=fused_step, ddp_overlap=ddp_overlap, grad_sync=grad_sync,
     )
     c["loss"].update(t["loss"])
     c["lr"].update(t["lr"])
@@ -93,7 +96,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         print(json.dumps(dict(
             benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
             steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step, ddp_overlap=ddp_overlap,
-            cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
+            grad_sync=resolve_grad_sync(c) if world > 1 else None, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
             img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
             tflop_per_s=round(flops * img_s / 1e12, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
             fraction_of_peak=None if peak is None else round(flops * img_s / world / 1e12 / peak, 3),

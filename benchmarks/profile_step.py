@@ -7,6 +7,10 @@ non-finite gradients zeroed, Adam, forced weight normalization, two power-functi
 timed with CUDA events, then torch.profiler sums the kernels of a few steps by kind (convolution, matrix
 product, attention, generated Triton code, other elementwise, optimizer, copies), so one can see how far the
 step is from the matrix-product bound. `--sample` profiles one no-grad network evaluation at the sampling batch.
+Under torchrun each process trains on its own batch and `--grad-sync` picks how gradients are averaged (several,
+comma-separated, are profiled one after the other in the same processes); rank 0 prints.
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/profile_step.py --preset edm2-img512-s --grad-sync ddp,flat
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import edm2  # noqa: E402
 from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
 from training.loss import EDM2Loss, reduce_batch_loss  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
+from training.grad_sync import FlatGradients  # noqa: E402
 from training.post_step import PostStep  # noqa: E402
 
 KINDS = [  # first match wins; kernel names are lower-cased
+    ("nccl", ("nccl",)),
     ("post_step", ("_post_step_rows",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
@@ -99,27 +106,51 @@ def cuda_timer():
 @click.option("--weights-channels-last/--no-weights-channels-last", "weights_channels_last", default=True, show_default=True,
               help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
+@click.option("--grad-sync", "grad_sync", default="flat", show_default=True,
+              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat; comma-separated to compare")
 def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
-         weights_channels_last, trace) -> None:
+         weights_channels_last, trace, grad_sync) -> None:
+    dist.init()
+    for sync in grad_sync.split(",") if dist.get_world_size() > 1 and not sample else [None]:
+        result = profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
+                         post_step_kind, weights_channels_last, trace, sync)
+        if dist.is_main():
+            print(json.dumps(result), flush=True)
+        torch.cuda.empty_cache()
+    dist.shutdown()
+
+
+def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
+            weights_channels_last, trace, sync) -> dict:
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit
-    dev = torch.device("cuda")
+    dev = dist.device()
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(dev)
     if weights_channels_last:
         net.to(memory_format=torch.channels_last)
     net.channels_last = channels_last
     gflop = flops_per_image(net.train(not sample), train=not sample) / 1e9
+    torch.manual_seed(dist.get_rank())  # each process its own batch
     x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
     labels = torch.randint(0, net.label_dim, [batch], device=dev)
+    wrapped, flat = net, None
+    if sync in ("ddp", "ddp-view"):
+        torch._dynamo.config.optimize_ddp = False  # as training_loop without --ddp-overlap
+        wrapped = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev], gradient_as_bucket_view=sync == "ddp-view")
+    elif sync == "flat":
+        flat = FlatGradients(net.parameters())
+    elif sync is not None:
+        raise click.BadParameter(f"expected ddp, ddp-view or flat, got {sync!r}", param_hint="--grad-sync")
     # Sampling compiles as prepare_for_sampling does, less the CUDA graphs (the profiler then sees each kernel).
     kw = dict(mode=mode) if mode else dict(options={"freezing": True}) if sample else {}  # torch takes one of the two
-    model = torch.compile(net, **kw) if compile_net else net
+    model = torch.compile(wrapped, **kw) if compile_net else wrapped
     t_compile = time.perf_counter()
     result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode, channels_last=channels_last,
                   cudnn_benchmark=cudnn_benchmark, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, sample=sample, gflop_per_img=round(gflop, 1),
-                  post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last)
+                  post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last,
+                  gpus=dist.get_world_size(), grad_sync=sync)
 
     if sample:
         net.eval().requires_grad_(False)  # before the first call: freezing needs parameters without gradients
@@ -139,16 +170,22 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
         nimg = [100 * batch]
 
         def work(mark=lambda: None):
-            optimizer.zero_grad(set_to_none=True)
+            if flat is not None:
+                flat.zero_()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             mark()
             loss = loss_fn(model, x, labels)
-            reduce_batch_loss(loss, batch).backward()
+            reduce_batch_loss(loss, batch).backward()  # with DDP this includes the all-reduces
             mark()
+            if flat is not None:
+                flat.average_()
+                mark()
             nimg[0] += batch
             post_step(nimg[0], batch)  # nan_to_num + Adam + forced WN + 2 EMAs
             mark()
 
-        names = ["forward_backward", "post_step"]
+        names = ["forward_backward"] + (["grad_sync"] if flat is not None else []) + ["post_step"]
 
     for _ in range(3):
         work()
@@ -170,7 +207,7 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
             for n, t in zip(names, spans()):
                 parts[n] += t / steps
         result["parts_ms"] = {n: round(parts[n], 2) for n in names}
-    peak = matmul_peak_tflops()
+    peak = matmul_peak_tflops()  # per GPU, as are the figures around it
     tflops = gflop * batch / step_ms  # GFLOP/ms = TFLOP/s
     result.update(tflop_per_s=round(tflops, 1), matmul_peak=round(peak, 1), fraction_of_peak=round(tflops / peak, 3))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -178,7 +215,7 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
             work()
         torch.cuda.synchronize()
     result.update(kernel_table(prof, 3))
-    if trace:
+    if trace and dist.is_main():
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             work()
@@ -191,7 +228,7 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
             with open(trace.removesuffix(".gz"), "rb") as f, gzip.open(trace, "wb") as g:
                 shutil.copyfileobj(f, g)
             os.remove(trace.removesuffix(".gz"))
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -135,15 +135,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path, data):
+@pytest.mark.parametrize("grad_sync,batch_gpu,layout", [("ddp", 4, "4 x 2 x 1"), ("flat", 2, "2 x 2 x 2")])
+def test_two_processes_equal_one_process(tmp_path, data, grad_sync, batch_gpu, layout):
     one = run_cli(train_args(tmp_path / "one", data, duration=128, batch=8))
     assert one.returncode == 0, one.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "--master_addr=127.0.0.1", str(ROOT / "train_edm2.py"), *train_args(tmp_path / "two", data, duration=128, batch=8)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+           str(ROOT / "train_edm2.py"), *train_args(tmp_path / "two", data, duration=128, batch=8, grad_sync=grad_sync, batch_gpu=batch_gpu)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "batch 8 = 4 x 2 x 1 round(s)" in two.stdout
+    assert f"batch 8 = {layout} round(s)" in two.stdout
     _, a = final_state(tmp_path / "one")
     _, b = final_state(tmp_path / "two")
     assert_states_equal(a, b, atol=1e-5)

@@ -26,6 +26,7 @@ from torch_utils.state_io import StateFileError, atomic_write, load_state, save_
 
 from .dataset import ImageFolderDataset, InfiniteSampler
 from .encoders import encoder_from_config
+from .grad_sync import FlatGradients
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .phema import PowerFunctionEMA
@@ -38,7 +39,7 @@ OPTIONS_FILE = "training_options.json"
 # Options that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = (
     "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last", "instruments",
-    "fused_step", "ddp_overlap",
+    "fused_step", "ddp_overlap", "grad_sync",
 )
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
 
@@ -69,11 +70,26 @@ def default_config() -> dict[str, Any]:
         instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
         fused_step=None,  # Adam + forced weight normalization + EMA updates in one Triton kernel; None = on CUDA
         ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
+        grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat" (one all-reduce of one buffer); None = flat if compiled
     )
 
 
 class TrainingError(ValueError):
     """A configuration or run directory that cannot be trained; the message names the option or file."""
+
+
+def resolve_grad_sync(config: dict[str, Any]) -> str:
+    """How several processes average gradients: "ddp" (DistributedDataParallel: in eager runs its buckets are
+    reduced while backward goes on) or "flat" (training/grad_sync.py: one all-reduce after backward, the better
+    choice when a compiled backward hands every gradient over at its end). None picks flat when compiled."""
+    choice = config.get("grad_sync")
+    if choice is None:
+        return "flat" if config.get("compile") and not config.get("ddp_overlap") else "ddp"
+    if choice not in ("ddp", "flat"):
+        raise TrainingError(f"--grad-sync: expected 'ddp' or 'flat', got {choice!r}")
+    if choice == "flat" and config.get("ddp_overlap"):
+        raise TrainingError("--grad-sync flat cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)")
+    return choice
 
 
 # --- run directory ---------------------------------------------------------------------------------------
@@ -262,7 +278,12 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
 
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+    grad_sync = resolve_grad_sync(config)
+    if world > 1 and grad_sync == "flat":
+        for t in list(net.parameters()) + list(net.buffers()):  # what DDP does at construction: rank 0's values
+            torch.distributed.broadcast(t.data, 0)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 and grad_sync == "ddp" else net
+    flat = FlatGradients(net.parameters()) if world > 1 and grad_sync == "flat" else None
     if config.get("compile") and world > 1:
         # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
         # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs:
@@ -294,7 +315,10 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             lr = learning_rate_schedule(cur_nimg, batch, **config["lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
+            if flat is not None:
+                flat.zero_()  # gradients stay views of the one buffer that is all-reduced
+            else:
+                optimizer.zero_grad(set_to_none=True)
             status_step = crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
             instruments.arm(use_instruments and status_step)
             gen = _step_generator(config["seed"], step, device)
@@ -308,12 +332,14 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 latent_gen = _step_generator(config["seed"] + 1, step * batch + chunk, device)
                 images = encoder.encode_latents(images, generator=latent_gen)
                 labels = labels.to(device) if net.label_dim else None
-                sync = contextlib.nullcontext() if (world == 1 or rnd == rounds - 1) else ddp.no_sync()
+                sync = contextlib.nullcontext() if (ddp is net or rnd == rounds - 1) else ddp.no_sync()
                 with sync:
                     loss = loss_fn(ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
                     reduce_batch_loss(loss, batch // world).backward()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()
+            if flat is not None:
+                flat.average_()
             post_step(cur_nimg + batch, batch)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
 
