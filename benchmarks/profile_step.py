@@ -107,7 +107,8 @@ def cuda_timer():
               help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
 @click.option("--grad-sync", "grad_sync", default="flat", show_default=True,
-              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat; comma-separated to compare")
+              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat | flatN (N chunks); "
+                   "comma-separated to compare")
 def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
          weights_channels_last, trace, grad_sync) -> None:
     dist.init()
@@ -139,10 +140,10 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
     if sync in ("ddp", "ddp-view"):
         torch._dynamo.config.optimize_ddp = False  # as training_loop without --ddp-overlap
         wrapped = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev], gradient_as_bucket_view=sync == "ddp-view")
-    elif sync == "flat":
-        flat = FlatGradients(net.parameters())
+    elif sync is not None and (sync == "flat" or (sync.startswith("flat") and sync[4:].isdigit())):
+        flat = FlatGradients(net.parameters(), **(dict(chunks=int(sync[4:])) if sync[4:] else {}))
     elif sync is not None:
-        raise click.BadParameter(f"expected ddp, ddp-view or flat, got {sync!r}", param_hint="--grad-sync")
+        raise click.BadParameter(f"expected ddp, ddp-view, flat or flatN (N chunks), got {sync!r}", param_hint="--grad-sync")
     # Sampling compiles as prepare_for_sampling does, less the CUDA graphs (the profiler then sees each kernel).
     kw = dict(mode=mode) if mode else dict(options={"freezing": True}) if sample else {}  # torch takes one of the two
     model = torch.compile(wrapped, **kw) if compile_net else wrapped
@@ -177,15 +178,15 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
             mark()
             loss = loss_fn(model, x, labels)
             reduce_batch_loss(loss, batch).backward()  # with DDP this includes the all-reduces
-            mark()
             if flat is not None:
-                flat.average_()
-                mark()
+                flat.collect_()
+                flat.start_average()  # overlaps the post-step, chunk by chunk
+            mark()
             nimg[0] += batch
-            post_step(nimg[0], batch)  # nan_to_num + Adam + forced WN + 2 EMAs
+            post_step(nimg[0], batch, ready=flat)  # nan_to_num + Adam + forced WN + 2 EMAs
             mark()
 
-        names = ["forward_backward"] + (["grad_sync"] if flat is not None else []) + ["post_step"]
+        names = ["forward_backward", "post_step"]  # with flat, the all-reduces count in the post-step
 
     for _ in range(3):
         work()

@@ -26,6 +26,7 @@ import copy, json, torch
 import edm2
 import training.post_step
 from training.phema import PowerFunctionEMA
+from training.grad_sync import FlatGradients
 from training.post_step import PostStep
 
 training.post_step.SUB = 128  # rows of 144..576 elements: several chunks each, and a ragged last chunk
@@ -36,29 +37,34 @@ net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=3, model_channels
 conv = net.unet.enc["8x8_block0"].conv_res0
 conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)  # a channels-last weight too
 runs = []
-for fused in (False, True):
+for fused in (False, True, True):
     n = copy.deepcopy(net)
     opt = torch.optim.Adam(n.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
     ema = PowerFunctionEMA(n, [0.05, 0.10, 0.15])
     runs.append((n, opt, ema, PostStep(n, opt, ema, fused=fused)))
+sync = FlatGradients(runs[2][0].parameters(), chunks=3)  # the third run: gradients gathered, updated chunk by chunk
 grads = []
 for step in range(3):
     gen = torch.Generator().manual_seed(step)
     grads.append([torch.randn(p.shape, generator=gen) * 10 ** (step - 2) for p in net.parameters()])
     big = next(i for i, p in enumerate(net.parameters()) if p.numel() >= 3)
     grads[-1][big].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-for n, opt, ema, post in runs:
+for r, (n, opt, ema, post) in enumerate(runs):
     for step, gs in enumerate(grads):
+        if r == 2:
+            sync.zero_()
         for p, g in zip(n.parameters(), gs):
             p.grad = g.clone()  # contiguous: for the channels-last weight the kernel must re-lay it out
         for group in opt.param_groups:
             group["lr"] = 0.01 / (step + 1)
-        post((step + 1) * 8, 8)
+        if r == 2:
+            sync.start_average()  # one process: gathers the gradients into the buffer, nothing to reduce
+        post((step + 1) * 8, 8, ready=sync if r == 2 else None)
 
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
-(a, oa, ea, pa), (b, ob, eb, pb) = runs
+(a, oa, ea, pa), (b, ob, eb, pb), (c, oc, ec, pc) = runs
 sa, sb = oa.state_dict(), ob.state_dict()
 out = dict(
     fused=pb.fused,
@@ -73,6 +79,9 @@ out = dict(
     unit_rows=max(float((w.flatten(1).norm(dim=1) / w[0].numel() ** 0.5 - 1).abs().max())
                   for m in b.modules() if isinstance(m, edm2.MPConv) for w in [m.weight]),
     channels_last=b.unet.enc["8x8_block0"].conv_res0.weight.is_contiguous(memory_format=torch.channels_last),
+    chunked_equal=all(torch.equal(x, y) for x, y in zip(b.parameters(), c.parameters())) and all(
+        torch.equal(x, y) for e, f in zip(eb.emas, ec.emas) for x, y in zip(e.parameters(), f.parameters())),
+    chunks=[list(ch) for ch in sync.chunks],
 )
 print("RESULT " + json.dumps(out))
 """
@@ -104,6 +113,12 @@ def test_fused_step_keeps_adam_state_format_and_forced_normalization(interpreted
     assert r["same_state_keys"], "checkpoints must look the same on either path"
     assert r["unit_rows"] < 2e-4, r  # Eq. 66: every output unit at norm sqrt(fan_in), up to eps (1e-4 here)
     assert r["channels_last"], "a channels-last weight keeps its layout"
+
+
+def test_fused_step_chunk_by_chunk_equals_one_pass(interpreted):
+    r = interpreted
+    assert len(r["chunks"]) == 3, r["chunks"]
+    assert r["chunked_equal"], "updating the parameters chunk by chunk (overlapping all-reduces) must not change them"
 
 
 def test_plain_post_step_is_the_sequence_of_library_calls():

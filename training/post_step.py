@@ -176,28 +176,40 @@ class PostStep:
         self.fused = bool(fused) and num_emas <= MAX_EMAS
         if fused and not fused_available(self.params[0].device):
             raise ValueError("PostStep: fused=True needs Triton (pip install triton) and CUDA parameters")
-        if self.fused:
-            self._build_rows()
+        self._row_buckets: dict[tuple, list] = {}  # parameter index ranges -> the row buckets of each range
+        if self.fused:  # also checks the parameters now rather than at the first step
+            whole = ((0, len(self.params)),)
+            self._row_buckets[whole] = [self._build_rows(*whole[0])]
 
-    def __call__(self, cur_nimg: int, batch: int) -> None:
+    def __call__(self, cur_nimg: int, batch: int, ready: Any = None) -> None:
+        """`ready`: gradients still being averaged (training/grad_sync.FlatGradients after `start_average()`); the
+        parameters of each of its chunks are updated as soon as that chunk's all-reduce is done."""
         betas = self.ema.betas(cur_nimg, batch) if self.ema is not None else []
+        chunks = [(0, len(self.params))]
+        if ready is not None:
+            if [id(p) for p in ready.params] != [id(p) for p in self.params]:
+                raise ValueError("PostStep: `ready` must hold the network's parameters, in order")
+            chunks = ready.chunks
         if not self.fused:
+            for k in range(len(chunks) if ready is not None else 0):
+                ready.wait(k)
             zero_nonfinite_grads_(self.net)
             self.optimizer.step()
             self.net.normalize_weights_()  # Eq. 66
             if self.ema is not None:
                 self.ema.update(self.net, cur_nimg, batch)
             return
-        self._fused_step(betas)
+        self._fused_step(betas, chunks, ready)
 
     # --- the fused path ---------------------------------------------------------------------------------
 
-    def _build_rows(self) -> None:
-        """Rows of every parameter, grouped by padded length (a power of two up to SUB, else a multiple of SUB)
-        and by whether forced weight normalization applies to them: one launch per group."""
+    def _build_rows(self, begin: int, end: int) -> list:
+        """Rows of parameters begin..end-1, grouped by padded length (a power of two up to SUB, else a multiple of
+        SUB) and by whether forced weight normalization applies to them: one launch per group."""
         normalized = {id(m.weight) for m in self.net.modules() if isinstance(m, MPConv)}
         buckets: dict[tuple[int, bool], tuple[list, list, list, list]] = {}
-        for index, p in enumerate(self.params):
+        for index in range(begin, end):
+            p = self.params[index]
             if p.dtype != torch.float32 or not _dense(p):
                 raise ValueError(f"PostStep: fused=True needs dense float32 parameters, got {p.dtype} {p.stride()}")
             starts, lengths, scale = _rows(p, id(p) in normalized)
@@ -209,7 +221,7 @@ class PostStep:
                 rows[2].append(length)
                 rows[3].append(scale)
         dev = self.params[0].device
-        self.buckets = [
+        return [
             (block, normalize, torch.tensor(a, dtype=torch.int32, device=dev), torch.tensor(b, dtype=torch.int64, device=dev),
              torch.tensor(c, dtype=torch.int32, device=dev), torch.tensor(d, dtype=torch.float32, device=dev))
             for (block, normalize), (a, b, c, d) in sorted(buckets.items())
@@ -228,7 +240,7 @@ class PostStep:
         return state
 
     @torch.no_grad()
-    def _fused_step(self, betas: list[float]) -> None:
+    def _fused_step(self, betas: list[float], chunks: list[tuple[int, int]], ready: Any) -> None:
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
@@ -265,13 +277,19 @@ class PostStep:
         w = [1 - b for b in betas] + [0.0] * (MAX_EMAS - len(betas))
         step_size = lr / (1 - beta1**step)
         bias2_sqrt = math.sqrt(1 - beta2**step)
-        for block, normalize, row_param, row_offset, row_len, row_scale in self.buckets:
-            sub = min(block, SUB)
-            _post_step_rows[(row_param.numel(),)](
-                bases, len(self.params), row_param, row_offset, row_len, row_scale,
-                step_size, bias2_sqrt, beta1, beta2, group["eps"], *w,
-                NUM_EMA=len(emas), NORMALIZE=normalize, BLOCK=block, SUB=sub, num_warps=max(1, min(16, sub // 256)),
-            )  # fmt: skip
+        key = tuple(chunks)
+        if key not in self._row_buckets:
+            self._row_buckets[key] = [self._build_rows(a, b) for a, b in chunks]
+        for k, buckets in enumerate(self._row_buckets[key]):
+            if ready is not None:
+                ready.wait(k)  # the stream waits for this chunk's all-reduce; the next chunk's goes on meanwhile
+            for block, normalize, row_param, row_offset, row_len, row_scale in buckets:
+                sub = min(block, SUB)
+                _post_step_rows[(row_param.numel(),)](
+                    bases, len(self.params), row_param, row_offset, row_len, row_scale,
+                    step_size, bias2_sqrt, beta1, beta2, group["eps"], *w,
+                    NUM_EMA=len(emas), NORMALIZE=normalize, BLOCK=block, SUB=sub, num_warps=max(1, min(16, sub // 256)),
+                )  # fmt: skip
         if self.ema is not None:  # buffers are not trained; copied as the plain path does
             for ema_net in self.ema.emas:
                 for eb, nb in zip(ema_net.buffers(), self.net.buffers()):

@@ -211,6 +211,36 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _StopVote:
+    """Whether any process has been asked to stop, agreed every `every` steps. On CUDA the vote is an asynchronous
+    all-reduce whose result is read at the next vote, from pinned memory, long after it is done: a blocking
+    all-reduce would drain the GPU's queue every few steps."""
+
+    def __init__(self, device: torch.device, every: int = 8) -> None:
+        self.device, self.every, self.pending = device, every, None
+
+    def __call__(self, step: int, raised: bool) -> bool:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return raised
+        if step % self.every:
+            return False
+        if self.device.type != "cuda":
+            return dist.all_reduce_sum(float(raised)) > 0
+        agreed = False
+        if self.pending is not None:
+            event, host = self.pending
+            event.synchronize()  # recorded `every` steps ago
+            agreed = bool(host.item() > 0)
+        vote = torch.tensor([float(raised)], device=self.device)
+        torch.distributed.all_reduce(vote)
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(vote, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (event, host)
+        return agreed
+
+
 # --- the loop --------------------------------------------------------------------------------------------
 
 
@@ -299,7 +329,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
         persistent_workers=config["workers"] > 0, worker_init_fn=_ignore_stop_signals,
     )
     batches = iter(loader)
-    stop = _StopFlag()
+    stop, vote = _StopFlag(), _StopVote(device)
     stats_path = os.path.join(run_dir, "stats.jsonl")
     loss_sum = torch.zeros([], device=device, dtype=torch.float64)
     loss_count = 0
@@ -316,7 +346,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if flat is not None:
-                flat.zero_()  # gradients stay views of the one buffer that is all-reduced
+                flat.zero_()  # gradients to None; collect_() gathers them into the buffer that is all-reduced
             else:
                 optimizer.zero_grad(set_to_none=True)
             status_step = crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
@@ -336,16 +366,16 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 with sync:
                     loss = loss_fn(ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
                     reduce_batch_loss(loss, batch // world).backward()
+                if flat is not None:
+                    flat.collect_()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()
             if flat is not None:
-                flat.average_()
-            post_step(cur_nimg + batch, batch)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
+                flat.start_average()  # chunked all-reduces; the post-step updates each chunk once it is averaged
+            post_step(cur_nimg + batch, batch, ready=flat)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
 
-            stopping = stop.raised
-            if world > 1:  # agree every few steps: each agreement waits for the GPU
-                stopping = step % 8 == 0 and dist.all_reduce_sum(float(stopping)) > 0
+            stopping = vote(step, stop.raised)  # all processes stop at the same step
             done = cur_nimg >= config["duration"]
             if crossed(config["status"], before, cur_nimg) or done or stopping:
                 now = time.time()

@@ -1,0 +1,70 @@
+"""training/grad_sync.py: gradients gathered into one buffer in their parameters' layouts, chunks at parameter
+boundaries, accumulation in place. Averaging over processes is covered end to end by
+tests/test_training.py::test_two_processes_equal_one_process (gloo, two processes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.grad_sync import FlatGradients, split_evenly
+
+
+@pytest.mark.parametrize("sizes,chunks,expected", [
+    ([5, 5, 5, 5], 2, [(0, 2), (2, 4)]),
+    ([5, 5, 5, 5], 4, [(0, 1), (1, 2), (2, 3), (3, 4)]),
+    ([100, 1, 1, 1], 3, [(0, 1), (1, 2), (2, 4)]),
+    ([3], 4, [(0, 1)]),
+    ([1, 2, 3], 1, [(0, 3)]),
+])  # fmt: skip
+def test_split_evenly_covers_every_index_once(sizes, chunks, expected):
+    assert split_evenly(sizes, chunks) == expected
+
+
+def make_net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.SiLU(), torch.nn.Conv2d(6, 2, 1), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    net(torch.randn(1, 3, 8, 8))
+    net[0].to(memory_format=torch.channels_last)
+    return net
+
+
+def test_gradients_land_in_the_buffer_in_their_layouts_and_accumulate_in_place():
+    net, ref = make_net(), make_net()
+    sync = FlatGradients(net.parameters(), chunks=3)
+    assert len(sync.chunks) == 3 and sync.buffer.numel() == sum(p.numel() for p in net.parameters())
+    x = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    sync.zero_()
+    for xi in x:  # two accumulation rounds
+        net(xi).square().sum().backward()
+        sync.collect_()
+        ref(xi).square().sum().backward()
+    sync.average_()  # one process: nothing to reduce
+    for p, v, q in zip(net.parameters(), sync.views, ref.parameters()):
+        assert p.grad is v and p.grad.stride() == p.stride()
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-6)
+    assert sync.views[0].data_ptr() == sync.buffer.data_ptr()
+    sync.zero_()
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_a_parameter_without_gradient_gets_zero():
+    net = make_net()
+    sync = FlatGradients(net.parameters())
+    sync.buffer.fill_(7.0)
+    sync.zero_()
+    net[0](torch.randn(1, 3, 8, 8)).sum().backward()  # only the first layer takes part
+    sync.collect_()
+    assert net[0].weight.grad.abs().sum() > 0
+    assert all(float(p.grad.abs().max()) == 0 for p in list(net.parameters())[2:])
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(ValueError, match="no parameters"):
+        FlatGradients([])
+    with pytest.raises(ValueError, match="one dtype"):
+        FlatGradients([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="dense"):
+        FlatGradients([torch.nn.Parameter(torch.zeros(4, 4).t()[::2])])
+    with pytest.raises(ValueError, match="chunks"):
+        FlatGradients([torch.nn.Parameter(torch.zeros(3))], chunks=0)
