@@ -157,7 +157,7 @@ def build_config(opts: dict) -> dict:
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="NHWC activations [default: on with CUDA]")
 @click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="Adam, forced weight normalization and EMA updates in one Triton kernel [default: on with CUDA]")
 @click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, help="With --compile on several GPUs: split the compiled graph at gradient buckets so all-reduces overlap the backward (measured slower on 2 H200s)")
-@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat"]), default=None, help="Several GPUs: average gradients with DDP, or with one all-reduce of one flat buffer [default: flat with --compile, else ddp]")
+@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped"]), default=None, help="Several GPUs: average gradients with DDP, with chunked all-reduces of one buffer (flat) or of NCCL groups of the gradients themselves (grouped) [default: flat with --compile, else ddp]")
 @click.option("--instruments/--no-instruments", default=None, help="Per-skip and per-stage feature/gradient figures on status steps [default: on unless --compile, as they run eagerly]")
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print the resolved configuration as JSON and exit")
 def main(**opts) -> None:

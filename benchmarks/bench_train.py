@@ -57,7 +57,7 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="[default: on with CUDA]")
 @click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, show_default=True,
               help="Compiled multi-GPU: all-reduces overlap the backward (graph split at buckets)")
-@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat"]), default=None,
+@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped"]), default=None,
               help="Several GPUs: gradient averaging [default: flat when compiled, else ddp]")
 @click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import sys
 import time
 
@@ -107,7 +108,7 @@ def cuda_timer():
               help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
 @click.option("--grad-sync", "grad_sync", default="flat", show_default=True,
-              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat | flatN (N chunks); "
+              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat[N] | grouped[N] (N chunks); "
                    "comma-separated to compare")
 def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
          weights_channels_last, trace, grad_sync) -> None:
@@ -140,10 +141,11 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
     if sync in ("ddp", "ddp-view"):
         torch._dynamo.config.optimize_ddp = False  # as training_loop without --ddp-overlap
         wrapped = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev], gradient_as_bucket_view=sync == "ddp-view")
-    elif sync is not None and (sync == "flat" or (sync.startswith("flat") and sync[4:].isdigit())):
-        flat = FlatGradients(net.parameters(), **(dict(chunks=int(sync[4:])) if sync[4:] else {}))
+    elif sync is not None and re.fullmatch(r"(flat|grouped)\d*", sync):
+        chunks = re.sub(r"^\D+", "", sync)
+        flat = FlatGradients(net.parameters(), gather=sync.startswith("flat"), **(dict(chunks=int(chunks)) if chunks else {}))
     elif sync is not None:
-        raise click.BadParameter(f"expected ddp, ddp-view, flat or flatN (N chunks), got {sync!r}", param_hint="--grad-sync")
+        raise click.BadParameter(f"expected ddp, ddp-view, flat[N] or grouped[N] (N chunks), got {sync!r}", param_hint="--grad-sync")
     # Sampling compiles as prepare_for_sampling does, less the CUDA graphs (the profiler then sees each kernel).
     kw = dict(mode=mode) if mode else dict(options={"freezing": True}) if sample else {}  # torch takes one of the two
     model = torch.compile(wrapped, **kw) if compile_net else wrapped

@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.grad_sync import FlatGradients, split_evenly
+from training.grad_sync import FlatGradients, split_growing
 
 
 @pytest.mark.parametrize("sizes,chunks,expected", [
-    ([5, 5, 5, 5], 2, [(0, 2), (2, 4)]),
-    ([5, 5, 5, 5], 4, [(0, 1), (1, 2), (2, 3), (3, 4)]),
+    ([1] * 10, 4, [(0, 1), (1, 3), (3, 6), (6, 10)]),  # 1 : 2 : 3 : 4
+    ([1] * 3, 2, [(0, 1), (1, 3)]),
     ([100, 1, 1, 1], 3, [(0, 1), (1, 2), (2, 4)]),
     ([3], 4, [(0, 1)]),
     ([1, 2, 3], 1, [(0, 3)]),
 ])  # fmt: skip
-def test_split_evenly_covers_every_index_once(sizes, chunks, expected):
-    assert split_evenly(sizes, chunks) == expected
+def test_split_growing_covers_every_index_once(sizes, chunks, expected):
+    assert split_growing(sizes, chunks) == expected
 
 
 def make_net():
@@ -68,3 +68,38 @@ def test_bad_parameters_are_refused():
         FlatGradients([torch.nn.Parameter(torch.zeros(4, 4).t()[::2])])
     with pytest.raises(ValueError, match="chunks"):
         FlatGradients([torch.nn.Parameter(torch.zeros(3))], chunks=0)
+
+
+def _average_worker(rank: int, port: int, gather: bool, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    net = make_net()
+    sync = FlatGradients(net.parameters(), chunks=3, gather=gather)
+    sync.zero_()
+    net(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+    sync.collect_()
+    sync.average_()
+    torch.save([p.grad.clone() for p in net.parameters()], f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_two_processes_get_the_mean_gradient(tmp_path, gather):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "grads")
+    torch.multiprocessing.spawn(_average_worker, args=(port, gather, out), nprocs=2)
+    got = [torch.load(f"{out}.{r}") for r in range(2)]
+    expected = []
+    for rank in range(2):
+        net = make_net()
+        net(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+        expected.append([p.grad for p in net.parameters()])
+    for g0, g1, e0, e1 in zip(*got, *expected):
+        assert torch.equal(g0, g1)  # every process holds the same mean
+        assert torch.allclose(g0, (e0 + e1) / 2, rtol=1e-6, atol=1e-6)

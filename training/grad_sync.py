@@ -34,25 +34,31 @@ def _dense_strides(p: torch.Tensor) -> bool:
     return True
 
 
-def split_evenly(sizes: list[int], chunks: int) -> list[tuple[int, int]]:
-    """Consecutive index ranges [begin, end) of `sizes`, at most `chunks` of them, each near sum / chunks."""
+def split_growing(sizes: list[int], chunks: int) -> list[tuple[int, int]]:
+    """Consecutive index ranges [begin, end) of `sizes`, at most `chunks` of them, the k-th (from 0) holding about
+    (k + 1) / (1 + 2 + ... + chunks) of the total: the first all-reduce, which nothing hides, is the shortest."""
     total, bounds, acc = sum(sizes), [0], 0
+    weight = chunks * (chunks + 1) // 2
     for i, n in enumerate(sizes):
         acc += n
-        if acc * chunks >= total * len(bounds) and i + 1 < len(sizes) and len(bounds) < chunks:
+        k = len(bounds)  # chunks closed so far + 1
+        if acc * weight >= total * (k * (k + 1) // 2) and i + 1 < len(sizes) and k < chunks:
             bounds.append(i + 1)
     bounds.append(len(sizes))
     return list(zip(bounds[:-1], bounds[1:]))
 
 
 class FlatGradients:
-    """Gradients of `params` gathered into one buffer, each in its parameter's own memory layout (the fused
-    post-step reads them without copies), and averaged over the process group chunk by chunk."""
+    """Gradients of `params`, averaged over the process group chunk by chunk. With `gather` (the default) they are
+    gathered into one buffer, each in its parameter's own memory layout (the fused post-step reads them without
+    copies), and each chunk is one all-reduce; without, each chunk is one NCCL group of per-tensor all-reduces on
+    the gradients where autograd left them (no copy, no buffer)."""
 
     def __init__(
         self,
         params: Iterable[torch.nn.Parameter],  # trained parameters (one dtype, dense), all on one device
-        chunks: int = 4,  # all-reduces per step; each but the first overlaps the post-step of the one before
+        chunks: int = 4,  # all-reduces per step, growing in size; each but the first overlaps the post-step
+        gather: bool = True,  # copy the gradients into one buffer first
     ):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
@@ -65,14 +71,19 @@ class FlatGradients:
                 raise ValueError(f"FlatGradients: parameters must be dense, of one dtype and device; got {p.dtype} "
                                  f"{tuple(p.shape)} strides {p.stride()} on {p.device}")
         sizes = [p.numel() for p in self.params]
-        self.buffer = torch.zeros(sum(sizes), device=dev, dtype=dtype)
-        self.views, offsets = [], [0]
-        for p in self.params:
-            self.views.append(self.buffer.as_strided(p.shape, p.stride(), offsets[-1]))
-            offsets.append(offsets[-1] + p.numel())
-        self.chunks = split_evenly(sizes, chunks)  # parameter index ranges
-        self._slices = [self.buffer[offsets[a] : offsets[b]] for a, b in self.chunks]
+        self.chunks = split_growing(sizes, chunks)  # parameter index ranges
+        self.gather = gather
+        self.views: list[torch.Tensor | None] = [None] * len(self.params)
+        self._slices: list[torch.Tensor] = []
+        if gather:
+            self.buffer = torch.zeros(sum(sizes), device=dev, dtype=dtype)
+            offsets = [0]
+            for i, p in enumerate(self.params):
+                self.views[i] = self.buffer.as_strided(p.shape, p.stride(), offsets[-1])
+                offsets.append(offsets[-1] + p.numel())
+            self._slices = [self.buffer[offsets[a] : offsets[b]] for a, b in self.chunks]
         self._works: list = []
+        self._divide = False
 
     def zero_(self) -> None:
         """Start a step: gradients to None, so the first backward hands its results over without an addition."""
@@ -80,12 +91,16 @@ class FlatGradients:
             p.grad = None
 
     @torch.no_grad()
-    def collect_(self) -> None:
-        """After each backward: gradients that autograd put elsewhere are copied into the buffer (one batched copy)
-        and replaced by their views; later backwards of the step accumulate into the views in place. A parameter
-        that took no part gets a zero gradient, as DDP gives it."""
+    def collect_(self, begin: int = 0, end: int | None = None) -> None:
+        """After each backward: gradients of parameters begin..end-1 that autograd put elsewhere are copied into the
+        buffer (one batched copy) and replaced by their views; later backwards of the step accumulate into the
+        views in place. A parameter that took no part gets a zero gradient, as DDP gives it."""
         dst, src = [], []
-        for p, v in zip(self.params, self.views):
+        for p, v in zip(self.params[begin:end], self.views[begin:end]):
+            if v is None:  # not gathering
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                continue
             if p.grad is v:
                 continue
             if p.grad is None:
@@ -98,15 +113,24 @@ class FlatGradients:
             torch._foreach_copy_(dst, src)
 
     def start_average(self) -> None:
-        """Launch the all-reduces (asynchronous); `wait(k)` makes the current stream wait for chunk k."""
-        self.collect_()
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            self._works = [None] * len(self._slices)
-            return
-        nccl = torch.distributed.get_backend() == "nccl"
+        """Launch the all-reduces (asynchronous), each chunk right after its gradients are gathered, so the copies
+        of the later chunks overlap the first all-reduce; `wait(k)` makes the current stream wait for chunk k."""
+        multi = dist.is_initialized() and dist.get_world_size() > 1
+        nccl = multi and torch.distributed.get_backend() == "nccl"
         op = torch.distributed.ReduceOp.AVG if nccl else torch.distributed.ReduceOp.SUM  # gloo has no AVG
-        self._works = [torch.distributed.all_reduce(s, op=op, async_op=True) for s in self._slices]
-        self._divide = not nccl
+        self._divide = multi and not nccl
+        self._works = []
+        for k, (a, b) in enumerate(self.chunks):
+            self.collect_(a, b)
+            if not multi:
+                self._works.append(None)
+            elif self.gather:
+                self._works.append(torch.distributed.all_reduce(self._slices[k], op=op, async_op=True))
+            else:
+                with torch.distributed.distributed_c10d._coalescing_manager(async_ops=True) as group:
+                    for p in self.params[a:b]:
+                        torch.distributed.all_reduce(p.grad, op=op)
+                self._works.append(group)
 
     def wait(self, k: int) -> None:
         """Chunk k holds the mean over processes once the current stream reaches this point."""
@@ -114,11 +138,12 @@ class FlatGradients:
         if work is not None:
             work.wait()
             if self._divide:
-                self._slices[k].div_(dist.get_world_size())
+                a, b = self.chunks[k]
+                torch._foreach_div_([p.grad for p in self.params[a:b]], float(dist.get_world_size()))
             self._works[k] = None
 
     def average_(self) -> None:
         """Every gradient replaced by its mean over the process group (a no-op for a lone process)."""
         self.start_average()
-        for k in range(len(self._slices)):
+        for k in range(len(self.chunks)):
             self.wait(k)

@@ -70,7 +70,7 @@ def default_config() -> dict[str, Any]:
         instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
         fused_step=None,  # Adam + forced weight normalization + EMA updates in one Triton kernel; None = on CUDA
         ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
-        grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat" (one all-reduce of one buffer); None = flat if compiled
+        grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat" or "grouped" (training/grad_sync.py); None = flat if compiled
     )
 
 
@@ -80,15 +80,17 @@ class TrainingError(ValueError):
 
 def resolve_grad_sync(config: dict[str, Any]) -> str:
     """How several processes average gradients: "ddp" (DistributedDataParallel: in eager runs its buckets are
-    reduced while backward goes on) or "flat" (training/grad_sync.py: one all-reduce after backward, the better
-    choice when a compiled backward hands every gradient over at its end). None picks flat when compiled."""
+    reduced while backward goes on), "flat" (gradients gathered into one buffer, all-reduced in chunks that overlap
+    the post-step: the better choice when a compiled backward hands every gradient over at its end) or "grouped"
+    (the same chunks as NCCL groups of per-tensor all-reduces, without the gathering copy). None picks flat when
+    compiled."""
     choice = config.get("grad_sync")
     if choice is None:
         return "flat" if config.get("compile") and not config.get("ddp_overlap") else "ddp"
-    if choice not in ("ddp", "flat"):
-        raise TrainingError(f"--grad-sync: expected 'ddp' or 'flat', got {choice!r}")
-    if choice == "flat" and config.get("ddp_overlap"):
-        raise TrainingError("--grad-sync flat cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)")
+    if choice not in ("ddp", "flat", "grouped"):
+        raise TrainingError(f"--grad-sync: expected 'ddp', 'flat' or 'grouped', got {choice!r}")
+    if choice != "ddp" and config.get("ddp_overlap"):
+        raise TrainingError(f"--grad-sync {choice} cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)")
     return choice
 
 
@@ -309,11 +311,11 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
 
     grad_sync = resolve_grad_sync(config)
-    if world > 1 and grad_sync == "flat":
+    if world > 1 and grad_sync != "ddp":
         for t in list(net.parameters()) + list(net.buffers()):  # what DDP does at construction: rank 0's values
             torch.distributed.broadcast(t.data, 0)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 and grad_sync == "ddp" else net
-    flat = FlatGradients(net.parameters()) if world > 1 and grad_sync == "flat" else None
+    flat = FlatGradients(net.parameters(), gather=grad_sync == "flat") if world > 1 and grad_sync != "ddp" else None
     if config.get("compile") and world > 1:
         # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
         # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs:
