@@ -1,5 +1,6 @@
-"""Gradient averaging across processes for the compiled multi-GPU step: every gradient ends up in one float32
-buffer, which is all-reduced in a few chunks that overlap the post-step.
+"""Gradient averaging across processes for the compiled multi-GPU step: the gradients are all-reduced in a few
+chunks that overlap the post-step, either gathered into one float32 buffer first (`gather=True`, --grad-sync
+flat) or in place as NCCL groups of per-tensor all-reduces (`gather=False`, --grad-sync grouped).
 
 Why not DDP there: a compiled step (without --ddp-overlap) hands every gradient over at the end of one
 backward graph, so DDP's buckets cannot overlap the backward anyway, and what remains is its per-parameter

@@ -315,7 +315,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
         for t in list(net.parameters()) + list(net.buffers()):  # what DDP does at construction: rank 0's values
             torch.distributed.broadcast(t.data, 0)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 and grad_sync == "ddp" else net
-    flat = FlatGradients(net.parameters(), gather=grad_sync == "flat") if world > 1 and grad_sync != "ddp" else None
+    averager = FlatGradients(net.parameters(), gather=grad_sync == "flat") if world > 1 and grad_sync != "ddp" else None
     if config.get("compile") and world > 1:
         # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
         # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs:
@@ -347,8 +347,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             lr = learning_rate_schedule(cur_nimg, batch, **config["lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if flat is not None:
-                flat.zero_()  # gradients to None; collect_() gathers them into the buffer that is all-reduced
+            if averager is not None:
+                averager.zero_()  # gradients to None; collect_() gathers them into the buffer that is all-reduced
             else:
                 optimizer.zero_grad(set_to_none=True)
             status_step = crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
@@ -368,13 +368,13 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 with sync:
                     loss = loss_fn(ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
                     reduce_batch_loss(loss, batch // world).backward()
-                if flat is not None:
-                    flat.collect_()
+                if averager is not None:
+                    averager.collect_()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()
-            if flat is not None:
-                flat.start_average()  # chunked all-reduces; the post-step updates each chunk once it is averaged
-            post_step(cur_nimg + batch, batch, ready=flat)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
+            if averager is not None:
+                averager.start_average()  # chunked all-reduces; the post-step updates each chunk once it is averaged
+            post_step(cur_nimg + batch, batch, ready=averager)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
 
             stopping = vote(step, stop.raised)  # all processes stop at the same step
