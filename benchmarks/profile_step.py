@@ -173,15 +173,11 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
         nimg = [100 * batch]
 
         def work(mark=lambda: None):
-            if flat is not None:
-                flat.zero_()
-            else:
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             mark()
             loss = loss_fn(model, x, labels)
             reduce_batch_loss(loss, batch).backward()  # with DDP this includes the all-reduces
             if flat is not None:
-                flat.collect_()
                 flat.start_average()  # overlaps the post-step, chunk by chunk
             mark()
             nimg[0] += batch

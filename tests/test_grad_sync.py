@@ -29,30 +29,30 @@ def make_net():
     return net
 
 
-def test_gradients_land_in_the_buffer_in_their_layouts_and_accumulate_in_place():
+@pytest.mark.parametrize("collect_each_round", [True, False])
+def test_gradients_land_in_the_buffer_in_their_layouts_and_accumulate(collect_each_round):
     net, ref = make_net(), make_net()
     sync = FlatGradients(net.parameters(), chunks=3)
     assert len(sync.chunks) == 3 and sync.buffer.numel() == sum(p.numel() for p in net.parameters())
-    x = [torch.randn(2, 3, 8, 8) for _ in range(2)]
-    sync.zero_()
-    for xi in x:  # two accumulation rounds
-        net(xi).square().sum().backward()
-        sync.collect_()
-        ref(xi).square().sum().backward()
-    sync.average_()  # one process: nothing to reduce
-    for p, v, q in zip(net.parameters(), sync.views, ref.parameters()):
-        assert p.grad is v and p.grad.stride() == p.stride()
-        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-6)
+    for step in range(2):  # the second step starts from gradients set to None again
+        net.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        for xi in [torch.randn(2, 3, 8, 8) for _ in range(2)]:  # two accumulation rounds
+            net(xi).square().sum().backward()
+            if collect_each_round:  # later rounds then add into the views in place
+                sync.collect_()
+            ref(xi).square().sum().backward()
+        sync.average_()  # one process: gathers, nothing to reduce
+        for p, v, q in zip(net.parameters(), sync.views, ref.parameters()):
+            assert p.grad is v and p.grad.stride() == p.stride()
+            assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-6)
     assert sync.views[0].data_ptr() == sync.buffer.data_ptr()
-    sync.zero_()
-    assert all(p.grad is None for p in net.parameters())
 
 
 def test_a_parameter_without_gradient_gets_zero():
     net = make_net()
     sync = FlatGradients(net.parameters())
     sync.buffer.fill_(7.0)
-    sync.zero_()
     net[0](torch.randn(1, 3, 8, 8)).sum().backward()  # only the first layer takes part
     sync.collect_()
     assert net[0].weight.grad.abs().sum() > 0
@@ -77,7 +77,6 @@ def _average_worker(rank: int, port: int, gather: bool, out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     net = make_net()
     sync = FlatGradients(net.parameters(), chunks=3, gather=gather)
-    sync.zero_()
     net(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
     sync.collect_()
     sync.average_()

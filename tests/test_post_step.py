@@ -51,8 +51,6 @@ for step in range(3):
     grads[-1][big].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
 for r, (n, opt, ema, post) in enumerate(runs):
     for step, gs in enumerate(grads):
-        if r == 2:
-            sync.zero_()
         for p, g in zip(n.parameters(), gs):
             p.grad = g.clone()  # contiguous: for the channels-last weight the kernel must re-lay it out
         for group in opt.param_groups:

@@ -10,9 +10,9 @@ copy, and the all-reduce of chunk k+1 runs while the post-step updates the param
 reduce buckets while backward goes on.
 
     sync = FlatGradients(net.parameters())
-    sync.zero_()                  # instead of optimizer.zero_grad()
-    loss.backward(); sync.collect_()   # once per accumulation round
-    sync.start_average()          # asynchronous all-reduces, chunk by chunk
+    optimizer.zero_grad(set_to_none=True)   # the first backward then hands its gradients over without an addition
+    loss.backward()                         # once per accumulation round
+    sync.start_average()          # gathers and launches the all-reduces (asynchronous), chunk by chunk
     post_step(..., ready=sync)    # waits (on the GPU stream, not the CPU) for each chunk before updating it
 """
 
@@ -86,16 +86,11 @@ class FlatGradients:
         self._works: list = []
         self._divide = False
 
-    def zero_(self) -> None:
-        """Start a step: gradients to None, so the first backward hands its results over without an addition."""
-        for p in self.params:
-            p.grad = None
-
     @torch.no_grad()
     def collect_(self, begin: int = 0, end: int | None = None) -> None:
-        """After each backward: gradients of parameters begin..end-1 that autograd put elsewhere are copied into the
-        buffer (one batched copy) and replaced by their views; later backwards of the step accumulate into the
-        views in place. A parameter that took no part gets a zero gradient, as DDP gives it."""
+        """Gradients of parameters begin..end-1 that autograd put elsewhere are copied into the buffer (one batched
+        copy) and replaced by their views; a backward after this accumulates into the views in place. A parameter
+        that took no part gets a zero gradient, as DDP gives it. `start_average` calls this chunk by chunk."""
         dst, src = [], []
         for p, v in zip(self.params[begin:end], self.views[begin:end]):
             if v is None:  # not gathering

@@ -191,7 +191,7 @@ class PostStep:
                 raise ValueError("PostStep: `ready` must hold the network's parameters, in order")
             chunks = ready.chunks
         if not self.fused:
-            for k in range(len(chunks) if ready is not None else 0):
+            for k in range(len(chunks)) if ready is not None else ():
                 ready.wait(k)
             zero_nonfinite_grads_(self.net)
             self.optimizer.step()

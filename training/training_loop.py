@@ -347,10 +347,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             lr = learning_rate_schedule(cur_nimg, batch, **config["lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if averager is not None:
-                averager.zero_()  # gradients to None; collect_() gathers them into the buffer that is all-reduced
-            else:
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             status_step = crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
             instruments.arm(use_instruments and status_step)
             gen = _step_generator(config["seed"], step, device)
@@ -368,12 +365,10 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 with sync:
                     loss = loss_fn(ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
                     reduce_batch_loss(loss, batch // world).backward()
-                if averager is not None:
-                    averager.collect_()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()
             if averager is not None:
-                averager.start_average()  # chunked all-reduces; the post-step updates each chunk once it is averaged
+                averager.start_average()  # gathers and all-reduces chunk by chunk; the post-step updates each once averaged
             post_step(cur_nimg + batch, batch, ready=averager)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
 
