@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from conftest import build_reference_net, load_reference  # noqa: E402
-from networks import Precond  # noqa: E402
+from networks import MPConv, Precond  # noqa: E402
 from training import EDM2Loss  # noqa: E402
 
 
@@ -77,15 +77,70 @@ def main() -> None:
     grad_ref = torch.cat([torch.from_numpy(ref["grad/" + n]).flatten() for n, _ in net.named_parameters()]).to(dev)
     res["eager_grad_vs_reference"] = rel(grads[0], grad_ref)
     res.update(check_post_step(net))
+    res.update(check_batched_weights(net, x, sigma, labels, noise))
     # Rows of up to 256 * 2 * 9 = 4608 elements: several SUB-element chunks per program, a ragged last one.
     wide = Precond(img_resolution=16, img_channels=4, label_dim=10, model_channels=128, channel_mult=[1, 2],
                    num_blocks=1, attn_resolutions=[8]).to(dev)
     res.update(check_post_step(wide, "wide_"))
+    wx = torch.randn([8, 4, 16, 16], device=dev)
+    with torch.no_grad():  # gains away from their zero init, so that every weight gets a gradient
+        for q in wide.parameters():
+            if q.ndim == 0:
+                q.copy_(torch.randn([]))
+    res.update(check_batched_weights(wide, wx, torch.rand([8], device=dev) * 3, torch.randint(0, 10, [8], device=dev),
+                                     torch.randn_like(wx), "wide_"))
     figures = {k: v for k, v in res.items() if isinstance(v, float)}
     failed = [k for k, v in figures.items() if not v <= tolerance(k)]
     res.update(tolerances={k: tolerance(k) for k in figures}, failed=failed, ok=not failed)
     print(json.dumps(res))
     sys.exit(1 if failed else 0)
+
+
+def check_batched_weights(net, x, sigma, labels, noise, prefix: str = "") -> dict:
+    """All layers' effective weights in one kernel (networks/batched_weights.py) against the per-layer expressions:
+    the weights themselves in every dtype, and the gradients of a training step, eager and compiled, fp32 and, on
+    channels-last weights and activations, the half-precision training layout."""
+    import copy
+
+    from networks.batched_weights import effective_weights, effective_weights_reference
+
+    out = {}
+    ws = [m.weight for m in net.modules() if isinstance(m, MPConv)]
+    gens = [torch.randn(w.shape, device=w.device) for w in ws]
+    for p in ("fp32", "fp16", "bf16"):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+        with torch.no_grad():
+            a, b = effective_weights(ws, dtype), effective_weights_reference(ws, dtype)
+        out[f"{prefix}batched_weights_{p}_vs_per_layer"] = max(rel(y, x) for x, y in zip(b, a))
+        out.setdefault(f"{prefix}batched_weights_elements_differing", {})[p] = float(  # rounding flips: a note
+            sum(int((x != y).sum()) for x, y in zip(a, b)) / sum(w.numel() for w in ws))
+        leaves = [w.detach().requires_grad_(True) for w in ws]
+        ga = torch.autograd.grad(effective_weights(leaves, dtype), leaves, [g.to(dtype) for g in gens])
+        gb = torch.autograd.grad(effective_weights_reference(leaves, dtype), leaves, [g.to(dtype) for g in gens])
+        out[f"{prefix}batched_weights_{p}_backward_vs_autograd"] = max(rel(y, x) for x, y in zip(gb, ga))
+    loss_fn = EDM2Loss()
+    truth = None
+    for p in ("fp32", "fp16", "bf16"):
+        grads = []
+        for batched, compiled in ((False, False), (True, False), (True, True)):
+            n = copy.deepcopy(net).train()
+            n.zero_grad(set_to_none=True)
+            n.precision = p
+            if p != "fp32":
+                n.channels_last = True
+                n.to(memory_format=torch.channels_last)
+            n.backbone.batched_weights = batched
+            fn = torch.compile(n, fullgraph=True) if compiled else n
+            loss_fn(fn, x, labels, sigma=sigma, noise=noise).mean().backward()
+            grads.append(torch.cat([q.grad.flatten() for q in n.parameters()]))
+        if p == "fp32":  # held to float32 rounding
+            truth = grads[0]
+            out[f"{prefix}batched_weights_train_grad_fp32_eager_vs_per_layer"] = rel(grads[1], grads[0])
+            out[f"{prefix}batched_weights_train_grad_fp32_compiled_vs_per_layer"] = rel(grads[2], grads[0])
+        else:  # half precision: each path's distance from the float32 gradients, side by side (a note)
+            out.setdefault(f"{prefix}batched_weights_half_grads_vs_fp32", {})[p] = dict(
+                per_layer=rel(grads[0], truth), batched=rel(grads[1], truth), batched_compiled=rel(grads[2], truth))
+    return out
 
 
 def check_post_step(net: torch.nn.Module, prefix: str = "") -> dict:

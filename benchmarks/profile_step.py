@@ -57,16 +57,18 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_table(prof, repeats: int, top: int = 15) -> dict:
-    by_kind, by_name = collections.Counter(), collections.Counter()
+    by_kind, by_name, launches = collections.Counter(), collections.Counter(), 0
     for evt in prof.key_averages():
         t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if t <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         by_kind[kernel_kind(evt.key)] += t / repeats / 1e3
         by_name[evt.key[:110]] += t / repeats / 1e3
+        launches += evt.count
     total = sum(by_kind.values())
     return dict(
         gpu_ms=round(total, 2),
+        kernels_per_step=round(launches / repeats),
         by_kind_ms={k: round(v, 2) for k, v in by_kind.most_common()},
         top_kernels_ms=[[k, round(v, 3)] for k, v in by_name.most_common(top)],
         top_by_kind_ms={  # the kinds whose many small kernels the overall list hides
@@ -106,16 +108,27 @@ def cuda_timer():
 @click.option("--post-step", "post_step_kind", type=click.Choice(["fused", "plain"]), default="fused", show_default=True)
 @click.option("--weights-channels-last/--no-weights-channels-last", "weights_channels_last", default=True, show_default=True,
               help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
+@click.option("--batched-weights/--no-batched-weights", "batched_weights", default=True, show_default=True,
+              help="All layers' effective weights in one kernel (networks/batched_weights.py), as training on CUDA does")
+@click.option("--inductor", multiple=True, help="torch._inductor.config KEY=VALUE (Python literal), e.g. combo_kernels=True")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
 @click.option("--grad-sync", "grad_sync", default="flat", show_default=True,
-              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat[N] | grouped[N] (N chunks); "
+              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat[N] | grouped[N] (N chunks) | overlap; "
                    "comma-separated to compare")
 def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
-         weights_channels_last, trace, grad_sync) -> None:
+         weights_channels_last, batched_weights, inductor, trace, grad_sync) -> None:
+    import ast
+
+    import torch._inductor.config
+
+    for item in inductor:
+        key, _, value = item.partition("=")
+        setattr(torch._inductor.config, key, ast.literal_eval(value))
     dist.init()
     for sync in grad_sync.split(",") if dist.get_world_size() > 1 and not sample else [None]:
         result = profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
-                         post_step_kind, weights_channels_last, trace, sync)
+                         post_step_kind, weights_channels_last, trace, sync, batched_weights)
+        result["inductor"] = list(inductor)
         if dist.is_main():
             print(json.dumps(result), flush=True)
         torch.cuda.empty_cache()
@@ -123,7 +136,7 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
 
 
 def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
-            weights_channels_last, trace, sync) -> dict:
+            weights_channels_last, trace, sync, batched_weights=True) -> dict:
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit
@@ -133,6 +146,7 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
     if weights_channels_last:
         net.to(memory_format=torch.channels_last)
     net.channels_last = channels_last
+    net.backbone.batched_weights = batched_weights
     gflop = flops_per_image(net.train(not sample), train=not sample) / 1e9
     torch.manual_seed(dist.get_rank())  # each process its own batch
     x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
@@ -141,11 +155,17 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
     if sync in ("ddp", "ddp-view"):
         torch._dynamo.config.optimize_ddp = False  # as training_loop without --ddp-overlap
         wrapped = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev], gradient_as_bucket_view=sync == "ddp-view")
+    elif sync == "overlap":  # as training_loop with --grad-sync overlap: three compiled pieces, hooks start the all-reduces
+        from training.training_loop import overlap_groups
+
+        net.backbone.graph_breaks = net.backbone.overlap_breaks()
+        flat = FlatGradients(net.parameters(), groups=overlap_groups(net))
     elif sync is not None and re.fullmatch(r"(flat|grouped)\d*", sync):
         chunks = re.sub(r"^\D+", "", sync)
         flat = FlatGradients(net.parameters(), gather=sync.startswith("flat"), **(dict(chunks=int(chunks)) if chunks else {}))
     elif sync is not None:
-        raise click.BadParameter(f"expected ddp, ddp-view, flat[N] or grouped[N] (N chunks), got {sync!r}", param_hint="--grad-sync")
+        raise click.BadParameter(f"expected ddp, ddp-view, flat[N], grouped[N] (N chunks) or overlap, got {sync!r}",
+                                 param_hint="--grad-sync")
     # Sampling compiles as prepare_for_sampling does, less the CUDA graphs (the profiler then sees each kernel).
     kw = dict(mode=mode) if mode else dict(options={"freezing": True}) if sample else {}  # torch takes one of the two
     model = torch.compile(wrapped, **kw) if compile_net else wrapped
@@ -153,7 +173,8 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
     result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode, channels_last=channels_last,
                   cudnn_benchmark=cudnn_benchmark, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, sample=sample, gflop_per_img=round(gflop, 1),
                   post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last,
-                  gpus=dist.get_world_size(), grad_sync=sync)
+                  gpus=dist.get_world_size(), grad_sync=sync,
+                  batched_weights=batched_weights)
 
     if sample:
         net.eval().requires_grad_(False)  # before the first call: freezing needs parameters without gradients
@@ -176,6 +197,8 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
             optimizer.zero_grad(set_to_none=True)
             mark()
             loss = loss_fn(model, x, labels)
+            if flat is not None:
+                flat.arm()  # overlap: pieces start their all-reduces during backward (a no-op for flat / grouped)
             reduce_batch_loss(loss, batch).backward()  # with DDP this includes the all-reduces
             if flat is not None:
                 flat.start_average()  # overlaps the post-step, chunk by chunk
@@ -214,6 +237,7 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
             work()
         torch.cuda.synchronize()
     result.update(kernel_table(prof, 3))
+    result["gpu_idle_ms"] = round(result["step_ms"] - result["gpu_ms"], 2)  # launch gaps and host waits
     if trace and dist.is_main():
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:

@@ -146,8 +146,13 @@ class MPConv(torch.nn.Module):
             self._cache = (key, w)
         return w
 
-    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
-        w = self.effective_weight(gain, x.dtype, is_channels_last(x))
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight`: this layer's effective weight already computed (with gain 1, in x's dtype), as UNet does for all
+        layers at once (networks/batched_weights.py); None: computed here."""
+        if weight is None:
+            w = self.effective_weight(gain, x.dtype, is_channels_last(x))
+        else:
+            w = weight.contiguous(memory_format=torch.channels_last) if weight.ndim == 4 and is_channels_last(x) else weight
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)

@@ -135,7 +135,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("grad_sync,batch_gpu,layout", [("ddp", 4, "4 x 2 x 1"), ("flat", 2, "2 x 2 x 2"), ("grouped", 4, "4 x 2 x 1")])
+@pytest.mark.parametrize("grad_sync,batch_gpu,layout", [
+    ("ddp", 4, "4 x 2 x 1"), ("flat", 2, "2 x 2 x 2"), ("grouped", 4, "4 x 2 x 1"),
+    ("overlap", 2, "2 x 2 x 2"),  # eager here: the pieces' gradient hooks start the all-reduces during backward
+])
 def test_two_processes_equal_one_process(tmp_path, data, grad_sync, batch_gpu, layout):
     one = run_cli(train_args(tmp_path / "one", data, duration=128, batch=8))
     assert one.returncode == 0, one.stderr

@@ -88,6 +88,7 @@ class StabilityVAEEncoder:
         self.final_std = float(final_std)
         self.batch_size = batch_size
         self._vae = None  # loaded on first use
+        self._scales: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (scale, bias)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -118,11 +119,15 @@ class StabilityVAEEncoder:
         return self._vae
 
     def _scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel multiplier and offset of raw -> final: final = raw * scale + bias."""
-        raw_mean = torch.tensor(self.raw_mean, dtype=torch.float32, device=like.device).reshape(1, -1, 1, 1)
-        raw_std = torch.tensor(self.raw_std, dtype=torch.float32, device=like.device).reshape(1, -1, 1, 1)
-        scale = self.final_std / raw_std
-        return scale, self.final_mean - raw_mean * scale
+        """Per-channel multiplier and offset of raw -> final: final = raw * scale + bias. Made once per device:
+        a tensor built from Python numbers on a GPU is a blocking copy, which would drain the GPU's queue on every
+        training step."""
+        if like.device not in self._scales:
+            raw_mean = torch.tensor(self.raw_mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+            raw_std = torch.tensor(self.raw_std, dtype=torch.float32).reshape(1, -1, 1, 1)
+            scale = self.final_std / raw_std
+            self._scales[like.device] = (scale.to(like.device), (self.final_mean - raw_mean * scale).to(like.device))
+        return self._scales[like.device]
 
     @torch.no_grad()
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ look the same on either path and resume on the other.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -176,16 +176,16 @@ class PostStep:
         self.fused = bool(fused) and num_emas <= MAX_EMAS
         if fused and not fused_available(self.params[0].device):
             raise ValueError("PostStep: fused=True needs Triton (pip install triton) and CUDA parameters")
-        self._row_buckets: dict[tuple, list] = {}  # parameter index ranges -> the row buckets of each range
+        self._row_buckets: dict[tuple, list] = {}  # chunks (parameter indices) -> the row buckets of each chunk
         if self.fused:  # also checks the parameters now rather than at the first step
-            whole = ((0, len(self.params)),)
-            self._row_buckets[whole] = [self._build_rows(*whole[0])]
+            whole = tuple(range(len(self.params)))
+            self._row_buckets[(whole,)] = [self._build_rows(whole)]
 
     def __call__(self, cur_nimg: int, batch: int, ready: Any = None) -> None:
         """`ready`: gradients still being averaged (training/grad_sync.FlatGradients after `start_average()`); the
         parameters of each of its chunks are updated as soon as that chunk's all-reduce is done."""
         betas = self.ema.betas(cur_nimg, batch) if self.ema is not None else []
-        chunks = [(0, len(self.params))]
+        chunks = [list(range(len(self.params)))]
         if ready is not None:
             if [id(p) for p in ready.params] != [id(p) for p in self.params]:
                 raise ValueError("PostStep: `ready` must hold the network's parameters, in order")
@@ -203,12 +203,12 @@ class PostStep:
 
     # --- the fused path ---------------------------------------------------------------------------------
 
-    def _build_rows(self, begin: int, end: int) -> list:
-        """Rows of parameters begin..end-1, grouped by padded length (a power of two up to SUB, else a multiple of
+    def _build_rows(self, indices: Sequence[int]) -> list:
+        """Rows of the parameters with the given indices, grouped by padded length (a power of two up to SUB, else a multiple of
         SUB) and by whether forced weight normalization applies to them: one launch per group."""
         normalized = {id(m.weight) for m in self.net.modules() if isinstance(m, MPConv)}
         buckets: dict[tuple[int, bool], tuple[list, list, list, list]] = {}
-        for index in range(begin, end):
+        for index in indices:
             p = self.params[index]
             if p.dtype != torch.float32 or not _dense(p):
                 raise ValueError(f"PostStep: fused=True needs dense float32 parameters, got {p.dtype} {p.stride()}")
@@ -240,7 +240,7 @@ class PostStep:
         return state
 
     @torch.no_grad()
-    def _fused_step(self, betas: list[float], chunks: list[tuple[int, int]], ready: Any) -> None:
+    def _fused_step(self, betas: list[float], chunks: list[list[int]], ready: Any) -> None:
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
@@ -277,9 +277,9 @@ class PostStep:
         w = [1 - b for b in betas] + [0.0] * (MAX_EMAS - len(betas))
         step_size = lr / (1 - beta1**step)
         bias2_sqrt = math.sqrt(1 - beta2**step)
-        key = tuple(chunks)
+        key = tuple(tuple(chunk) for chunk in chunks)
         if key not in self._row_buckets:
-            self._row_buckets[key] = [self._build_rows(a, b) for a, b in chunks]
+            self._row_buckets[key] = [self._build_rows(chunk) for chunk in chunks]
         for k, buckets in enumerate(self._row_buckets[key]):
             if ready is not None:
                 ready.wait(k)  # the stream waits for this chunk's all-reduce; the next chunk's goes on meanwhile

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from networks import Precond
+from networks.batched_weights import kernel_available as weights_kernel_available
 from torch_utils import distributed as dist
 from torch_utils.state_io import StateFileError, atomic_write, load_state, save_state
 
@@ -39,7 +40,7 @@ OPTIONS_FILE = "training_options.json"
 # Options that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = (
     "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last", "instruments",
-    "fused_step", "ddp_overlap", "grad_sync",
+    "fused_step", "batched_weights", "ddp_overlap", "grad_sync",
 )
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
 
@@ -69,9 +70,13 @@ def default_config() -> dict[str, Any]:
         channels_last=None,  # NHWC activations; None = on CUDA
         instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
         fused_step=None,  # Adam + forced weight normalization + EMA updates in one Triton kernel; None = on CUDA
+        batched_weights=None,  # all layers' effective weights (and their gradients) in one Triton kernel; None = on CUDA
         ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
-        grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat" or "grouped" (training/grad_sync.py); None = flat if compiled
+        grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat", "grouped" or "overlap" (training/grad_sync.py); None = flat if compiled
     )
+
+
+GRAD_SYNCS = ("ddp", "flat", "grouped", "overlap")  # multi-GPU gradient averaging (resolve_grad_sync)
 
 
 class TrainingError(ValueError):
@@ -81,14 +86,15 @@ class TrainingError(ValueError):
 def resolve_grad_sync(config: dict[str, Any]) -> str:
     """How several processes average gradients: "ddp" (DistributedDataParallel: in eager runs its buckets are
     reduced while backward goes on), "flat" (gradients gathered into one buffer, all-reduced in chunks that overlap
-    the post-step: the better choice when a compiled backward hands every gradient over at its end) or "grouped"
-    (the same chunks as NCCL groups of per-tensor all-reduces, without the gathering copy). None picks flat when
-    compiled."""
+    the post-step: the better choice when a compiled backward hands every gradient over at its end), "grouped"
+    (the same chunks as NCCL groups of per-tensor all-reduces, without the gathering copy) or "overlap" (the
+    network compiled in three pieces, each piece's gradients all-reduced while backward runs through the pieces
+    before it). None picks flat when compiled."""
     choice = config.get("grad_sync")
     if choice is None:
         return "flat" if config.get("compile") and not config.get("ddp_overlap") else "ddp"
-    if choice not in ("ddp", "flat", "grouped"):
-        raise TrainingError(f"--grad-sync: expected 'ddp', 'flat' or 'grouped', got {choice!r}")
+    if choice not in GRAD_SYNCS:
+        raise TrainingError(f"--grad-sync: expected one of {', '.join(GRAD_SYNCS)}, got {choice!r}")
     if choice != "ddp" and config.get("ddp_overlap"):
         raise TrainingError(f"--grad-sync {choice} cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)")
     return choice
@@ -139,6 +145,16 @@ def write_json(path: str, obj: Any) -> None:
 
 
 # --- setup -----------------------------------------------------------------------------------------------
+
+
+def overlap_groups(net: Precond) -> list[list[int]]:
+    """Indices into net.parameters() of each compiled piece's parameters, in the order backward completes them;
+    the preconditioner's own (the log-variance head, run after the backbone) come first."""
+    index = {id(p): i for i, p in enumerate(net.parameters())}
+    groups = [[index[id(p)] for p in group] for group in net.backbone.part_parameters()]
+    grouped = {i for group in groups for i in group}
+    groups[0] = [i for i in range(len(index)) if i not in grouped] + groups[0]
+    return groups
 
 
 def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -267,6 +283,10 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
     if net.channels_last:  # weights laid out like their gradients: no transposes in backward or into .grad
         net.to(memory_format=torch.channels_last)
+    batched = config.get("batched_weights")
+    batched = device.type == "cuda" and weights_kernel_available(device) if batched is None else bool(batched)
+    if hasattr(net.backbone, "batched_weights"):
+        net.backbone.batched_weights = batched
     fused_step = config.get("fused_step")
     fused_step = device.type == "cuda" and fused_available(device) if fused_step is None else bool(fused_step)
     optimizer = torch.optim.Adam(
@@ -315,7 +335,14 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
         for t in list(net.parameters()) + list(net.buffers()):  # what DDP does at construction: rank 0's values
             torch.distributed.broadcast(t.data, 0)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 and grad_sync == "ddp" else net
-    averager = FlatGradients(net.parameters(), gather=grad_sync == "flat") if world > 1 and grad_sync != "ddp" else None
+    averager = None
+    if world > 1 and grad_sync == "overlap":
+        if not hasattr(net.backbone, "part_parameters"):
+            raise TrainingError(f"--grad-sync overlap: the {net.init_kwargs.get('arch')} backbone cannot be cut into pieces; use flat")
+        net.backbone.graph_breaks = net.backbone.overlap_breaks()  # before torch.compile traces the network
+        averager = FlatGradients(net.parameters(), groups=overlap_groups(net))
+    elif world > 1 and grad_sync != "ddp":
+        averager = FlatGradients(net.parameters(), gather=grad_sync == "flat")
     if config.get("compile") and world > 1:
         # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
         # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs:
@@ -336,6 +363,9 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     loss_sum = torch.zeros([], device=device, dtype=torch.float64)
     loss_count = 0
     tick_nimg, tick_time, start_nimg = cur_nimg, time.time(), cur_nimg
+    # EDM2_SYNC_DEBUG=1 (benchmarks/bench_train.py --sync-debug): from the third step on, torch warns where the host
+    # waits for the GPU. Only status, snapshot and checkpoint steps should; any other wait drains the GPU's queue.
+    sync_debug_from = step + 2 if os.environ.get("EDM2_SYNC_DEBUG") == "1" and device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -344,6 +374,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
 
     try:
         while cur_nimg < config["duration"]:
+            if step == sync_debug_from:
+                torch.cuda.set_sync_debug_mode("warn")
             lr = learning_rate_schedule(cur_nimg, batch, **config["lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -360,8 +392,10 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 images = images.to(device, non_blocking=True)
                 latent_gen = _step_generator(config["seed"] + 1, step * batch + chunk, device)
                 images = encoder.encode_latents(images, generator=latent_gen)
-                labels = labels.to(device) if net.label_dim else None
+                labels = labels.to(device, non_blocking=True) if net.label_dim else None  # a blocking copy drains the GPU
                 sync = contextlib.nullcontext() if (ddp is net or rnd == rounds - 1) else ddp.no_sync()
+                if averager is not None and rnd == rounds - 1:
+                    averager.arm()  # --grad-sync overlap: pieces start their all-reduces during this backward
                 with sync:
                     loss = loss_fn(ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
                     reduce_batch_loss(loss, batch // world).backward()
@@ -403,6 +437,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 log(f"Stopped by signal at {cur_nimg} images; the checkpoint is saved. Run the same command to resume.")
                 break
     finally:
+        if sync_debug_from is not None:
+            torch.cuda.set_sync_debug_mode("default")
         stop.restore()
         del batches
     return dict(cur_nimg=cur_nimg, steps=step, images_this_run=cur_nimg - start_nimg, training_time=training_time)
