@@ -243,7 +243,8 @@ class UNet(torch.nn.Module):
     def part_parameters(self) -> list[list[torch.nn.Parameter]]:
         """The parameters of each piece (`parts()`), in the order backward completes them (last piece first). The
         embedding and all modulation weights belong to the first piece, where they are used; so do the ScaleLong
-        gates, which may be shared between pieces (the last group is averaged only after backward)."""
+        gates, which may be shared between pieces (autograd hands a shared parameter's gradient over once, after
+        its last use in backward, the first piece's)."""
         parts = self.parts()
         groups: list[list[torch.nn.Parameter]] = []
         for k, names in enumerate(parts):

@@ -70,6 +70,49 @@ def test_bad_parameters_are_refused():
         FlatGradients([torch.nn.Parameter(torch.zeros(3))], chunks=0)
 
 
+def backward_groups(net) -> list[list[int]]:
+    """make_net's parameters by layer, last layer first: the order backward completes them."""
+    return [[4, 5], [2, 3], [0, 1]]
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_groups_start_from_gradient_hooks_during_the_last_backward(rounds):
+    net, ref = make_net(), make_net()
+    sync = FlatGradients(net.parameters(), groups=backward_groups(net))
+    assert sync.chunks == [[4, 5], [2, 3], [0, 1]]
+    assert sync.views[4].data_ptr() == sync.buffer.data_ptr()  # the first group to finish is the buffer's start
+    seen = []
+    for step in range(2):
+        net.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        xs = [torch.randn(2, 3, 8, 8) for _ in range(rounds)]
+        for r, xi in enumerate(xs):
+            if r == rounds - 1:
+                sync.arm()
+            net(xi).square().sum().backward()
+            seen.append(list(sync._launched))
+            ref(xi).square().sum().backward()
+        sync.average_()
+        for p, v, q in zip(net.parameters(), sync.views, ref.parameters()):
+            assert p.grad is v and torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-6)
+    # Unarmed rounds launch nothing; in the armed one every group but the last starts during backward.
+    assert seen == ([[False] * 3] * (rounds - 1) + [[True, True, False]]) * 2, seen
+
+
+def test_a_gradient_after_its_group_started_is_an_error():
+    lin = torch.nn.Linear(4, 4)
+    other = torch.nn.Linear(4, 4)
+    sync = FlatGradients(list(lin.parameters()) + list(other.parameters()), groups=[[0, 1], [2, 3]])
+    x = torch.randn(2, 4)
+    sync.arm()
+    lin(other(lin(x))).sum().backward()  # lin used twice: autograd hands its gradient over once, after both uses
+    assert sync._launched == [True, False]
+    with pytest.raises(RuntimeError, match="arrived after its group was averaged"):
+        lin(other(lin(x))).sum().backward()  # a second backward without arm(): lin's group has been averaged
+    with pytest.raises(ValueError, match="every parameter index"):
+        FlatGradients(lin.parameters(), groups=[[0]])
+
+
 def _average_worker(rank: int, port: int, gather: bool, out: str) -> None:
     import os
 

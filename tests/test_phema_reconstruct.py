@@ -234,8 +234,11 @@ def _live_tensor_bytes() -> int:
         storages = {}
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+                try:
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+                except RuntimeError:  # fake tensors that tracing in earlier tests left for the collector: no memory
+                    continue
     return sum(storages.values())
 
 

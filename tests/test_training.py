@@ -161,6 +161,14 @@ def test_accumulation_rounds_equal_one_round(tmp_path, data):
     assert_states_equal(final_state(tmp_path / "one")[1], final_state(tmp_path / "acc")[1], atol=1e-5)
 
 
+def test_batched_weights_train_like_per_layer_weights(tmp_path, data):
+    plain = run_cli(train_args(tmp_path / "plain", data, duration=64, batch=8) + ["--no-batched-weights"])
+    batched = run_cli(train_args(tmp_path / "batched", data, duration=64, batch=8) + ["--batched-weights"])
+    assert plain.returncode == 0 and batched.returncode == 0, batched.stderr
+    assert json.load(open(tmp_path / "batched" / "training_options.json"))["batched_weights"] is True
+    assert_states_equal(final_state(tmp_path / "plain")[1], final_state(tmp_path / "batched")[1], atol=1e-5)
+
+
 def test_channels_last_weights_train_like_contiguous_ones_and_resume_across_layouts(tmp_path, data):
     plain = run_cli(train_args(tmp_path / "plain", data, duration=96, batch=8))
     assert plain.returncode == 0, plain.stderr

@@ -117,7 +117,7 @@ class FlatGradients:
             k = self._chunk_of[index]
             if self._launched[k]:
                 raise RuntimeError(f"FlatGradients: a gradient of parameter {index} arrived after its group was averaged; "
-                                   "a parameter used in several compiled pieces must be in the last group")
+                                   "arm() goes before the last backward of a step, once")
             self._missing[k] -= 1
             if self._missing[k] == 0 and k < len(self.chunks) - 1:
                 self._launch(k)
@@ -184,6 +184,7 @@ class FlatGradients:
             if not self._launched[k]:
                 self._launch(k)
         self._armed = False
+        self._launched = [False] * len(self.chunks)
 
     def wait(self, k: int) -> None:
         """Chunk k holds the mean over processes once the current stream reaches this point."""
