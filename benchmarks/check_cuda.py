@@ -132,11 +132,11 @@ def check_batched_weights(net, x, sigma, labels, noise, prefix: str = "", compil
     loss_fn = EDM2Loss()
     truth = None
     for p in ("fp32", "fp16", "bf16"):
-        grads = []
-        for batched, compile_net in ((False, False), (True, False), (True, True)):
-            if compile_net and p not in compiled:
-                grads.append(grads[-1])
-                continue
+        paths = {"per_layer": (False, False), "batched": (True, False)}
+        if p in compiled:
+            paths["batched_compiled"] = (True, True)
+        grads = {}
+        for path, (batched, compile_net) in paths.items():
             n = copy.deepcopy(net).train()
             n.zero_grad(set_to_none=True)
             n.precision = p
@@ -146,14 +146,14 @@ def check_batched_weights(net, x, sigma, labels, noise, prefix: str = "", compil
             n.backbone.batched_weights = batched
             fn = torch.compile(n, fullgraph=True) if compile_net else n
             loss_fn(fn, x, labels, sigma=sigma, noise=noise).mean().backward()
-            grads.append(torch.cat([q.grad.flatten() for q in n.parameters()]))
+            grads[path] = torch.cat([q.grad.flatten() for q in n.parameters()])
         if p == "fp32":  # held to float32 rounding
-            truth = grads[0]
-            out[f"{prefix}batched_weights_train_grad_fp32_eager_vs_per_layer"] = rel(grads[1], grads[0])
-            out[f"{prefix}batched_weights_train_grad_fp32_compiled_vs_per_layer"] = rel(grads[2], grads[0])
+            truth = grads["per_layer"]
+            out[f"{prefix}batched_weights_train_grad_fp32_eager_vs_per_layer"] = rel(grads["batched"], truth)
+            if "batched_compiled" in grads:
+                out[f"{prefix}batched_weights_train_grad_fp32_compiled_vs_per_layer"] = rel(grads["batched_compiled"], truth)
         else:  # half precision: each path's distance from the float32 gradients, side by side (a note)
-            out.setdefault(f"{prefix}batched_weights_half_grads_vs_fp32", {})[p] = dict(
-                per_layer=rel(grads[0], truth), batched=rel(grads[1], truth), batched_compiled=rel(grads[2], truth))
+            out.setdefault(f"{prefix}batched_weights_half_grads_vs_fp32", {})[p] = {k: rel(g, truth) for k, g in grads.items()}
     return out
 
 

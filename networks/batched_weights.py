@@ -83,6 +83,11 @@ if triton is not None:
     _NORM_EPS = tl.constexpr(NORM_EPS)
 
     @triton.jit
+    def _row_pointer(pointers, i, off, DTYPE: tl.constexpr):
+        """The row's first element: pointer table entry i (a tensor's data pointer) plus the row's offset."""
+        return tl.load(pointers + i).to(tl.pointer_type(DTYPE)) + off
+
+    @triton.jit
     def _forward_rows(
         w_ptrs,  # int64 [num]: data pointers of the float32 weights
         out_ptrs,  # int64 [num]: data pointers of the outputs (dtype of OUT_DTYPE), laid out like the weights
@@ -97,8 +102,8 @@ if triton is not None:
         i = tl.load(row_tensor + r)
         off = tl.load(row_offset + r)
         n = tl.load(row_len + r)
-        w_ptr = tl.load(w_ptrs + i).to(tl.pointer_type(tl.float32)) + off
-        o_ptr = tl.load(out_ptrs + i).to(tl.pointer_type(OUT_DTYPE)) + off
+        w_ptr = _row_pointer(w_ptrs, i, off, tl.float32)
+        o_ptr = _row_pointer(out_ptrs, i, off, OUT_DTYPE)
         acc = tl.zeros([SUB], dtype=tl.float32)
         for c in range(0, n, SUB):
             offs = c + tl.arange(0, SUB)
@@ -129,9 +134,9 @@ if triton is not None:
         i = tl.load(row_tensor + r)
         off = tl.load(row_offset + r)
         n = tl.load(row_len + r)
-        w_ptr = tl.load(w_ptrs + i).to(tl.pointer_type(tl.float32)) + off
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE)) + off
-        o_ptr = tl.load(out_ptrs + i).to(tl.pointer_type(tl.float32)) + off
+        w_ptr = _row_pointer(w_ptrs, i, off, tl.float32)
+        g_ptr = _row_pointer(g_ptrs, i, off, G_DTYPE)
+        o_ptr = _row_pointer(out_ptrs, i, off, tl.float32)
         sq = tl.zeros([SUB], dtype=tl.float32)
         dot = tl.zeros([SUB], dtype=tl.float32)
         for c in range(0, n, SUB):

@@ -19,6 +19,8 @@ from .skip_scaling import SkipScaling
 class Block(torch.nn.Module):
     """Encoder or decoder block: resample, residual branch modulated by the embedding, optional attention."""
 
+    CONVS = ("conv_res0", "conv_res1", "conv_skip", "attn_qkv", "attn_proj")  # layers on the activations, in order
+
     def __init__(
         self,
         in_channels: int,  # input channels
@@ -56,7 +58,7 @@ class Block(torch.nn.Module):
 
     def convs(self) -> list[MPConv]:
         """The layers applied to the activations, in a fixed order (the order of `forward`'s `weights`)."""
-        return [m for m in (self.conv_res0, self.conv_res1, self.conv_skip, self.attn_qkv, self.attn_proj) if m is not None]
+        return [getattr(self, n) for n in self.CONVS if getattr(self, n) is not None]
 
     def forward(
         self,
@@ -69,30 +71,28 @@ class Block(torch.nn.Module):
         emb_linear(emb) + 1 [N, out_channels] already computed (UNet computes all blocks' in one product);
         weights: the effective weights of `convs()` in x's dtype, already computed (UNet does all layers' at once),
         or None."""
-        w = dict(zip(("conv_res0", "conv_res1", "conv_skip", "attn_qkv", "attn_proj"), [None] * 5))
-        if weights is not None:
-            w.update({name: t for name, t in zip([n for n in w if getattr(self, n) is not None], weights)})
+        w = {} if weights is None else dict(zip([n for n in self.CONVS if getattr(self, n) is not None], weights))
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
-                x = self.conv_skip(x, weight=w["conv_skip"])
+                x = self.conv_skip(x, weight=w.get("conv_skip"))
             x = normalize(x, dim=1)  # pixel norm keeps the encoder's main path at unit magnitude
 
-        y = self.conv_res0(mp_silu(x), weight=w["conv_res0"])
+        y = self.conv_res0(mp_silu(x), weight=w.get("conv_res0"))
         if c is None:
             c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout != 0:
             y = torch.nn.functional.dropout(y, p=self.dropout)
-        y = self.conv_res1(y, weight=w["conv_res1"])
+        y = self.conv_res1(y, weight=w.get("conv_res1"))
 
         if self.flavor == "dec" and self.conv_skip is not None:
-            x = self.conv_skip(x, weight=w["conv_skip"])
+            x = self.conv_skip(x, weight=w.get("conv_skip"))
         x = mp_sum(x, y, t=self.res_balance)
 
         if self.num_heads:
-            y = cosine_attention(self.attn_qkv(x, weight=w["attn_qkv"]), self.num_heads)
-            x = mp_sum(x, self.attn_proj(y, weight=w["attn_proj"]), t=self.attn_balance)
+            y = cosine_attention(self.attn_qkv(x, weight=w.get("attn_qkv")), self.num_heads)
+            x = mp_sum(x, self.attn_proj(y, weight=w.get("attn_proj")), t=self.attn_balance)
 
         if self.clip_act is not None:
             x = x.clamp(-self.clip_act, self.clip_act)
@@ -280,6 +280,8 @@ class UNet(torch.nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips: list[torch.Tensor] = []
         parts = self.parts()
+        if len(parts) > 3:
+            raise ValueError(f"UNet: graph_breaks {list(self.graph_breaks)} make {len(parts)} pieces; at most 3 are supported")
         x = self._run_part(parts[0], x, skips, mods, batched)
         # Straight-line code: torch.compile resumes after a graph break here, not inside a loop.
         if len(parts) > 1:
@@ -288,8 +290,6 @@ class UNet(torch.nn.Module):
         if len(parts) > 2:
             torch._dynamo.graph_break()
             x = self._run_part(parts[2], x, skips, mods, batched)
-        if len(parts) > 3:
-            raise ValueError(f"UNet: graph_breaks {list(self.graph_breaks)} make {len(parts)} pieces; at most 3 are supported")
         return self.out_conv(x, gain=self.out_gain)
 
     def _run_part(self, names: list[str], x: torch.Tensor, skips: list[torch.Tensor], mods: Sequence[torch.Tensor],

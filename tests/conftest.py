@@ -19,6 +19,20 @@ REFERENCE_NPZ = DATA / "edm2_reference_public.npz"
 PHEMA_NPZ = DATA / "phema_reference.npz"
 
 
+def run_in_triton_interpreter(code: str) -> dict:
+    """Run `code` in a subprocess with TRITON_INTERPRET=1 (it must be set before Triton is imported, so the
+    Triton kernels run on the CPU) and return the JSON it prints on its last line starting with 'RESULT '."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
 def load_reference() -> dict[str, np.ndarray]:
     with np.load(REFERENCE_NPZ) as d:
         return {k: d[k] for k in d.files}

@@ -9,19 +9,14 @@ the network compiled by torch.compile.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 import edm2
 from networks.batched_weights import effective_weights, effective_weights_reference
 from networks.mp import MPConv
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def weights(seed: int = 0) -> list[torch.Tensor]:
@@ -179,12 +174,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    return run_in_triton_interpreter(INTERPRETED)
 
 
 def test_kernels_match_the_reference(interpreted):

@@ -7,19 +7,13 @@ before Triton is imported); on a GPU, benchmarks/check_cuda.py runs the same com
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 import edm2
 from training.phema import PowerFunctionEMA
 from training.post_step import PostStep
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COMPARE = r"""
 import copy, json, torch
@@ -87,12 +81,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", COMPARE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    return run_in_triton_interpreter(COMPARE)
 
 
 def test_fused_step_matches_the_library_calls(interpreted):

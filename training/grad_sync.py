@@ -128,8 +128,6 @@ class FlatGradients:
         """The next backward is the step's last: groups start their all-reduces as soon as their gradients are in."""
         self._armed = True
         self._missing = [len(chunk) for chunk in self.chunks]
-        self._launched = [False] * len(self.chunks)
-        self._works = [None] * len(self.chunks)
 
     @torch.no_grad()
     def collect_(self, indices: Iterable[int] | None = None) -> None:
@@ -177,14 +175,11 @@ class FlatGradients:
         """Launch the all-reduces not launched yet (asynchronous), each chunk right after its gradients are gathered,
         so the copies of the later chunks overlap the first all-reduce; `wait(k)` makes the current stream wait for
         chunk k."""
-        if not self._armed:
-            self._launched = [False] * len(self.chunks)
-            self._works = [None] * len(self.chunks)
         for k in range(len(self.chunks)):
             if not self._launched[k]:
                 self._launch(k)
         self._armed = False
-        self._launched = [False] * len(self.chunks)
+        self._launched = [False] * len(self.chunks)  # for the next step
 
     def wait(self, k: int) -> None:
         """Chunk k holds the mean over processes once the current stream reaches this point."""
