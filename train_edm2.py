@@ -107,7 +107,7 @@ def build_config(opts: dict) -> dict:
     c["ema_stds"] = parse_float_list(opts["ema_stds"], "--ema-stds")
     c.update(cond=opts["cond"], xflip=opts["xflip"], seed=opts["seed"], workers=opts["workers"])
     c.update(compile=opts["compile_net"], channels_last=opts["channels_last"], instruments=opts["instruments"])
-    c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
+    c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], fast_dropout=opts["fast_dropout"], ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
 
     data = opts["data"]
     if data == "demo":
@@ -157,6 +157,7 @@ def build_config(opts: dict) -> dict:
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="NHWC activations [default: on with CUDA]")
 @click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="Adam, forced weight normalization and EMA updates in one Triton kernel [default: on with CUDA]")
 @click.option("--batched-weights/--no-batched-weights", "batched_weights", default=None, help="All layers' normalized weights (and their gradients) in one Triton kernel per step instead of per layer [default: on with CUDA]")
+@click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=None, help="Dropout masks from one Philox call per four elements in a Triton kernel instead of one per element [default: on with CUDA]")
 @click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, help="With --compile on several GPUs: split the compiled graph at gradient buckets so all-reduces overlap the backward (measured slower on 2 H200s)")
 @click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped", "overlap"]), default=None, help="Several GPUs: average gradients with DDP, with chunked all-reduces of one buffer (flat) or of NCCL groups of the gradients themselves (grouped), or with the network compiled in three pieces whose all-reduces overlap backward (overlap) [default: flat with --compile, else ddp]")
 @click.option("--instruments/--no-instruments", default=None, help="Per-skip and per-stage feature/gradient figures on status steps [default: on unless --compile, as they run eagerly]")

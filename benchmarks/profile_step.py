@@ -110,6 +110,8 @@ def cuda_timer():
               help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
 @click.option("--batched-weights/--no-batched-weights", "batched_weights", default=True, show_default=True,
               help="All layers' effective weights in one kernel (networks/batched_weights.py), as training on CUDA does")
+@click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=True, show_default=True,
+              help="Dropout keep-masks from networks/dropout.py's kernel, as training on CUDA does (presets with dropout)")
 @click.option("--graph-breaks", "graph_breaks", type=click.Choice(["none", "overlap"]), default="none", show_default=True,
               help="overlap: the network compiled in the three pieces of --grad-sync overlap, also on one GPU (what cutting costs)")
 @click.option("--inductor", multiple=True, help="torch._inductor.config KEY=VALUE (Python literal), e.g. combo_kernels=True")
@@ -118,7 +120,7 @@ def cuda_timer():
               help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat[N] | grouped[N] (N chunks) | overlap; "
                    "comma-separated to compare")
 def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
-         weights_channels_last, batched_weights, graph_breaks, inductor, trace, grad_sync) -> None:
+         weights_channels_last, batched_weights, fast_dropout, graph_breaks, inductor, trace, grad_sync) -> None:
     import ast
 
     import torch._inductor.config
@@ -129,7 +131,7 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
     dist.init()
     for sync in grad_sync.split(",") if dist.get_world_size() > 1 and not sample else [None]:
         result = profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
-                         post_step_kind, weights_channels_last, trace, sync, batched_weights, graph_breaks)
+                         post_step_kind, weights_channels_last, trace, sync, batched_weights, graph_breaks, fast_dropout)
         result["inductor"] = list(inductor)
         if dist.is_main():
             print(json.dumps(result), flush=True)
@@ -138,7 +140,7 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
 
 
 def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
-            weights_channels_last, trace, sync, batched_weights=True, graph_breaks="none") -> dict:
+            weights_channels_last, trace, sync, batched_weights=True, graph_breaks="none", fast_dropout=True) -> dict:
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit
@@ -149,6 +151,7 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
         net.to(memory_format=torch.channels_last)
     net.channels_last = channels_last
     net.backbone.batched_weights = batched_weights
+    net.backbone.fast_dropout = fast_dropout
     if graph_breaks == "overlap":
         net.backbone.graph_breaks = net.backbone.overlap_breaks()
     gflop = flops_per_image(net.train(not sample), train=not sample) / 1e9
@@ -178,7 +181,7 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
                   cudnn_benchmark=cudnn_benchmark, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, sample=sample, gflop_per_img=round(gflop, 1),
                   post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last,
                   gpus=dist.get_world_size(), grad_sync=sync,
-                  batched_weights=batched_weights, graph_breaks=list(getattr(net.backbone, "graph_breaks", ())))
+                  batched_weights=batched_weights, fast_dropout=fast_dropout, graph_breaks=list(getattr(net.backbone, "graph_breaks", ())))
 
     if sample:
         net.eval().requires_grad_(False)  # before the first call: freezing needs parameters without gradients

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .batched_weights import effective_weights
+from .dropout import dropout
 from .mp import MPConv, MPFourier, cosine_attention, mp_cat, mp_silu, mp_sum, normalize, resample
 from .skip_scaling import SkipScaling
 
@@ -66,11 +67,12 @@ class Block(torch.nn.Module):
         emb: torch.Tensor | None = None,
         c: torch.Tensor | None = None,
         weights: Sequence[torch.Tensor] | None = None,
+        fast_dropout: bool = False,
     ) -> torch.Tensor:
         """x: [N, C, H, W]; emb: the conditioning embedding [N, emb_channels], or c: this block's modulation
         emb_linear(emb) + 1 [N, out_channels] already computed (UNet computes all blocks' in one product);
         weights: the effective weights of `convs()` in x's dtype, already computed (UNet does all layers' at once),
-        or None."""
+        or None; fast_dropout: the keep-mask from networks/dropout.py's kernel where it runs (CUDA)."""
         w = {} if weights is None else dict(zip([n for n in self.CONVS if getattr(self, n) is not None], weights))
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
@@ -83,7 +85,7 @@ class Block(torch.nn.Module):
             c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout != 0:
-            y = torch.nn.functional.dropout(y, p=self.dropout)
+            y = dropout(y, self.dropout, fast=fast_dropout)
         y = self.conv_res1(y, weight=w.get("conv_res1"))
 
         if self.flavor == "dec" and self.conv_skip is not None:
@@ -186,6 +188,8 @@ class UNet(torch.nn.Module):
         # Runtime speed switch (training on CUDA), not part of the model: with gradients, every layer's effective
         # weight is computed up front in one batched operation (networks/batched_weights.py) instead of per layer.
         self.batched_weights = False
+        # Runtime speed switch: dropout masks from one Philox call per four elements (networks/dropout.py) on CUDA.
+        self.fast_dropout = False
         # Runtime switch (compiled multi-GPU training, --grad-sync overlap): qualified block names where a new
         # compiled piece starts (overlap_breaks()), so that backward hands over each piece's gradients as it ends.
         self.graph_breaks: tuple[str, ...] = ()
@@ -308,7 +312,7 @@ class UNet(torch.nn.Module):
                     skip = skips.pop()
                     x = mp_cat(x, self.skip_scale(skip, len(skips) + 1), t=self.concat_balance)
                 ws = [next(weights) for _ in block.convs()] if batched else None
-                x = block(x, c=mods[self._block_index[name]], weights=ws)
+                x = block(x, c=mods[self._block_index[name]], weights=ws, fast_dropout=self.fast_dropout)
             if name.startswith("enc."):
                 skips.append(x)
         return x

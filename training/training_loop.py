@@ -40,7 +40,7 @@ OPTIONS_FILE = "training_options.json"
 # Options that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = (
     "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last", "instruments",
-    "fused_step", "batched_weights", "ddp_overlap", "grad_sync",
+    "fused_step", "batched_weights", "fast_dropout", "ddp_overlap", "grad_sync",
 )
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
 
@@ -71,6 +71,7 @@ def default_config() -> dict[str, Any]:
         instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
         fused_step=None,  # Adam + forced weight normalization + EMA updates in one Triton kernel; None = on CUDA
         batched_weights=None,  # all layers' effective weights (and their gradients) in one Triton kernel; None = on CUDA
+        fast_dropout=None,  # dropout keep-masks from one Philox call per four elements (networks/dropout.py); None = on CUDA
         ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
         grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat", "grouped" or "overlap" (training/grad_sync.py); None = flat if compiled
     )
@@ -287,6 +288,10 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     batched = device.type == "cuda" and weights_kernel_available(device) if batched is None else bool(batched)
     if hasattr(net.backbone, "batched_weights"):
         net.backbone.batched_weights = batched
+    fast_dropout = config.get("fast_dropout")
+    fast_dropout = device.type == "cuda" and weights_kernel_available(device) if fast_dropout is None else bool(fast_dropout)
+    if hasattr(net.backbone, "fast_dropout"):
+        net.backbone.fast_dropout = fast_dropout
     fused_step = config.get("fused_step")
     fused_step = device.type == "cuda" and fused_available(device) if fused_step is None else bool(fused_step)
     optimizer = torch.optim.Adam(
