@@ -5,6 +5,7 @@ training step, the fused post-step. Prints JSON (one line) with every figure, th
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -26,6 +27,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tolerance(name: str) -> float:
     """What a figure may reach: float32 rounding for float32 paths, half-precision rounding for fp16 / bf16."""
+    if name.endswith("_sigmas"):
+        return 5.0  # a random count's distance from its mean, in standard deviations
     if "bf16" in name:
         return 2e-2  # bfloat16 keeps 8 mantissa bits: 2^-8 = 4e-3 per rounding, a few dozen layers deep
     if "fp16" in name:
@@ -49,6 +52,8 @@ def main() -> None:
         net.normalize_weights_()
         res.update(check_batched_weights(net, x, sigma, labels, noise, compiled=("fp32", "bf16")))
         return finish(res)
+    if "--dropout-only" in sys.argv:
+        return finish(check_dropout())
     with torch.no_grad():
         D32 = net(x, sigma, labels)
         res["fp32_vs_reference"] = rel(D32, out_D)
@@ -85,6 +90,7 @@ def main() -> None:
     res["eager_grad_vs_reference"] = rel(grads[0], grad_ref)
     res.update(check_post_step(net))
     res.update(check_batched_weights(net, x, sigma, labels, noise))
+    res.update(check_dropout())
     # Rows of up to 256 * 2 * 9 = 4608 elements: several SUB-element chunks per program, a ragged last one.
     wide = Precond(img_resolution=16, img_channels=4, label_dim=10, model_channels=128, channel_mult=[1, 2],
                    num_blocks=1, attn_resolutions=[8]).to(dev)
@@ -105,6 +111,27 @@ def finish(res: dict) -> None:
     res.update(tolerances={k: tolerance(k) for k in figures}, failed=failed, ok=not failed)
     print(json.dumps(res))
     sys.exit(1 if failed else 0)
+
+
+def check_dropout(p: float = 0.1, shape: tuple = (64, 256, 64, 64)) -> dict:
+    """Fast dropout (networks/dropout.py) at EDM2-M's training size: the keep rate of a mask, and a compiled
+    dropout of exp(x), whose output is zero exactly where the mask drops and whose gradient must be zero exactly
+    there too (the same mask forward and backward); the kept values are exp(x) / (1 - p)."""
+    from networks.dropout import dropout, dropout_keep_mask
+
+    dev = torch.device("cuda")
+    n = math.prod(shape)
+    sd = math.sqrt(p * (1 - p) / n)
+    keep = dropout_keep_mask(torch.tensor([1], device=dev), list(shape), True, p)
+    res = {"dropout_keep_rate_sigmas": abs(keep.float().mean().item() - (1 - p)) / sd}
+    x = torch.randn(shape, device=dev).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = torch.compile(lambda x: dropout(x.exp(), p))(x)
+    y.float().sum().backward()
+    kept = y != 0
+    res["dropout_compiled_keep_rate_sigmas"] = abs(kept.float().mean().item() - (1 - p)) / sd
+    res["dropout_compiled_grad_mask_mismatch"] = ((x.grad != 0) != kept).float().mean().item()
+    res["dropout_compiled_bf16_values"] = rel(y[kept], (x.detach().float().exp() / (1 - p))[kept])
+    return res
 
 
 def check_batched_weights(net, x, sigma, labels, noise, prefix: str = "", compiled=("fp32", "fp16", "bf16")) -> dict:
