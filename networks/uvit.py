@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from .dropout import dropout
 from .mp import MPConv, MPFourier, cosine_attention, mp_cat, mp_silu, mp_sum, normalize
 from .skip_scaling import SkipScaling
 
@@ -86,7 +87,9 @@ class UViTBlock(torch.nn.Module):
         self.mlp0 = MPConv(channels, channels * mlp_ratio, kernel=[])
         self.mlp1 = MPConv(channels * mlp_ratio, channels, kernel=[])
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, fast_dropout: bool = False) -> torch.Tensor:
+        """x: tokens [N, L, C]; skip: the long skip an out-block merges; fast_dropout: the keep-mask from
+        networks/dropout.py's kernel where it runs (CUDA)."""
         if self.skip_linear is not None:
             x = self.skip_linear(mp_cat(x, skip, dim=2, t=self.concat_balance))
 
@@ -97,7 +100,7 @@ class UViTBlock(torch.nn.Module):
 
         y = mp_silu(self.mlp0(normalize(x, dim=2)))
         if self.training and self.dropout != 0:
-            y = torch.nn.functional.dropout(y, p=self.dropout)
+            y = dropout(y, self.dropout, fast=fast_dropout)
         x = mp_sum(x, self.mlp1(y), t=self.res_balance)
 
         if self.clip_act is not None:
@@ -177,6 +180,8 @@ class UViT(torch.nn.Module):
         self.skip_scale = SkipScaling(
             skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, channel_dim=2
         )
+        # Runtime speed switch: dropout masks from one Philox call per four elements (networks/dropout.py) on CUDA.
+        self.fast_dropout = False
 
     def stage_modules(self) -> dict[str, torch.nn.Module]:
         """The blocks in order, named for the instruments: in0 .. mid .. out{k-1}."""
@@ -197,16 +202,17 @@ class UViT(torch.nn.Module):
         x = torch.cat([extra, tokens], dim=1)
 
         skips = []
+        fast = self.fast_dropout
         for block in self.in_blocks:
-            x = block(x)
+            x = block(x, fast_dropout=fast)
             skips.append(x)
-        x = self.mid_block(x)
+        x = self.mid_block(x, fast_dropout=fast)
         for block in self.out_blocks:
             if self.long_skips:
                 skip = skips.pop()
-                x = block(x, self.skip_scale(skip, len(skips) + 1))
+                x = block(x, self.skip_scale(skip, len(skips) + 1), fast_dropout=fast)
             else:
-                x = block(x)
+                x = block(x, fast_dropout=fast)
 
         x = self.patch_out(normalize(x[:, extra.shape[1] :], dim=2))
         x = unpatchify(x, self.patch_size, self.img_channels, self.img_resolution)

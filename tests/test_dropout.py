@@ -71,6 +71,21 @@ torch.manual_seed(1)
 d3 = net(x, sigma)
 out["net_reproducible"] = bool(torch.equal(d1, d2))
 out["net_differs_from_torch_masks"] = bool(not torch.equal(d1, d3))
+
+# The U-ViT's MLP dropout likewise.
+net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3, patch_size=2,
+                   channels_per_head=8, dropout=0.2).train()
+with torch.no_grad():
+    for p in net.parameters():
+        if p.ndim == 0:
+            p.fill_(1.0)
+runs = []
+for fast in (True, True, False):
+    net.backbone.fast_dropout = fast
+    torch.manual_seed(1)
+    runs.append(net(x, sigma))
+out["uvit_reproducible"] = bool(torch.equal(runs[0], runs[1]))
+out["uvit_differs_from_torch_masks"] = bool(not torch.equal(runs[0], runs[2]))
 print("RESULT " + json.dumps(out))
 """
 
@@ -102,8 +117,9 @@ def test_dropout_values_and_gradient(interpreted):
     assert abs(r["dropout_kept"] - 0.75) < 5 * (0.25 * 0.75 / (4 * 8 * 16 * 16)) ** 0.5, r
 
 
-def test_network_uses_the_kernel_when_asked(interpreted):
-    assert interpreted["net_differs_from_torch_masks"]
+def test_networks_use_the_kernel_when_asked(interpreted):
+    assert interpreted["net_differs_from_torch_masks"] and interpreted["uvit_differs_from_torch_masks"]
+    assert interpreted["uvit_reproducible"]
 
 
 def test_plain_path_is_torch_dropout():
@@ -137,3 +153,6 @@ def test_training_config_switch():
     net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2], num_blocks=1,
                        attn_resolutions=[], dropout=0.1)  # fmt: skip
     assert net.backbone.fast_dropout is False  # off unless the training loop (on CUDA) or the user turns it on
+    uvit = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3, patch_size=2,
+                        channels_per_head=8, dropout=0.1)  # fmt: skip
+    assert uvit.backbone.fast_dropout is False
