@@ -41,7 +41,9 @@ if triton is not None:
     ):
         seed = tl.load(seed_ptr)
         pid = tl.program_id(0)
-        counter = pid * BLOCK + tl.arange(0, BLOCK)  # one Philox counter per lane: four consecutive runs of BLOCK
+        # One 32-bit Philox counter per lane (computed in int64, so no signed overflow past 2^31), feeding four
+        # consecutive runs of BLOCK elements.
+        counter = (pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)).to(tl.uint32)
         u0, u1, u2, u3 = tl.rand4x(seed, counter)
         start = pid.to(tl.int64) * (4 * BLOCK) + tl.arange(0, BLOCK)
         tl.store(out_ptr + start, u0 >= p, mask=start < numel)
