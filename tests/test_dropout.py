@@ -12,10 +12,19 @@ import edm2
 from networks.dropout import dropout
 
 INTERPRETED = r"""
-import json, math
+import json
 import torch
 import edm2
 from networks.dropout import dropout, dropout_keep_mask
+
+
+def gains_to_one(net):  # away from their zero init, so that the residual branches reach the output
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    return net
+
 
 out = {}
 seed = torch.tensor([12345])
@@ -52,13 +61,9 @@ torch.manual_seed(7)
 b = dropout(x.detach(), 0.25)
 out["reproducible"] = bool(torch.equal(a, b))
 
-# The network: with p = 0 fast dropout changes nothing; with dropout it trains (finite loss, gradients everywhere).
-net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2],
-                   num_blocks=1, attn_resolutions=[4], channels_per_head=8, dropout=0.2).train()
-with torch.no_grad():  # gains away from their zero init, so that the residual branches reach the output
-    for p in net.parameters():
-        if p.ndim == 0:
-            p.fill_(1.0)
+# The U-Net: with fast_dropout its masks come from the kernel (not torch's draws), reproducibly from the seed.
+net = gains_to_one(edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2],
+                                num_blocks=1, attn_resolutions=[4], channels_per_head=8, dropout=0.2).train())
 net.backbone.fast_dropout = True
 x = torch.randn(3, 2, 8, 8)
 sigma = torch.tensor([0.5, 1.0, 2.0])
@@ -73,12 +78,8 @@ out["net_reproducible"] = bool(torch.equal(d1, d2))
 out["net_differs_from_torch_masks"] = bool(not torch.equal(d1, d3))
 
 # The U-ViT's MLP dropout likewise.
-net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3, patch_size=2,
-                   channels_per_head=8, dropout=0.2).train()
-with torch.no_grad():
-    for p in net.parameters():
-        if p.ndim == 0:
-            p.fill_(1.0)
+net = gains_to_one(edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3,
+                                patch_size=2, channels_per_head=8, dropout=0.2).train())
 runs = []
 for fast in (True, True, False):
     net.backbone.fast_dropout = fast

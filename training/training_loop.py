@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from networks import Precond
-from networks.batched_weights import kernel_available as weights_kernel_available
+from networks.batched_weights import kernel_available as triton_kernels_available
 from torch_utils import distributed as dist
 from torch_utils.state_io import StateFileError, atomic_write, load_state, save_state
 
@@ -284,14 +284,11 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
     if net.channels_last:  # weights laid out like their gradients: no transposes in backward or into .grad
         net.to(memory_format=torch.channels_last)
-    batched = config.get("batched_weights")
-    batched = device.type == "cuda" and weights_kernel_available(device) if batched is None else bool(batched)
-    if hasattr(net.backbone, "batched_weights"):
-        net.backbone.batched_weights = batched
-    fast_dropout = config.get("fast_dropout")
-    fast_dropout = device.type == "cuda" and weights_kernel_available(device) if fast_dropout is None else bool(fast_dropout)
-    if hasattr(net.backbone, "fast_dropout"):
-        net.backbone.fast_dropout = fast_dropout
+    for switch in ("batched_weights", "fast_dropout"):  # the backbone's Triton speed switches; None = on CUDA
+        on = config.get(switch)
+        on = device.type == "cuda" and triton_kernels_available(device) if on is None else bool(on)
+        if hasattr(net.backbone, switch):
+            setattr(net.backbone, switch, on)
     fused_step = config.get("fused_step")
     fused_step = device.type == "cuda" and fused_available(device) if fused_step is None else bool(fused_step)
     optimizer = torch.optim.Adam(
