@@ -29,7 +29,7 @@ def test_presets_hold_the_spec_table():
     assert kw["img_channels"] == 3 and kw["img_resolution"] == 64 and kw["label_dim"] == 1000 and kw["model_channels"] == 192
     t = edm2.preset_training_kwargs("edm2-img64-s")
     assert t["status"] == 128 << 10 and t["snapshot"] == 8 << 20 and t["checkpoint"] == 128 << 20
-    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000, rampup_img=10 << 20)
+    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000, rampup_img=10_000_000)
 
 
 def test_get_preset_returns_a_copy():
@@ -44,7 +44,7 @@ def test_unknown_preset_is_named():
 
 def test_learning_rate_schedule():
     lr = edm2.learning_rate_schedule
-    batch, rampup = 2048, 10 * 2**20
+    batch, rampup = 2048, 10_000_000
     assert lr(0, batch, ref_lr=0.01) == 0
     assert lr(rampup / 2, batch, ref_lr=0.01) == pytest.approx(0.005)
     assert lr(70000 * batch, batch, ref_lr=0.01) == pytest.approx(0.01)  # end of the flat part

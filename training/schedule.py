@@ -10,7 +10,7 @@ def learning_rate_schedule(
     batch_size: int,  # total batch size in images
     ref_lr: float = 100e-4,  # learning rate before decay
     ref_batches: float = 70e3,  # t_ref: decay starts after this many batches; 0 = no decay
-    rampup_img: float = 10 * 2**20,  # linear ramp-up over this many images (10Mi); 0 = none
+    rampup_img: float = 10_000_000,  # linear ramp-up over this many images (10e6, powers of ten); 0 = none
 ) -> float:
     """lr(t) = ref_lr / sqrt(max(t / (t_ref * batch), 1)) * min(t / rampup, 1)."""
     if batch_size <= 0:

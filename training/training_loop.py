@@ -54,7 +54,7 @@ def default_config() -> dict[str, Any]:
         encoder=dict({"class": "standard_rgb"}),  # encoder settings (training/encoders.py)
         network=dict(),  # Precond keyword arguments; dataset shape and label width are added
         loss=dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5),
-        lr=dict(ref_lr=0.0100, ref_batches=70000, rampup_img=10 * 2**20),
+        lr=dict(ref_lr=0.0100, ref_batches=70000, rampup_img=10_000_000),
         betas=[0.9, 0.99],  # Adam
         eps=1e-8,  # Adam
         duration=2048 * 2**20,  # training images
