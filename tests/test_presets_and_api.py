@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -136,3 +137,16 @@ def test_loss_is_unit_scale_at_init():
     loss = edm2.EDM2Loss()(net, images)
     assert abs(loss.mean().item() - 1) < 0.05
     assert torch.allclose(edm2.reduce_batch_loss(loss, 64), loss.sum() / 64)
+
+
+def test_learning_rate_schedule_equals_the_official_numbers():
+    """tests/data/official_parity.json: the official schedule (rampup_Mimg counts 10^6 images, not 2^20)."""
+    rows = json.loads((pathlib.Path(__file__).parent / "data" / "official_parity.json").read_text())["learning_rate_schedule"]
+    for r in rows:
+        got = edm2.learning_rate_schedule(r["cur_nimg"], r["batch_size"], ref_lr=r["ref_lr"], ref_batches=r["ref_batches"],
+                                          rampup_img=r["rampup_Mimg"] * 1_000_000)  # fmt: skip
+        assert got == pytest.approx(r["lr"], rel=1e-12, abs=1e-15), r
+    default = [r for r in rows if r["rampup_Mimg"] == 10 and r["ref_lr"] == 0.01 and r["batch_size"] == 2048]
+    for r in default:  # the defaults alone give the official numbers
+        assert edm2.learning_rate_schedule(r["cur_nimg"], 2048, ref_lr=0.01) == pytest.approx(r["lr"], rel=1e-12, abs=1e-15)
+    assert edm2.preset_training_kwargs("edm2-img512-s")["lr"]["rampup_img"] == 10_000_000
