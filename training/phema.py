@@ -176,8 +176,8 @@ def _check_step(cur_nimg: int, batch_size: int, who: str) -> None:
 class PowerFunctionEMA:
     """Tracks power-function EMAs of a network during training, one per std (Eq. 127; SPEC 6).
 
-    Call `update(net, cur_nimg, batch_size)` after every optimizer step (and after the forced weight
-    normalization), with cur_nimg the images seen *after* the step. The first update (cur_nimg ==
+    Call `update(net, cur_nimg, batch_size)` after every optimizer step (before the forced weight normalization,
+    as the official training loop does), with cur_nimg the images seen *after* the step. The first update (cur_nimg ==
     batch_size) gives beta = 0, i.e. a copy of the network. The EMA networks are frozen copies in eval mode.
     """
 

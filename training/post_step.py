@@ -1,12 +1,18 @@
 """Everything between the backward pass and the next forward (SPEC 5, 6): non-finite gradient elements set to
-zero, Adam, forced weight normalization (Eq. 66) and the power-function EMA updates (Eq. 127).
+zero, Adam, the power-function EMA updates (Eq. 127) and forced weight normalization (Eq. 66), in that order.
+
+The order is the official training loop's: its EMAs average the weights right after Adam, before they are
+re-normalized (it normalizes them at the next training forward), so the EMA tensors of a run, and its snapshots,
+equal the official ones for the same training. (The effective weights are the same either way; the stored
+tensors are not.)
 
 `PostStep(..., fused=False)` runs the library calls one after the other (torch.nan_to_num_, torch.optim.Adam,
-`Precond.normalize_weights_`, `PowerFunctionEMA.update`): that is the definition, and it runs anywhere.
+`PowerFunctionEMA.update`, `Precond.normalize_weights_`): that is the definition, and it runs anywhere.
 `fused=True` computes the same thing with a Triton kernel (CUDA): each program owns one row of a parameter (one
 output unit of a weight: the unit whose norm forced weight normalization fixes). It walks the row in chunks of
-SUB elements twice: first Adam (weight, gradient and both moments loaded once, stored once) and the row's sum
-of squares, then the normalization of the row, read back from cache, and the blend into every EMA copy. From
+SUB elements twice: first Adam (weight, gradient and both moments loaded once, stored once), the blend of the
+new weight into every EMA copy and the row's sum of squares, then the normalization of the row, read back from
+cache. From
 memory that is 4 + k reads and 3 + k writes per element (k EMAs) in one launch per row-length bucket, against
 about twice that traffic and hundreds of small launches for the separate calls (benchmarks/profile_step.py
 --post-step fused|plain measures both).
@@ -119,19 +125,17 @@ if triton is not None:
             tl.store(v_ptr + offs, v, mask=mask)
             tl.store(p_ptr + offs, p, mask=mask)  # with NORMALIZE, read back below by the same threads (cached)
             acc += p * p
-            if not NORMALIZE:
-                for k in tl.static_range(NUM_EMA):
-                    _ema_lerp(bases, num_params, i, off, offs, mask, p, k, ema_w0, ema_w1, ema_w2, ema_w3)
+            # The EMAs take the weight after Adam, before it is re-normalized (the official loop's order).
+            for k in tl.static_range(NUM_EMA):
+                _ema_lerp(bases, num_params, i, off, offs, mask, p, k, ema_w0, ema_w1, ema_w2, ema_w3)
         if NORMALIZE:
-            # Pass 2: forced weight normalization of the row (Eq. 66), p / (eps + ||p|| / sqrt(fan_in)), then EMAs.
+            # Pass 2: forced weight normalization of the row (Eq. 66), p / (eps + ||p|| / sqrt(fan_in)).
             norm = _NORM_EPS + tl.sqrt(tl.sum(acc, 0)) * tl.load(row_scale + r)
             for c in range(BLOCK // SUB):
                 offs = c * SUB + tl.arange(0, SUB)
                 mask = offs < n
                 p = tl.load(p_ptr + offs, mask=mask, other=0.0) / norm
                 tl.store(p_ptr + offs, p, mask=mask)
-                for k in tl.static_range(NUM_EMA):
-                    _ema_lerp(bases, num_params, i, off, offs, mask, p, k, ema_w0, ema_w1, ema_w2, ema_w3)
 
 def _rows(p: torch.Tensor, normalized: bool) -> tuple[list[int], list[int], float]:
     """Row offsets and lengths of one parameter, and the normalization scale of its rows."""
@@ -195,9 +199,9 @@ class PostStep:
                 ready.wait(k)
             zero_nonfinite_grads_(self.net)
             self.optimizer.step()
-            self.net.normalize_weights_()  # Eq. 66
-            if self.ema is not None:
+            if self.ema is not None:  # before the normalization, as the official loop does
                 self.ema.update(self.net, cur_nimg, batch)
+            self.net.normalize_weights_()  # Eq. 66
             return
         self._fused_step(betas, chunks, ready)
 

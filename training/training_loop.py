@@ -405,7 +405,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 loss_count += loss.numel()
             if averager is not None:
                 averager.start_average()  # gathers and all-reduces chunk by chunk; the post-step updates each once averaged
-            post_step(cur_nimg + batch, batch, ready=averager)  # non-finite grads zeroed, Adam, forced WN (Eq. 66), EMAs (Eq. 127)
+            post_step(cur_nimg + batch, batch, ready=averager)  # non-finite grads zeroed, Adam, EMAs (Eq. 127), forced WN (Eq. 66)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
 
             stopping = vote(step, stop.raised)  # all processes stop at the same step
