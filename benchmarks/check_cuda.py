@@ -54,6 +54,9 @@ def main() -> None:
         return finish(res)
     if "--dropout-only" in sys.argv:
         return finish(check_dropout())
+    if "--post-step-only" in sys.argv:  # the fused post-step kernel (EMA before forced WN) alone, compiled
+        res.update(check_post_step(net))
+        return finish(res)
     with torch.no_grad():
         D32 = net(x, sigma, labels)
         res["fp32_vs_reference"] = rel(D32, out_D)
