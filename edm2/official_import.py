@@ -153,6 +153,16 @@ def loss_settings_from_official(record: Any) -> dict[str, Any] | None:
     return {"class": record.class_name, **{k: _plain(record.state[k]) for k in keys if k in record.state}}
 
 
+def kimg_to_nimg(kimg: int) -> int:
+    """The training image count behind an official file name's kimg (nimg // 1000), as the official tools read
+    it: the largest multiple of 1024 images with that kimg (official runs use batches of 1024-image multiples, so
+    e.g. kimg 131 is 128Ki = 131072 images, not 131000). A kimg that no multiple of 1024 has is refused."""
+    nimg = (int(kimg) * 1000 + 999) // 1024 * 1024
+    if nimg // 1000 != kimg:
+        raise ModelFileError(f"kimg {kimg} in an official file name is not the kimg of any multiple of 1024 images")
+    return nimg
+
+
 def parse_snapshot_name(name: str) -> tuple[int | None, float | None]:
     """(training kimg, EMA std) from an official file name; (None, None) when it follows no known pattern."""
     m = SNAPSHOT_NAME.search(pathlib.PurePath(name).name)
@@ -193,7 +203,7 @@ def header_from_official(data: Any, path: pathlib.Path) -> dict[str, Any]:
         "init_kwargs": init_kwargs,
         "encoder": encoder_settings_from_official(data.get("encoder"), source),
         # Official files record time and EMA length only in their names, in kimg (nimg // 1000).
-        "training_nimg": kimg * 1000 if kimg is not None else None,
+        "training_nimg": kimg_to_nimg(kimg) if kimg is not None else None,
         "ema_std": ema_std,
         "official_init_kwargs": _plain(ema.init_kwargs),
         "dataset_kwargs": _plain(data.get("dataset_kwargs")),

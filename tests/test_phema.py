@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import re
 
 import numpy as np
@@ -80,7 +82,7 @@ def test_reconstructing_an_input_profile_selects_it():
     np.testing.assert_allclose(coefs, expected, atol=1e-9)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, 0.3, float("nan")])
+@pytest.mark.parametrize("bad", [0.0, -0.1, 0.301, float("nan")])
 def test_bad_std_is_rejected_with_its_value(bad):
     with pytest.raises(ValueError, match="std"):
         phema.std_to_exp(bad)
@@ -167,8 +169,8 @@ def test_power_function_ema_state_dict_resumes_exactly():
 
 def test_power_function_ema_rejects_bad_arguments():
     net = _Tiny()
-    with pytest.raises(ValueError, match="0.3"):
-        phema.PowerFunctionEMA(net, stds=[0.05, 0.3])
+    with pytest.raises(ValueError, match="0.31"):
+        phema.PowerFunctionEMA(net, stds=[0.05, 0.31])
     with pytest.raises(ValueError, match="distinct"):
         phema.PowerFunctionEMA(net, stds=[0.05, 0.05])
     tracker = phema.PowerFunctionEMA(net)
@@ -194,3 +196,43 @@ def test_traditional_ema_half_life_and_rampup():
     copy = phema.TraditionalEMA(_Tiny(), halflife_nimg=1000, rampup_ratio=None)
     copy.load_state_dict(no_ramp.state_dict())
     assert torch.equal(copy.ema.w, no_ramp.ema.w)
+
+
+def _official_parity() -> dict:
+    return json.loads((pathlib.Path(__file__).parent / "data" / "official_parity.json").read_text())["phema"]
+
+
+def test_std_limit_is_the_widest_profile_of_eq_123():
+    g = np.linspace(-0.999, 5, 200001)
+    assert phema.STD_LIMIT == pytest.approx(float(phema.exp_to_std(g).max()), abs=1e-9)
+    assert 0.289 < phema.STD_LIMIT < 0.3003  # contains the official CLI's range (std < 0.289)
+    ref = _official_parity()
+    np.testing.assert_allclose(phema.std_to_exp(ref["wide_std"]), ref["wide_exp"], rtol=1e-7, atol=1e-9)
+    for std in ref["wide_std"]:  # the exponent found gives the std back
+        assert float(phema.exp_to_std(phema.std_to_exp(std))) == pytest.approx(std, rel=1e-9)
+
+
+def test_coefficients_for_official_snapshot_names_equal_the_official_ones():
+    """tests/data/official_phema_names.npz: the official tool's coefficients for 16 snapshots 128Ki images apart,
+    their times parsed from official names (kimg_to_nimg), a scalar output time."""
+    from edm2.official_import import kimg_to_nimg, parse_snapshot_name
+
+    ref = _official_parity()
+    assert {int(k): v for k, v in ref["kimg_to_nimg"].items()} == {int(k): kimg_to_nimg(int(k)) for k in ref["kimg_to_nimg"]}
+    parsed = [parse_snapshot_name(n) for n in ref["prefix_filtered"]]
+    in_nimg = [kimg_to_nimg(k) for k, _ in parsed]
+    in_std = [s for _, s in parsed]
+    assert in_nimg == ref["in_nimg"] and in_std == ref["in_std"]
+    with np.load(pathlib.Path(__file__).parent / "data" / "official_phema_names.npz") as d:
+        coefs, coefs_mid = d["coefs"], d["coefs_mid"]
+    got = phema.solve_posthoc_coefficients(in_nimg, in_std, max(in_nimg), ref["out_std"])
+    np.testing.assert_allclose(got, coefs, rtol=1e-7, atol=1e-9)
+    mid = phema.solve_posthoc_coefficients(in_nimg[:8], in_std[:8], in_nimg[6], 0.1)  # scalar time and std
+    np.testing.assert_allclose(mid, coefs_mid, rtol=1e-7, atol=1e-9)
+    # Reading kimg * 1000 images (the former reading) is visibly off for 32 snapshots 128Ki images apart.
+    nimg = [k * 131072 for k in range(1, 33) for _ in (0, 1)]
+    stds = [0.05, 0.10] * 32
+    exact = phema.solve_posthoc_coefficients(nimg, stds, max(nimg), ref["out_std"])
+    assert [kimg_to_nimg(n // 1000) for n in nimg] == nimg
+    kimg = [n // 1000 * 1000 for n in nimg]
+    assert np.abs(phema.solve_posthoc_coefficients(kimg, stds, max(kimg), ref["out_std"]) - exact).max() > 1e-5

@@ -167,7 +167,7 @@ def test_cli_writes_loadable_snapshots(run, tmp_path):
     assert (tmp_path / f"ema-{kimg:07d}-0.100.safetensors").is_file()
 
 
-@pytest.mark.parametrize("std", ["0.3", "0", "-0.05", "0.05,abc"])
+@pytest.mark.parametrize("std", ["0.31", "0", "-0.05", "0.05,abc"])
 def test_cli_rejects_bad_std(run, tmp_path, std):
     result = _cli("--indir", run["dir"], "--outdir", tmp_path, "--outstd", std)
     assert result.exit_code == 2 and "--outstd" in result.output

@@ -19,9 +19,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-# The relative std of a power-function profile is at most sqrt(max_g (g+1) / ((g+2)^2 (g+3))) ~ 0.2887
-# (reached at g ~ -0.27); the largest root of Eq. 126 is non-negative for std <= sqrt(1/12) (g = 0).
-STD_LIMIT = 0.28  # the widest std this project accepts for tracking / reconstruction (g ~ 0.17)
+# The widest power-function profile: std(g) of Eq. 123 over g > -1 peaks where d/dg log std^2 = 1/(g+1) - 2/(g+2)
+# - 1/(g+3) = 0, i.e. g^2 + 3g + 1 = 0, g* = (sqrt(5) - 3) / 2 ~ -0.382, where std^2 = (5 sqrt(5) - 11) / 2: std
+# ~ 0.30028. Every std below that has a profile (the largest root of Eq. 126, g > g*; g >= 0 up to sqrt(1/12) ~
+# 0.2887), and the inner products of Eq. 151 stay finite (g_a + g_b + 1 > 0). The official reconstruct_phema.py
+# accepts std < 0.289; this limit contains that range.
+STD_LIMIT = math.sqrt((5 * math.sqrt(5) - 11) / 2)  # exclusive
 DEFAULT_STDS = (0.050, 0.100)  # the two profiles tracked during training by default (SPEC 6)
 
 
@@ -33,13 +36,13 @@ def _as_float64(name: str, value) -> np.ndarray:
 
 
 def check_std(std: float, name: str = "std") -> float:
-    """Validate one EMA length for tracking / reconstruction: a float in (0, STD_LIMIT]."""
+    """Validate one EMA length for tracking / reconstruction: a float in (0, STD_LIMIT)."""
     try:
         value = float(std)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in (0, {STD_LIMIT}], got {std!r}") from None
-    if not (0 < value <= STD_LIMIT):
-        raise ValueError(f"{name} must be in (0, {STD_LIMIT}], got {std!r}")
+        raise ValueError(f"{name} must be a number in (0, {STD_LIMIT:.5f}), got {std!r}") from None
+    if not (0 < value < STD_LIMIT):
+        raise ValueError(f"{name} must be in (0, {STD_LIMIT:.5f}) (the widest power-function profile), got {std!r}")
     return value
 
 
@@ -57,7 +60,9 @@ def _largest_real_root(std: float) -> float:
     inv_var = std**-2
     coefs = [1.0, 7.0, 16.0 - inv_var, 12.0 - inv_var]
     roots = np.roots(coefs)
-    g = float(np.max(roots[np.abs(roots.imag) <= 1e-6 * np.maximum(1, np.abs(roots.real))].real))
+    # Largest real part, as the official code takes it: near the widest std the two largest roots almost meet
+    # and may come out as a complex pair whose real part is that (double) root.
+    g = float(np.max(roots.real))
     # Polish with Newton steps: the companion-matrix eigenvalues are only accurate to ~1e-13 relative.
     for _ in range(4):
         f = ((g + 7) * g + 16 - inv_var) * g + 12 - inv_var
@@ -73,10 +78,10 @@ def _largest_real_root(std: float) -> float:
 
 def std_to_exp(std) -> np.ndarray:
     """Exponent g of the power-function profile with relative std `std`: the largest real root of
-    Eq. 126. `std` must be in (0, sqrt(1/12)] so that g >= 0."""
+    Eq. 126. `std` must be in (0, STD_LIMIT); g >= 0 for std <= sqrt(1/12), g in (-0.382, 0) above."""
     s = _as_float64("std", std)
-    if np.any(s <= 0) or np.any(s > math.sqrt(1 / 12)):
-        raise ValueError(f"std must be in (0, {math.sqrt(1 / 12):.4f}] (exponent g >= 0), got {std!r}")
+    if np.any(s <= 0) or np.any(s >= STD_LIMIT):
+        raise ValueError(f"std must be in (0, {STD_LIMIT:.5f}) (the widest power-function profile), got {std!r}")
     flat = np.array([_largest_real_root(float(v)) for v in s.reshape(-1)], dtype=np.float64)
     result = flat.reshape(s.shape)
     return result[()] if result.ndim == 0 else result
@@ -115,12 +120,19 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std) -> np.ndarray:
     (in_ofs[i], in_std[i])) best approximates the profile (out_ofs[j], out_std[j]) in the L2 sense.
 
     Solves A X = B with A_ik = <p_i, p_k> among the snapshots and B_ij = <p_i, q_j> (Eq. 151), then
-    normalises every column to sum 1 so that the result is an average of the snapshots (SPEC 6).
+    normalises every column to sum 1 so that the result is an average of the snapshots. Each (ofs, std) pair
+    broadcasts like numpy, e.g. one output time (a scalar) for several stds, as in the official code.
     """
-    in_ofs, in_std = (np.atleast_1d(_as_float64(n, v)).reshape(-1) for n, v in (("in_ofs", in_ofs), ("in_std", in_std)))
-    out_ofs, out_std = (
-        np.atleast_1d(_as_float64(n, v)).reshape(-1) for n, v in (("out_ofs", out_ofs), ("out_std", out_std))
-    )
+    pairs = []
+    named = (("in_ofs", in_ofs, "in_std", in_std), ("out_ofs", out_ofs, "out_std", out_std))
+    for a_name, a, b_name, b in named:
+        a, b = _as_float64(a_name, a), _as_float64(b_name, b)
+        try:
+            a, b = np.broadcast_arrays(a, b)
+        except ValueError:
+            raise ValueError(f"{a_name} (shape {a.shape}) and {b_name} (shape {b.shape}) do not broadcast") from None
+        pairs += [np.atleast_1d(a).reshape(-1), np.atleast_1d(b).reshape(-1)]
+    in_ofs, in_std, out_ofs, out_std = pairs
     if in_ofs.shape != in_std.shape or in_ofs.size == 0:
         raise ValueError(
             f"in_ofs and in_std must be non-empty and of equal length, got {in_ofs.size} and {in_std.size}"
