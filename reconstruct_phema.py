@@ -3,7 +3,9 @@
     python reconstruct_phema.py --indir=training-runs/00000-edm2-img512-xs --outdir=phema \\
         --outstd=0.010,0.015,...,0.250 --batch=8
 
-Writes `{prefix}-{kimg:07d}-{std:.3f}.safetensors`, usable by generate.py and calculate_metrics.py.
+Writes `{prefix}-{kimg:07d}-{std:.3f}.safetensors`, usable by generate.py and calculate_metrics.py. Inputs are all
+PREFIX-KIMG-STD files in INDIR (.safetensors snapshots of train_edm2.py, or official .pkl raw snapshots), and the
+official tool's option names work here too (--inprefix, --instd, --outprefix, --skip).
 """
 
 from __future__ import annotations
@@ -24,10 +26,19 @@ def std_list_option(ctx, param, value):
 @click.command()
 @click.option(
     "--indir",
-    help="Directory holding the training snapshots (network-snapshot-*.safetensors, or official .pkl)",
+    help="Directory holding the snapshots: PREFIX-KIMG-STD.safetensors of training, or official .pkl",
     metavar="DIR",
     type=click.Path(exists=True, file_okay=False),
     required=True,
+)
+@click.option("--inprefix", help="Only inputs named INPREFIX-KIMG-STD  [default: any]", metavar="STR", default=None)
+@click.option(
+    "--instd",
+    help="Only inputs with these stds in their names  [default: any]",
+    metavar="LIST",
+    type=str,
+    callback=lambda ctx, param, value: None if value is None else std_list_option(ctx, param, value),
+    default=None,
 )
 @click.option("--outdir", help="Where the reconstructed networks are written", metavar="DIR", type=str, required=True)
 @click.option(
@@ -54,9 +65,16 @@ def std_list_option(ctx, param, value):
     show_default=True,
 )
 @click.option(
-    "--prefix", help="Output file name prefix", metavar="STR", type=str, default=OUTPUT_PREFIX, show_default=True
+    "--prefix",
+    "--outprefix",
+    "prefix",
+    help="Output file name prefix",
+    metavar="STR",
+    type=str,
+    default=OUTPUT_PREFIX,
+    show_default=True,
 )
-@click.option("--skip-existing", help="Skip outputs that already exist", is_flag=True)
+@click.option("--skip-existing", "--skip", "skip_existing", help="Skip outputs that already exist", is_flag=True)
 @click.option(
     "--device",
     help="Device for loading and summing the snapshots",
@@ -65,7 +83,7 @@ def std_list_option(ctx, param, value):
     default="cpu",
     show_default=True,
 )
-def main(indir, outdir, outstd, outkimg, batch, prefix, skip_existing, device):
+def main(indir, inprefix, instd, outdir, outstd, outkimg, batch, prefix, skip_existing, device):
     """Reconstruct post-hoc EMA networks from the snapshots in INDIR."""
     try:
         paths = reconstruct_to_dir(
@@ -77,6 +95,8 @@ def main(indir, outdir, outstd, outkimg, batch, prefix, skip_existing, device):
             prefix=prefix,
             skip_existing=skip_existing,
             device=device,
+            in_prefix=inprefix,
+            in_std=instd,
         )
     except SnapshotError as error:
         raise click.ClickException(str(error)) from None

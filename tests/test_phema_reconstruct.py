@@ -314,3 +314,27 @@ def test_sweep_cli(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "best EMA length" in result.output
     assert {p.name for p in (tmp_path / "sweep").iterdir()} == {"sweep.png", "sweep.json", "sweep.csv"}
+
+
+def test_input_names_are_selected_as_the_official_tool_selects_them():
+    """tests/data/official_parity.json: the official list_input_pickles on the same names (.pkl; the project's
+    .safetensors snapshots follow the same naming)."""
+    import pathlib
+
+    from training.phema_reconstruct import filter_snapshot_names
+
+    ref = json.loads((pathlib.Path(__file__).parent / "data" / "official_parity.json").read_text())["phema"]
+    names = [pathlib.Path(n) for n in ref["names"]]
+    assert sorted(p.name for p in filter_snapshot_names(names)) == sorted(ref["all"])
+    assert sorted(p.name for p in filter_snapshot_names(names, "edm2-img512-xs")) == sorted(ref["prefix_filtered"])
+    assert sorted(p.name for p in filter_snapshot_names(names, None, [0.05])) == sorted(ref["std_filtered"])
+
+
+def test_cli_takes_the_official_option_names(run, tmp_path):
+    out = tmp_path / "out"
+    args = ["--indir", str(run["dir"]), "--outdir", str(out), "--outstd", "0.06"]
+    result = _cli(*args, "--inprefix", "network-snapshot", "--instd", "0.050,0.100", "--outprefix", "mine", "--skip")
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("mine-*-0.060.safetensors"))) == 1
+    result = _cli(*args, "--inprefix", "nothing-here")
+    assert result.exit_code != 0 and "prefix 'nothing-here'" in result.output, result.output

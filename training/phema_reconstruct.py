@@ -27,9 +27,11 @@ import tqdm
 
 from .phema import STD_LIMIT, check_std, solve_posthoc_coefficients
 
-# Training's snapshot files (train_edm2.py), and the official code's raw snapshots (read via edm2.model_files;
-# their time is known only to 1 kimg, from the file name).
-SNAPSHOT_PATTERNS = ("network-snapshot-*.safetensors", "network-snapshot-*.pkl")
+# Snapshot files: any PREFIX-KIMG-STD name, as the official reconstruct_phema.py lists them (training's
+# network-snapshot-*, NVIDIA's published raw snapshots edm2-img512-xs-0134217-0.050.pkl, ...). Official .pkl files
+# carry their time only in the name, read back by edm2.official_import.kimg_to_nimg; .safetensors in the header.
+SNAPSHOT_PATTERNS = ("*.safetensors", "*.pkl")
+SNAPSHOT_NAME = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.(?:pkl|safetensors)")
 OUTPUT_PREFIX = "phema"  # reconstructed files: {prefix}-{kimg:07d}-{std:.3f}.safetensors
 
 
@@ -144,11 +146,28 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     return SnapshotInfo(path=path, nimg=int(nimg), std=std, network=network)
 
 
+def filter_snapshot_names(
+    paths: Iterable[pathlib.Path], in_prefix: str | None = None, in_std: Sequence[float] | None = None
+) -> list[pathlib.Path]:
+    """The paths named PREFIX-KIMG-STD.{pkl,safetensors}, with PREFIX == in_prefix and STD in in_std where given
+    (the official tool's selection of input files; everything else in a run folder is ignored)."""
+    wanted = None if in_std is None else {float(v) for v in in_std}
+    kept = []
+    for p in paths:
+        m = SNAPSHOT_NAME.fullmatch(pathlib.PurePath(p).name)
+        if m and (in_prefix is None or m.group(1) == in_prefix) and (wanted is None or float(m.group(3)) in wanted):
+            kept.append(p)
+    return kept
+
+
 def scan_snapshots(
     snapshots: str | os.PathLike | Iterable[str | os.PathLike],
     patterns: str | Sequence[str] = SNAPSHOT_PATTERNS,
+    in_prefix: str | None = None,  # only files named {in_prefix}-KIMG-STD (the official --inprefix); None = any
+    in_std: Sequence[float] | None = None,  # only files whose name's STD is one of these (--instd); None = any
 ) -> list[SnapshotInfo]:
-    """The snapshots in a directory (files matching `patterns`) or a list of files, sorted by (nimg, std).
+    """The snapshots in a directory (files matching `patterns` named PREFIX-KIMG-STD) or a list of files, sorted
+    by (nimg, std).
 
     Raises SnapshotError when there are none, when they hold different network shapes, or when two files
     claim the same (nimg, std).
@@ -159,10 +178,15 @@ def scan_snapshots(
             raise SnapshotError(f"snapshot directory {str(folder)!r} does not exist")
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         paths = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
-        where = f"{str(folder)!r} (looked for {', '.join(patterns)})"
+        paths = filter_snapshot_names(paths)
+        where = f"{str(folder)!r} (looked for PREFIX-KIMG-STD names matching {', '.join(patterns)})"
     else:
         paths = [pathlib.Path(p) for p in snapshots]
         where = "the given file list"
+    if in_prefix is not None or in_std is not None:
+        paths = filter_snapshot_names(paths, in_prefix, in_std)
+        where += f" with prefix {in_prefix!r}" if in_prefix is not None else ""
+        where += f" with std in {sorted(in_std)}" if in_std is not None else ""
     if not paths:
         raise SnapshotError(f"no snapshots found in {where}")
     infos = sorted((read_snapshot_info(p) for p in paths), key=lambda s: (s.nimg, s.std))
@@ -310,6 +334,8 @@ def reconstruct_to_dir(
     skip_existing: bool = False,  # leave outputs that already exist alone (and do not rebuild them)
     device: torch.device | str = "cpu",  # where the inputs are loaded and summed
     progress: bool = True,  # progress bars
+    in_prefix: str | None = None,  # only inputs named {in_prefix}-KIMG-STD; None = any
+    in_std: Sequence[float] | None = None,  # only inputs with these stds in their names; None = any
 ) -> list[pathlib.Path]:
     """Reconstruct and write `{prefix}-{kimg:07d}-{std:.3f}.safetensors` files (atomically, in the model
     file format of training snapshots); returns the paths written (or kept, with skip_existing)."""
@@ -318,7 +344,7 @@ def reconstruct_to_dir(
     if not re.fullmatch(r"[A-Za-z0-9._-]+", prefix):
         raise ValueError(f"prefix must be a plain file-name prefix (letters, digits, . _ -), got {prefix!r}")
     stds = parse_std_list(out_std)
-    infos = scan_snapshots(indir)
+    infos = scan_snapshots(indir, in_prefix=in_prefix, in_std=in_std)
     _, out_nimg = select_inputs(infos, out_kimg)
     outdir = pathlib.Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -346,6 +372,7 @@ __all__ = [
     "ReconstructedNetwork",
     "SnapshotError",
     "SnapshotInfo",
+    "filter_snapshot_names",
     "output_filename",
     "parse_std_list",
     "read_snapshot_info",
