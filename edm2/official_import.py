@@ -163,6 +163,14 @@ def kimg_to_nimg(kimg: int) -> int:
     return nimg
 
 
+def _nimg_or_none(kimg: int | None) -> int | None:
+    """kimg_to_nimg, or None (time unknown) for a renamed file whose kimg no official run can have written."""
+    try:
+        return None if kimg is None else kimg_to_nimg(kimg)
+    except ModelFileError:
+        return None
+
+
 def parse_snapshot_name(name: str) -> tuple[int | None, float | None]:
     """(training kimg, EMA std) from an official file name; (None, None) when it follows no known pattern."""
     m = SNAPSHOT_NAME.search(pathlib.PurePath(name).name)
@@ -203,7 +211,7 @@ def header_from_official(data: Any, path: pathlib.Path) -> dict[str, Any]:
         "init_kwargs": init_kwargs,
         "encoder": encoder_settings_from_official(data.get("encoder"), source),
         # Official files record time and EMA length only in their names, in kimg (nimg // 1000).
-        "training_nimg": kimg_to_nimg(kimg) if kimg is not None else None,
+        "training_nimg": _nimg_or_none(kimg),
         "ema_std": ema_std,
         "official_init_kwargs": _plain(ema.init_kwargs),
         "dataset_kwargs": _plain(data.get("dataset_kwargs")),

@@ -178,7 +178,7 @@ def test_official_pickle_loads_without_running_code_and_matches_reference(ref, o
     assert rel_err(logvar, ref["out_logvar"]) < 1e-5
     assert not loaded.net.training and not any(p.requires_grad for p in loaded.net.parameters())
     assert loaded.encoder == VAE_SETTINGS  # from the official defaults, consistent with the stored scale / bias
-    assert loaded.meta["training_nimg"] == 671088 * 1000 and loaded.meta["ema_std"] == 0.1
+    assert loaded.meta["training_nimg"] == 640 << 20 and loaded.meta["ema_std"] == 0.1
     assert loaded.meta["loss"] == {"class": "EDM2Loss", "P_mean": -0.4, "P_std": 1.0, "sigma_data": 0.5}
     assert loaded.meta["dataset_kwargs"]["path"] == "img512-sd.zip"
     json.dumps(loaded.meta)  # the summary is plain JSON
@@ -201,7 +201,7 @@ def test_official_fp16_snapshot_becomes_float32(ref, official, tmp_path):
         assert torch.equal(v, theirs[k].half().float()), k
     assert loaded.meta["source_dtypes"] == ["float16"]
     assert loaded.encoder == {"class": "standard_rgb"}
-    assert (loaded.meta["training_nimg"], loaded.meta["ema_std"]) == (2147483000, 0.135)
+    assert (loaded.meta["training_nimg"], loaded.meta["ema_std"]) == (2 << 30, 0.135)  # kimg 2147483 = 2Gi images
     assert not os.path.exists(official.marker)
 
 
