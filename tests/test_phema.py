@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
 
@@ -236,3 +237,12 @@ def test_coefficients_for_official_snapshot_names_equal_the_official_ones():
     assert [kimg_to_nimg(n // 1000) for n in nimg] == nimg
     kimg = [n // 1000 * 1000 for n in nimg]
     assert np.abs(phema.solve_posthoc_coefficients(kimg, stds, max(kimg), ref["out_std"]) - exact).max() > 1e-5
+
+
+def test_traditional_ema_defaults_are_the_official_ones():
+    """Official TraditionalEMA(halflife_Mimg=inf, rampup_ratio=0.09): beta = 0.5^(batch / (0.09 cur_nimg))."""
+    tracker = phema.TraditionalEMA(_Tiny())
+    assert math.isinf(tracker.halflife_nimg) and tracker.rampup_ratio == 0.09
+    assert tracker.beta(10_000_000, 2048) == pytest.approx(0.5 ** (2048 / 900_000), rel=1e-12)
+    with pytest.raises(ValueError, match="infinite halflife_nimg needs a rampup_ratio"):
+        phema.TraditionalEMA(_Tiny(), rampup_ratio=None)

@@ -249,18 +249,24 @@ class PowerFunctionEMA:
 
 class TraditionalEMA:
     """A classic exponential moving average with a half-life in images and an optional ramp-up (EDM, for
-    comparison): beta = 0.5^(batch / h) with h = min(halflife_nimg, rampup_ratio * cur_nimg)."""
+    comparison): beta = 0.5^(batch / h) with h = min(halflife_nimg, rampup_ratio * cur_nimg).
+
+    The defaults are the official EDM2 code's (halflife_Mimg=inf, rampup_ratio=0.09): the half-life is always
+    9% of the images seen, i.e. the EMA forgets at a fixed fraction of training time. (EDM's own defaults were a
+    500k-image half-life with rampup_ratio 0.05; pass them explicitly to compare with EDM.)"""
 
     def __init__(
         self,
         net: torch.nn.Module,  # the network being trained; copied once
-        halflife_nimg: float = 500_000,  # half-life of the average, in training images
-        rampup_ratio: float | None = 0.05,  # cap the half-life at this fraction of the images seen; None = off
+        halflife_nimg: float = math.inf,  # half-life of the average, in training images (official default: inf)
+        rampup_ratio: float | None = 0.09,  # cap the half-life at this fraction of the images seen; None = off
     ):
         if not (isinstance(halflife_nimg, (int, float)) and halflife_nimg > 0):
             raise ValueError(f"TraditionalEMA: halflife_nimg must be positive, got {halflife_nimg!r}")
         if rampup_ratio is not None and not (isinstance(rampup_ratio, (int, float)) and rampup_ratio > 0):
             raise ValueError(f"TraditionalEMA: rampup_ratio must be positive or None, got {rampup_ratio!r}")
+        if math.isinf(halflife_nimg) and rampup_ratio is None:
+            raise ValueError("TraditionalEMA: an infinite halflife_nimg needs a rampup_ratio (else it never updates)")
         self.halflife_nimg = float(halflife_nimg)
         self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
         self.ema = _frozen_copy(net)
