@@ -219,7 +219,8 @@ def test_coefficients_for_official_snapshot_names_equal_the_official_ones():
     from edm2.official_import import kimg_to_nimg, parse_snapshot_name
 
     ref = _official_parity()
-    assert {int(k): v for k, v in ref["kimg_to_nimg"].items()} == {int(k): kimg_to_nimg(int(k)) for k in ref["kimg_to_nimg"]}
+    official = {int(k): v for k, v in ref["kimg_to_nimg"].items()}
+    assert official == {k: kimg_to_nimg(k) for k in official}
     parsed = [parse_snapshot_name(n) for n in ref["prefix_filtered"]]
     in_nimg = [kimg_to_nimg(k) for k, _ in parsed]
     in_std = [s for _, s in parsed]

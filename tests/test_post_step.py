@@ -188,7 +188,8 @@ def official_order_errors(fused: bool) -> dict:
     for step in range(ref["xs"].shape[0]):
         opt.zero_grad(set_to_none=True)
         ((net(ref["xs"][step]) - ref["ys"][step]) ** 2).mean().backward()
-        opt.param_groups[0]["lr"] = edm2.learning_rate_schedule(step * batch, batch, ref_lr=0.01, ref_batches=2, rampup_img=40)
+        lr = edm2.learning_rate_schedule(step * batch, batch, ref_lr=0.01, ref_batches=2, rampup_img=40)
+        opt.param_groups[0]["lr"] = lr
         post((step + 1) * batch, batch)
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
     errors = {f"ema{s:.3f}/{k}": rel(v, ref[f"ema{s:.3f}/{k}"]) for s, e in ema for k, v in e.state_dict().items()}

@@ -30,7 +30,7 @@ def test_presets_hold_the_spec_table():
     assert kw["img_channels"] == 3 and kw["img_resolution"] == 64 and kw["label_dim"] == 1000 and kw["model_channels"] == 192
     t = edm2.preset_training_kwargs("edm2-img64-s")
     assert t["status"] == 128 << 10 and t["snapshot"] == 8 << 20 and t["checkpoint"] == 128 << 20
-    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000, rampup_img=10_000_000)
+    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000, rampup_img=10**7)
 
 
 def test_get_preset_returns_a_copy():
@@ -141,12 +141,16 @@ def test_loss_is_unit_scale_at_init():
 
 def test_learning_rate_schedule_equals_the_official_numbers():
     """tests/data/official_parity.json: the official schedule (rampup_Mimg counts 10^6 images, not 2^20)."""
-    rows = json.loads((pathlib.Path(__file__).parent / "data" / "official_parity.json").read_text())["learning_rate_schedule"]
+    data = json.loads((pathlib.Path(__file__).parent / "data" / "official_parity.json").read_text())
+    rows = data["learning_rate_schedule"]
     for r in rows:
-        got = edm2.learning_rate_schedule(r["cur_nimg"], r["batch_size"], ref_lr=r["ref_lr"], ref_batches=r["ref_batches"],
-                                          rampup_img=r["rampup_Mimg"] * 1_000_000)  # fmt: skip
+        got = edm2.learning_rate_schedule(
+            r["cur_nimg"], r["batch_size"], ref_lr=r["ref_lr"], ref_batches=r["ref_batches"],
+            rampup_img=r["rampup_Mimg"] * 1_000_000,
+        )  # fmt: skip
         assert got == pytest.approx(r["lr"], rel=1e-12, abs=1e-15), r
     default = [r for r in rows if r["rampup_Mimg"] == 10 and r["ref_lr"] == 0.01 and r["batch_size"] == 2048]
     for r in default:  # the defaults alone give the official numbers
-        assert edm2.learning_rate_schedule(r["cur_nimg"], 2048, ref_lr=0.01) == pytest.approx(r["lr"], rel=1e-12, abs=1e-15)
+        got = edm2.learning_rate_schedule(r["cur_nimg"], 2048, ref_lr=0.01)
+        assert got == pytest.approx(r["lr"], rel=1e-12, abs=1e-15), r
     assert edm2.preset_training_kwargs("edm2-img512-s")["lr"]["rampup_img"] == 10_000_000
