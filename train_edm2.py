@@ -143,7 +143,7 @@ def build_config(opts: dict) -> dict:
 @click.option("--P_std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None, help="Std of ln(sigma) in training")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Reference learning rate")
 @click.option("--decay", type=click.FloatRange(min=0), default=None, help="Learning-rate decay start t_ref, in batches (0 = none)")
-@click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, i.e. 10e6 not 10Mi]")
+@click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
 @click.option("--ema-stds", "ema_stds", default="0.050,0.100", help="Power-function EMA stds to track and snapshot")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", help="Forward precision (auto: fp16 on GPU, fp32 on CPU)")
 @click.option("--xflip", is_flag=True, help="Augment with x-flips")

@@ -49,7 +49,7 @@ DEMO_NETWORK = dict(
     attn_resolutions=[8], channels_per_head=32,
 )
 PRESETS["demo"] = dict(duration=32 * Ki, batch=64, channels=32, lr=0.0300, decay=2000, dropout=0.00, P_mean=-0.8, P_std=1.6)
-RAMPUP_IMG = {"demo": 4 * Ki}  # everything else: 10e6 images (10 million, not 10Mi), as in the paper's runs
+RAMPUP_IMG = {"demo": 4 * Ki}  # everything else: 10e6 images (not 10Mi), the official rampup_Mimg=10
 # Images between status lines, EMA snapshots and checkpoints (SPEC 5 for the paper's presets).
 REPORTING = {"demo": dict(status=4 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)}
 DEFAULT_REPORTING = dict(status=128 * Ki, snapshot=8 * Mi, checkpoint=128 * Mi)
