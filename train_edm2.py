@@ -136,7 +136,7 @@ def build_config(opts: dict) -> dict:
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Base channel count (model_channels)")
 @click.option("--network-kwargs", "network_kwargs", default=None, help='More network arguments as JSON, e.g. \'{"channel_mult": [1, 2], "num_blocks": 1}\'')
 @click.option("--arch", type=click.Choice(["edm2-unet", "uvit"]), default=None, help="Backbone [default: the preset's, edm2-unet]")
-@click.option("--skip-scaling", "skip_scaling", type=click.Choice(["none", "inv_sqrt2", "cs", "ls", "ls_nonshared"]), default=None, help="ScaleLong scaling of the long skips [default: none]")
+@click.option("--skip-scaling", "skip_scaling", type=click.Choice(["none", "inv_sqrt2", "cs", "ls", "ls_nonshared", "ls_channel", "ls_channel_nonshared"]), default=None, help="ScaleLong scaling of the long skips [default: none]")
 @click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=None, help="CS: skip i (1 = outermost) is multiplied by kappa^(i-1) [default: 0.7]")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout probability")
 @click.option("--P_mean", "P_mean", type=float, default=None, help="Mean of ln(sigma) in training")

@@ -33,7 +33,7 @@ import torch
 from torch_utils.state_io import atomic_write
 
 FORMAT_NAME = "edm2-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: skip_scaling "ls" is the ScaleLong per-token gate (version 1: per channel)
 HEADER_KEY = "edm2"  # safetensors metadata key holding the JSON header
 SUFFIX = ".safetensors"
 
@@ -303,6 +303,17 @@ def _parse_header(metadata: dict[str, str], path: pathlib.Path) -> dict[str, Any
     for key in ("network_class", "init_kwargs"):
         if key not in header:
             raise ModelFileError(f"{path}: header lacks {key!r}")
+    return _upgrade_header(header)
+
+
+def _upgrade_header(header: dict[str, Any]) -> dict[str, Any]:
+    """Give a version-1 header the names of today: its skip_scaling 'ls' / 'ls_nonshared' were the per-channel
+    gates, now 'ls_channel' / 'ls_channel_nonshared', so the file still builds the network it was saved from."""
+    from networks.skip_scaling import LEGACY_MODE_NAMES
+
+    kwargs = header["init_kwargs"]
+    if header["format_version"] < 2 and isinstance(kwargs, dict) and kwargs.get("skip_scaling") in LEGACY_MODE_NAMES:
+        header = dict(header, init_kwargs=dict(kwargs, skip_scaling=LEGACY_MODE_NAMES[kwargs["skip_scaling"]]))
     return header
 
 

@@ -2,14 +2,18 @@
 compare loss curves and the oscillation of hidden features and gradients (SPEC 9).
 
     python experiments/scalelong.py run --outdir runs/scalelong --setting cpu     # ~3 min on a laptop
-    python experiments/scalelong.py run --outdir runs/scalelong --setting gpu     # one GPU, 10 runs at once
+    python experiments/scalelong.py run --outdir out/scalelong --rundir /tmp/sl --setting gpu  # one GPU, 14 at once
     python experiments/scalelong.py analyze --outdir runs/scalelong               # figures again
 
 Every run is a plain `train_edm2.py --preset demo --arch A --skip-scaling M` training (same seed, same data,
 same images per step) whose status lines carry the instruments of training/instruments.py. Runs that hit
 --time-limit are stopped with SIGTERM (they checkpoint and stop cleanly); the comparison then uses the image
 range that all runs of a backbone reached. Outputs in --outdir: scalelong.json (settings and figures),
-scalelong.md (the table), scalelong.png (the plot).
+scalelong.md (the table), scalelong.png (the plot); the run folders go to --rundir (default: --outdir).
+
+The GPU setting starts all 14 runs (7 modes x 2 backbones) at once as separate processes on the one GPU and
+stops each after 300 s, so the whole experiment takes about 6 minutes of wall time; every run of a backbone
+then shares the GPU with the same others, and the comparison is at equal images seen.
 """
 
 from __future__ import annotations
@@ -33,16 +37,19 @@ from edm2.presets import Ki
 from training.instruments import read_stats
 
 BACKBONES = ("edm2-unet", "uvit")
-MODES = ("none", "inv_sqrt2", "cs", "ls", "ls_nonshared")
+MODES = ("none", "inv_sqrt2", "cs", "ls", "ls_nonshared", "ls_channel", "ls_channel_nonshared")
 # Images per run, per step, between instrument readings; DataLoader workers; runs at once; data set size.
 SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(duration=1 * Ki, batch=32, status=32, workers=0, parallel=1, num_images=512, time_limit=600),
     "gpu": dict(
-        duration=2048 * Ki, batch=256, status=16 * 256, workers=1, parallel=10, num_images=2000, time_limit=380
+        duration=2048 * Ki, batch=256, status=16 * 256, workers=0, parallel=14, num_images=2000, time_limit=300
     ),
 }
 SMOOTH = 8  # readings in the moving average of the loss
-COLORS = dict(none="black", inv_sqrt2="tab:blue", cs="tab:green", ls="tab:orange", ls_nonshared="tab:red")
+COLORS = dict(
+    none="black", inv_sqrt2="tab:blue", cs="tab:green", ls="tab:orange", ls_nonshared="tab:red",
+    ls_channel="tab:purple", ls_channel_nonshared="tab:brown",
+)
 
 
 def run_name(backbone: str, mode: str) -> str:
@@ -186,12 +193,14 @@ def run_figures(entries: list[dict[str, Any]], target_loss: float | None) -> dic
     return fig
 
 
-def analyze(outdir: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Figures per backbone and mode from the runs in outdir; writes scalelong.json / .md / .png."""
+def analyze(outdir: str, settings: dict[str, Any] | None = None, rundir: str | None = None) -> dict[str, Any]:
+    """Figures per backbone and mode from the runs in rundir (default: outdir); writes scalelong.json / .md /
+    .png to outdir."""
+    rundir = outdir if rundir is None else rundir
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for backbone in BACKBONES:
         for mode in MODES:
-            run_dir = os.path.join(outdir, run_name(backbone, mode))
+            run_dir = os.path.join(rundir, run_name(backbone, mode))
             if os.path.isfile(os.path.join(run_dir, "stats.jsonl")):
                 runs.setdefault(backbone, {})[mode] = [e for e in read_stats(run_dir) if "loss" in e]
     previous = os.path.join(outdir, "scalelong.json")
@@ -200,7 +209,7 @@ def analyze(outdir: str, settings: dict[str, Any] | None = None) -> dict[str, An
             settings = json.load(f).get("settings")
     if not runs:
         raise click.ClickException(
-            f"{outdir}: no runs with stats.jsonl (expected folders such as {run_name('uvit', 'cs')})"
+            f"{rundir}: no runs with stats.jsonl (expected folders such as {run_name('uvit', 'cs')})"
         )
     results: dict[str, Any] = dict(settings=settings, backbones={})
     for backbone, by_mode in runs.items():
@@ -344,24 +353,30 @@ def cli() -> None:
     "--time-limit", "time_limit", type=click.FloatRange(min=1), default=None, help="Seconds per run before SIGTERM"
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the same for every run)")
-def run(outdir: str, setting: str, backbones: str, modes: str, kappa: float, seed: int, **overrides) -> None:
+@click.option("--rundir", default=None, help="Folder of the run folders and data [default: --outdir]")
+def run(
+    outdir: str, setting: str, backbones: str, modes: str, kappa: float, seed: int, rundir: str | None, **overrides
+) -> None:
     """Train every (backbone, mode) and write the comparison."""
     s = dict(SETTINGS[setting])
     s.update({k: v for k, v in overrides.items() if v is not None})
     s.update(kappa=kappa, seed=seed, setting=setting)
     runs = [(b, m) for b in _choices(backbones, BACKBONES, "--backbones") for m in _choices(modes, MODES, "--modes")]
+    rundir = outdir if rundir is None else rundir
     os.makedirs(outdir, exist_ok=True)
-    s["wall_s"] = train_all(outdir, runs, s, kappa, seed)
-    results = analyze(outdir, s)
+    os.makedirs(rundir, exist_ok=True)
+    s["wall_s"] = train_all(rundir, runs, s, kappa, seed)
+    results = analyze(outdir, s, rundir)
     click.echo(markdown_table(results))
     click.echo(f"Wrote {os.path.join(outdir, 'scalelong.json')}, scalelong.md, scalelong.png")
 
 
 @cli.command(name="analyze")
 @click.option("--outdir", required=True, type=click.Path(exists=True, file_okay=False), help="Experiment directory")
-def analyze_cmd(outdir: str) -> None:
+@click.option("--rundir", default=None, type=click.Path(exists=True, file_okay=False), help="Run folders [--outdir]")
+def analyze_cmd(outdir: str, rundir: str | None) -> None:
     """Recompute the figures and the plot from the runs' stats.jsonl."""
-    results = analyze(outdir)
+    results = analyze(outdir, rundir=rundir)
     click.echo(markdown_table(results))
 
 

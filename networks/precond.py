@@ -76,9 +76,9 @@ class Precond(torch.nn.Module):
         clip_act: float | None = 256,  # activation clipping
         resample_filter: Sequence[int] = (1, 1),  # the reference's resampling filter; only [1, 1] exists here
         arch: str = "edm2-unet",  # backbone: 'edm2-unet' (the paper's) or 'uvit' (networks/uvit.py)
-        skip_scaling: str = "none",  # ScaleLong long-skip scaling: none, inv_sqrt2, cs, ls, ls_nonshared
+        skip_scaling: str = "none",  # ScaleLong long-skip scaling: networks/skip_scaling.SKIP_SCALING_MODES
         kappa: float = 0.7,  # CS base: skip i (1 = outermost) is multiplied by kappa^(i-1); in (0, 1]
-        ls_reduction: int = 16,  # SENet reduction r of the LS gates
+        ls_reduction: int = 16,  # reduction r of the LS gates (networks/skip_scaling.py)
         patch_size: int | None = None,  # U-ViT only: patch side (None: 2)
         depth: int | None = None,  # U-ViT only: transformer blocks, odd (None: 7)
         mlp_ratio: int | None = None,  # U-ViT only: MLP width / model_channels (None: 4)

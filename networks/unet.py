@@ -124,7 +124,7 @@ class UNet(torch.nn.Module):
         clip_act: float | None = 256,  # activation clipping in every block
         skip_scaling: str = "none",  # ScaleLong mode of the long skips (networks/skip_scaling.py)
         kappa: float = 0.7,  # CS base: skip i (1 = outermost) is multiplied by kappa^(i-1)
-        ls_reduction: int = 16,  # SENet reduction r of the LS gates
+        ls_reduction: int = 16,  # reduction r of the LS gates (networks/skip_scaling.py)
     ):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
@@ -183,7 +183,10 @@ class UNet(torch.nn.Module):
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
         # Every encoder output is a long skip; the first one (i = 1) meets the last decoder block.
         skip_channels = [b.out_channels for b in self.enc.values()]
-        self.skip_scale = SkipScaling(skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction)
+        skip_positions = [int(name.split("x")[0]) ** 2 for name in self.enc]  # H * W from the names "{H}x{W}_..."
+        self.skip_scale = SkipScaling(
+            skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, skip_positions=skip_positions
+        )
         self._modulation_cache: tuple[tuple, torch.Tensor] | None = None
         # Runtime speed switch (training on CUDA), not part of the model: with gradients, every layer's effective
         # weight is computed up front in one batched operation (networks/batched_weights.py) instead of per layer.

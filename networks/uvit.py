@@ -129,7 +129,7 @@ class UViT(torch.nn.Module):
         long_skips: bool = True,  # False: a plain ViT (no skips; then skip_scaling must be 'none')
         skip_scaling: str = "none",  # ScaleLong mode (networks/skip_scaling.py)
         kappa: float = 0.7,  # CS base: skip i (1 = outermost) gets kappa^(i-1)
-        ls_reduction: int = 16,  # SENet reduction r of the LS gates
+        ls_reduction: int = 16,  # reduction r of the LS gates (networks/skip_scaling.py)
     ):
         super().__init__()
         for name, value in dict(
@@ -177,8 +177,11 @@ class UViT(torch.nn.Module):
         self.out_conv = MPConv(img_channels, img_channels, kernel=[3, 3])
         self.long_skips = long_skips
         skip_channels = [model_channels] * half if long_skips else []
+        # Every skip holds all tokens: the time token, the class token (conditional networks) and the patches.
+        skip_positions = [1 + (label_dim > 0) + grid * grid] * len(skip_channels)
         self.skip_scale = SkipScaling(
-            skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, channel_dim=2
+            skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, channel_dim=2,
+            skip_positions=skip_positions,
         )
         # Runtime speed switch: dropout masks from one Philox call per four elements (networks/dropout.py) on CUDA.
         self.fast_dropout = False

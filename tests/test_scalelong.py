@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from conftest import build_reference_net
 
 from networks import Precond
-from networks.skip_scaling import SEGate, SkipScaling, cs_coefficients
+from networks.skip_scaling import SEGate, SkipScaling, TokenGate, cs_coefficients
 from networks.unet import UNet
 
 TINY_UNET = dict(model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16)
@@ -124,19 +125,95 @@ def test_se_gate_shapes_and_range():
     assert SEGate(8, reduction=16).squeeze.weight.shape == (4, 8)  # at least four hidden units
 
 
-def test_ls_sharing_per_width_and_per_skip():
-    unet_ls, unet_ns = tiny(skip_scaling="ls").unet.skip_scale, tiny(skip_scaling="ls_nonshared").unet.skip_scale
+def test_ls_channel_sharing_per_width_and_per_skip():
+    unet_ls = tiny(skip_scaling="ls_channel").unet.skip_scale
+    unet_ns = tiny(skip_scaling="ls_channel_nonshared").unet.skip_scale
     widths = unet_ls.skip_channels
     assert len(unet_ls.gates) == len(set(widths)) == 2 and len(unet_ns.gates) == len(widths) == 6
     for i, c in enumerate(widths):  # every skip's gate has its width
         assert unet_ls.gates[unet_ls.gate_index[i]].excite.out_channels == c
-    assert len(tiny("uvit", skip_scaling="ls").uvit.skip_scale.gates) == 1  # U-ViT: one shared gate
-    assert len(tiny("uvit", skip_scaling="ls_nonshared").uvit.skip_scale.gates) == 2
+    assert len(tiny("uvit", skip_scaling="ls_channel").uvit.skip_scale.gates) == 1  # U-ViT: one shared gate
+    assert len(tiny("uvit", skip_scaling="ls_channel_nonshared").uvit.skip_scale.gates) == 2
+
+
+def test_token_gate_shapes_and_range():
+    gate = TokenGate(65, reduction=16)
+    assert gate.squeeze.weight.shape == (4, 65) and gate.excite.weight.shape == (65, 4)
+    g = gate(torch.randn(3, 65, 32), channel_dim=2)
+    assert g.shape == (3, 65, 1) and bool(((g > 0) & (g < 1)).all())  # one coefficient per token
+    g = TokenGate(64, reduction=16)(torch.randn(3, 32, 8, 8), channel_dim=1)
+    assert g.shape == (3, 1, 8, 8)  # feature maps: one coefficient per position
+
+
+def test_ls_token_gates_sharing_and_shapes():
+    """U-ViT: `ls` is one gate over all L = extra tokens + patches, `ls_nonshared` one per skip (as the
+    reference); the U-Net shares per resolution."""
+    for label_dim, tokens in ((10, 2 + 16), (0, 1 + 16)):  # 16x16 images, 4x4 patches: 16 patch tokens
+        shared = Precond(16, 3, label_dim, **TINY_UVIT, skip_scaling="ls").uvit.skip_scale
+        per_skip = Precond(16, 3, label_dim, **TINY_UVIT, skip_scaling="ls_nonshared").uvit.skip_scale
+        assert len(shared.gates) == 1 and shared.gate_index == [0, 0] and shared.gates[0].positions == tokens
+        assert len(per_skip.gates) == 2 and per_skip.gates[0] is not per_skip.gates[1]
+    unet_ls, unet_ns = tiny(skip_scaling="ls").unet.skip_scale, tiny(skip_scaling="ls_nonshared").unet.skip_scale
+    assert unet_ls.skip_positions == [256, 256, 64, 64, 16, 16]
+    assert len(unet_ls.gates) == 3 and len(unet_ns.gates) == 6
+    for i, n in enumerate(unet_ls.skip_positions):
+        assert unet_ls.gates[unet_ls.gate_index[i]].positions == n
+    net = tiny("uvit", skip_scaling="ls")
+    for raw, scaled in capture_skips(net, torch.randn(2, 3, 16, 16)).values():
+        ratio = scaled / raw  # the same factor for every channel of a token
+        assert torch.allclose(ratio, ratio[:, :, :1].expand_as(ratio), rtol=1e-5)
+        assert float(ratio[:, :, 0].std()) > 0
+
+
+def test_token_gate_equals_the_reference_attentionlayer():
+    """The reference's Attentionlayer (zero biases, this gate's effective weights) on the same skips:
+    tests/data/NOTES.md says how the stored gates were made."""
+    ref = np.load(pathlib.Path(__file__).parent / "data" / "scalelong_reference_gates.npz")
+    skips = torch.from_numpy(ref["skips"])
+    gate = TokenGate(skips.shape[2], int(ref["reduction"]))
+    with torch.no_grad():
+        gate.squeeze.weight.copy_(torch.from_numpy(ref["raw_w1"]))
+        gate.excite.weight.copy_(torch.from_numpy(ref["raw_w2"]))
+    assert torch.allclose(gate.squeeze.effective_weight(), torch.from_numpy(ref["w1"]), rtol=0, atol=1e-6)
+    assert torch.allclose(gate.excite.effective_weight(), torch.from_numpy(ref["w2"]), rtol=0, atol=1e-6)
+    scaler = SkipScaling("ls", [skips.shape[3]] * 2, ls_reduction=int(ref["reduction"]), channel_dim=2,
+                         skip_positions=[skips.shape[2]] * 2)
+    scaler.gates[0].load_state_dict(gate.state_dict())
+    with torch.no_grad():
+        for i in range(2):
+            g = gate(skips[i], channel_dim=2)
+            assert g.shape == ref["gates"][i].shape
+            assert float((g - torch.from_numpy(ref["gates"][i])).abs().max()) < 1e-6
+            assert float((scaler(skips[i], i + 1) - skips[i] * torch.from_numpy(ref["gates"][i])).abs().max()) < 1e-6
 
 
 @pytest.mark.parametrize("arch", ["edm2-unet", "uvit"])
-@pytest.mark.parametrize("mode", ["ls", "ls_nonshared"])
-def test_ls_gates_get_gradients_and_act_per_channel(arch, mode):
+def test_version_1_ls_files_load_as_the_per_channel_gate(tmp_path, arch):
+    import safetensors.torch
+
+    from edm2.model_files import HEADER_KEY, load_network, save_network
+
+    net = tiny(arch, skip_scaling="ls_channel").eval()
+    path = tmp_path / "old.safetensors"
+    save_network(path, net)
+    tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(path, framework="pt") as f:
+        header = json.loads(f.metadata()[HEADER_KEY])
+    header.update(format_version=1, init_kwargs=dict(header["init_kwargs"], skip_scaling="ls"))  # as written then
+    safetensors.torch.save_file(tensors, path, metadata={HEADER_KEY: json.dumps(header)})
+    loaded = load_network(path)
+    assert loaded.net.init_kwargs["skip_scaling"] == "ls_channel"
+    assert loaded.meta["init_kwargs"]["skip_scaling"] == "ls_channel"
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0]), torch.eye(4)[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded.net.eval()(x, sigma, labels), net(x, sigma, labels))
+    save_network(tmp_path / "new.safetensors", tiny(arch, skip_scaling="ls"))  # version 2 keeps 'ls'
+    assert load_network(tmp_path / "new.safetensors").net.init_kwargs["skip_scaling"] == "ls"
+
+
+@pytest.mark.parametrize("arch", ["edm2-unet", "uvit"])
+@pytest.mark.parametrize("mode", ["ls", "ls_nonshared", "ls_channel", "ls_channel_nonshared"])
+def test_ls_gates_get_gradients(arch, mode):
     net = tiny(arch, skip_scaling=mode).train()
     with torch.no_grad():
         net.backbone.out_gain.fill_(1)  # let the loss reach the network (the gain starts at 0)
@@ -155,7 +232,7 @@ def test_ls_gates_get_gradients_and_act_per_channel(arch, mode):
 
 def test_ls_gate_gradient_matches_finite_differences():
     torch.manual_seed(1)
-    scaler = SkipScaling("ls", [8, 8], ls_reduction=4)
+    scaler = SkipScaling("ls", [8, 8], ls_reduction=4, skip_positions=[16, 16])
     skip, w = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
     param = scaler.gates[0].excite.weight
 
