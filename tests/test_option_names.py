@@ -12,3 +12,14 @@ def test_P_mean_P_std_both_spellings(module):
     assert {"--P_std", "--P-std"} <= opts["P_std"]
     ctx = command.make_context(module, ["--P-mean", "-0.5", "--P_std", "1.1"], resilient_parsing=True)
     assert ctx.params["P_mean"] == -0.5 and ctx.params["P_std"] == 1.1
+
+
+def test_one_image_is_singular(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from edm2.metrics import MetricsError, open_image_dataset
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(MetricsError, match=r"holds 1 image, fewer than the 2 asked for"):
+        open_image_dataset(tmp_path, num=2)
