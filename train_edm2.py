@@ -164,6 +164,9 @@ def build_config(opts: dict) -> dict:
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print the resolved configuration as JSON and exit")
 def main(**opts) -> None:
     """Train an EDM2 diffusion model."""
+    # Checked before build_config, which may write the demo data into the outdir.
+    if os.path.exists(opts["outdir"]) and not os.path.isdir(opts["outdir"]):
+        raise click.BadParameter(f"{opts['outdir']} is a file; expected a directory", param_hint="--outdir")
     config = build_config(opts)
     if opts["dry_run"]:
         click.echo(json.dumps(config, indent=2))

@@ -23,3 +23,15 @@ def test_one_image_is_singular(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(MetricsError, match=r"holds 1 image, fewer than the 2 asked for"):
         open_image_dataset(tmp_path, num=2)
+
+
+def test_outdir_that_is_a_file_is_refused_without_writing(tmp_path):
+    from click.testing import CliRunner
+
+    import train_edm2
+
+    target = tmp_path / "afile"
+    target.write_bytes(b"")
+    result = CliRunner().invoke(train_edm2.main, ["--outdir", str(target), "--data", "demo", "--preset", "demo"])
+    assert result.exit_code == 2 and "is a file; expected a directory" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
