@@ -35,3 +35,11 @@ def test_outdir_that_is_a_file_is_refused_without_writing(tmp_path):
     result = CliRunner().invoke(train_edm2.main, ["--outdir", str(target), "--data", "demo", "--preset", "demo"])
     assert result.exit_code == 2 and "is a file; expected a directory" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_nesting_bomb_header_gives_model_file_error(tmp_path):
+    from edm2.model_files import HEADER_KEY, ModelFileError, _parse_header
+
+    bomb = "[" * 200000 + "]" * 200000
+    with pytest.raises(ModelFileError, match="nested too deeply"):
+        _parse_header({HEADER_KEY: bomb}, tmp_path / "x.safetensors")
