@@ -158,7 +158,7 @@ def convert(source: str, dest: str, resolution: int, transform: str, max_images:
             yield out, buf.getvalue()
 
     count = write_zip(dest, entries(), out_labels, num_classes)
-    click.echo(f"Wrote {count} images of {resolution}x{resolution} to {dest}")
+    click.echo(f"Wrote {count} image{'' if count == 1 else 's'} of {resolution}x{resolution} to {dest}")
 
 
 @main.command()

@@ -101,10 +101,18 @@ from training.phema_sweep import (
     "--repeats", help="Noise draws per image", metavar="INT", type=click.IntRange(min=1), default=1, show_default=True
 )
 @click.option(
-    "--P-mean", "P_mean", help="Mean of ln(sigma)", metavar="FLOAT", type=float, default=-0.4, show_default=True
+    "--P-mean",
+    "--P_mean",
+    "P_mean",
+    help="Mean of ln(sigma)",
+    metavar="FLOAT",
+    type=float,
+    default=-0.4,
+    show_default=True,
 )
 @click.option(
     "--P-std",
+    "--P_std",
     "P_std",
     help="Std of ln(sigma)",
     metavar="FLOAT",

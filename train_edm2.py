@@ -139,8 +139,8 @@ def build_config(opts: dict) -> dict:
 @click.option("--skip-scaling", "skip_scaling", type=click.Choice(["none", "inv_sqrt2", "cs", "ls", "ls_nonshared", "ls_channel", "ls_channel_nonshared"]), default=None, help="ScaleLong scaling of the long skips [default: none]")
 @click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=None, help="CS: skip i (1 = outermost) is multiplied by kappa^(i-1) [default: 0.7]")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout probability")
-@click.option("--P_mean", "P_mean", type=float, default=None, help="Mean of ln(sigma) in training")
-@click.option("--P_std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None, help="Std of ln(sigma) in training")
+@click.option("--P_mean", "--P-mean", "P_mean", type=float, default=None, help="Mean of ln(sigma) in training")
+@click.option("--P_std", "--P-std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None, help="Std of ln(sigma) in training")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Reference learning rate")
 @click.option("--decay", type=click.FloatRange(min=0), default=None, help="Learning-rate decay start t_ref, in batches (0 = none)")
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
@@ -164,6 +164,9 @@ def build_config(opts: dict) -> dict:
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print the resolved configuration as JSON and exit")
 def main(**opts) -> None:
     """Train an EDM2 diffusion model."""
+    # Checked before build_config, which may write the demo data into the outdir.
+    if os.path.exists(opts["outdir"]) and not os.path.isdir(opts["outdir"]):
+        raise click.BadParameter(f"{opts['outdir']} is a file; expected a directory", param_hint="--outdir")
     config = build_config(opts)
     if opts["dry_run"]:
         click.echo(json.dumps(config, indent=2))

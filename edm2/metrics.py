@@ -342,7 +342,8 @@ def open_image_dataset(path: str | os.PathLike, num: int | None = None):
     if dataset.num_channels not in (1, 3):
         raise MetricsError(f"{path}: images have {dataset.num_channels} channels; expected RGB (3) or grayscale (1)")
     if num is not None and len(dataset) < num:
-        raise MetricsError(f"{path}: holds {len(dataset)} images, fewer than the {num} asked for (--num)")
+        noun = "image" if len(dataset) == 1 else "images"
+        raise MetricsError(f"{path}: holds {len(dataset)} {noun}, fewer than the {num} asked for (--num)")
     return dataset
 
 

@@ -291,6 +291,8 @@ def _parse_header(metadata: dict[str, str], path: pathlib.Path) -> dict[str, Any
         header = json.loads(metadata[HEADER_KEY])
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: the {HEADER_KEY!r} header is not valid JSON: {e}") from e
+    except RecursionError:  # a deeply nested header (a JSON nesting bomb) exhausts the parser's stack
+        raise ModelFileError(f"{path}: the {HEADER_KEY!r} header is nested too deeply to be an edm2 header") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         found = header.get("format") if isinstance(header, dict) else header
         raise ModelFileError(f"{path}: header format must be {FORMAT_NAME!r}, got {found!r}")

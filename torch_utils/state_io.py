@@ -52,6 +52,21 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask can only be read by setting it,
+    which would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call write(tmp_path), fsync, then rename over path: a crash leaves the old file or the new one."""
     path = os.fspath(path)
@@ -63,6 +78,8 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would, so colleagues can read results.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
         dir_fd = os.open(folder, os.O_RDONLY)
         try:

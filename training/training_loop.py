@@ -271,6 +271,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     config = validate_config(config, world)
     log = dist.print0
     if rank == 0:
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise TrainingError(f"--outdir {run_dir}: is a file; expected a directory (new or an earlier run's)")
         os.makedirs(run_dir, exist_ok=True)
         check_run_dir(run_dir, config)
     dist.barrier()
