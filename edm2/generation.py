@@ -146,6 +146,8 @@ def generate_batch(
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
     label_dim = getattr(net, "label_dim", 0)
     noise, labels, gens = seed_noise_and_labels(seeds, shape, label_dim, class_idx, device, noise_device)
+    # The official generator keeps the ODE state (and so draws the churn noise) in float32.
+    sampler_kwargs.setdefault("dtype", torch.float32)
     x = edm_sampler(net, noise, labels, gnet=gnet, randn_like=gens.randn_like, stats=stats, **sampler_kwargs)
     return encoder.decode(x).cpu()
 

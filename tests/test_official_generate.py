@@ -14,15 +14,16 @@ from edm2.seeds import SeedGenerators, check_noise_device
 DATA = pathlib.Path(__file__).parent / "data"
 
 
-def test_ode_images_match_the_official_cpu_images():
+@pytest.mark.parametrize("name", ["ode", "churn_class"])
+def test_images_match_the_official_cpu_images(name):
     ref = np.load(DATA / "official_generate_images.npz")
-    cfg = json.loads(str(ref["configs"]))["ode"]
+    cfg = json.loads(str(ref["configs"]))[name]
     net = edm2.load_network(DATA / "official_generate_tiny.pkl").net
     net.precision = sampling_precision(net.precision, "cpu")  # fp16 only on CUDA, as the official code
     ours = generate_batch(net, cfg["seeds"], class_idx=cfg["class_idx"], **cfg["sampler"]).numpy()
-    diff = np.abs(ours.astype(np.int16) - ref["ode"].astype(np.int16))
+    diff = np.abs(ours.astype(np.int16) - ref[name].astype(np.int16))
     assert diff.max() <= 1  # includes seed 2^32 + 7, which the official code takes modulo 2^32
-    # Measured 1.43% of values one level apart (the target is 0.1%: not reached yet).
+    # Measured 1.0-1.7% of values one level apart (the target is 0.1%: not reached yet).
     assert (diff == 1).mean() <= 0.02
 
 
