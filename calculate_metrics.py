@@ -27,6 +27,7 @@ import click
 from edm2 import metrics as M
 from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.model_files import ModelFileError
+from edm2.generation import sampling_precision
 from generate import _load, _parse_interval_option, _parse_seeds_option, resolve_model_options
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
@@ -234,8 +235,8 @@ def gen(
         loaded = _load("--net", net_path, device)
         gnet = _load("--gnet", gnet_path, device).net if gnet_path is not None and guidance != 1 else None
         for network in (loaded.net, gnet):
-            if network is not None and precision is not None:
-                network.precision = precision
+            if network is not None and hasattr(network, "precision"):  # fp16 only on CUDA, as generate.py
+                network.precision = sampling_precision(network.precision, device, precision)
         try:
             results = M.calc_metrics_for_model(
                 loaded.net,

@@ -20,9 +20,9 @@ import math
 
 import click
 
-from edm2.generation import check_class_index, encoder_for, generate_images, prepare_for_sampling
+from edm2.generation import check_class_index, encoder_for, generate_images, prepare_for_sampling, sampling_precision
 from edm2.sampler import check_guidance_interval, check_guiding_network, check_schedule
-from edm2.seeds import parse_seeds
+from edm2.seeds import check_noise_device, parse_seeds
 from torch_utils import distributed as dist
 
 
@@ -130,7 +130,13 @@ def _load(option: str, path_or_url: str, device):
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16"]),
     default=None,
-    help="Network activation precision  [default: the model file's]",
+    help="Network activation precision  [default: the model file's; fp16 only on CUDA, as the official code]",
+)
+@click.option(
+    "--noise-device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Where each seed's generator draws noise and class  [default: the compute device, as the official code]",
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar")
 @click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network(s): faster sampling after tens of seconds of compiling (GPU)")
@@ -155,6 +161,7 @@ def main(
     S_max,
     S_noise,
     precision,
+    noise_device,
     progress,
     compile_net,
 ):
@@ -178,6 +185,11 @@ def main(
     dist.init()
     try:
         device = dist.device()
+        if noise_device is not None:
+            try:
+                check_noise_device(noise_device, device)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="'--noise-device'") from None
         loaded = _load("--net", net_path, device)
         net = loaded.net
         try:
@@ -195,10 +207,9 @@ def main(
                 check_guiding_network(net, gnet, guidance)
             except ValueError as e:
                 raise click.BadParameter(f"{gnet_path} does not fit {net_path}: {e}", param_hint="'--gnet'") from None
-        if precision is not None:
-            net.precision = precision
-            if gnet is not None:
-                gnet.precision = precision
+        for network in (net, gnet):
+            if network is not None and hasattr(network, "precision"):
+                network.precision = sampling_precision(network.precision, device, precision)
         net = prepare_for_sampling(net, compile=compile_net)
         gnet = prepare_for_sampling(gnet, compile=compile_net) if gnet is not None else None
         summary = generate_images(
@@ -213,6 +224,7 @@ def main(
             grid_path=grid_path,
             device=device,
             progress=progress,
+            noise_device=noise_device,
             guidance=guidance,
             guidance_interval=guidance_interval,
             num_steps=num_steps,

@@ -3,7 +3,8 @@
     images = edm2.generate_batch(net, seeds=[0, 1, 2], gnet=gnet, guidance=1.7)   # uint8 [3, 3, H, W]
     summary = edm2.generate_images(net, seeds=range(64), outdir='out', grid_path='grid.png')
 
-Reproducibility: image k's noise, class and churn noise come from a generator seeded with k (edm2.seeds).
+Reproducibility: image k's noise, class and churn noise come from a generator seeded with k mod 2^32 on the
+noise device (edm2.seeds; by default the compute device, as the official generate_images.py does).
 With torchrun the seeds are cut into global batches of `batch_size` consecutive seeds, independent of the
 number of processes, and whole batches are dealt to ranks; so each image is computed in the same batch
 whatever the number of GPUs, and the output is bit-identical across GPU counts (same device type). A
@@ -78,6 +79,17 @@ def check_class_index(net: torch.nn.Module, class_idx: int | None) -> None:
         raise ValueError(f"class {class_idx} is out of range: the network has {label_dim} classes (0..{label_dim - 1})")
 
 
+def sampling_precision(net_precision: str, device: torch.device | str, requested: str | None = None) -> str:
+    """The activation precision to sample with: `requested` if given, else the network's, except that fp16
+    runs only on CUDA. That is the official rule (its Precond ignores use_fp16 off CUDA, and official pickles
+    say use_fp16=True), so an official pickle on the CPU gives the official CPU images, and in fp32 time."""
+    if requested is not None:
+        return requested
+    if net_precision == "fp16" and torch.device(device).type != "cuda":
+        return "fp32"
+    return net_precision
+
+
 def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
     """Consecutive batches of seeds, the same for any number of processes."""
     if batch_size < 1:
@@ -124,13 +136,18 @@ def generate_batch(
     class_idx: int | None = None,
     device: torch.device | str | None = None,
     stats: SamplerStats | None = None,
+    noise_device: torch.device | str | None = None,
     **sampler_kwargs: Any,
 ) -> torch.Tensor:
-    """uint8 images [len(seeds), 3, H, W] (on the CPU), one per seed; sampler_kwargs go to edm_sampler."""
+    """uint8 images [len(seeds), 3, H, W] (on the CPU), one per seed; sampler_kwargs go to edm_sampler.
+    The per-seed generators draw on noise_device ('cpu' or the compute device; None = the compute device)."""
     device = torch.device(device) if device is not None else next(net.parameters()).device
     encoder = encoder if encoder is not None else encoder_for(net, None)
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    noise, labels, gens = seed_noise_and_labels(seeds, shape, getattr(net, "label_dim", 0), class_idx, device)
+    label_dim = getattr(net, "label_dim", 0)
+    noise, labels, gens = seed_noise_and_labels(seeds, shape, label_dim, class_idx, device, noise_device)
+    # The official generator keeps the ODE state (and so draws the churn noise) in float32.
+    sampler_kwargs.setdefault("dtype", torch.float32)
     x = edm_sampler(net, noise, labels, gnet=gnet, randn_like=gens.randn_like, stats=stats, **sampler_kwargs)
     return encoder.decode(x).cpu()
 
@@ -181,6 +198,7 @@ def generate_images(
     grid_path: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    noise_device: torch.device | str | None = None,
     **sampler_kwargs: Any,
 ) -> GenerationSummary:
     """Generate one image per seed, writing PNGs named by seed and/or one grid; works under torchrun.
@@ -207,7 +225,7 @@ def generate_images(
     )
     with bar:
         for batch in my_batches:
-            images = generate_batch(net, batch, gnet, encoder, class_idx, device, stats, **sampler_kwargs)
+            images = generate_batch(net, batch, gnet, encoder, class_idx, device, stats, noise_device, **sampler_kwargs)
             for seed, image in zip(batch, images):
                 if outdir is not None:
                     save_png(image_path(outdir, seed, subdirs), image)

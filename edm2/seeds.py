@@ -1,8 +1,11 @@
 """Seed lists and per-seed random numbers: image k's noise and class depend only on seed k (SPEC 7).
 
-Every image owns a torch.Generator seeded with its seed, on the CPU, so the numbers are the same whatever
-the batch size, the number of GPUs or the device. Draw order per seed: the initial noise, then the
-random class (if any), then the churn noise of each step.
+Every image owns a torch.Generator seeded with its seed modulo 2^32 (as the official generate_images.py
+does), so the numbers are the same whatever the batch size or the number of GPUs. The generator lives on the
+noise device, by default the compute device as in the official code: on CUDA the numbers then come from the
+CUDA generator (the official images per seed); with noise_device='cpu' they are the CPU generator's on every
+device. Draw order per seed: the initial noise, then the random class (if any), then the churn noise of each
+step.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+SEED_MODULUS = 2**32  # the official generator seeds with seed % 2^32: seeds k and k + 2^32 give the same image
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 
 
@@ -56,21 +60,36 @@ def format_seeds(seeds: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def check_noise_device(noise_device: torch.device | str, device: torch.device | str) -> torch.device:
+    """The device whose generator draws the noise: the CPU or the compute device (ValueError otherwise)."""
+    noise_device, device = torch.device(noise_device), torch.device(device)
+    if noise_device.type not in ("cpu", device.type):
+        raise ValueError(f"noise device must be 'cpu' or the compute device ({device.type}), got {noise_device.type!r}")
+    if noise_device.type == device.type:
+        return device  # the same CUDA device (index) as the computation
+    return noise_device
+
+
 class SeedGenerators:
-    """One CPU torch.Generator per seed; batched draws stack the per-seed draws (results move to `device`)."""
+    """One torch.Generator per seed on `noise_device`; batched draws stack the per-seed draws (results
+    move to `device`)."""
 
     def __init__(
         self,
         seeds: Sequence[int],  # one seed per image of the batch
         device: torch.device | str = "cpu",  # where the drawn tensors are returned
+        noise_device: torch.device | str | None = None,  # where the generators draw; None = `device`
     ):
         self.seeds = [int(s) for s in seeds]
         self.device = torch.device(device)
-        self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
+        self.noise_device = check_noise_device(self.device if noise_device is None else noise_device, self.device)
+        self.generators = [
+            torch.Generator(device=self.noise_device).manual_seed(s % SEED_MODULUS) for s in self.seeds
+        ]
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Unit normal [len(seeds), *shape]."""
-        draws = [torch.randn(list(shape), generator=g, dtype=dtype) for g in self.generators]
+        draws = [torch.randn(list(shape), generator=g, dtype=dtype, device=g.device) for g in self.generators]
         return torch.stack(draws).to(self.device)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +100,7 @@ class SeedGenerators:
 
     def randint(self, high: int) -> torch.Tensor:
         """One integer in [0, high) per seed, shape [len(seeds)], int64."""
-        draws = [torch.randint(high, [1], generator=g) for g in self.generators]
+        draws = [torch.randint(high, [1], generator=g, device=g.device) for g in self.generators]
         return torch.cat(draws).to(self.device)
 
 
@@ -91,10 +110,12 @@ def seed_noise_and_labels(
     label_dim: int = 0,
     class_idx: int | None = None,
     device: torch.device | str = "cpu",
+    noise_device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, SeedGenerators]:
     """Initial noise [N, *shape], one-hot labels [N, label_dim] (None if label_dim 0) and the generators.
 
-    The class is drawn per seed after the noise; class_idx, if given, replaces it for every image.
+    The class is drawn per seed after the noise; class_idx, if given, replaces it for every image. The
+    generators draw on noise_device (None = device, the official choice).
     """
     if class_idx is not None:
         if label_dim == 0:
@@ -103,7 +124,7 @@ def seed_noise_and_labels(
             raise ValueError(
                 f"class {class_idx} is out of range: the network has {label_dim} classes (0..{label_dim - 1})"
             )
-    gens = SeedGenerators(seeds, device)
+    gens = SeedGenerators(seeds, device, noise_device)
     noise = gens.randn(shape)
     labels = None
     if label_dim > 0:

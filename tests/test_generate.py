@@ -299,7 +299,7 @@ def test_latent_model_is_decoded_with_its_vae(files, tmp_path):
     loaded = load_network(files["latent"])
     noise, labels, gens = seed_noise_and_labels([0, 1], [4, 8, 8], label_dim=10)
     with torch.no_grad():
-        latents = edm_sampler(loaded.net, noise, labels, num_steps=6, randn_like=gens.randn_like)
+        latents = edm_sampler(loaded.net, noise, labels, num_steps=6, randn_like=gens.randn_like, dtype=torch.float32)
     expected = encoder_from_config(loaded.encoder).decode(latents).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(images, expected)
 

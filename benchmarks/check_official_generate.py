@@ -1,0 +1,149 @@
+"""Per-seed images of generate.py against the official generate_images.py, same tiny network, same device.
+
+    python benchmarks/check_official_generate.py --official-dir .official/edm2 [--device cuda] [--out FILE]
+
+The official code (a copy the user gives; it is not part of this project) runs in a subprocess, because its
+packages `torch_utils` and `training` share names with this project's. There it builds a tiny EDM2 network
+with the official classes (fixed seed), pickles it as the official training loop does, and generates images
+with its generate_images(). Here the pickle is loaded with the project's allow-listed unpickler and sampled
+with edm2.generate_batch for each noise device. Prints JSON: the fraction of 8-bit values that differ by one
+level and by more. --save-reference DIR also writes the pickle (its embedded module source replaced by a
+note) and the official images, as stored in tests/data/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Settings compared: seeds (one > 2^32, which the official code takes modulo 2^32), class, sampler options.
+CONFIGS = {
+    "ode": dict(seeds=[0, 1, 2, 3, 4, 5, 2**32 + 7], class_idx=None, sampler=dict(num_steps=32)),
+    "churn_class": dict(
+        seeds=[7, 8, 9], class_idx=3, sampler=dict(num_steps=12, S_churn=20.0, S_min=0.05, S_max=20.0)
+    ),
+}
+NOTE = "# module source omitted from this copy (see tests/data/NOTES.md)\n"
+
+
+def _missing(modules: list[str]) -> list[str]:
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def official_worker(official_dir: str, device: str, workdir: str, save_dir: str | None) -> None:
+    """Runs with the official code first on sys.path: network, official pickle, official images."""
+    sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != REPO]
+    sys.path.insert(0, official_dir)
+    import pickle
+
+    import numpy as np
+    import torch
+    import dnnlib
+    from training.encoders import StandardRGBEncoder
+    from training.networks_edm2 import Precond
+    from generate_images import generate_images
+
+    torch.manual_seed(0)
+    net = Precond(16, 3, 10, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:  # gains start at 0 (the network would output nothing): give them random values
+                p.copy_(torch.rand([], generator=gen) + 0.5)
+    data = dnnlib.EasyDict(encoder=StandardRGBEncoder(), dataset_kwargs=dict(resolution=16), loss_fn=None)
+    data.ema = net.cpu().eval().requires_grad_(False).to(torch.float16)  # as the official snapshots
+    pkl = os.path.join(workdir, "tiny.pkl")
+    with open(pkl, "wb") as f:
+        pickle.dump(data, f)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{workdir}/pg", rank=0, world_size=1)
+    out = {}
+    for name, cfg in CONFIGS.items():
+        images = {}
+        it = generate_images(net=pkl, seeds=cfg["seeds"], class_idx=cfg["class_idx"], device=torch.device(device),
+                             verbose=False, **cfg["sampler"])
+        for r in it:
+            for seed, image in zip(r.seeds, r.images.cpu().numpy()):
+                images[seed] = image
+        out[name] = np.stack([images[s] for s in cfg["seeds"]])
+    np.savez(os.path.join(workdir, "official.npz"), **out)
+    if save_dir is not None:
+        classes = {type(m) for m in data.ema.modules()} | {type(data.encoder)}
+        saved = {c: c._orig_module_src for c in classes if hasattr(c, "_orig_module_src")}
+        for c in saved:
+            c._orig_module_src = NOTE
+        with open(os.path.join(save_dir, "official_generate_tiny.pkl"), "wb") as f:
+            pickle.dump(data, f)
+        for c, src in saved.items():
+            c._orig_module_src = src
+        np.savez(os.path.join(save_dir, "official_generate_images.npz"), configs=json.dumps(CONFIGS), **out)
+    torch.distributed.destroy_process_group()
+
+
+def compare(a, b) -> dict:
+    import numpy as np
+
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {"frac_diff_1": float((d == 1).mean()), "frac_diff_gt1": float((d > 1).mean()), "max_diff": int(d.max())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--official-dir", required=True, help="folder of a copy of the official EDM2 repository")
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default=None, help="JSON file  [default: $OUT/check_official_generate.json if set]")
+    ap.add_argument("--save-reference", default=None, metavar="DIR")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        official_worker(args.official_dir, args.device, args.worker, args.save_reference)
+        return
+    if not (pathlib.Path(args.official_dir) / "generate_images.py").is_file():
+        sys.exit(f"--official-dir: {args.official_dir} holds no generate_images.py (expected the official EDM2 repo)")
+    missing = _missing(["torch", "numpy", "click", "tqdm", "PIL", "requests", "safetensors"])
+    if missing:
+        sys.exit(f"check_official_generate: missing Python packages {missing}; install them to run this check")
+    import numpy as np
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available here")
+    sys.path.insert(0, str(REPO))
+    import edm2
+    from edm2.generation import generate_batch, sampling_precision
+
+    with tempfile.TemporaryDirectory() as workdir:
+        cmd = [sys.executable, __file__, "--official-dir", str(pathlib.Path(args.official_dir).resolve()),
+               "--device", args.device, "--worker", workdir]
+        if args.save_reference:
+            os.makedirs(args.save_reference, exist_ok=True)
+            cmd += ["--save-reference", str(pathlib.Path(args.save_reference).resolve())]
+        run = subprocess.run(cmd, cwd=args.official_dir, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"check_official_generate: the official side failed: {run.stderr.strip().splitlines()[-1:]}")
+        official = dict(np.load(os.path.join(workdir, "official.npz")))
+        net = edm2.load_network(os.path.join(workdir, "tiny.pkl"), device=args.device).net
+        net.precision = sampling_precision(net.precision, args.device)
+        results = {}
+        for noise_device in sorted({"cpu", args.device}):
+            for name, cfg in CONFIGS.items():
+                ours = generate_batch(net, cfg["seeds"], class_idx=cfg["class_idx"], device=args.device,
+                                      noise_device=noise_device, **cfg["sampler"]).numpy()
+                results[f"noise_device={noise_device}/{name}"] = compare(ours, official[name])
+    report = {"device": args.device, "torch": torch.__version__, "precision": net.precision, "results": results}
+    text = json.dumps(report, indent=1)
+    print(text)
+    out = args.out or (os.path.join(os.environ["OUT"], "check_official_generate.json") if "OUT" in os.environ else None)
+    if out:
+        pathlib.Path(out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
