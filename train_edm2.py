@@ -16,6 +16,7 @@ import click
 import torch
 
 import edm2
+from networks.skip_scaling import SKIP_SCALING_MODES
 from training.dataset import DatasetError, ImageFolderDataset
 from training.encoders import STABILITY_VAE_DEFAULTS
 from training.training_loop import TrainingError, default_config, training_loop
@@ -136,11 +137,13 @@ def build_config(opts: dict) -> dict:
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Base channel count (model_channels)")
 @click.option("--network-kwargs", "network_kwargs", default=None, help='More network arguments as JSON, e.g. \'{"channel_mult": [1, 2], "num_blocks": 1}\'')
 @click.option("--arch", type=click.Choice(["edm2-unet", "uvit"]), default=None, help="Backbone [default: the preset's, edm2-unet]")
-@click.option("--skip-scaling", "skip_scaling", type=click.Choice(["none", "inv_sqrt2", "cs", "ls", "ls_nonshared", "ls_channel", "ls_channel_nonshared"]), default=None, help="ScaleLong scaling of the long skips [default: none]")
+@click.option("--skip-scaling", "skip_scaling", type=click.Choice(SKIP_SCALING_MODES), default=None,
+              help="ScaleLong scaling of the long skips [default: none]")
 @click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=None, help="CS: skip i (1 = outermost) is multiplied by kappa^(i-1) [default: 0.7]")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout probability")
 @click.option("--P_mean", "--P-mean", "P_mean", type=float, default=None, help="Mean of ln(sigma) in training")
-@click.option("--P_std", "--P-std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None, help="Std of ln(sigma) in training")
+@click.option("--P_std", "--P-std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Std of ln(sigma) in training")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Reference learning rate")
 @click.option("--decay", type=click.FloatRange(min=0), default=None, help="Learning-rate decay start t_ref, in batches (0 = none)")
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")

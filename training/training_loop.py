@@ -407,7 +407,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 loss_count += loss.numel()
             if averager is not None:
                 averager.start_average()  # gathers and all-reduces chunk by chunk; the post-step updates each once averaged
-            post_step(cur_nimg + batch, batch, ready=averager)  # non-finite grads zeroed, Adam, EMAs (Eq. 127), forced WN (Eq. 66)
+            # Non-finite grads zeroed, Adam, EMAs (Eq. 127), forced weight normalization (Eq. 66).
+            post_step(cur_nimg + batch, batch, ready=averager)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
 
             stopping = vote(step, stop.raised)  # all processes stop at the same step
