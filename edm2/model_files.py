@@ -11,6 +11,12 @@ safetensors metadata under the key "edm2" a JSON header:
      "ema_std": 0.1 or null,                  # relative std of the EMA profile (SPEC 6); null = raw weights
      "edm2_version": "0.1.0", "extra": {...}}
 
+Beside the header, the metadata key "edm2_tensor_checksums" holds a CRC-32 of every tensor's bytes,
+{"algorithm": "crc32", "tensors": {name: "8 hex digits"}} (`torch_utils.state_io.checksum_metadata`), which
+load_network verifies: a damaged body raises ModelFileError naming the file and tensor instead of loading wrong
+weights. Files without the key (written before it existed) load unverified; format_version is unchanged, since
+readers that ignore the key lose nothing.
+
     edm2.save_network("snap.safetensors", net, encoder=enc.config(), ema_std=0.1, training_nimg=nimg)
     f = edm2.load_network("snap.safetensors")      # or an official .pkl, or an http(s) URL of either
     f.net, f.encoder, f.meta
@@ -30,7 +36,7 @@ from typing import Any
 
 import torch
 
-from torch_utils.state_io import atomic_write
+from torch_utils.state_io import CHECKSUM_KEY, atomic_write, checksum_metadata, read_checksums, verify_checksum
 
 FORMAT_NAME = "edm2-model"
 FORMAT_VERSION = 2  # 2: skip_scaling "ls" is the ScaleLong per-token gate (version 1: per channel)
@@ -195,7 +201,8 @@ def save_network(
         t = t.detach().to("cpu")
         tensors[name] = (t.to(torch.float32) if t.is_floating_point() else t).contiguous()
 
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={HEADER_KEY: header_json}))
+    metadata = {HEADER_KEY: header_json, CHECKSUM_KEY: checksum_metadata(tensors)}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,6 +326,9 @@ def _upgrade_header(header: dict[str, Any]) -> dict[str, Any]:
     return header
 
 
+_DAMAGED_ADVICE = "the file changed after it was written (disk, copy or download error); copy or export it again"
+
+
 def _load_safetensors(path: pathlib.Path, device: torch.device | str) -> NetworkFile:
     from safetensors import safe_open
 
@@ -326,7 +336,12 @@ def _load_safetensors(path: pathlib.Path, device: torch.device | str) -> Network
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             header = _parse_header(metadata, path)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            keys = list(f.keys())
+            checksums = read_checksums(metadata, keys, str(path), ModelFileError)
+            tensors = {}
+            for k in keys:
+                tensors[k] = f.get_tensor(k)
+                verify_checksum(k, tensors[k], checksums, str(path), ModelFileError, _DAMAGED_ADVICE)
     except ModelFileError:
         raise
     except Exception as e:  # safetensors checks the header's offsets against the file size
