@@ -87,7 +87,9 @@ def verify_checksum(
         raise error(f"{source}: damaged (checksum mismatch in tensor {key!r}); {advice}")
 
 
-def flatten_state(obj: Any, prefix: str = "", tensors: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+def flatten_state(
+    obj: Any, prefix: str = "", tensors: dict[str, torch.Tensor] | None = None
+) -> tuple[Any, dict[str, torch.Tensor]]:
     """(JSON skeleton, {key: tensor}) for a nested structure; tuples become lists, dict keys strings."""
     tensors = {} if tensors is None else tensors
     if isinstance(obj, torch.Tensor):
@@ -112,7 +114,8 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tensors[skeleton["__tensor__"]]
     if isinstance(skeleton, dict) and "__dict__" in skeleton:
         return {
-            (int(k[2:]) if k.startswith("i:") else k[2:]): unflatten_state(v, tensors) for k, v in skeleton["__dict__"].items()
+            (int(k[2:]) if k.startswith("i:") else k[2:]): unflatten_state(v, tensors)
+            for k, v in skeleton["__dict__"].items()
         }
     if isinstance(skeleton, list):
         return [unflatten_state(v, tensors) for v in skeleton]
