@@ -415,6 +415,7 @@ def check(dataset: str, decode: bool) -> None:
         names = list_dataset_files(dataset)
     except DatasetError as e:
         raise click.BadParameter(str(e), param_hint="DATASET") from None
+    is_array = {n: is_array_file(n) for n in names}
     reader = _FolderReader(dataset) if os.path.isdir(dataset) else _ZipReader(dataset)
     decoder = _Decoder(dataset, names) if decode else None
     problems: dict[str, list[str]] = collections.defaultdict(list)
@@ -422,7 +423,7 @@ def check(dataset: str, decode: bool) -> None:
     try:
         for idx, name in enumerate(tqdm.tqdm(names, desc="check", unit="file", file=sys.stderr)):
             try:
-                if is_array_file(name):
+                if is_array[name]:
                     size, head, _ = reader.ends(name, NPY_HEAD, 0)
                     shapes[name] = npy_header_shape(head, size, lambda n, name=name: reader.ends(name, n, 0)[1])
                 else:
@@ -444,12 +445,12 @@ def check(dataset: str, decode: bool) -> None:
             reader.close()
 
     # Training takes its kind and shape from file 0; against a bad file 0 the majority says better what is odd.
-    kinds = collections.Counter(is_array_file(n) for n in names)
+    kinds = collections.Counter(is_array.values())
     latent = kinds.most_common(1)[0][0]
-    counts = collections.Counter(tuple(s) for n, s in shapes.items() if is_array_file(n) == latent)
+    counts = collections.Counter(tuple(s) for n, s in shapes.items() if is_array[n] == latent)
     shape = list(counts.most_common(1)[0][0]) if counts else None
     for name in names:
-        if is_array_file(name) != latent:
+        if is_array[name] != latent:
             majority = ".npy" if latent else ".png"
             ext = os.path.splitext(name)[1]
             problems[name].append(f"a {ext} file among {majority} files (training refuses to mix them)")
