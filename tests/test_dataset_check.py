@@ -154,3 +154,16 @@ def test_dataset_json_problems(tmp_path):
 def test_unusable_path_is_one_line(tmp_path):
     result = run(str(tmp_path / "missing"))
     assert result.exit_code == 2 and "no such folder or file" in result.output and "Traceback" not in result.output
+
+
+def test_zip_members_with_a_long_extra_field(tmp_path):
+    path = tmp_path / "extra.zip"
+    extra = struct.pack("<HH", 0xCAFE, 296) + bytes(296)  # longer than the bytes read with the local header
+    with zipfile.ZipFile(path, "w") as z:
+        for i, data in enumerate([png_bytes(), png_bytes(), png_bytes()[:-1]]):
+            info = zipfile.ZipInfo(f"{i}.png")
+            info.extra = extra
+            z.writestr(info, data)
+    result = run(str(path))
+    assert result.exit_code == 1 and result.stdout.startswith("2.png: does not end with an IEND chunk")
+    assert result.stdout.endswith(": 1 bad\n")
