@@ -1,16 +1,24 @@
-"""Prepare datasets: images -> resized PNG zip (`convert`), PNG zip -> Stable Diffusion VAE latents (`encode`).
+"""Prepare datasets: images -> resized PNG zip (`convert`), PNG zip -> Stable Diffusion VAE latents (`encode`),
+and find every bad file of a dataset in one pass (`check`).
 
     python dataset_tool.py convert --source ~/ILSVRC/Data/CLS-LOC/train --dest img512.zip --resolution 512 --transform center-crop-dhariwal
     python dataset_tool.py encode --source img512.zip --dest img512-sd.zip
+    python dataset_tool.py check img512-sd.zip
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import json
+import math
 import os
+import struct
+import sys
+import time
 import zipfile
-from typing import Iterator
+import zlib
+from typing import Any, Iterator
 
 import click
 import numpy as np
@@ -19,7 +27,7 @@ import torch
 import tqdm
 
 from torch_utils.state_io import atomic_write
-from training.dataset import DatasetError, ImageFolderDataset
+from training.dataset import DatasetError, ImageFolderDataset, is_array_file, list_dataset_files
 from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -120,6 +128,201 @@ def write_zip(dest: str, entries: Iterator[tuple[str, bytes]], labels: list | No
     return count
 
 
+# --- checking a dataset ----------------------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_HEAD = 33  # signature + IHDR chunk (length, type, 13 bytes of data, CRC)
+PNG_IEND = b"\0\0\0\0IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+PNG_BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # by colour type
+NPY_HEAD = 4096  # one read covers the usual 64- or 128-byte header; longer ones are read again in full
+
+
+class _BadFile(Exception):
+    """One thing wrong with one file; the message is the text after '{name}: '."""
+
+
+def png_header_shape(head: bytes, tail: bytes, size: int) -> list[int]:
+    """[C, H, W] of the array ImageFolderDataset would load from a PNG, from its first 33 and last 12 bytes."""
+    if size < len(PNG_SIGNATURE) or head[: len(PNG_SIGNATURE)] != PNG_SIGNATURE:
+        raise _BadFile("not a PNG file (bad signature)")
+    if size < PNG_HEAD:
+        raise _BadFile(f"truncated: {size} bytes, shorter than a PNG header")
+    length, kind = struct.unpack(">I4s", head[8:16])
+    if kind != b"IHDR" or length != 13:
+        raise _BadFile(f"first chunk is {kind!r} of {length} bytes, expected a 13-byte IHDR")
+    if struct.unpack(">I", head[29:33])[0] != zlib.crc32(head[12:29]):
+        raise _BadFile("IHDR chunk fails its CRC")
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", head[16:29])
+    if not (0 < width < 2**31 and 0 < height < 2**31):
+        raise _BadFile(f"invalid size {width}x{height}")
+    if colour not in PNG_BIT_DEPTHS or depth not in PNG_BIT_DEPTHS[colour]:
+        raise _BadFile(f"invalid bit depth {depth} for colour type {colour}")
+    if compression != 0 or filtering != 0 or interlace not in (0, 1):
+        raise _BadFile(f"invalid IHDR methods (compression {compression}, filter {filtering}, interlace {interlace})")
+    if colour == 0 and depth == 16:  # Pillow's 'I;16' -> RGB conversion clips every value above 255
+        raise _BadFile("16-bit greyscale is unsupported: loading it converts to 8-bit RGB, clipping at 255")
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > 2 * limit:  # Pillow refuses to open these (DecompressionBombError)
+        raise _BadFile(f"{width}x{height} is above Pillow's decompression-bomb limit of {2 * limit} pixels")
+    if tail != PNG_IEND:
+        raise _BadFile("does not end with an IEND chunk (truncated, or data after the end)")
+    # _load_raw keeps Pillow's 'L' (8-bit, 4-bit or 2-bit grey) as one channel and converts every other mode
+    # (1-bit grey, palette, grey+alpha, RGBA, 16-bit) to 8-bit RGB.
+    channels = 1 if colour == 0 and depth in (2, 4, 8) else 3
+    return [channels, height, width]
+
+
+def npy_header_shape(head: bytes, size: int, read_more: Any) -> list[int]:
+    """Shape of a .npy file from its header, checking that the data after it is exactly shape x itemsize bytes.
+    read_more(n) returns the first n bytes, for headers longer than `head`."""
+    try:
+        version = np.lib.format.read_magic(io.BytesIO(head))
+    except ValueError:
+        raise _BadFile("not a .npy file (bad magic string)") from None
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise _BadFile(f"unsupported .npy format version {version[0]}.{version[1]}")
+    prefix = 10 if version == (1, 0) else 12
+    if len(head) < prefix:
+        raise _BadFile(f"truncated: {size} bytes, shorter than a .npy header")
+    needed = prefix + struct.unpack("<H" if version == (1, 0) else "<I", head[8:prefix])[0]
+    if needed > len(head):
+        if needed > size:
+            raise _BadFile(f"truncated: {size} bytes, shorter than its {needed}-byte .npy header")
+        head = read_more(needed)
+    f = io.BytesIO(head)
+    np.lib.format.read_magic(f)
+    try:
+        # Format 3.0 differs from 2.0 only in allowing UTF-8 field names, which the dtype check below refuses.
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = read(f)
+    except ValueError as e:
+        raise _BadFile(f"invalid .npy header ({e})") from None
+    wrong = []
+    if dtype.kind not in "biuf" or dtype.hasobject:
+        wrong.append(f"dtype {dtype} is not numeric")
+    if len(shape) != 3:
+        wrong.append(f"shape {list(shape)} is not [C, H, W]")
+    expected = f.tell() + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        what = "truncated" if size < expected else "extra bytes"
+        wrong.append(f"{what}: {size} bytes, header and shape {list(shape)} {dtype} need {expected}")
+    if wrong:
+        raise _BadFile("; ".join(wrong))
+    return list(shape)
+
+
+class _FolderReader:
+    def __init__(self, root: str):
+        self.root = root
+
+    def has(self, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.root, name))
+
+    def read(self, name: str) -> bytes:
+        with open(os.path.join(self.root, name), "rb") as f:
+            return f.read()
+
+    def ends(self, name: str, head: int, tail: int) -> tuple[int, bytes, bytes]:
+        """Size, first `head` bytes and last `tail` bytes of a file."""
+        with open(os.path.join(self.root, name), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(min(head, size))
+            if tail and size > len(first):
+                f.seek(max(size - tail, 0))
+                return size, first, f.read(tail)
+            return size, first, first[-tail:] if tail else b""
+
+
+class _ZipReader:
+    """Reads pieces of stored members straight from the archive: ZipExtFile.seek reads and CRCs everything it
+    skips before Python 3.12, which would read every byte of a PNG just to look at its last 12."""
+
+    def __init__(self, path: str):
+        self.zip = zipfile.ZipFile(path)
+        self.infos = {i.filename: i for i in self.zip.infolist()}  # the last of duplicate names, as ZipFile.read
+        self.file = open(path, "rb", buffering=0)
+
+    def close(self) -> None:
+        self.file.close()
+        self.zip.close()
+
+    def has(self, name: str) -> bool:
+        return name in self.infos
+
+    def read(self, name: str) -> bytes:
+        return self.zip.read(name)
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        self.file.seek(offset)
+        return self.file.read(n)
+
+    def ends(self, name: str, head: int, tail: int) -> tuple[int, bytes, bytes]:
+        info = self.infos[name]
+        if info.flag_bits & 0x1:
+            raise _BadFile("encrypted zip member")
+        local = self._pread(info.header_offset, 30 + len(info.orig_filename.encode()) + 64 + head)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise _BadFile("zip member has no valid local file header")
+        start = 30 + sum(struct.unpack("<HH", local[26:30]))
+        size = info.file_size
+        first = local[start : start + min(head, size)]
+        if len(first) < min(head, size):
+            first = self._pread(info.header_offset + start, min(head, size))
+        if len(first) < min(head, size):
+            raise _BadFile("zip member extends past the end of the archive")
+        if tail and size > len(first):
+            last = self._pread(info.header_offset + start + max(size - tail, 0), min(tail, size))
+            return size, first, last
+        return size, first, first[-tail:] if tail else b""
+
+
+class _Decoder(ImageFolderDataset):
+    """ImageFolderDataset's own file loader without its constructor, which loads (and so stops at) file 0."""
+
+    def __init__(self, path: str, names: list[str]):  # noqa: super().__init__ is skipped on purpose
+        self.path, self.names, self._zip, self._zip_pid = path, names, None, None
+
+    def decoded_shape(self, idx: int) -> list[int]:
+        self.is_latent = is_array_file(self.names[idx])
+        try:
+            return list(self._load_raw(idx).shape)
+        except DatasetError as e:
+            raise _BadFile(f"cannot decode: {e.__cause__ or e}") from None
+
+
+def dataset_label_problems(meta_bytes: bytes, names: list[str]) -> tuple[str | None, dict[str, str]]:
+    """(a problem with dataset.json as a whole or None, {file: problem with its label}) for the files `names`."""
+    try:
+        meta = json.loads(meta_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"not valid JSON ({e})", {}
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if labels is None:
+        return None, {}
+    pairs = isinstance(labels, list) and all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in labels
+    )
+    if not pairs:
+        return "'labels' must be a list of [relative_path, class_index]", {}
+    table = dict(labels)
+    problems, largest = {}, -1
+    for n in names:
+        if n not in table:
+            problems[n] = "no label in dataset.json"
+            continue
+        v = table[n]
+        integral = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+        if not integral or v < 0:
+            problems[n] = f"label {v!r} in dataset.json is not a non-negative integer"
+        else:
+            largest = max(largest, int(v))
+    class_names = meta.get("class_names")
+    num_classes = meta.get("num_classes", len(class_names) if isinstance(class_names, list) else None)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= largest):
+        return f"num_classes {num_classes!r} must be an integer above the largest label {largest}", problems
+    return None, problems
+
+
 # --- commands --------------------------------------------------------------------------------------------
 
 
@@ -195,6 +398,79 @@ def encode(source: str, dest: str, vae: str, batch: int, device: str) -> None:
 
     count = write_zip(dest, entries(), out_labels, dataset.label_dim if out_labels is not None else None)
     click.echo(f"Wrote {count} latents to {dest}")
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--decode", is_flag=True, help="Also decode every file with the training loader (slow; finds bad pixels)")
+def check(dataset: str, decode: bool) -> None:
+    """Find every bad .png / .npy file of a training dataset (folder or zip) in one pass.
+
+    Reads only headers (and a PNG's last 12 bytes): PNG signature, IHDR and IEND; .npy header, [C, H, W] shape,
+    numeric dtype and exact file size; then that all files have the majority's shape and kind, and that each has
+    a non-negative integer label when dataset.json has labels. Prints one line per bad file and exits 1 if any.
+    """
+    start = time.perf_counter()
+    try:
+        names = list_dataset_files(dataset)
+    except DatasetError as e:
+        raise click.BadParameter(str(e), param_hint="DATASET") from None
+    is_array = {n: is_array_file(n) for n in names}
+    reader = _FolderReader(dataset) if os.path.isdir(dataset) else _ZipReader(dataset)
+    decoder = _Decoder(dataset, names) if decode else None
+    problems: dict[str, list[str]] = collections.defaultdict(list)
+    shapes: dict[str, list[int]] = {}
+    try:
+        for idx, name in enumerate(tqdm.tqdm(names, desc="check", unit="file", file=sys.stderr)):
+            try:
+                if is_array[name]:
+                    size, head, _ = reader.ends(name, NPY_HEAD, 0)
+                    shapes[name] = npy_header_shape(head, size, lambda n, name=name: reader.ends(name, n, 0)[1])
+                else:
+                    size, head, tail = reader.ends(name, PNG_HEAD, len(PNG_IEND))
+                    shapes[name] = png_header_shape(head, tail, size)
+                if decoder is not None:
+                    got = decoder.decoded_shape(idx)
+                    if got != shapes[name]:
+                        raise _BadFile(f"decodes to shape {got}, its header says {shapes[name]}")
+            except _BadFile as e:
+                problems[name].append(str(e))
+            except OSError as e:
+                problems[name].append(f"cannot read: {e}")
+        meta_problem, label_problems = None, {}
+        if reader.has("dataset.json"):
+            meta_problem, label_problems = dataset_label_problems(reader.read("dataset.json"), names)
+    finally:
+        if isinstance(reader, _ZipReader):
+            reader.close()
+
+    # Training takes its kind and shape from file 0; against a bad file 0 the majority says better what is odd.
+    kinds = collections.Counter(is_array.values())
+    latent = kinds.most_common(1)[0][0]
+    counts = collections.Counter(tuple(s) for n, s in shapes.items() if is_array[n] == latent)
+    shape = list(counts.most_common(1)[0][0]) if counts else None
+    for name in names:
+        if is_array[name] != latent:
+            majority = ".npy" if latent else ".png"
+            ext = os.path.splitext(name)[1]
+            problems[name].append(f"a {ext} file among {majority} files (training refuses to mix them)")
+        elif name in shapes and shapes[name] != shape:
+            problems[name].append(f"shape {shapes[name]} differs from the majority's {shape}")
+        if name in label_problems:
+            problems[name].append(label_problems[name])
+    if meta_problem is not None:
+        click.echo(f"dataset.json: {meta_problem}")
+    for name in names:
+        if problems.get(name):
+            click.echo(f"{name}: {'; '.join(problems[name])}")
+    elapsed = time.perf_counter() - start
+    bad = sum(1 for n in names if problems.get(n))
+    click.echo(
+        f"{len(names)} files checked in {elapsed:.1f} s ({len(names) / max(elapsed, 1e-9):.0f} files/s): {bad} bad"
+        + (" and dataset.json" if meta_problem is not None else "")
+    )
+    if bad or meta_problem is not None:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

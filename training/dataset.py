@@ -24,6 +24,38 @@ class DatasetError(ValueError):
     """A dataset that cannot be used; the message names the file."""
 
 
+def list_dataset_files(path: str) -> list[str]:
+    """The sorted .png / .npy files of a folder or an uncompressed zip (relative, '/'-separated); raises
+    DatasetError for a path that is neither, a compressed zip member, or no such files. Whether they mix
+    the two kinds is left to the caller: dataset_tool.py check reports the odd ones instead of stopping."""
+    if os.path.isdir(path):
+        names = [
+            os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+            for root, _dirs, files in os.walk(path)
+            for f in files
+        ]
+    elif os.path.isfile(path):
+        if not zipfile.is_zipfile(path):
+            raise DatasetError(f"dataset {path}: not a folder or a zip file")
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            compressed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        if compressed:
+            raise DatasetError(
+                f"dataset {path}: zip members must be stored uncompressed, e.g. {compressed[0]!r} is not"
+            )
+    else:
+        raise DatasetError(f"dataset {path}: no such folder or file")
+    names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS))
+    if not names:
+        raise DatasetError(f"dataset {path}: holds no .png or .npy files")
+    return names
+
+
+def is_array_file(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in ARRAY_EXTENSIONS
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images ([C, H, W] uint8) or raw latents ([C, H, W] float32) with one-hot labels."""
 
@@ -39,26 +71,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.xflip = xflip
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
-        if os.path.isdir(self.path):
-            names = [
-                os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, "/")
-                for root, _dirs, files in os.walk(self.path)
-                for f in files
-            ]
-        elif os.path.isfile(self.path):
-            if not zipfile.is_zipfile(self.path):
-                raise DatasetError(f"dataset {self.path}: not a folder or a zip file")
-            with zipfile.ZipFile(self.path) as z:
-                names = z.namelist()
-                compressed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
-            if compressed:
-                raise DatasetError(f"dataset {self.path}: zip members must be stored uncompressed, e.g. {compressed[0]!r} is not")
-        else:
-            raise DatasetError(f"dataset {self.path}: no such folder or file")
-        names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS))
-        kinds = {os.path.splitext(n)[1].lower() in ARRAY_EXTENSIONS for n in names}
-        if not names:
-            raise DatasetError(f"dataset {self.path}: holds no .png or .npy files")
+        names = list_dataset_files(self.path)
+        kinds = {is_array_file(n) for n in names}
         if len(kinds) > 1:
             raise DatasetError(f"dataset {self.path}: mixes .png images and .npy arrays; use one kind")
         self.is_latent = kinds.pop()
