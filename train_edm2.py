@@ -19,7 +19,7 @@ import edm2
 from networks.skip_scaling import SKIP_SCALING_MODES
 from training.dataset import DatasetError, ImageFolderDataset
 from training.encoders import STABILITY_VAE_DEFAULTS
-from training.training_loop import TrainingError, default_config, training_loop
+from training.training_loop import TrainingError, TrainingStopped, default_config, training_loop, validate_config
 
 SUFFIXES = {"": 1, "K": 2**10, "KI": 2**10, "M": 2**20, "MI": 2**20, "G": 2**30, "GI": 2**30}
 
@@ -107,6 +107,7 @@ def build_config(opts: dict) -> dict:
     net["precision"] = opts["precision"] if opts["precision"] != "auto" else ("fp16" if cuda else "fp32")
     c["ema_stds"] = parse_float_list(opts["ema_stds"], "--ema-stds")
     c.update(cond=opts["cond"], xflip=opts["xflip"], seed=opts["seed"], workers=opts["workers"])
+    c["max_nonfinite_status"] = opts["max_nonfinite_status"]
     c.update(compile=opts["compile_net"], channels_last=opts["channels_last"], instruments=opts["instruments"])
     c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], fast_dropout=opts["fast_dropout"], ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
 
@@ -164,6 +165,8 @@ def build_config(opts: dict) -> dict:
 @click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, help="With --compile on several GPUs: split the compiled graph at gradient buckets so all-reduces overlap the backward (measured slower on 2 H200s)")
 @click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped", "overlap"]), default=None, help="Several GPUs: average gradients with DDP, with chunked all-reduces of one buffer (flat) or of NCCL groups of the gradients themselves (grouped), or with the network compiled in three pieces whose all-reduces overlap backward (overlap) [default: flat with --compile, else ddp]")
 @click.option("--instruments/--no-instruments", default=None, help="Per-skip and per-stage feature/gradient figures on status steps [default: on unless --compile, as they run eagerly]")
+@click.option("--max-nonfinite-status", "max_nonfinite_status", type=click.IntRange(min=1), default=3,
+              help="Stop (non-zero, nothing saved) when the loss stays nan/inf for this many status intervals in a row")
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print the resolved configuration as JSON and exit")
 def main(**opts) -> None:
     """Train an EDM2 diffusion model."""
@@ -171,15 +174,24 @@ def main(**opts) -> None:
     if os.path.exists(opts["outdir"]) and not os.path.isdir(opts["outdir"]):
         raise click.BadParameter(f"{opts['outdir']} is a file; expected a directory", param_hint="--outdir")
     config = build_config(opts)
+    try:
+        resolved = validate_config(config, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except TrainingError as e:
+        raise click.ClickException(str(e)) from None
     if opts["dry_run"]:
-        click.echo(json.dumps(config, indent=2))
+        click.echo(json.dumps(resolved, indent=2))
         return
+    from torch_utils import distributed as dist
+
     try:
         summary = training_loop(opts["outdir"], config)
     except (TrainingError, DatasetError) as e:
         raise click.ClickException(str(e)) from None
-    from torch_utils import distributed as dist
-
+    except TrainingStopped as e:
+        # Non-zero, so `train && generate` and schedulers see an unfinished run; 130 / 143 as the shell reports it.
+        dist.print0(str(e), flush=True)
+        dist.shutdown()
+        raise SystemExit(e.exit_code) from None
     dist.print0(f"Done: {summary['cur_nimg']} images in {summary['training_time']:.0f} s of training; outputs in {opts['outdir']}")
     dist.shutdown()
 

@@ -113,7 +113,7 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                 if proc.poll() is not None:
                     log.close()
                     walls[name] = time.time() - start
-                    if proc.returncode not in (0, -signal.SIGTERM):
+                    if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):  # 143: stopped at the time limit
                         click.echo(
                             f"\n{name}: exit code {proc.returncode}; see {os.path.join(outdir, name, 'log.txt')}",
                             err=True,

@@ -133,3 +133,12 @@ def all_reduce_sum(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(t)
     return float(t.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's obj on every rank (a lone process gets obj)."""
+    if not is_initialized():
+        return obj
+    out = [obj]
+    torch.distributed.broadcast_object_list(out, src=0)
+    return out[0]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
+import ctypes
 import json
+import math
 import os
-import re
 import signal
 import time
 from typing import Any
@@ -23,26 +23,25 @@ import torch
 from networks import Precond
 from networks.batched_weights import kernel_available as triton_kernels_available
 from torch_utils import distributed as dist
-from torch_utils.state_io import StateFileError, atomic_write, load_state, save_state
+from torch_utils.state_io import load_state, save_state
 
-from .dataset import ImageFolderDataset, InfiniteSampler
+from .dataset import DatasetError, ImageFolderDataset, InfiniteSampler
 from .encoders import encoder_from_config
 from .grad_sync import FlatGradients
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .phema import PowerFunctionEMA
 from .post_step import PostStep, fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
+from .run_dir import (  # noqa: F401 (list_checkpoints, SNAPSHOT_PATTERN, ... re-exported)
+    CHECKPOINT_PATTERN, KEEP_CHECKPOINTS, OPTIONS_FILE, RESUMABLE_CHANGES, SNAPSHOT_PATTERN, STATS_FILE, RunDirError,
+    RunLock, check_config, checkpoint_path, dataset_identity, list_checkpoints, load_latest_checkpoint,
+    prune_checkpoints, read_options, remove_temp_files, truncate_stats, write_json,
+)
 from .schedule import learning_rate_schedule
 
-CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
-SNAPSHOT_PATTERN = "network-snapshot-{kimg:07d}-{std:.3f}.safetensors"
-OPTIONS_FILE = "training_options.json"
-# Options that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = (
-    "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last", "instruments",
-    "fused_step", "batched_weights", "fast_dropout", "ddp_overlap", "grad_sync",
-)
-KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
+# Images of non-finite loss in a row a run survives, counted in status intervals (a rare fp16 overflow zeroes one
+# step's gradients; a diverged run stays non-finite): then it stops without saving, its last good checkpoint kept.
+MAX_NONFINITE_STATUS = 3
 
 
 def default_config() -> dict[str, Any]:
@@ -74,6 +73,7 @@ def default_config() -> dict[str, Any]:
         fast_dropout=None,  # dropout keep-masks from one Philox call per four elements (networks/dropout.py); None = on CUDA
         ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
         grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat", "grouped" or "overlap" (training/grad_sync.py); None = flat if compiled
+        max_nonfinite_status=MAX_NONFINITE_STATUS,  # status intervals of non-finite loss in a row that stop the run
     )
 
 
@@ -82,6 +82,14 @@ GRAD_SYNCS = ("ddp", "flat", "grouped", "overlap")  # multi-GPU gradient averagi
 
 class TrainingError(ValueError):
     """A configuration or run directory that cannot be trained; the message names the option or file."""
+
+
+class TrainingStopped(Exception):
+    """SIGINT / SIGTERM stopped the run after its checkpoint was saved; `exit_code` is the shell's 128 + signal."""
+
+    def __init__(self, nimg: int, signum: int) -> None:
+        super().__init__(f"Stopped by signal at {nimg} images; the checkpoint is saved. Run the same command to resume.")
+        self.nimg, self.signum, self.exit_code = nimg, signum, 128 + signum
 
 
 def resolve_grad_sync(config: dict[str, Any]) -> str:
@@ -99,50 +107,6 @@ def resolve_grad_sync(config: dict[str, Any]) -> str:
     if choice != "ddp" and config.get("ddp_overlap"):
         raise TrainingError(f"--grad-sync {choice} cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)")
     return choice
-
-
-# --- run directory ---------------------------------------------------------------------------------------
-
-
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """[(images, path)] of the training checkpoints in run_dir, newest first."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "training-state-*.safetensors")):
-        m = re.fullmatch(r"training-state-(\d+)\.safetensors", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found, reverse=True)
-
-
-def load_latest_checkpoint(run_dir: str, log=print) -> dict[str, Any] | None:
-    """The newest readable checkpoint; a damaged one is reported and the one before it used."""
-    for _nimg, path in list_checkpoints(run_dir):
-        try:
-            return load_state(path)
-        except StateFileError as e:
-            log(f"WARNING: skipping damaged checkpoint: {e}")
-    return None
-
-
-def check_run_dir(run_dir: str, config: dict[str, Any]) -> None:
-    """Refuse a run directory that was made by a different configuration."""
-    path = os.path.join(run_dir, OPTIONS_FILE)
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainingError(f"{path}: unreadable ({e}); move the directory away or pick another --outdir") from e
-    differ = sorted(k for k in set(old) | set(config) if k not in RESUMABLE_CHANGES and old.get(k) != config.get(k))
-    if differ:
-        details = "; ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in differ)
-        raise TrainingError(f"--outdir {run_dir} holds a run with a different configuration ({details}); use another --outdir")
-
-
-def write_json(path: str, obj: Any) -> None:
-    text = json.dumps(obj, indent=2)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
 # --- setup -----------------------------------------------------------------------------------------------
@@ -173,6 +137,17 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     for key in ("status", "snapshot", "checkpoint"):
         if not isinstance(config[key], int) or config[key] < 0:
             raise TrainingError(f"--{key} must be a non-negative number of images, got {config[key]!r}")
+    if not isinstance(config.get("max_nonfinite_status"), int) or config["max_nonfinite_status"] < 1:
+        raise TrainingError(f"--max-nonfinite-status must be a positive integer, got {config.get('max_nonfinite_status')!r}")
+    numbers = dict(
+        lr=config["lr"]["ref_lr"], decay=config["lr"]["ref_batches"], rampup=config["lr"]["rampup_img"],
+        P_mean=config["loss"]["P_mean"], P_std=config["loss"]["P_std"], sigma_data=config["loss"]["sigma_data"],
+        eps=config["eps"], betas=config["betas"], ema_stds=config["ema_stds"], dropout=config["network"].get("dropout", 0.0),
+    )
+    for option, value in numbers.items():  # nan and inf pass range checks (every comparison with nan is false)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise TrainingError(f"--{option} must be finite, got {value!r}")
     if config["data"] is None:
         raise TrainingError("--data is required")
     return config
@@ -206,24 +181,52 @@ def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generat
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
     """DataLoader workers leave SIGINT / SIGTERM to the main process (Ctrl-C signals the whole process
-    group), which finishes its step, checkpoints and then shuts the workers down."""
+    group), which finishes its step, checkpoints and then shuts the workers down. On Linux a worker is also
+    killed the moment its parent dies (kill -9 included), instead of lingering until it notices."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass  # not Linux: workers notice a dead parent at their next status check
+
+
+def _shutdown_workers(batches: Any) -> None:
+    """End the DataLoader's workers now. Left to garbage collection, an exception's traceback keeps the iterator
+    alive, and the interpreter's exit then waits forever for workers that ignore SIGTERM."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _worker_error(e: Exception) -> str | None:
+    """The one-line message of a DatasetError raised in a DataLoader worker (which re-raises it in the main process
+    with the worker's whole traceback as its text), or None for other errors."""
+    if not isinstance(e, DatasetError):
+        return None
+    text = str(e).strip()
+    last = text.splitlines()[-1] if text else text
+    marker = "DatasetError: "
+    return last[last.index(marker) + len(marker):] if marker in last else last
 
 
 class _StopFlag:
     """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step."""
 
     def __init__(self) -> None:
-        self.raised = False
+        self.raised, self.signum = False, int(signal.SIGTERM)
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.raised = True
+        self.raised, self.signum = True, signum
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -264,23 +267,47 @@ class _StopVote:
 
 
 def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
-    """Train (or resume) in run_dir; returns a summary. Call under torchrun for several GPUs."""
+    """Train (or resume) in run_dir; returns a summary. Call under torchrun for several GPUs.
+
+    Raises TrainingError (a bad configuration, dataset file or run directory, a failed write, a diverged run:
+    one line naming what is wrong; the last good checkpoint is intact) or TrainingStopped (SIGINT / SIGTERM:
+    checkpoint saved)."""
     dist.init()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device or dist.device()
     config = validate_config(config, world)
-    log = dist.print0
+    lock = RunLock(run_dir)
     if rank == 0:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise TrainingError(f"--outdir {run_dir}: is a file; expected a directory (new or an earlier run's)")
         os.makedirs(run_dir, exist_ok=True)
-        check_run_dir(run_dir, config)
-    dist.barrier()
+        try:
+            lock.acquire()
+        except RunDirError as e:
+            raise TrainingError(str(e)) from None
+    try:
+        return _train(run_dir, config, device, rank, world)
+    except RunDirError as e:
+        raise TrainingError(str(e)) from None
+    finally:
+        lock.release()
+
+
+def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int, world: int) -> dict[str, Any]:
+    log = dist.print0
+    if rank == 0:
+        removed = remove_temp_files(run_dir)
+        if removed:
+            log(f"Removed {len(removed)} temp file(s) of an interrupted save: {', '.join(removed)}")
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
     torch.manual_seed(config["seed"])  # the same initial weights on every rank
     dataset, encoder, net = build_dataset_and_net(config)
+    config["data_identity"] = dataset_identity(dataset)
+    if rank == 0:
+        check_config(run_dir, config, read_options(run_dir), os.path.join(run_dir, OPTIONS_FILE))
+    dist.barrier()
     torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
     net.to(device).train()
     net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
@@ -310,8 +337,13 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     rounds = batch // (batch_gpu * world)
 
     cur_nimg, training_time = 0, 0.0
-    state = load_latest_checkpoint(run_dir, log)
+    state = load_latest_checkpoint(run_dir, log) if rank == 0 else None
+    # Every rank resumes from rank 0's choice (rank 0 alone renames damaged files aside).
+    resume_path = dist.broadcast_object(checkpoint_path(run_dir, int(state["cur_nimg"])) if state is not None else None)
+    if rank != 0 and resume_path is not None:
+        state = load_state(resume_path)
     if state is not None:
+        check_config(run_dir, config, state.get("config"), resume_path)
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         for p in net.parameters():  # checkpoints hold contiguous moments: lay them out like the weights again
@@ -329,6 +361,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
         log(f"Resuming from {cur_nimg} images ({cur_nimg // batch} steps).")
         del state
     if rank == 0:
+        truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
         write_json(os.path.join(run_dir, OPTIONS_FILE), config)
         log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2))
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
@@ -359,11 +392,15 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_gpu, sampler=sampler, num_workers=config["workers"],
         pin_memory=device.type == "cuda", prefetch_factor=4 if config["workers"] else None,
-        persistent_workers=config["workers"] > 0, worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_init_worker,
+        # Its own generator for the workers' base seed: drawn from the global one, it would shift the dropout
+        # stream of a resumed run (restored from the checkpoint before this draw) against an uninterrupted one.
+        generator=torch.Generator().manual_seed(config["seed"]),
     )
     batches = iter(loader)
     stop, vote = _StopFlag(), _StopVote(device)
-    stats_path = os.path.join(run_dir, "stats.jsonl")
+    stats_path = os.path.join(run_dir, STATS_FILE)
+    nonfinite_streak = 0  # status intervals in a row with a non-finite loss
     loss_sum = torch.zeros([], device=device, dtype=torch.float64)
     loss_count = 0
     tick_nimg, tick_time, start_nimg = cur_nimg, time.time(), cur_nimg
@@ -390,7 +427,10 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
             sigma_all = loss_fn.sample_sigma(batch, device, gen)
             noise_all = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=gen)
             for rnd in range(rounds):
-                images, labels = next(batches)
+                try:
+                    images, labels = next(batches)
+                except DatasetError as e:
+                    raise TrainingError(_worker_error(e)) from None
                 chunk = (rnd * world + rank) * batch_gpu
                 sl = slice(chunk, chunk + batch_gpu)
                 images = images.to(device, non_blocking=True)
@@ -432,21 +472,69 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
                 loss_sum.zero_()
                 loss_count = 0
                 tick_nimg, tick_time = cur_nimg, time.time()
-            if rank == 0 and ema is not None and (crossed(config["snapshot"], before, cur_nimg) or done):
-                save_snapshots(run_dir, ema, encoder, cur_nimg)
-            if crossed(config["checkpoint"], before, cur_nimg) or done or stopping:
+                nonfinite_streak = 0 if math.isfinite(total_loss) else nonfinite_streak + 1
+                if nonfinite_streak >= config["max_nonfinite_status"]:
+                    raise TrainingError(
+                        f"the loss has been non-finite for {nonfinite_streak} status interval(s) in a row, up to {cur_nimg} "
+                        f"images: the run diverged (try a lower --lr) or the data holds nan/inf; stopped without saving, "
+                        f"the last good checkpoint is kept (--max-nonfinite-status {config['max_nonfinite_status']})"
+                    )
+            snapshot_due = crossed(config["snapshot"], before, cur_nimg) or done
+            checkpoint_due = crossed(config["checkpoint"], before, cur_nimg) or done or stopping
+            if snapshot_due or checkpoint_due:
+                check_finite(net, ema, cur_nimg)  # a diverged state is never saved, nor counted as a good checkpoint
+            if rank == 0 and ema is not None and snapshot_due:
+                with _write_errors(run_dir, "EMA snapshots"):
+                    save_snapshots(run_dir, ema, encoder, cur_nimg)
+            if checkpoint_due:
                 training_time += time.time() - tick_time
                 tick_time = time.time()
-                save_checkpoint(run_dir, net, optimizer, ema, cur_nimg, training_time, config, device, rank)
+                with _write_errors(run_dir, "a training checkpoint"):
+                    save_checkpoint(run_dir, net, optimizer, ema, cur_nimg, training_time, config, device, rank)
             if stopping and not done:
-                log(f"Stopped by signal at {cur_nimg} images; the checkpoint is saved. Run the same command to resume.")
-                break
+                raise TrainingStopped(cur_nimg, stop.signum)
     finally:
         if sync_debug_from is not None:
             torch.cuda.set_sync_debug_mode("default")
         stop.restore()
+        _shutdown_workers(batches)
         del batches
     return dict(cur_nimg=cur_nimg, steps=step, images_this_run=cur_nimg - start_nimg, training_time=training_time)
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a nan or an inf."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point()]
+    if not bad:
+        return []
+    flags = torch.stack([torch.isfinite(tensors[name]).all() for name in bad]).tolist()  # one host sync
+    return [name for name, ok in zip(bad, flags) if not ok]
+
+
+def check_finite(net: torch.nn.Module, ema: PowerFunctionEMA | None, cur_nimg: int) -> None:
+    """Raise TrainingError if the weights or (rank 0) the EMAs hold nan / inf; every rank raises together."""
+    bad = nonfinite_tensors(dict(net.named_parameters()))
+    if ema is not None:
+        for std, ema_net in ema:
+            bad += [f"ema {std:.3f}: {name}" for name in nonfinite_tensors(dict(ema_net.named_parameters()))]
+    if dist.all_reduce_sum(len(bad)) > 0:
+        where = f" ({len(bad)} tensor(s), e.g. {bad[0]})" if bad else ""
+        raise TrainingError(
+            f"the weights became non-finite by {cur_nimg} images{where}: the run diverged (try a lower --lr); "
+            "nothing of this state was saved, the last good checkpoint is kept"
+        )
+
+
+@contextlib.contextmanager
+def _write_errors(run_dir: str, what: str):
+    """A failed write (disk full, file-size limit, permissions) ends the run with one line; atomic_write has
+    removed its temp file, so what was saved before is intact."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        raise TrainingError(f"cannot write {what} into {run_dir}{where}: {reason}; the last good checkpoint is kept") from None
 
 
 def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) -> None:
@@ -457,7 +545,7 @@ def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) 
     for std, ema_net in ema:
         path = os.path.join(run_dir, SNAPSHOT_PATTERN.format(kimg=cur_nimg // 1000, std=std))
         save_network(path, ema_net, encoder=encoder.config(), ema_std=std, training_nimg=cur_nimg)
-    if os.path.isfile(os.path.join(run_dir, "stats.jsonl")):
+    if os.path.isfile(os.path.join(run_dir, STATS_FILE)):
         plot_loss_curves([run_dir], os.path.join(run_dir, "loss.png"))  # a picture of the run so far
 
 
@@ -471,7 +559,6 @@ def save_checkpoint(run_dir, net, optimizer, ema, cur_nimg, training_time, confi
             cur_nimg=cur_nimg, training_time=training_time, config=config, rng=rngs,
             net=net.state_dict(), optimizer=optimizer.state_dict(), ema=ema.state_dict(),
         )
-        save_state(os.path.join(run_dir, CHECKPOINT_PATTERN.format(nimg=cur_nimg)), state)
-        for _nimg, old in list_checkpoints(run_dir)[KEEP_CHECKPOINTS:]:
-            os.remove(old)
+        save_state(checkpoint_path(run_dir, cur_nimg), state)
+        prune_checkpoints(run_dir, cur_nimg)
     dist.barrier()
