@@ -188,7 +188,7 @@ def run_figures(entries: list[dict[str, Any]], target_loss: float | None) -> dic
     )
     fig["final_smoothed_loss"] = float(smooth(loss, SMOOTH)[-1]) if n else float("nan")
     if target_loss is not None:
-        hit = np.nonzero(smooth(loss, SMOOTH) <= target_loss * (1 + 1e-9))[0]
+        hit = np.nonzero(smooth(loss, SMOOTH) <= target_loss + 1e-9 * abs(target_loss))[0]  # losses go negative
         fig["images_to_none_final_loss"] = int(nimg[hit[0]]) if len(hit) else None
     return fig
 

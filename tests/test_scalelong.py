@@ -365,7 +365,7 @@ def test_instruments_measure_only_armed_steps():
 # --- the experiment's figures ----------------------------------------------------------------------------
 
 
-def test_experiment_figures_and_outputs(tmp_path):
+def _experiment_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -373,6 +373,19 @@ def test_experiment_figures_and_outputs(tmp_path):
     )
     sl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sl)
+    return sl
+
+
+def test_experiment_reaches_its_own_final_negative_loss():
+    # A loss still falling at the end has its minimum smoothed value last; the run reaches it there (1.00x).
+    sl = _experiment_module()
+    entries = [{"nimg": 16 * t, "loss": -2.0 - 0.01 * t} for t in range(1, 41)]
+    target = sl.run_figures(entries, None)["final_smoothed_loss"]
+    assert target < 0 and sl.run_figures(entries, target)["images_to_none_final_loss"] == 16 * 40
+
+
+def test_experiment_figures_and_outputs(tmp_path):
+    sl = _experiment_module()
     assert sl.mean_abs_log_step(np.array([1.0, 2.0, 1.0, 2.0])) == pytest.approx(math.log(2))
     assert sl.log_std(np.array([3.0, 3.0, 3.0])) == 0
     rng = np.random.default_rng(0)
