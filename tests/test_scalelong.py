@@ -7,6 +7,8 @@ import json
 import math
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -416,3 +418,18 @@ def test_tensorboard_export(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["tensorboard", str(run)])
     assert e.value.code == 0 and any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+
+
+def test_experiment_runs_end_to_end_on_the_cpu(tmp_path):
+    # The experiment in CI size: two real training runs of the U-ViT, then the analysis of their stats.
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "scalelong.py")
+    cmd = [sys.executable, script, "run", "--outdir", str(tmp_path), "--setting", "cpu", "--backbones", "uvit",
+           "--modes", "none,ls", "--duration", "96", "--batch", "32", "--status", "32"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "scalelong.json").read_text())["backbones"]["uvit"]
+    assert results["common_images"] == 96 and set(results["modes"]) == {"none", "ls"}
+    # The seed's per-token gates are sigmoids: every skip is scaled below 1, the unscaled run keeps 1 per skip.
+    assert results["modes"]["none"]["sum_sq_skip_scale"] == pytest.approx(results["modes"]["none"]["num_skips"])
+    assert results["modes"]["ls"]["sum_sq_skip_scale"] < results["modes"]["ls"]["num_skips"]
+    assert (tmp_path / "scalelong.png").stat().st_size > 100
