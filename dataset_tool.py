@@ -14,12 +14,14 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 import numpy as np
@@ -27,7 +29,7 @@ import PIL.Image
 import torch
 import tqdm
 
-from torch_utils.state_io import atomic_write
+from torch_utils.state_io import atomic_write, current_umask
 from training.dataset import DatasetError, ImageFolderDataset, is_array_file, list_dataset_files
 from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder
 
@@ -69,7 +71,10 @@ def list_source_images(source: str) -> tuple[list[str], dict[str, Any] | None, i
     if os.path.isdir(source):
         names = [p.replace(os.sep, "/") for p in sorted(os.path.relpath(p, source) for p in _walk_files(source))]
         meta_path = os.path.join(source, "dataset.json")
-        meta_bytes = open(meta_path, "rb").read() if os.path.isfile(meta_path) else None
+        meta_bytes = None
+        if os.path.isfile(meta_path):
+            with open(meta_path, "rb") as f:
+                meta_bytes = f.read()
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as z:
             names = sorted(z.namelist())
@@ -181,6 +186,32 @@ def parse_resolution(
     if size is None or min(size) < 1:
         raise click.BadParameter(f"expected N or WxH with positive integers (e.g. 64 or 64x64), got {value!r}")
     return size
+
+
+def write_folder(dest: str, fill: Callable[[Callable[[str, bytes], None]], None]) -> None:
+    """Create the folder `dest` (absent or empty, as the official tool requires) with the files that fill(put)
+    puts, in a temporary sibling folder renamed at the end: a failed run leaves no partial dataset."""
+    if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+        raise click.BadParameter(f"{dest}: must be an empty folder, a new folder or a .zip file", param_hint="--dest")
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(dest)) + ".", suffix=".tmp", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+
+        def put(name: str, data: bytes) -> None:
+            path = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+
+        fill(put)
+        if os.path.isdir(dest):
+            os.rmdir(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_zip(dest: str, entries: Iterator[tuple[str, bytes]], labels: list | None, num_classes: int | None = None) -> int:
@@ -407,7 +438,9 @@ def main() -> None:
 
 @main.command()
 @click.option("--source", required=True, help="Folder or zip of images (ImageNet layout: a folder per class)")
-@click.option("--dest", required=True, help="Output zip")
+@click.option(
+    "--dest", required=True, help="Output: X.zip (uncompressed) or a folder (new or empty), as the official tool"
+)
 @click.option(
     "--resolution",
     metavar="WxH",
@@ -426,7 +459,7 @@ def main() -> None:
 def convert(
     source: str, dest: str, resolution: tuple[int, int] | None, transform: str | None, max_images: int | None
 ) -> None:
-    """Images -> uncompressed zip of RGB PNGs of one size, with dataset.json labels, as the official tool.
+    """Images -> RGB PNGs of one size with dataset.json labels, in a zip or a folder, as the official tool.
 
     \b
     Inputs: every image of a folder (recursively) or a zip, in sorted path order; --max-images takes the first N.
@@ -484,25 +517,32 @@ def convert(
                 unlabelled.append(name)
             yield out, buf.getvalue()
 
-    def write(tmp: str) -> None:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
-            for name, data in entries():
-                z.writestr(name, data)
-            if not out_labels:
-                raise click.ClickException(f"{source}: no image is large enough for {transform} at {width}x{height}")
-            if unlabelled:
-                click.echo(
-                    f"warning: {source}: no label for {unlabelled[0]!r} (and {len(unlabelled) - 1} more); "
-                    "writing the dataset without labels, as the official tool does",
-                    err=True,
-                )
-            complete = all(lab is not None for lab in out_labels)
-            meta: dict[str, Any] = {"labels": out_labels if complete else None}
-            if complete and num_classes is not None:
-                meta["num_classes"] = num_classes
-            z.writestr("dataset.json", json.dumps(meta))
+    def fill(put: Callable[[str, bytes], None]) -> None:
+        for name, data in entries():
+            put(name, data)
+        if not out_labels:
+            raise click.ClickException(f"{source}: no image is large enough for {transform} at {width}x{height}")
+        if unlabelled:
+            click.echo(
+                f"warning: {source}: no label for {unlabelled[0]!r} (and {len(unlabelled) - 1} more); "
+                "writing the dataset without labels, as the official tool does",
+                err=True,
+            )
+        complete = all(lab is not None for lab in out_labels)
+        meta: dict[str, Any] = {"labels": out_labels if complete else None}
+        if complete and num_classes is not None:
+            meta["num_classes"] = num_classes
+        put("dataset.json", json.dumps(meta).encode())
 
-    atomic_write(dest, write)
+    if dest.lower().endswith(".zip"):
+
+        def write(tmp: str) -> None:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+                fill(z.writestr)
+
+        atomic_write(dest, write)
+    else:
+        write_folder(dest, fill)
     count = len(out_labels)
     click.echo(f"Wrote {count} image{'' if count == 1 else 's'} of {size[0]}x{size[1]} to {dest}")
 

@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 import PIL
+import PIL.Image
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT
@@ -61,6 +62,31 @@ def test_convert_equals_the_official_tool(tmp_path, case, kind, options):
         assert "warning:" in r.output and "no label for 'k/two.png'" in r.output
 
 
+def test_convert_to_a_folder_as_official(tmp_path):
+    """--dest naming a folder (new or empty) holds the files that the official tool puts in the zip."""
+    source = build_source("main", str(tmp_path / "src"))
+    expected = OFFICIAL["convert"]["center-crop"]
+    (tmp_path / "out").mkdir()
+    r = _convert(f"--source={source}", f"--dest={tmp_path / 'out'}", "--resolution=32x32", "--transform=center-crop")
+    assert r.exit_code == 0, r.output
+    files = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == sorted(expected["names"])
+    data = (tmp_path / "out" / "dataset.json").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == expected["dataset_json_sha256"]
+    for name, facts in expected["images"].items():
+        pixels = np.asarray(PIL.Image.open(tmp_path / "out" / name))
+        assert hashlib.sha256(pixels.tobytes()).hexdigest() == facts["pixels_sha256"], name
+    r = _convert(f"--source={source}", f"--dest={tmp_path / 'out'}", "--resolution=32")
+    assert r.exit_code == 2 and "must be an empty folder" in r.output
+    # A failure half-way leaves neither the folder nor a temporary one.
+    bad = build_source("square", str(tmp_path / "bad"))
+    with open(os.path.join(bad, "one", "d.png"), "wb") as f:
+        f.write(b"not a png")
+    r = _convert(f"--source={bad}", f"--dest={tmp_path / 'new'}")
+    assert r.exit_code == 1 and "cannot read 'one/d.png'" in r.output
+    assert sorted(os.listdir(tmp_path)) == ["bad", "out", "src"]
+
+
 def test_convert_labels_of_the_folder_tree_as_official():
     """The rule behind the stored labels: the top-level name in sorted order, files outside folders first."""
     labels = dict(OFFICIAL["convert"]["resize"]["dataset_json"]["labels"])
@@ -101,7 +127,7 @@ def test_resolution_forms_and_errors(tmp_path):
     # Without --resolution the inputs must already be square and of one size; the error names the file.
     r = _convert(f"--source={source}", f"--dest={tmp_path / 'bad.zip'}")
     assert r.exit_code == 1 and "'B_cls/x.JPEG' gives a 48x64 image" in r.output
-    assert not (tmp_path / "bad.zip").exists() and not [p for p in os.listdir(tmp_path) if "tmp" in p]
+    assert sorted(os.listdir(tmp_path)) == ["o0.zip", "o1.zip", "o2.zip", "src"]  # nothing else, no temp files
 
 
 def test_help_states_the_default_transform():
