@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import pickletools
 import zlib
 
 import numpy as np
@@ -173,6 +174,10 @@ def test_official_layout_reference_round_trip(tmp_path):
         for metric, (mu, sigma, n) in feature_stats(seed).items():
             s = loaded[seed][metric]
             assert np.array_equal(s.mu, mu) and np.array_equal(s.sigma, sigma) and s.num_images == n
+    # Only names that every numpy has (numpy 1.x cannot import numpy 2's `numpy._core` of a plain pickle).
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(path.read_bytes()) if op.name != "MEMOIZE"]
+    found = {(ops[i - 2][1], ops[i - 1][1]) for i, (name, _) in enumerate(ops) if name == "STACK_GLOBAL"}
+    assert found == {("numpy", "ndarray"), ("builtins", "bytearray")} and "GLOBAL" not in dict(ops)
     assert facts["official_load_stats_keys"] == ["num_images", "fid", "fd_dinov2"]
     assert facts["max_abs_diff_vs_written"] == {"fid": 0.0, "fd_dinov2": 0.0}
     # The project's FD between the two files equals the official tool's.
