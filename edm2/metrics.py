@@ -194,8 +194,8 @@ def save_reference(
 
 class _PortableArrayPickler(pickle.Pickler):
     """Pickles numpy arrays as `numpy.ndarray(shape, dtype, bytearray)`: a name every numpy version has, unlike
-    the `numpy._core` module path of numpy 2's own reduction, which numpy 1.x (the official Docker image's)
-    cannot import. The arrays load writable, with the data as written."""
+    the `numpy._core` module path of numpy 2's own reduction, which numpy 1.x cannot import (tests/data/NOTES.md:
+    checked with 1.24.4). The arrays load writable, with the data as written."""
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is np.ndarray:
