@@ -2,7 +2,8 @@
 
 Examples:
 
-    # 1. reference statistics of the training images (all images; both metrics)
+    # 1. reference statistics of the training images (all images; both metrics); a .pkl --dest writes the
+    #    official layout, which the official calculate_metrics.py reads as well
     python calculate_metrics.py ref --data img512.zip --dest img512-ref.npz
 
     # 2. metrics of 50,000 generated PNGs in a folder or zip
@@ -112,21 +113,34 @@ def main():
     "--data", required=True, metavar="PATH", type=click.Path(exists=True), help="Dataset: folder or zip of PNGs"
 )
 @click.option(
-    "--dest", required=True, metavar="FILE.npz", type=click.Path(dir_okay=False), help="Where to write the statistics"
+    "--dest",
+    required=True,
+    metavar="FILE.npz|FILE.pkl",
+    type=click.Path(dir_okay=False),
+    help="Where to write the statistics: .npz (this project's, with metadata) or .pkl (the official layout, "
+    "which the official calculate_metrics.py reads too)",
 )
-@click.option("--num", type=click.IntRange(min=0), default=0, show_default=True, help="Images to use (0 = all)")
+@click.option(
+    "--num",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Images to use (0 = all); fewer than the dataset: the official tool's seeded choice",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of that choice (official --seed)")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
 @common_options
-def ref(data, dest, num, workers, metrics, batch_size, inception_weights, dinov2_weights, progress):
-    """Reference statistics (mean, covariance per metric) of a dataset, written as .npz."""
-    if not dest.endswith(".npz"):
-        raise click.BadParameter(f"{dest!r} must end in .npz", param_hint="'--dest'")
+def ref(data, dest, num, seed, workers, metrics, batch_size, inception_weights, dinov2_weights, progress):
+    """Reference statistics (mean, covariance per metric) of a dataset, written as .npz or .pkl (official)."""
+    if not dest.endswith((".npz", ".pkl")):
+        raise click.BadParameter(f"{dest!r} must end in .npz or .pkl", param_hint="'--dest'")
 
     def task():
         stats = M.dataset_statistics(
             data,
             metrics,
             num=num or None,
+            seed=seed,
             batch_size=batch_size,
             weights=_weights(inception_weights, dinov2_weights),
             workers=workers,
@@ -149,12 +163,13 @@ def ref(data, dest, num, workers, metrics, batch_size, inception_weights, dinov2
     type=click.IntRange(min=2),
     default=M.DEFAULT_NUM_IMAGES,
     show_default=True,
-    help="Images to use; fewer is an error",
+    help="Images to use; fewer is an error, more: the official tool's seeded choice of N",
 )
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of that choice (official --seed)")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
 @click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
 @common_options
-def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
+def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
     """Metrics of a folder or zip of images against reference statistics."""
 
     def task():
@@ -163,6 +178,7 @@ def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_wei
             ref_path,
             metrics,
             num=num,
+            seed=seed,
             batch_size=batch_size,
             workers=workers,
             weights=_weights(inception_weights, dinov2_weights),

@@ -13,12 +13,15 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import struct
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 import numpy as np
@@ -26,45 +29,80 @@ import PIL.Image
 import torch
 import tqdm
 
-from torch_utils.state_io import atomic_write
+from torch_utils.state_io import atomic_write, current_umask
 from training.dataset import DatasetError, ImageFolderDataset, is_array_file, list_dataset_files
 from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
 # --- reading sources -------------------------------------------------------------------------------------
+# `convert` reads its sources as the official dataset_tool does, so that the same folder gives the same files,
+# order and labels: every file whose text after the last '.' is one of Pillow's image extensions (any case),
+# sorted by path; labels from the source's dataset.json, else (folders only) from the top-level folder names.
 
 
-def list_source_images(source: str) -> tuple[list[str], dict[str, int] | None, int | None]:
-    """Relative image paths in a folder or zip (sorted), their labels and the number of classes: from
-    dataset.json if present, else from the first folder level (ImageNet layout: one folder per class,
-    classes in sorted order)."""
+def is_image_name(name: str, extensions: set[str]) -> bool:
+    return "." in name and "." + name.rsplit(".", 1)[1].lower() in extensions
+
+
+def _walk_files(root: str) -> list[str]:
+    """Paths of the files under `root`, following links to folders and files (broken links are skipped)."""
+    found: list[str] = []
+
+    def recurse(folder: str) -> None:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_file():
+                    found.append(os.path.join(folder, e.name))
+                elif e.is_dir():
+                    recurse(os.path.join(folder, e.name))
+
+    recurse(root)
+    return found
+
+
+def list_source_images(source: str) -> tuple[list[str], dict[str, Any] | None, int | None]:
+    """Relative image paths of a folder or zip in conversion order, {path: label} (None: no labels) and the
+    number of classes when the source's dataset.json states it.
+
+    Labels: the source's dataset.json `labels` when it has any; else, for a folder, one class per top-level
+    name in sorted order, where the files outside every folder form a class of their own (the first: the
+    empty name sorts first) and a single top-level name means no labels. A zip without dataset.json labels
+    has none. The labels may miss some images; `convert` then writes the dataset without labels."""
+    extensions = set(PIL.Image.registered_extensions())
     if os.path.isdir(source):
-        names = sorted(
-            os.path.relpath(os.path.join(root, f), source).replace(os.sep, "/")
-            for root, _d, files in os.walk(source)
-            for f in files
-        )
-        meta_bytes = open(os.path.join(source, "dataset.json"), "rb").read() if "dataset.json" in names else None
+        names = [p.replace(os.sep, "/") for p in sorted(os.path.relpath(p, source) for p in _walk_files(source))]
+        meta_path = os.path.join(source, "dataset.json")
+        meta_bytes = None
+        if os.path.isfile(meta_path):
+            with open(meta_path, "rb") as f:
+                meta_bytes = f.read()
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as z:
             names = sorted(z.namelist())
             meta_bytes = z.read("dataset.json") if "dataset.json" in names else None
     else:
         raise click.BadParameter(f"{source}: not a folder or a zip file", param_hint="--source")
-    images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    images = [n for n in names if is_image_name(n, extensions)]
     if not images:
-        raise click.BadParameter(f"{source}: holds no images ({', '.join(IMAGE_SUFFIXES)})", param_hint="--source")
+        raise click.BadParameter(f"{source}: holds no images (files named *.png, *.jpg, ...)", param_hint="--source")
+    labels: dict[str, Any] = {}
+    num_classes = None
     if meta_bytes is not None:
-        meta = json.loads(meta_bytes)
-        labels = meta.get("labels")
-        return images, None if labels is None else {str(n): int(c) for n, c in labels}, meta.get("num_classes")
-    folders = sorted({n.split("/")[0] for n in images if "/" in n})
-    if folders and all("/" in n for n in images):
-        index = {f: i for i, f in enumerate(folders)}
-        return images, {n: index[n.split("/")[0]] for n in images}, len(folders)
-    return images, None, None
+        try:
+            meta = json.loads(meta_bytes)
+            raw = meta.get("labels")
+            labels = {str(n): c for n, c in raw} if raw else {}
+        except (ValueError, TypeError, AttributeError):
+            raise click.BadParameter(
+                f"{source}: dataset.json must be {{\"labels\": [[relative_path, label], ...] or null}}",
+                param_hint="--source",
+            ) from None
+        num_classes = meta.get("num_classes") if labels else None  # this project's addition; kept when given
+    if not labels and os.path.isdir(source):
+        top = {n: n.split("/")[0] if "/" in n else "" for n in images}
+        classes = {name: i for i, name in enumerate(sorted(set(top.values())))}
+        if len(classes) > 1:
+            labels = {n: classes[top[n]] for n in images}
+    return images, labels or None, num_classes
 
 
 def read_source(source: str, name: str) -> bytes:
@@ -86,6 +124,37 @@ def iterate_source(source: str, names: list[str]) -> Iterator[tuple[str, bytes]]
 
 
 # --- image transforms ------------------------------------------------------------------------------------
+# Each takes an RGB image and the output width and height and returns the output image, or None to skip the
+# input; all follow the official dataset_tool's steps so that the pixels are the same.
+
+
+def resize(img: PIL.Image.Image, width: int | None, height: int | None) -> PIL.Image.Image:
+    """No crop: Lanczos resize to width x height (the aspect ratio is not kept); None keeps the input size."""
+    if width is None or img.size == (width, height):
+        return img
+    return img.resize((width, height), resample=PIL.Image.LANCZOS)
+
+
+def center_crop(img: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """Crop the centre square, then resize it with Lanczos."""
+    s = min(img.size)
+    left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((width, height), resample=PIL.Image.LANCZOS)
+
+
+def center_crop_wide(img: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image | None:
+    """Letterbox: the centre band of the rows that width x height would show at the input's aspect ratio, resized
+    with Lanczos to width x height and placed in the middle of a black width x width square. Inputs narrower than
+    `width` or whose band is shorter than `height` are skipped."""
+    w, h = img.size
+    band = round(width * h / w)
+    if w < width or band < height:
+        return None
+    top = (h - band) // 2
+    strip = np.asarray(img.crop((0, top, w, top + band)).resize((width, height), resample=PIL.Image.LANCZOS))
+    canvas = np.zeros([width, width, 3], dtype=np.uint8)
+    canvas[(width - height) // 2 : (width + height) // 2] = strip
+    return PIL.Image.fromarray(canvas, "RGB")
 
 
 def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
@@ -99,14 +168,50 @@ def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> PIL.Image.Ima
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def center_crop(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
-    """Crop the centre square, then resize it with Lanczos."""
-    s = min(img.size)
-    left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize((resolution, resolution), resample=PIL.Image.LANCZOS)
+TRANSFORMS = {
+    "center-crop": center_crop,
+    "center-crop-wide": center_crop_wide,
+    "center-crop-dhariwal": lambda img, width, height: center_crop_dhariwal(img, width),
+}
 
 
-TRANSFORMS = {"center-crop-dhariwal": center_crop_dhariwal, "center-crop": center_crop}
+def parse_resolution(
+    ctx: click.Context | None, param: click.Parameter | None, value: str | None
+) -> tuple[int, int] | None:
+    """--resolution: N (square) or the official WxH / W,H form."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?", value)
+    size = (int(m[1]), int(m[2] or m[1])) if m else None
+    if size is None or min(size) < 1:
+        raise click.BadParameter(f"expected N or WxH with positive integers (e.g. 64 or 64x64), got {value!r}")
+    return size
+
+
+def write_folder(dest: str, fill: Callable[[Callable[[str, bytes], None]], None]) -> None:
+    """Create the folder `dest` (absent or empty, as the official tool requires) with the files that fill(put)
+    puts, in a temporary sibling folder renamed at the end: a failed run leaves no partial dataset."""
+    if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+        raise click.BadParameter(f"{dest}: must be an empty folder, a new folder or a .zip file", param_hint="--dest")
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(dest)) + ".", suffix=".tmp", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+
+        def put(name: str, data: bytes) -> None:
+            path = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+
+        fill(put)
+        if os.path.isdir(dest):
+            os.rmdir(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_zip(dest: str, entries: Iterator[tuple[str, bytes]], labels: list | None, num_classes: int | None = None) -> int:
@@ -333,35 +438,113 @@ def main() -> None:
 
 @main.command()
 @click.option("--source", required=True, help="Folder or zip of images (ImageNet layout: a folder per class)")
-@click.option("--dest", required=True, help="Output zip")
-@click.option("--resolution", type=click.IntRange(min=8), required=True, help="Output resolution (square)")
-@click.option("--transform", type=click.Choice(sorted(TRANSFORMS)), default="center-crop-dhariwal", show_default=True)
+@click.option(
+    "--dest", required=True, help="Output: X.zip (uncompressed) or a folder (new or empty), as the official tool"
+)
+@click.option(
+    "--resolution",
+    metavar="WxH",
+    callback=parse_resolution,
+    help="Output size, WxH (official form, e.g. 64x64) or N for NxN  [default: keep each image's size]",
+)
+@click.option(
+    "--transform",
+    type=click.Choice(sorted(TRANSFORMS)),
+    default=None,
+    help="Crop before resizing  [default: none, as the official tool (this tool's default was center-crop-dhariwal "
+    "until issue 21): a plain Lanczos resize to --resolution, not keeping the aspect ratio; ImageNet needs "
+    "center-crop-dhariwal]",
+)
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Convert only the first N images")
-def convert(source: str, dest: str, resolution: int, transform: str, max_images: int | None) -> None:
-    """Images -> uncompressed zip of RGB PNGs at one resolution, with dataset.json labels."""
+def convert(
+    source: str, dest: str, resolution: tuple[int, int] | None, transform: str | None, max_images: int | None
+) -> None:
+    """Images -> RGB PNGs of one size with dataset.json labels, in a zip or a folder, as the official tool.
+
+    \b
+    Inputs: every image of a folder (recursively) or a zip, in sorted path order; --max-images takes the first N.
+    Labels: the source's dataset.json, else (folders) one class per top-level folder in sorted order, the images
+    outside every folder being class 0; no labels when that gives one class, for a zip, or when some image has
+    no label.
+    Outputs: NNNNN/imgNNNNNNNN.png numbered by input position (center-crop-wide skips inputs too small for it,
+    leaving gaps) and dataset.json {"labels": [[name, label], ...] or null}.
+    Transforms (--resolution WxH): none = resize to WxH; center-crop = centre square resized to WxH;
+    center-crop-wide = centre band resized to WxH on a black WxW square (H <= W); center-crop-dhariwal = ADM's
+    ImageNet crop (W = H). Outputs must be square; unlike the official tool any size is accepted, not only
+    powers of two. The pixels and PNG bytes equal the official tool's.
+    """
+    width, height = resolution if resolution is not None else (None, None)
+    if transform is not None and resolution is None:
+        raise click.BadParameter(f"--transform {transform} needs --resolution WxH", param_hint="--resolution")
+    if transform == "center-crop-wide" and height > width:
+        raise click.BadParameter(f"center-crop-wide needs H <= W, got {width}x{height}", param_hint="--resolution")
+    if transform != "center-crop-wide" and width != height:
+        raise click.BadParameter(
+            f"{width}x{height}: outputs must be square (only center-crop-wide takes W != H)", param_hint="--resolution"
+        )
     names, labels, num_classes = list_source_images(source)
     names = names[:max_images] if max_images else names
-    out_labels = [] if labels is not None else None
-    fn = TRANSFORMS[transform]
+    fn = TRANSFORMS.get(transform, resize)
+    out_labels: list[list[Any] | None] = []
+    unlabelled: list[str] = []
+    size: tuple[int, int] | None = None
 
     def entries() -> Iterator[tuple[str, bytes]]:
-        for i, (name, data) in enumerate(tqdm.tqdm(iterate_source(source, names), total=len(names), desc="convert", unit="img")):
+        nonlocal size
+        progress = tqdm.tqdm(iterate_source(source, names), total=len(names), desc="convert", unit="img")
+        for i, (name, data) in enumerate(progress):
             try:
                 with PIL.Image.open(io.BytesIO(data)) as img:
-                    img = fn(img.convert("RGB"), resolution)
+                    img = fn(img.convert("RGB"), width, height)
             except Exception as e:  # noqa: BLE001 - any decoder error names the file
                 raise click.ClickException(f"{source}: cannot read {name!r}: {e}") from None
-            out = f"{i // 1000:05d}/img{i:08d}.png"
+            if img is None:
+                continue
+            if img.size[0] != img.size[1] or img.size != (size or img.size):
+                raise click.ClickException(
+                    f"{source}: {name!r} gives a {img.size[0]}x{img.size[1]} image; all outputs must be square and of "
+                    f"one size{f' ({size[0]}x{size[1]})' if size else ''}: pass --resolution"
+                )
+            size = img.size
+            digits = f"{i:08d}"  # the official naming: the first five digits name the folder
+            out = f"{digits[:5]}/img{digits}.png"
             buf = io.BytesIO()
-            img.save(buf, format="png", compress_level=0, optimize=False)
-            if out_labels is not None:
-                if name not in labels:
-                    raise click.ClickException(f"{source}: dataset.json has no label for {name!r}")
-                out_labels.append([out, labels[name]])
+            # A fresh image without the source's metadata (ICC profile, gamma, ...), which PNG saving would copy.
+            PIL.Image.fromarray(np.asarray(img), "RGB").save(buf, format="png", compress_level=0, optimize=False)
+            label = labels.get(name) if labels is not None else None
+            out_labels.append(None if label is None else [out, label])
+            if labels is not None and label is None:
+                unlabelled.append(name)
             yield out, buf.getvalue()
 
-    count = write_zip(dest, entries(), out_labels, num_classes)
-    click.echo(f"Wrote {count} image{'' if count == 1 else 's'} of {resolution}x{resolution} to {dest}")
+    def fill(put: Callable[[str, bytes], None]) -> None:
+        for name, data in entries():
+            put(name, data)
+        if not out_labels:
+            raise click.ClickException(f"{source}: no image is large enough for {transform} at {width}x{height}")
+        if unlabelled:
+            click.echo(
+                f"warning: {source}: no label for {unlabelled[0]!r} (and {len(unlabelled) - 1} more); "
+                "writing the dataset without labels, as the official tool does",
+                err=True,
+            )
+        complete = all(lab is not None for lab in out_labels)
+        meta: dict[str, Any] = {"labels": out_labels if complete else None}
+        if complete and num_classes is not None:
+            meta["num_classes"] = num_classes
+        put("dataset.json", json.dumps(meta).encode())
+
+    if dest.lower().endswith(".zip"):
+
+        def write(tmp: str) -> None:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+                fill(z.writestr)
+
+        atomic_write(dest, write)
+    else:
+        write_folder(dest, fill)
+    count = len(out_labels)
+    click.echo(f"Wrote {count} image{'' if count == 1 else 's'} of {size[0]}x{size[1]} to {dest}")
 
 
 @main.command()

@@ -14,7 +14,10 @@ N - 1, as numpy.cov).
 Reference files are .npz (no pickles): `{metric}/mu`, `{metric}/sigma` per metric and `meta_json` (uint8
 bytes of JSON: format, version, number of images and feature width per metric, detector description,
 source). The official EDM2 reference pickles (`dataset-refs/img512.pkl`, dicts {metric: {'mu', 'sigma'}})
-are read too, through edm2's allow-listed unpickler.
+are read too, through edm2's allow-listed unpickler; `save_reference` to a .pkl writes that layout (plain
+dicts and arrays, no metadata beyond `num_images`) for the official calculate_metrics.py.
+
+With `num` below the number of images, the images are the official tool's seeded subset (`official_subset`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import io
 import json
 import os
 import pathlib
+import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -159,12 +163,16 @@ def save_reference(
     stats: dict[str, FeatureStatistics],
     source: str | None = None,  # what the statistics describe (e.g. the dataset path), stored in the metadata
 ) -> pathlib.Path:
-    """Write reference statistics as .npz (arrays and JSON metadata only), atomically."""
+    """Write reference statistics atomically: .npz (arrays and JSON metadata only) or, for a .pkl, the official
+    EDM2 layout {'num_images': N, metric: {'mu', 'sigma'}, ...} that the official calculate_metrics.py reads."""
     path = pathlib.Path(path)
-    if path.suffix != ".npz":
-        raise MetricsError(f"{path}: reference statistics are written as .npz")
+    if path.suffix not in (".npz", ".pkl"):
+        raise MetricsError(f"{path}: reference statistics are written as .npz (this project's) or .pkl (official)")
     if not stats:
         raise MetricsError(f"{path}: no statistics to write")
+    if path.suffix == ".pkl":
+        atomic_write_bytes(path, _official_reference_bytes(stats))
+        return path
     meta = {
         "format": REFERENCE_FORMAT,
         "version": REFERENCE_VERSION,
@@ -182,6 +190,29 @@ def save_reference(
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+class _PortableArrayPickler(pickle.Pickler):
+    """Pickles numpy arrays as `numpy.ndarray(shape, dtype, bytearray)`: a name every numpy version has, unlike
+    the `numpy._core` module path of numpy 2's own reduction, which numpy 1.x cannot import (tests/data/NOTES.md:
+    checked with 1.24.4). The arrays load writable, with the data as written."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray:
+            a = np.ascontiguousarray(obj)
+            return np.ndarray, (a.shape, a.dtype.str, bytearray(a.tobytes()))
+        return NotImplemented
+
+
+def _official_reference_bytes(stats: dict[str, FeatureStatistics]) -> bytes:
+    """The official reference pickle: {'num_images': N, metric: {'mu': float64 [D], 'sigma': float64 [D, D]}}."""
+    counts = {s.num_images for s in stats.values()}
+    data: dict[str, Any] = {"num_images": counts.pop() if len(counts) == 1 else max(counts)}
+    for metric, s in stats.items():
+        data[metric] = {"mu": np.asarray(s.mu, np.float64), "sigma": np.asarray(s.sigma, np.float64)}
+    buffer = io.BytesIO()
+    _PortableArrayPickler(buffer, protocol=4).dump(data)
+    return buffer.getvalue()
 
 
 def load_reference(path_or_url: str | os.PathLike) -> dict[str, FeatureStatistics]:
@@ -246,11 +277,13 @@ def _load_official_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]
     data = load_official_pickle(path)
     if not isinstance(data, dict) or not any(isinstance(v, dict) and "mu" in v for v in data.values()):
         raise MetricsError(f"{path}: expected a dict {{metric: {{'mu', 'sigma'}}}} of reference statistics")
+    count = data.get("num_images")
+    count = int(count) if isinstance(count, (int, np.integer)) and not isinstance(count, bool) else 0
     out = {}
     for metric, value in data.items():
         if isinstance(value, dict) and "mu" in value and "sigma" in value:
             mu, sigma = _check_stats(path, metric, value["mu"], value["sigma"])
-            out[str(metric)] = FeatureStatistics(str(metric), mu, sigma, 0, None)
+            out[str(metric)] = FeatureStatistics(str(metric), mu, sigma, count, None)
     return out
 
 
@@ -347,6 +380,17 @@ def open_image_dataset(path: str | os.PathLike, num: int | None = None):
     return dataset
 
 
+def official_subset(total: int, num: int | None, seed: int = 0) -> list[int]:
+    """Indices (ascending) of the `num` of `total` sorted images that the official calculate_metrics.py uses: all
+    of them when num is None or not below total, else the first num of a numpy RandomState(seed mod 2^31)
+    shuffle of 0..total-1, sorted (the official dataset's max_size / random_seed)."""
+    indices = np.arange(total, dtype=np.int64)
+    if num is not None and total > num:
+        np.random.RandomState(seed % (1 << 31)).shuffle(indices)
+        indices = np.sort(indices[:num])
+    return [int(i) for i in indices]
+
+
 def _stack_images(items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     images = torch.stack([x for x, _ in items])
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images  # grayscale -> RGB
@@ -421,7 +465,8 @@ def _metric_list(metrics: str | Sequence[str] | None, default: Sequence[str]) ->
 def dataset_statistics(
     path: str | os.PathLike,
     metrics: str | Sequence[str] | None = None,  # default: all ('fid', 'fd_dinov2')
-    num: int | None = None,  # the first `num` images (sorted names); None = all
+    num: int | None = None,  # None = all; else `num` images chosen as the official tool does (official_subset)
+    seed: int = 0,  # the official --seed of that choice
     batch_size: int = 64,  # images per detector call and process
     detectors: dict[str, torch.nn.Module] | None = None,  # preloaded; default: load_detectors(metrics, weights)
     weights: dict[str, str | os.PathLike | None] | None = None,
@@ -432,9 +477,9 @@ def dataset_statistics(
     """Feature statistics of a folder / zip of PNG images (works under torchrun: images split over ranks)."""
     metrics = _metric_list(metrics, METRICS)
     dataset = open_image_dataset(path, num)
-    num = len(dataset) if num is None else num
+    chosen = official_subset(len(dataset), num, seed)
     detectors = detectors if detectors is not None else load_detectors(metrics, weights, device, progress)
-    mine = dist.split_for_rank(range(num))
+    mine = dist.split_for_rank(chosen)
     batches = iterate_dataset_images(dataset, mine, batch_size, workers)
     return compute_statistics(batches, {m: detectors[m] for m in metrics}, len(mine), progress, desc="images")
 
@@ -502,8 +547,8 @@ def calc_metrics_for_images(
     path: str | os.PathLike,
     ref: str | os.PathLike | dict[str, FeatureStatistics],  # reference file / URL or loaded statistics
     metrics: str | Sequence[str] | None = None,  # default: every metric the reference holds
-    num: int = DEFAULT_NUM_IMAGES,  # images to use (the first `num` in sorted order); fewer is an error
-    **kwargs: Any,  # to dataset_statistics (batch_size, detectors, weights, device, workers, progress)
+    num: int = DEFAULT_NUM_IMAGES,  # images to use (the official seeded choice when more); fewer is an error
+    **kwargs: Any,  # to dataset_statistics (seed, batch_size, detectors, weights, device, workers, progress)
 ) -> dict[str, float]:
     """metric -> Frechet distance of a folder / zip of generated images against the reference."""
     reference, source, metrics = _reference_and_metrics(ref, metrics)

@@ -223,6 +223,30 @@ def test_ref_then_calc_flow(weights_env, tmp_path):
     assert lib["fid"] == pytest.approx(sub["fid"], rel=1e-9)
 
 
+def test_official_layout_reference_and_seeded_subset(weights_env, detectors, tmp_path):
+    """`ref --dest X.pkl` writes the official layout; `--num N --seed S` below the folder size takes the official
+    tool's seeded subset (M.official_subset, checked against the official code in test_official_tools.py), not
+    the first N names: its statistics are those of a folder holding just those images."""
+    env = weights_env
+    code, out = _cli("ref", "--data", env["data"], "--dest", tmp_path / "r.pkl", "--num", 12, "--seed", 5,
+                     "--batch", 8, "--workers", 0, "--no-progress")  # fmt: skip
+    assert code == 0, out
+    chosen = M.official_subset(30, 12, 5)
+    assert chosen != list(range(12)) and len(chosen) == 12
+    ref = M.load_reference(tmp_path / "r.pkl")
+    alone = M.dataset_statistics(_write_pngs(tmp_path / "alone", env["images"][chosen]), detectors=detectors,
+                                 workers=0, progress=False)  # fmt: skip
+    for metric, s in alone.items():
+        assert ref[metric].num_images == 12
+        assert M.frechet_distance(ref[metric].mu, ref[metric].sigma, s.mu, s.sigma) < 1e-6
+    code, out = _cli("calc", "--images", env["data"], "--ref", tmp_path / "r.pkl", "--num", 12, "--seed", 5,
+                     "--workers", 0, "--no-progress", "--out", tmp_path / "same.json")  # fmt: skip
+    assert code == 0, out
+    assert all(v < 1e-6 for v in json.loads((tmp_path / "same.json").read_text())["results"].values())
+    other = M.dataset_statistics(env["data"], "fid", num=12, seed=6, detectors=detectors, workers=0, progress=False)
+    assert M.compare_to_reference(other, ref)["fid"] > 1e-4  # another seed, other images
+
+
 def test_gen_scores_a_model_without_writing_images(weights_env, tmp_path):
     """gen == generate PNGs then calc (same images), and nothing is written."""
     from edm2.generation import generate_images
@@ -368,5 +392,5 @@ def test_bad_input_is_named(weights_env, tmp_path):
     assert "broken.safetensors: cannot read detector weights" in out
     out = _error("calc", "--images", env["data"], "--ref", env["net"], "--no-progress")
     assert "net.safetensors" in out
-    assert "must end in .npz" in _error("ref", "--data", env["data"], "--dest", tmp_path / "r.pkl")
+    assert "must end in .npz or .pkl" in _error("ref", "--data", env["data"], "--dest", tmp_path / "r.txt")
     assert "non-empty list of fid, fd_dinov2" in _error("ref", "--data", env["data"], "--dest", ref, "--metrics", "is")
