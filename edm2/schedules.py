@@ -48,11 +48,12 @@ def log_linear(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Noise levels evenly spaced in log sigma from sigma_max to sigma_min (the limit rho -> infinity of the
-    EDM schedule), then 0. One step: sigma_max only."""
+    EDM schedule), then 0; the ends are exactly sigma_max and sigma_min. One step: sigma_max only."""
     check_schedule(num_steps, sigma_min, sigma_max, 1.0)  # rho plays no part here: 1 always passes
     i = torch.arange(num_steps, dtype=torch.float64)
     frac = i / (num_steps - 1) if num_steps > 1 else i
     sigmas = (math.log(sigma_max) + frac * (math.log(sigma_min) - math.log(sigma_max))).exp()
+    sigmas[0], sigmas[-1] = sigma_max, (sigma_min if num_steps > 1 else sigma_max)  # exact ends, not exp(log())
     return torch.cat([sigmas, torch.zeros_like(sigmas[:1])]).to(dtype=dtype, device=device)
 
 
@@ -84,10 +85,10 @@ def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     values = sigmas.tolist()
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"sigmas must be finite, got {values}")
+    if not (all(v > 0 for v in values[:-1]) and values[-1] >= 0):
+        raise ValueError(f"sigmas must be positive, except a final 0, got {values}")
     if not all(a > b for a, b in zip(values, values[1:])):
         raise ValueError(f"sigmas must be strictly decreasing, got {values}")
-    if not (values[-1] >= 0 and values[-2] > 0):
-        raise ValueError(f"sigmas must be positive, except a final 0, got {values}")
     return sigmas
 
 
