@@ -24,8 +24,8 @@ numbers computed with that code (tests/data/NOTES.md).
   sigma_down = sqrt(sigma_next^2 - sigma_up^2); eta 0 is the Euler (DDIM) ODE step.
 - dpmpp_2m: DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2) in t = -log sigma, first order on
   the first and last steps.
-- dpmpp_2m_sde: its SDE variant (same paper, Sec. 5 / App.), with eta scaling the injected noise (eta 0 gives
-  the ODE solver) and solver_type 'midpoint' or 'heun' for the 2nd-order term.
+- dpmpp_2m_sde: its SDE variant (SDE-DPM-Solver++(2M) of the same paper), with eta scaling the injected noise
+  (eta 0 gives the ODE solver) and solver_type 'midpoint' or 'heun' for the 2nd-order term.
 - dpmpp_3m_sde: the third-order multistep SDE variant (k-diffusion's), eta as above.
 The last step of the multistep solvers (to sigma = 0) returns the denoised estimate.
 
@@ -226,6 +226,15 @@ def sample_euler_ancestral(
     return x
 
 
+def _phi(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exponential integrator's weights over a step of length H in lambda = -log sigma:
+    phi1 = 1 - e^-H, phi2 = 1 - phi1 / H, phi3 = phi2 / H - 1/2 (the weights of the denoised value and of its
+    first and second divided differences, each scaled by the step)."""
+    phi1 = (-H).expm1().neg()
+    phi2 = 1 - phi1 / H
+    return phi1, phi2, phi2 / H - 0.5
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoiser: Denoiser,
@@ -236,10 +245,12 @@ def sample_dpmpp_2m(
     dtype: torch.dtype = torch.float64,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M): a multistep 2nd-order solver of the probability-flow ODE in t = -log sigma; one
-    evaluation per step. `noise` is accepted (and unused) so that every solver takes the same arguments."""
+    """DPM-Solver++(2M) (arXiv 2211.01095, Alg. 2): x <- (sigma_next / sigma) x + (1 - e^-h) D~ with
+    h = log(sigma / sigma_next) and D~ = D + (D - D_prev) / (2 r), r = h_prev / h (first order on the first
+    step); one evaluation per step. `noise` is accepted (and unused) so that every solver takes the same
+    arguments."""
     x, sigmas, values, _ = _prepare(x, sigmas, dtype, noise, callback)
-    old_denoised, h_last = None, None
+    prev = None  # (denoised, h) of the previous step
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)
@@ -247,20 +258,23 @@ def sample_dpmpp_2m(
             x = denoised
         else:
             h = sigma.log() - sigma_next.log()
-            if old_denoised is None:
-                x = (sigma_next / sigma) * x - (-h).expm1() * denoised
-            else:
-                r = h_last / h
-                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-                x = (sigma_next / sigma) * x - (-h).expm1() * denoised_d
-            h_last = h
-        old_denoised = denoised
+            target = denoised
+            if prev is not None:
+                half_over_r = 0.5 * h / prev[1]
+                target = (1 + half_over_r) * denoised - half_over_r * prev[0]
+            x = (sigma_next / sigma) * x + (-h).expm1().neg() * target
+            prev = (denoised, h)
         if callback is not None:
             callback(i, x)
     return x
 
 
 SOLVER_TYPES = ("midpoint", "heun")
+
+
+def _sde_noise_scale(sigma_next: torch.Tensor, eta_h: torch.Tensor) -> torch.Tensor:
+    """The std of the noise an SDE step adds: sigma_next sqrt(1 - e^(-2 eta h))."""
+    return sigma_next * (-2 * eta_h).expm1().neg().sqrt()
 
 
 @torch.no_grad()
@@ -276,13 +290,15 @@ def sample_dpmpp_2m_sde(
     dtype: torch.dtype = torch.float64,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE: eta scales the noise injected per step (eta 0: the ODE solver); solver_type
-    'midpoint' or 'heun' picks the 2nd-order correction."""
+    """DPM-Solver++(2M) SDE (arXiv 2211.01095, SDE-DPM-Solver++(2M), eta scaling the noise): with
+    H = (1 + eta) h, x <- e^-H x + phi1 D (e^-H = (sigma_next / sigma) e^(-eta h)), plus the 2nd-order term
+    (D - D_prev) / r weighted phi1 / 2 ('midpoint') or phi2 ('heun'), plus noise of std
+    s_noise sigma_next sqrt(1 - e^(-2 eta h)). eta 0 is the ODE solver DPM-Solver++(2M)."""
     eta, s_noise = _check_nonnegative("eta", eta), _check_nonnegative("s_noise", s_noise)
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {solver_type!r}")
     x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
-    old_denoised, h_last = None, None
+    prev = None  # (denoised, h) of the previous step
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)
@@ -291,18 +307,14 @@ def sample_dpmpp_2m_sde(
         else:
             h = sigma.log() - sigma_next.log()
             eta_h = eta * h
-            decay = (-h - eta_h).expm1().neg()  # 1 - exp(-(1 + eta) h)
-            x = sigma_next / sigma * (-eta_h).exp() * x + decay * denoised
-            if old_denoised is not None:
-                r = h_last / h
-                if solver_type == "heun":
-                    x = x + (decay / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
-                else:
-                    x = x + 0.5 * decay * (1 / r) * (denoised - old_denoised)
+            phi1, phi2, _ = _phi(h + eta_h)
+            x = (sigma_next / sigma) * (-eta_h).exp() * x + phi1 * denoised
+            if prev is not None:
+                slope = (denoised - prev[0]) * (h / prev[1])  # (D - D_prev) / r
+                x = x + (phi2 if solver_type == "heun" else 0.5 * phi1) * slope
             if eta > 0:
-                x = x + noise(x, sigma, sigma_next) * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
-            h_last = h
-        old_denoised = denoised
+                x = x + noise(x, sigma, sigma_next) * _sde_noise_scale(sigma_next, eta_h) * s_noise
+            prev = (denoised, h)
         if callback is not None:
             callback(i, x)
     return x
@@ -320,11 +332,13 @@ def sample_dpmpp_3m_sde(
     dtype: torch.dtype = torch.float64,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(3M) SDE: a 3rd-order multistep solver (2nd and 1st order on its first steps); eta as in
-    dpmpp_2m_sde."""
+    """DPM-Solver++(3M) SDE: the step of dpmpp_2m_sde with a third-order multistep term. From the last three
+    denoised values, estimates of h D' (at the current point, extrapolated) and of h^2 D'' / 2 (derivatives in
+    lambda = -log sigma) enter with weights phi2 and -phi3 of H = (1 + eta) h; 2nd order on the second step,
+    1st on the first. Noise as in dpmpp_2m_sde."""
     eta, s_noise = _check_nonnegative("eta", eta), _check_nonnegative("s_noise", s_noise)
     x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
-    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (denoised, h) of the previous steps, newest first
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)
@@ -332,24 +346,22 @@ def sample_dpmpp_3m_sde(
             x = denoised
         else:
             h = sigma.log() - sigma_next.log()
-            h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
-                d = (denoised - denoised_1) / (h_1 / h)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x = x + phi_2 * d
+            H = h * (eta + 1)
+            phi1, phi2, phi3 = _phi(H)
+            x = (-H).exp() * x + phi1 * denoised
+            if history:
+                r0 = history[0][1] / h
+                first = (denoised - history[0][0]) / r0  # ~ h D' half a step back
+                if len(history) >= 2:
+                    r1 = history[1][1] / h
+                    first_prev = (history[0][0] - history[1][0]) / r1
+                    second = (first - first_prev) / (r0 + r1)  # ~ h^2 D'' / 2
+                    x = x + phi2 * (first + second * r0) - phi3 * second  # first + second r0 ~ h D' here
+                else:
+                    x = x + phi2 * first
             if eta > 0:
-                x = x + noise(x, sigma, sigma_next) * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-            denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
+                x = x + noise(x, sigma, sigma_next) * _sde_noise_scale(sigma_next, h * eta) * s_noise
+            history = [(denoised, h)] + history[:1]
         if callback is not None:
             callback(i, x)
     return x

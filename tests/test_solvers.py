@@ -394,3 +394,32 @@ def test_callback_and_public_names():
     assert edm2.GuidedDenoiser is GuidedDenoiser and edm2.NetworkDenoiser is NetworkDenoiser
     assert edm2.schedules is schedules and edm2.solvers is solvers and edm2.seed_noise is solvers.seed_noise
     assert set(solvers.SOLVERS["dpmpp_2m_sde"].options) >= {"eta", "s_noise", "solver_type", "noise", "dtype"}
+
+
+def test_ode_solvers_converge_at_their_order():
+    # For data N(mu, sd^2) the probability-flow ODE maps x(sigma_0) to mu + (x - mu) sd / sqrt(sigma_0^2 + sd^2).
+    mu, sd = 0.3, 0.5
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    err = {}
+    for name in solvers.SOLVERS:
+        options = {"eta": 0.0} if "eta" in solvers.SOLVERS[name].options else {}
+        for n in (16, 32, 64):
+            sigmas = schedules.karras(n)
+            exact = mu + (x * sigmas[0] - mu) * sd / math.sqrt(sigmas[0].item() ** 2 + sd**2)
+            out = solvers.sample(name, gaussian(mu, sd), x * sigmas[0], sigmas, **options)
+            err[name, n] = (out - exact).abs().max().item()
+    for name, low, high in (("euler", 1.7, 2.3), ("euler_ancestral", 1.7, 2.3), ("heun", 3.5, 6), ("dpmpp_2m", 3.5, 6)):
+        assert low < err[name, 16] / err[name, 32] < high and low < err[name, 32] / err[name, 64] < high, name
+    assert err["dpmpp_2m_sde", 32] == pytest.approx(err["dpmpp_2m", 32], rel=1e-9)  # eta 0: the ODE solver
+    assert err["dpmpp_3m_sde", 16] / err["dpmpp_3m_sde", 32] > 8  # third order where the steps are coarse
+    assert err["dpmpp_3m_sde", 32] < err["dpmpp_2m", 32] / 5
+
+
+@pytest.mark.parametrize("name, options", [("heun", {"S_churn": 40}), ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {})])
+def test_stochastic_solvers_sample_the_data_distribution(name, options):
+    mu, sd = 0.3, 0.5
+    gens = SeedGenerators(range(8))
+    sigmas = schedules.karras(64)
+    x = gens.randn([1, 64, 64], dtype=torch.float64) * sigmas[0]
+    out = solvers.sample(name, gaussian(mu, sd), x, sigmas, noise=solvers.seed_noise(gens), **options)
+    assert abs(out.mean().item() - mu) < 0.01 and abs(out.std().item() - sd) < 0.015
