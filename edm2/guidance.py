@@ -1,7 +1,8 @@
 """Denoisers and guidance as denoiser wrappers (docs/design.md §7).
 
 A denoiser is any callable `denoiser(x, sigma) -> D(x; sigma)`: x is the noisy state [N, C, H, W] (float32 or
-float64) and sigma the noise level, a 0-dim tensor or a float; it returns a tensor shaped and typed like x.
+float64) and sigma the noise level, a float (what the solvers of edm2.solvers pass: the schedule's value in the
+state's dtype) or a 0-dim tensor; it returns a tensor shaped and typed like x.
 The solvers of edm2.solvers take nothing else, so networks, labels and guidance are bound here, once:
 
     den = NetworkDenoiser(net, labels)                                      # a network and its labels
@@ -34,10 +35,12 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor: ...
 
 
-def _sigma_tensor(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+def _sigma32(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """sigma as the 0-dim float32 tensor on x's device that networks take; a float becomes one without a
+    host-to-device copy (rounded to float32 as a float64 tensor would be)."""
     if isinstance(sigma, torch.Tensor):
-        return sigma.to(device=x.device)
-    return torch.tensor(float(sigma), dtype=torch.float64, device=x.device)
+        return sigma.to(device=x.device, dtype=torch.float32)
+    return torch.full([], float(sigma), dtype=torch.float32, device=x.device)
 
 
 class NetworkDenoiser:
@@ -49,8 +52,7 @@ class NetworkDenoiser:
         self.stats = stats if stats is not None else SamplerStats()
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma32 = _sigma_tensor(sigma, x).to(torch.float32)
-        out = self.net(x.to(torch.float32), sigma32, self.labels).to(x.dtype)
+        out = self.net(x.to(torch.float32), _sigma32(sigma, x), self.labels).to(x.dtype)
         self.stats.net_evals += 1
         return out
 
@@ -99,7 +101,7 @@ class GuidedDenoiser:
         return cls(NetworkDenoiser(net, labels), guide, guidance, guidance_interval, stats)
 
     def guided(self, sigma: torch.Tensor | float) -> bool:
-        """Whether an evaluation at sigma calls the guide (the host reads sigma only with an interval)."""
+        """Whether an evaluation at sigma calls the guide (the solvers pass floats: no device sync)."""
         if self.guide is None or self.weight == 1:
             return False
         return self.interval is None or is_guided(float(sigma), self.weight, self.interval)

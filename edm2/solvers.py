@@ -10,9 +10,11 @@ Every solver is `solver(denoiser, x, sigmas, *, noise=None, dtype=torch.float64,
 x is the state at sigmas[0] ([N, C, H, W]; the solver works in `dtype`, float64 by default, and returns the
 final state in it), sigmas a schedule of edm2.schedules (strictly decreasing, positive, usually ending in 0),
 denoiser any `D(x, sigma)` of edm2.guidance (guidance lives there, so every solver can be guided), and
-callback(i, x) is called after step i. The step formulas follow the papers' update rules in the form that
-k-diffusion's sampling.py (Crowson, MIT) made standard; tests/test_solvers.py checks each solver against
-numbers computed with that code (tests/data/NOTES.md).
+callback(i, x) is called after step i. The state's arithmetic uses the schedule as 0-dim tensors on x's device;
+the denoiser and the noise source get sigma as a Python float of the same value, and every decision (churn, the
+last step, the guidance interval) reads host values, so no step waits for the device. The step formulas are
+the papers' update rules in the form that k-diffusion's sampling.py (Crowson, MIT) made standard;
+tests/test_solvers.py checks each solver against numbers computed with that code (tests/data/NOTES.md).
 
 - euler, heun: EDM Alg. 2 with Euler steps, resp. with Heun's 2nd-order correction (none on a step to
   sigma = 0). Optional churn (S_churn, S_min, S_max, S_noise) first raises sigma_i to
@@ -29,7 +31,7 @@ numbers computed with that code (tests/data/NOTES.md).
 - dpmpp_3m_sde: the third-order multistep SDE variant (k-diffusion's), eta as above.
 The last step of the multistep solvers (to sigma = 0) returns the denoised estimate.
 
-Noise: the stochastic solvers draw `noise(x, sigma, sigma_next)`, a tensor like x with unit normal entries
+Noise: the stochastic solvers draw `noise(x, sigma, sigma_next)` (floats), a tensor like x with unit normal entries
 for the move from sigma to sigma_next (churn: from sigma_i to sigma_hat). A solver draws only when it uses
 the draw (churn only where gamma > 0; ancestral and SDE steps only for eta > 0 and sigma_next > 0), one draw
 per such step, in step order. `seed_noise(generators)` draws image k's noise from image k's own generator,
@@ -70,7 +72,7 @@ __all__ = [
 
 
 class NoiseSource(Protocol):
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor: ...
 
 
 Callback = Callable[[int, torch.Tensor], None]
@@ -84,7 +86,7 @@ def seed_noise(generators: SeedGenerators) -> NoiseSource:
     return lambda x, sigma, sigma_next: generators.randn_like(x)
 
 
-def _default_noise(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def _default_noise(x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     return torch.randn_like(x)
 
 
@@ -113,8 +115,9 @@ def _check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> 
 def _prepare(
     x: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype, noise: NoiseSource | None, callback: Callback | None
 ) -> tuple[torch.Tensor, torch.Tensor, list[float], NoiseSource]:
-    """The state and the schedule in `dtype` on x's device, the schedule's host copy (for decisions without
-    device syncs) and the noise source, after checking them."""
+    """The state and the schedule in `dtype` on x's device, the schedule's values on the host (the sigmas
+    given to the denoiser and to the noise source, and every decision, without device syncs) and the noise
+    source, after checking them."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a tensor of shape [N, C, H, W], got {getattr(x, 'shape', x)!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -127,6 +130,15 @@ def _prepare(
         raise ValueError(f"sigmas must be a tensor (see edm2.schedules), got {sigmas!r}")
     sigmas = check_sigmas(sigmas.to(dtype=dtype, device=x.device))
     return x.to(dtype), sigmas, sigmas.tolist(), noise if noise is not None else _default_noise
+
+
+def _host_sigma_hat(sigma: float, gamma: float, dtype: torch.dtype) -> float:
+    """sigma_hat = sigma + gamma sigma as the solver computes it on the device (a 0-dim tensor in `dtype`), here
+    computed on the host: the same correctly rounded operations, so the same value, without a device sync."""
+    if gamma == 0:
+        return sigma
+    s = torch.tensor(sigma, dtype=dtype)
+    return (s + gamma * s).item()
 
 
 @torch.no_grad()
@@ -152,8 +164,9 @@ def sample_euler(
         gamma = churn_gamma(values[i], num_steps, S_churn, S_min, S_max)
         sigma_hat = sigma_cur + gamma * sigma_cur
         if gamma > 0:
-            x = x + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * noise(x, sigma_cur, sigma_hat)
-        d_cur = (x - denoiser(x, sigma_hat)) / sigma_hat
+            draw = noise(x, values[i], _host_sigma_hat(values[i], gamma, dtype))
+            x = x + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * draw
+        d_cur = (x - denoiser(x, _host_sigma_hat(values[i], gamma, dtype))) / sigma_hat
         x = x + (sigma_next - sigma_hat) * d_cur
         if callback is not None:
             callback(i, x)
@@ -185,11 +198,12 @@ def sample_heun(
         sigma_hat = sigma_cur + gamma * sigma_cur
         x_hat = x_cur
         if gamma > 0:
-            x_hat = x_cur + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * noise(x_cur, sigma_cur, sigma_hat)
-        d_cur = (x_hat - denoiser(x_hat, sigma_hat)) / sigma_hat
+            draw = noise(x_cur, values[i], _host_sigma_hat(values[i], gamma, dtype))
+            x_hat = x_cur + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * draw
+        d_cur = (x_hat - denoiser(x_hat, _host_sigma_hat(values[i], gamma, dtype))) / sigma_hat
         x_next = x_hat + (sigma_next - sigma_hat) * d_cur
         if values[i + 1] > 0:  # the 2nd-order correction needs the slope at sigma_next
-            d_prime = (x_next - denoiser(x_next, sigma_next)) / sigma_next
+            d_prime = (x_next - denoiser(x_next, values[i + 1])) / sigma_next
             x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d_cur + 0.5 * d_prime)
         if callback is not None:
             callback(i, x_next)
@@ -213,12 +227,12 @@ def sample_euler_ancestral(
     x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = (x - denoiser(x, sigma)) / sigma
+        d = (x - denoiser(x, values[i])) / sigma
         if eta > 0 and values[i + 1] > 0:
             sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
             sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
             x = x + d * (sigma_down - sigma)
-            x = x + noise(x, sigma, sigma_next) * s_noise * sigma_up
+            x = x + noise(x, values[i], values[i + 1]) * s_noise * sigma_up
         else:
             x = x + d * (sigma_next - sigma)
         if callback is not None:
@@ -253,7 +267,7 @@ def sample_dpmpp_2m(
     prev = None  # (denoised, h) of the previous step
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
+        denoised = denoiser(x, values[i])
         if values[i + 1] == 0:
             x = denoised
         else:
@@ -301,7 +315,7 @@ def sample_dpmpp_2m_sde(
     prev = None  # (denoised, h) of the previous step
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
+        denoised = denoiser(x, values[i])
         if values[i + 1] == 0:
             x = denoised
         else:
@@ -313,7 +327,7 @@ def sample_dpmpp_2m_sde(
                 slope = (denoised - prev[0]) * (h / prev[1])  # (D - D_prev) / r
                 x = x + (phi2 if solver_type == "heun" else 0.5 * phi1) * slope
             if eta > 0:
-                x = x + noise(x, sigma, sigma_next) * _sde_noise_scale(sigma_next, eta_h) * s_noise
+                x = x + noise(x, values[i], values[i + 1]) * _sde_noise_scale(sigma_next, eta_h) * s_noise
             prev = (denoised, h)
         if callback is not None:
             callback(i, x)
@@ -341,7 +355,7 @@ def sample_dpmpp_3m_sde(
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (denoised, h) of the previous steps, newest first
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
+        denoised = denoiser(x, values[i])
         if values[i + 1] == 0:
             x = denoised
         else:
@@ -360,7 +374,7 @@ def sample_dpmpp_3m_sde(
                 else:
                     x = x + phi2 * first
             if eta > 0:
-                x = x + noise(x, sigma, sigma_next) * _sde_noise_scale(sigma_next, h * eta) * s_noise
+                x = x + noise(x, values[i], values[i + 1]) * _sde_noise_scale(sigma_next, h * eta) * s_noise
             history = [(denoised, h)] + history[:1]
         if callback is not None:
             callback(i, x)
@@ -410,7 +424,7 @@ def sample(name: str, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
     return solver.function(denoiser, x, sigmas, **options)
 
 
-def _zero_noise(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def _zero_noise(x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
