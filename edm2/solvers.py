@@ -31,10 +31,10 @@ tests/test_solvers.py checks each solver against numbers computed with that code
 - dpmpp_3m_sde: the third-order multistep SDE variant (k-diffusion's), eta as above.
 The last step of the multistep solvers (to sigma = 0) returns the denoised estimate.
 
-Noise: the stochastic solvers draw `noise(x, sigma, sigma_next)` (floats), a tensor like x with unit normal entries
-for the move from sigma to sigma_next (churn: from sigma_i to sigma_hat). A solver draws only when it uses
-the draw (churn only where gamma > 0; ancestral and SDE steps only for eta > 0 and sigma_next > 0), one draw
-per such step, in step order. `seed_noise(generators)` draws image k's noise from image k's own generator,
+Noise: the stochastic solvers draw `noise(x, sigma, sigma_next)` (sigmas as floats), a tensor like x with unit
+normal entries for the move from sigma to sigma_next (churn: from sigma_i to sigma_hat). A solver draws only
+when it uses the draw (churn only where gamma > 0; ancestral and SDE steps only for eta > 0 and
+sigma_next > 0), one draw per such step, in step order. `seed_noise(generators)` draws image k's noise from image k's own generator,
 so images depend only on their seeds, not on the batch (what generation has always done for churn); the
 default, noise=None, is torch.randn_like. Options are validated where they enter, with a ValueError that
 names the option; `sample(name, ...)` also checks the solver's name, its options and its minimum step count.
@@ -101,8 +101,8 @@ def _check_nonnegative(name: str, value: float) -> float:
 
 
 def _check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> tuple[float, float, float, float]:
-    S_churn, S_min, S_noise = (_check_nonnegative(n, v) for n, v in (("S_churn", S_churn), ("S_min", S_min),
-                                                                         ("S_noise", S_noise)))
+    S_churn, S_min = _check_nonnegative("S_churn", S_churn), _check_nonnegative("S_min", S_min)
+    S_noise = _check_nonnegative("S_noise", S_noise)
     try:
         S_max = float(S_max)
     except (TypeError, ValueError):
@@ -162,11 +162,10 @@ def sample_euler(
     for i in range(num_steps):
         sigma_cur, sigma_next = sigmas[i], sigmas[i + 1]
         gamma = churn_gamma(values[i], num_steps, S_churn, S_min, S_max)
-        sigma_hat = sigma_cur + gamma * sigma_cur
+        sigma_hat, sigma_hat_value = sigma_cur + gamma * sigma_cur, _host_sigma_hat(values[i], gamma, dtype)
         if gamma > 0:
-            draw = noise(x, values[i], _host_sigma_hat(values[i], gamma, dtype))
-            x = x + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * draw
-        d_cur = (x - denoiser(x, _host_sigma_hat(values[i], gamma, dtype))) / sigma_hat
+            x = x + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * noise(x, values[i], sigma_hat_value)
+        d_cur = (x - denoiser(x, sigma_hat_value)) / sigma_hat
         x = x + (sigma_next - sigma_hat) * d_cur
         if callback is not None:
             callback(i, x)
@@ -195,12 +194,11 @@ def sample_heun(
         sigma_cur, sigma_next = sigmas[i], sigmas[i + 1]
         x_cur = x_next
         gamma = churn_gamma(values[i], num_steps, S_churn, S_min, S_max)
-        sigma_hat = sigma_cur + gamma * sigma_cur
+        sigma_hat, sigma_hat_value = sigma_cur + gamma * sigma_cur, _host_sigma_hat(values[i], gamma, dtype)
         x_hat = x_cur
         if gamma > 0:
-            draw = noise(x_cur, values[i], _host_sigma_hat(values[i], gamma, dtype))
-            x_hat = x_cur + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * draw
-        d_cur = (x_hat - denoiser(x_hat, _host_sigma_hat(values[i], gamma, dtype))) / sigma_hat
+            x_hat = x_cur + (sigma_hat**2 - sigma_cur**2).sqrt() * S_noise * noise(x_cur, values[i], sigma_hat_value)
+        d_cur = (x_hat - denoiser(x_hat, sigma_hat_value)) / sigma_hat
         x_next = x_hat + (sigma_next - sigma_hat) * d_cur
         if values[i + 1] > 0:  # the 2nd-order correction needs the slope at sigma_next
             d_prime = (x_next - denoiser(x_next, values[i + 1])) / sigma_next
