@@ -33,10 +33,10 @@ The last step of the multistep solvers (to sigma = 0) returns the denoised estim
 
 Noise: the stochastic solvers draw `noise(x, sigma, sigma_next)` (sigmas as floats), a tensor like x with unit
 normal entries for the move from sigma to sigma_next (churn: from sigma_i to sigma_hat). A solver draws only
-when it uses the draw (churn only where gamma > 0; ancestral and SDE steps only for eta > 0 and
-sigma_next > 0), one draw per such step, in step order. `seed_noise(generators)` draws image k's noise from
-image k's own generator, so images depend only on their seeds, not on the batch (what generation has always done for churn); the
-default, noise=None, is torch.randn_like. Options are validated where they enter, with a ValueError that
+when it uses the draw (churn only where gamma > 0; ancestral and SDE steps only for eta > 0 and sigma_next > 0),
+one draw per such step, in step order. `seed_noise(generators)` draws image k's noise from image k's own
+generator, so images depend only on their seeds, not on the batch (what generation has always done for churn);
+the default, noise=None, is torch.randn_like. Options are validated where they enter, with a ValueError that
 names the option; `sample(name, ...)` also checks the solver's name, its options and its minimum step count.
 """
 
