@@ -39,6 +39,9 @@ from .official import OFFICIAL_PRESETS, resolve_official_preset
 from .official_pickle import UnsafePickleError
 from .generation import GenerationSummary, generate_batch, generate_images, make_grid, prepare_for_sampling, save_png
 from .sampler import SamplerStats, count_evaluations, edm_sampler, evaluation_sigmas, step_sigmas
+from . import guidance, schedules, solvers
+from .guidance import GuidedDenoiser, NetworkDenoiser
+from .solvers import SOLVERS, sample, seed_noise
 from .seeds import SeedGenerators, format_seeds, parse_seeds, seed_noise_and_labels
 from .presets import UVIT_DEMO_NETWORKS, uvit_network_kwargs
 from .presets import (
@@ -61,6 +64,7 @@ __all__ = [
     "evaluation_sigmas", "format_seeds", "generate_batch", "generate_images", "make_grid", "parse_seeds",
     "prepare_for_sampling",
     "save_png", "seed_noise_and_labels", "step_sigmas",
+    "GuidedDenoiser", "NetworkDenoiser", "SOLVERS", "guidance", "sample", "schedules", "seed_noise", "solvers",
     "DownloadError", "ModelFileError", "NetworkFile", "OFFICIAL_PRESETS", "UnsafePickleError", "download",
     "load_network", "phema", "read_header", "register_network_class", "resolve_official_preset",
     "resolve_path_or_url", "save_network",

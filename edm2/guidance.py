@@ -1,0 +1,116 @@
+"""Denoisers and guidance as denoiser wrappers (docs/design.md §7).
+
+A denoiser is any callable `denoiser(x, sigma) -> D(x; sigma)`: x is the noisy state [N, C, H, W] (float32 or
+float64) and sigma the noise level, a float (what the solvers of edm2.solvers pass: the schedule's value in the
+state's dtype) or a 0-dim tensor; it returns a tensor shaped and typed like x.
+The solvers of edm2.solvers take nothing else, so networks, labels and guidance are bound here, once:
+
+    den = NetworkDenoiser(net, labels)                                      # a network and its labels
+    den = GuidedDenoiser(NetworkDenoiser(net, labels), NetworkDenoiser(gnet, None), weight=1.7)
+    den = GuidedDenoiser.from_networks(net, labels, gnet, guidance=1.7, guidance_interval=(0.28, 2.9))
+    x = edm2.solvers.sample('heun', den, noise * sigmas[0], sigmas)
+    den.stats.total_evals                                                  # network evaluations per image
+
+Guidance (classifier-free when the guide is unconditional; autoguidance, arXiv 2406.02507, when it is a
+smaller or less trained model of the same task) combines D = D_g + w (D_main - D_g), optionally only for
+sigma_lo < sigma <= sigma_hi (guidance interval, arXiv 2404.07724): the rule and the checks are those of
+edm2.sampler, done once in the constructor. Weight 1 never calls the guide. Every call counts the
+evaluations it made in `stats` (edm2.sampler.SamplerStats): each call evaluates every image of the batch once,
+so the counts are per image, and a guided evaluation costs two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from .sampler import SamplerStats, check_guidance_interval, check_guiding_network, is_guided
+
+__all__ = ["Denoiser", "GuidedDenoiser", "NetworkDenoiser"]
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor: ...
+
+
+def _sigma32(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """sigma as the 0-dim float32 tensor on x's device that networks take; a float becomes one without a
+    host-to-device copy (rounded to float32 as a float64 tensor would be)."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.to(device=x.device, dtype=torch.float32)
+    return torch.full([], float(sigma), dtype=torch.float32, device=x.device)
+
+
+class NetworkDenoiser:
+    """A network `net(x, sigma, labels)` with its labels bound: the network sees float32 inputs and the
+    result comes back in x's dtype (as edm_sampler has always done). Counts its calls in `stats.net_evals`."""
+
+    def __init__(self, net: torch.nn.Module, labels: torch.Tensor | None = None, stats: SamplerStats | None = None):
+        self.net, self.labels = net, labels
+        self.stats = stats if stats is not None else SamplerStats()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        out = self.net(x.to(torch.float32), _sigma32(sigma, x), self.labels).to(x.dtype)
+        self.stats.net_evals += 1
+        return out
+
+
+class GuidedDenoiser:
+    """D_g + w (D_main - D_g) inside the guidance interval, D_main outside it and for w = 1.
+
+    main, guide: denoisers (guide may be None only for weight 1). When they wrap networks (NetworkDenoiser),
+    the networks must agree in resolution and channels and the guide must be unconditional or share the main
+    network's labels. `stats` counts main evaluations as net_evals and guide evaluations as gnet_evals.
+    """
+
+    def __init__(
+        self,
+        main: Denoiser,
+        guide: Denoiser | None,
+        weight: float = 1,
+        interval: Sequence[float] | None = None,
+        stats: SamplerStats | None = None,
+    ):
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"guidance weight must be a number, got {weight!r}") from None
+        # The networks' checks when there are networks; otherwise the attributes are absent on both sides.
+        guide_net = None if guide is None else getattr(guide, "net", guide)
+        check_guiding_network(getattr(main, "net", main), guide_net, weight)
+        self.main, self.guide, self.weight = main, guide, weight
+        self.interval = check_guidance_interval(interval)
+        self.stats = stats if stats is not None else SamplerStats()
+
+    @classmethod
+    def from_networks(
+        cls,
+        net: torch.nn.Module,
+        labels: torch.Tensor | None = None,
+        gnet: torch.nn.Module | None = None,
+        guidance: float = 1,
+        guidance_interval: Sequence[float] | None = None,
+        stats: SamplerStats | None = None,
+    ) -> GuidedDenoiser:
+        """The denoiser of edm_sampler's arguments: an unconditional gnet (label_dim 0) gets no labels."""
+        guide = None
+        if gnet is not None:
+            guide = NetworkDenoiser(gnet, labels if getattr(gnet, "label_dim", 0) != 0 else None)
+        return cls(NetworkDenoiser(net, labels), guide, guidance, guidance_interval, stats)
+
+    def guided(self, sigma: torch.Tensor | float) -> bool:
+        """Whether an evaluation at sigma calls the guide (the solvers pass floats: no device sync)."""
+        if self.guide is None or self.weight == 1:
+            return False
+        return self.interval is None or is_guided(float(sigma), self.weight, self.interval)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        D = self.main(x, sigma)
+        self.stats.net_evals += 1
+        if not self.guided(sigma):
+            return D
+        D_g = self.guide(x, sigma)
+        self.stats.gnet_evals += 1
+        return D_g.lerp(D, self.weight)  # D_g + w (D - D_g)
