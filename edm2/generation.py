@@ -104,6 +104,7 @@ def prepare_for_sampling(
     channels_last: bool | None = None,
     cuda_graphs: bool | None = None,
     freezing: bool | None = None,
+    reference: bool = False,
 ) -> torch.nn.Module:
     """The network set up for fast sampling: eval mode, no parameter gradients, NHWC activations on CUDA
     (`channels_last` None = on CUDA), cuDNN picking its fastest algorithms for the fixed shapes, and with
@@ -113,13 +114,21 @@ def prepare_for_sampling(
     with `compile` on CUDA) lets the compiler treat the weights as constants, so the normalized weights are
     computed once at compile time: load other weights into this module afterwards and the compiled function
     keeps using the old ones (prepare again). The outputs are the plain network's within float rounding; the
-    module's attributes stay readable."""
+    module's attributes stay readable. `reference`: the official code's operations in its order and layout instead
+    (attention with explicit scores, per-block modulation products, NCHW, cuDNN's default algorithms; what the
+    CPU always does), for its images per seed on CUDA as far as the kernels allow; slower, and not with `compile`."""
+    if reference and compile:
+        raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
+                         "drop compile")
     net.eval().requires_grad_(False)
     on_cuda = next(net.parameters()).device.type == "cuda"
+    for module in net.modules():
+        if hasattr(module, "reference_order"):
+            module.reference_order = True if reference else None  # None: the reference order on the CPU only
     if hasattr(net, "channels_last"):
-        net.channels_last = on_cuda if channels_last is None else bool(channels_last)
+        net.channels_last = on_cuda and not reference if channels_last is None else bool(channels_last)
     if on_cuda:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not reference
     if not compile:
         return net
     graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)

@@ -199,9 +199,10 @@ class UNet(torch.nn.Module):
         # official code forms that factor in its stored gain's dtype, float16 in official snapshots; with float32 here
         # the factor of an official file would differ by up to 2^-11 relative (docs/design.md).
         self.gain_dtype = torch.float32
-        # Runtime switch: attention in the reference's order of operations (True), fused SDPA (False) or None: the
-        # reference's on the CPU (the official values to the last bit), SDPA on other devices (fast).
-        self.reference_attention: bool | None = None
+        # Runtime switch: the reference's order of operations (True: attention with explicit scores, one modulation
+        # product per block), or the fast one (False: fused SDPA, all blocks' modulations in one product); None: the
+        # reference's on the CPU (the official values to the last bit), the fast one on other devices.
+        self.reference_order: bool | None = None
         # Runtime switch (compiled multi-GPU training, --grad-sync overlap): qualified block names where a new
         # compiled piece starts (overlap_breaks()), so that backward hands over each piece's gradients as it ends.
         self.graph_breaks: tuple[str, ...] = ()
@@ -291,32 +292,34 @@ class UNet(torch.nn.Module):
             labels = class_labels * math.sqrt(class_labels.shape[1])
             emb = mp_sum(emb, self.emb_label(labels, weight=next(emb_w) if batched else None), t=self.label_balance)
         emb = mp_silu(emb)  # stays float32: the modulation is cast per block
-        sizes = [b.out_channels for b in blocks]
-        mods = (emb @ self.modulation_weight(mod_w).t() + 1).split(sizes, dim=1)  # Eq. 47 per block, in one product
+        reference = self.reference_order if self.reference_order is not None else x.device.type == "cpu"
+        if reference and not batched:  # each block's own product, as the reference (cuBLAS may round a wider one apart)
+            mods = [b.emb_linear(emb, gain=b.emb_gain.to(self.gain_dtype)) + 1 for b in blocks]
+        else:
+            sizes = [b.out_channels for b in blocks]
+            mods = (emb @ self.modulation_weight(mod_w).t() + 1).split(sizes, dim=1)  # Eq. 47 per block, in one product
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips: list[torch.Tensor] = []
         parts = self.parts()
         if len(parts) > 3:
             raise ValueError(f"UNet: graph_breaks {list(self.graph_breaks)} make {len(parts)} pieces; at most 3 are supported")
-        x = self._run_part(parts[0], x, skips, mods, batched)
+        x = self._run_part(parts[0], x, skips, mods, batched, reference)
         # Straight-line code: torch.compile resumes after a graph break here, not inside a loop.
         if len(parts) > 1:
             torch._dynamo.graph_break()  # a new compiled piece: backward hands over the later pieces' gradients first
-            x = self._run_part(parts[1], x, skips, mods, batched)
+            x = self._run_part(parts[1], x, skips, mods, batched, reference)
         if len(parts) > 2:
             torch._dynamo.graph_break()
-            x = self._run_part(parts[2], x, skips, mods, batched)
+            x = self._run_part(parts[2], x, skips, mods, batched, reference)
         return self.out_conv(x, gain=self.out_gain.to(self.gain_dtype))
 
     def _run_part(self, names: list[str], x: torch.Tensor, skips: list[torch.Tensor], mods: Sequence[torch.Tensor],
-                  batched: bool) -> torch.Tensor:
+                  batched: bool, reference: bool = False) -> torch.Tensor:
         """Run the named blocks; encoder outputs are pushed onto `skips`, decoder blocks pop theirs. With `batched`,
-        the effective weights of all the part's layers come from one operation."""
+        the effective weights of all the part's layers come from one operation; `reference`: attention in the
+        reference's order of operations."""
         modules = [(name, (self.enc if name.startswith("enc.") else self.dec)[name.split(".", 1)[1]]) for name in names]
-        reference_attention = self.reference_attention
-        if reference_attention is None:
-            reference_attention = x.device.type == "cpu"
         if batched:
             layers = [[m] if isinstance(m, MPConv) else m.convs() for _, m in modules]
             weights = iter(effective_weights([c.weight for group in layers for c in group], x.dtype))
@@ -329,7 +332,7 @@ class UNet(torch.nn.Module):
                     x = mp_cat(x, self.skip_scale(skip, len(skips) + 1), t=self.concat_balance)
                 ws = [next(weights) for _ in block.convs()] if batched else None
                 x = block(x, c=mods[self._block_index[name]], weights=ws, fast_dropout=self.fast_dropout,
-                          reference_attention=reference_attention)
+                          reference_attention=reference)
             if name.startswith("enc."):
                 skips.append(x)
         return x

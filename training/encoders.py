@@ -37,8 +37,9 @@ def _check_pixels(x: torch.Tensor, who: str) -> None:
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [0, 255]: (x + 1) * 127.5, clamped and rounded."""
-    return ((x.to(torch.float32) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    """[-1, 1] -> uint8 [0, 255]: x * 127.5 + 128, clamped and truncated, i.e. rounded half up, in the official
+    code's floating-point operations (so that its images per seed are matched to the last level)."""
+    return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 class StandardRGBEncoder:
