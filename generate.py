@@ -192,7 +192,9 @@ def main(
         ) from None
 
     if kernels == "reference" and compile_net:
-        raise click.BadParameter("reference kernels run the network uncompiled; drop --compile", param_hint="'--kernels'")
+        raise click.BadParameter(
+            "reference kernels run the network uncompiled; drop --compile", param_hint="'--kernels'"
+        )
 
     dist.init()
     try:
