@@ -47,6 +47,18 @@ def test_float32_gain_factors_would_differ():
     assert (diff > 0).mean() > 0.001  # the check above would see this
 
 
+def test_converted_file_samples_as_the_official_pickle(tmp_path):
+    from edm2.convert_official import convert_official
+
+    ref = np.load(DATA / "official_generate_images.npz")
+    cfg = json.loads(str(ref["configs"]))["churn_class"]
+    convert_official(DATA / "official_generate_tiny.pkl", tmp_path / "tiny.safetensors")
+    net = edm2.load_network(tmp_path / "tiny.safetensors").net
+    assert net.unet.gain_dtype == torch.float16
+    net.precision = sampling_precision(net.precision, "cpu")
+    assert np.array_equal(_images(prepare_for_sampling(net), cfg), ref["churn_class"])
+
+
 def test_reference_kernels_switch(tmp_path):
     from click.testing import CliRunner
 
