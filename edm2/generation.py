@@ -35,6 +35,9 @@ from .sampler import SamplerStats, check_guiding_network, edm_sampler
 from .seeds import seed_noise_and_labels
 
 
+VAE_DECODE_BATCH = 4  # latents per VAE decoder call when generating, as the official generate_images.py
+
+
 @dataclasses.dataclass
 class GenerationSummary:
     """What generate_images did, summed over all ranks."""
@@ -220,6 +223,8 @@ def generate_images(
     check_guiding_network(net, gnet, sampler_kwargs.get("guidance", 1))
     check_class_index(net, class_idx)
     encoder = encoder_for(net, encoder_settings)
+    if hasattr(encoder, "batch_size"):  # the VAE: the official generator decodes 4 latents per call, and the
+        encoder.batch_size = VAE_DECODE_BATCH  # size of a call can change the rounding of every image in it
     device = torch.device(device) if device is not None else dist.device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     my_batches = dist.split_for_rank(seed_batches(seeds, batch_size), rank, world_size)

@@ -232,7 +232,7 @@ def network_file_from_official(data: Any, path: pathlib.Path, device: torch.devi
 
 def official_gain_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     """The dtype in which the official code forms the gains' factor gain / sqrt(fan_in) (Eq. 47) for these stored
-    tensors: the stored gains' own (float16 in official snapshots), float32 for wider ones, as the weights."""
+    tensors: the stored gains' own when it is a half type (float16 in official snapshots), else float32."""
     gain = state.get("unet.out_gain")
     if gain is not None and gain.dtype in (torch.float16, torch.bfloat16):
         return gain.dtype

@@ -76,6 +76,22 @@ def test_reference_kernels_switch(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_vae_decodes_four_latents_per_call_as_the_official_generator(tmp_path, monkeypatch):
+    import edm2.generation as generation
+
+    class Spy:
+        batch_size = 8  # the VAE encoder's default
+
+        def decode(self, x):
+            seen.append(self.batch_size)
+            return torch.zeros([x.shape[0], 3, x.shape[2], x.shape[3]], dtype=torch.uint8)
+
+    seen = []
+    monkeypatch.setattr(generation, "encoder_for", lambda net, settings: Spy())
+    generation.generate_images(_official_net(), [0], outdir=tmp_path, num_steps=1, progress=False, device="cpu")
+    assert seen == [generation.VAE_DECODE_BATCH] == [4]
+
+
 def test_seeds_modulo_2_32_and_noise_device():
     a = SeedGenerators([7, 2**32 + 7]).randn([4])
     assert torch.equal(a[0], a[1])
