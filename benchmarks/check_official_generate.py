@@ -40,6 +40,16 @@ OFFICIAL_NEEDS = ["torch", "numpy", "click", "tqdm", "PIL", "requests"]
 NOTE = "# module source omitted from this copy (see tests/data/NOTES.md)\n"
 
 
+def probe_inputs():
+    """Fixed network inputs (x, sigma, one-hot labels) at three noise levels, for the network outputs' comparison."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn([4, 3, 16, 16], generator=g)
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 3, 7, 9]), 10).to(torch.float32)
+    return [(x * sigma, torch.tensor(sigma), labels) for sigma in (80.0, 1.2, 0.01)]
+
+
 def _missing(modules: list[str]) -> list[str]:
     import importlib.util
 
@@ -87,6 +97,9 @@ def official_worker(official_dir: str, device: str, workdir: str, save_dir: str 
                 for seed, image in zip(r.seeds, r.images.cpu().numpy()):
                     images[seed] = image
             out[f"{precision}/{name}"] = np.stack([images[s] for s in cfg["seeds"]])
+        with torch.no_grad():
+            for i, (x, sigma, labels) in enumerate(probe_inputs()):
+                out[f"D/{precision}/{i}"] = module(x.to(device), sigma.to(device), labels.to(device)).cpu().numpy()
     np.savez(os.path.join(workdir, "official.npz"), **out)
     if save_dir is not None:
         classes = {type(m) for m in data.ema.modules()} | {type(data.encoder)}
@@ -112,12 +125,28 @@ def compare(a, b) -> dict:
 
 def project_images(net, device: str, precision: str, kernels: str) -> dict:
     """This project's images for every setting of CONFIGS, in one configuration of generate.py."""
+    import torch
+
     from edm2.generation import generate_batch, prepare_for_sampling
 
     net.precision = precision
     net = prepare_for_sampling(net, reference=kernels == "reference")
-    return {name: generate_batch(net, cfg["seeds"], class_idx=cfg["class_idx"], device=device, **cfg["sampler"]).numpy()
-            for name, cfg in CONFIGS.items()}
+    out = {name: generate_batch(net, cfg["seeds"], class_idx=cfg["class_idx"], device=device, **cfg["sampler"]).numpy()
+           for name, cfg in CONFIGS.items()}
+    with torch.no_grad():
+        for i, (x, sigma, labels) in enumerate(probe_inputs()):
+            out[f"D/{i}"] = net(x.to(device), sigma.to(device), labels.to(device)).cpu().numpy()
+    return out
+
+
+def compare_outputs(ours: dict, official: dict, precision: str) -> dict:
+    """The network's outputs D(x; sigma) on the probe inputs: the fraction of bitwise equal values, the largest
+    difference relative to the largest official value."""
+    import numpy as np
+
+    pairs = [(ours[f"D/{i}"], official[f"D/{precision}/{i}"]) for i in range(len(probe_inputs()))]
+    return {"equal_frac": float(np.mean([np.mean(a == b) for a, b in pairs])),
+            "max_rel": float(max(np.abs(a - b).max() / np.abs(b).max() for a, b in pairs))}
 
 
 def main() -> None:
@@ -165,6 +194,7 @@ def main() -> None:
         for precision, kernels in runs:
             ours = project_images(loaded.net, args.device, precision, kernels)
             label = f"{precision}{' (default)' if precision == default_precision else ''}/kernels={kernels}"
+            results[f"{label}/network_output"] = compare_outputs(ours, official, precision)
             for name in CONFIGS:
                 results[f"{label}/{name}"] = r = compare(ours[name], official[f"{precision}/{name}"])
                 meets[label] = meets.get(label, True) and r["frac_diff_1"] <= 0.001 and r["max_diff"] <= 1
