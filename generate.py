@@ -138,6 +138,14 @@ def _load(option: str, path_or_url: str, device):
     default=None,
     help="Where each seed's generator draws noise and class  [default: the compute device, as the official code]",
 )
+@click.option(
+    "--kernels",
+    type=click.Choice(["fast", "reference"]),
+    default="fast",
+    help="CUDA only: fast (fused attention, channels-last, cuDNN autotuning) or reference (the official code's "
+    "operations in its order: its images per seed to the last level as far as the GPU allows; slower, no --compile). "
+    "The CPU always computes in the reference order",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar")
 @click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network(s): faster sampling after tens of seconds of compiling (GPU)")
 def main(
@@ -162,6 +170,7 @@ def main(
     S_noise,
     precision,
     noise_device,
+    kernels,
     progress,
     compile_net,
 ):
@@ -181,6 +190,11 @@ def main(
         raise click.BadParameter(
             str(e).replace("sigma_", "--sigma-"), param_hint="'--sigma-min' / '--sigma-max' / '--rho'"
         ) from None
+
+    if kernels == "reference" and compile_net:
+        raise click.BadParameter(
+            "reference kernels run the network uncompiled; drop --compile", param_hint="'--kernels'"
+        )
 
     dist.init()
     try:
@@ -210,8 +224,9 @@ def main(
         for network in (net, gnet):
             if network is not None and hasattr(network, "precision"):
                 network.precision = sampling_precision(network.precision, device, precision)
-        net = prepare_for_sampling(net, compile=compile_net)
-        gnet = prepare_for_sampling(gnet, compile=compile_net) if gnet is not None else None
+        reference = kernels == "reference"
+        net = prepare_for_sampling(net, compile=compile_net, reference=reference)
+        gnet = prepare_for_sampling(gnet, compile=compile_net, reference=reference) if gnet is not None else None
         summary = generate_images(
             net,
             seeds,

@@ -30,6 +30,8 @@ def convert_official(src: str | os.PathLike, dest: str | os.PathLike, sha256: st
         "dataset_kwargs": loaded.meta.get("dataset_kwargs"),
         "loss": loaded.meta.get("loss"),
         "source_dtypes": loaded.meta.get("source_dtypes"),
+        # The dtype in which the official code forms gain / sqrt(fan_in) for this file (model_files restores it).
+        "official_gain_dtype": str(loaded.net.unet.gain_dtype).removeprefix("torch."),
     }
     save_network(
         dest,

@@ -5,7 +5,8 @@
 
 Reproducibility: image k's noise, class and churn noise come from a generator seeded with k mod 2^32 on the
 noise device (edm2.seeds; by default the compute device, as the official generate_images.py does).
-With torchrun the seeds are cut into global batches of `batch_size` consecutive seeds, independent of the
+With torchrun the seeds are cut into global batches of consecutive seeds (as few batches of at most
+`batch_size` as hold them, sizes balanced as by the official generator on one GPU), independent of the
 number of processes, and whole batches are dealt to ranks; so each image is computed in the same batch
 whatever the number of GPUs, and the output is bit-identical across GPU counts (same device type). A
 different batch size gives the same noise and classes; batched float kernels may then round differently
@@ -33,6 +34,9 @@ from training.encoders import StandardRGBEncoder, encoder_from_config
 
 from .sampler import SamplerStats, check_guiding_network, edm_sampler
 from .seeds import seed_noise_and_labels
+
+
+VAE_DECODE_BATCH = 4  # latents per VAE decoder call when generating, as the official generate_images.py
 
 
 @dataclasses.dataclass
@@ -68,6 +72,15 @@ def encoder_for(net: torch.nn.Module, encoder_settings: dict[str, Any] | None):
     )
 
 
+def generation_encoder(net: torch.nn.Module, encoder_settings: dict[str, Any] | None):
+    """encoder_for, set up as the official generator sets it up: the VAE decodes VAE_DECODE_BATCH latents per call
+    (the size of a call can change the rounding of every image in it)."""
+    encoder = encoder_for(net, encoder_settings)
+    if hasattr(encoder, "batch_size"):
+        encoder.batch_size = VAE_DECODE_BATCH
+    return encoder
+
+
 def check_class_index(net: torch.nn.Module, class_idx: int | None) -> None:
     """ValueError unless class_idx is None or a valid class of the network."""
     if class_idx is None:
@@ -91,11 +104,18 @@ def sampling_precision(net_precision: str, device: torch.device | str, requested
 
 
 def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Consecutive batches of seeds, the same for any number of processes."""
+    """Consecutive batches of seeds, the same for any number of processes: as few batches of at most batch_size as
+    hold them all, their sizes balanced (the first ones one larger), as the official generator cuts them on one GPU
+    (e.g. 40 seeds, batch 32: 20 + 20), so that each image is computed in a batch of the official size."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     seeds = list(seeds)
-    return [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+    count = max(math.ceil(len(seeds) / batch_size), 1)
+    size, larger = divmod(len(seeds), count)
+    bounds = [0]
+    for k in range(count):
+        bounds.append(bounds[-1] + size + (k < larger))
+    return [seeds[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def prepare_for_sampling(
@@ -104,6 +124,7 @@ def prepare_for_sampling(
     channels_last: bool | None = None,
     cuda_graphs: bool | None = None,
     freezing: bool | None = None,
+    reference: bool = False,
 ) -> torch.nn.Module:
     """The network set up for fast sampling: eval mode, no parameter gradients, NHWC activations on CUDA
     (`channels_last` None = on CUDA), cuDNN picking its fastest algorithms for the fixed shapes, and with
@@ -113,13 +134,21 @@ def prepare_for_sampling(
     with `compile` on CUDA) lets the compiler treat the weights as constants, so the normalized weights are
     computed once at compile time: load other weights into this module afterwards and the compiled function
     keeps using the old ones (prepare again). The outputs are the plain network's within float rounding; the
-    module's attributes stay readable."""
+    module's attributes stay readable. `reference`: the official code's operations in its order and layout instead
+    (attention with explicit scores, per-block modulation products, NCHW, cuDNN's default algorithms; what the
+    CPU always does), for its images per seed on CUDA as far as the kernels allow; slower, and not with `compile`."""
+    if reference and compile:
+        raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
+                         "drop compile")
     net.eval().requires_grad_(False)
     on_cuda = next(net.parameters()).device.type == "cuda"
+    for module in net.modules():
+        if hasattr(module, "reference_order"):
+            module.reference_order = True if reference else None  # None: the reference order on the CPU only
     if hasattr(net, "channels_last"):
-        net.channels_last = on_cuda if channels_last is None else bool(channels_last)
+        net.channels_last = on_cuda and not reference if channels_last is None else bool(channels_last)
     if on_cuda:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not reference
     if not compile:
         return net
     graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
@@ -210,7 +239,7 @@ def generate_images(
         raise ValueError("generate_images: nothing to write; give outdir and/or grid_path")
     check_guiding_network(net, gnet, sampler_kwargs.get("guidance", 1))
     check_class_index(net, class_idx)
-    encoder = encoder_for(net, encoder_settings)
+    encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     my_batches = dist.split_for_rank(seed_batches(seeds, batch_size), rank, world_size)

@@ -432,11 +432,11 @@ def iterate_generated_images(
 ) -> tuple[Iterator[torch.Tensor], int]:
     """(uint8 batches of this process, their image count): the seeds cut into global batches as generate.py
     does (same images for any number of GPUs), every world_size-th batch for this rank. Nothing is written."""
-    from .generation import encoder_for, generate_batch, seed_batches
+    from .generation import generate_batch, generation_encoder, seed_batches
     from .sampler import check_guiding_network
 
     check_guiding_network(net, gnet, sampler_kwargs.get("guidance", 1))
-    encoder = encoder_for(net, encoder_settings)
+    encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
     my_batches = dist.split_for_rank(seed_batches(seeds, batch_size))
 

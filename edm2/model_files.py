@@ -347,7 +347,21 @@ def _load_safetensors(path: pathlib.Path, device: torch.device | str) -> Network
     except Exception as e:  # safetensors checks the header's offsets against the file size
         raise ModelFileError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from e
     net = build_network(header["network_class"], header["init_kwargs"], tensors, device, source=str(path))
+    _restore_official_gain_dtype(net, header)
     return NetworkFile(net=net, encoder=header.get("encoder"), meta=header, path=path)
+
+
+def _restore_official_gain_dtype(net: torch.nn.Module, header: dict[str, Any]) -> None:
+    """A file converted from an official pickle keeps sampling as the pickle does: the official code forms the gains'
+    factor of Eq. 47 in the stored gains' float16 (edm2/official_import.py: official_gain_dtype)."""
+    extra = header.get("extra")
+    if not isinstance(extra, dict) or not extra.get("converted_from") or not hasattr(net, "unet"):
+        return
+    name = extra.get("official_gain_dtype")
+    if name is None and extra.get("source_dtypes") == ["float16"]:  # converted before the key was written
+        name = "float16"
+    if name in ("float16", "bfloat16"):
+        net.unet.gain_dtype = getattr(torch, name)
 
 
 def load_network(

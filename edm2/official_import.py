@@ -226,7 +226,17 @@ def network_file_from_official(data: Any, path: pathlib.Path, device: torch.devi
     raw = official_state_dict(_ema_record(data, str(path)), str(path))
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.items()}
     net = build_network("Precond", header["init_kwargs"], state, device, source=str(path))
+    net.unet.gain_dtype = official_gain_dtype(raw)
     return NetworkFile(net=net, encoder=header["encoder"], meta=header, path=path)
+
+
+def official_gain_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype in which the official code forms the gains' factor gain / sqrt(fan_in) (Eq. 47) for these stored
+    tensors: the stored gains' own when it is a half type (float16 in official snapshots), else float32."""
+    gain = state.get("unet.out_gain")
+    if gain is not None and gain.dtype in (torch.float16, torch.bfloat16):
+        return gain.dtype
+    return torch.float32
 
 
 def read_official_header(path: str | os.PathLike) -> dict[str, Any]:

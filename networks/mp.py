@@ -24,7 +24,9 @@ def normalize(x: torch.Tensor, dim: int | Sequence[int] | None = None, eps: floa
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = eps + norm * math.sqrt(norm.numel() / x.numel())
+    # One add with alpha (eps + alpha * norm in one rounding on the CPU), as the reference computes it: two
+    # separate operations round differently in about 1 in 8 elements.
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
 
@@ -164,13 +166,20 @@ class MPConv(torch.nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"
 
 
-def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def cosine_attention(qkv: torch.Tensor, num_heads: int, reference: bool = False) -> torch.Tensor:
     """Self-attention with pixel-normalized queries and keys.
 
     qkv: [N, 3C, H, W] laid out as [heads, C/heads, 3] along the channel axis (the reference layout, so
-    that official weights load unchanged). Returns [N, C, H, W].
+    that official weights load unchanged). Returns [N, C, H, W]. reference: the reference's operations in its
+    order (channel-major views, explicit scores and softmax), which give its values to the last bit on the CPU;
+    otherwise fused scaled-dot-product attention (the same function, rounded differently; fast on CUDA).
     """
     n, c3, h, w = qkv.shape
+    if reference:
+        y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)
+        q, k, v = normalize(y, dim=2).unbind(3)  # each [N, heads, C/heads, HW]
+        scores = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2]))
+        return torch.einsum("nhqk,nhck->nhcq", scores.softmax(dim=3), v).reshape(n, c3 // 3, h, w)
     # Token-major view [N, HW, heads, C/heads, 3]: free for channels-last activations (the CUDA layout), so the
     # gradients flowing back into the qkv and output convolutions come out channels-last too, with no transposes.
     y = qkv.permute(0, 2, 3, 1).reshape(n, h * w, num_heads, c3 // (3 * num_heads), 3)

@@ -182,7 +182,7 @@ class Precond(torch.nn.Module):
         # device-side sigmas come from the sampler's schedule or the loss's distribution, checked upstream.
         if on_host and not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
             raise ValueError(f"Precond: sigma must be positive and finite, got {sigma.flatten().tolist()}")
-        return sigma.to(device).reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
+        return sigma.to(device).reshape(-1, 1, 1, 1)  # [1 or n, 1, 1, 1]: one sigma stays one (see forward)
 
     def forward(
         self,
@@ -205,7 +205,11 @@ class Precond(torch.nn.Module):
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sd**2 + sigma**2).sqrt()
+        # One sigma for the batch (the sampler's case) gives one noise embedding, broadcast over the batch in the
+        # U-Net, as in the reference: a one-row product rounds differently from the same row inside an n-row one.
         c_noise = sigma.flatten().log() / 4
+        if self.init_kwargs.get("arch") == "uvit":  # its embedding is a token per image
+            c_noise = c_noise.expand(n)
 
         x_in = (c_in * x).to(dtype)
         if self.channels_last:
@@ -214,5 +218,5 @@ class Precond(torch.nn.Module):
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x
-        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
         return D_x, logvar

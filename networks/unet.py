@@ -68,11 +68,13 @@ class Block(torch.nn.Module):
         c: torch.Tensor | None = None,
         weights: Sequence[torch.Tensor] | None = None,
         fast_dropout: bool = False,
+        reference_attention: bool = False,
     ) -> torch.Tensor:
         """x: [N, C, H, W]; emb: the conditioning embedding [N, emb_channels], or c: this block's modulation
         emb_linear(emb) + 1 [N, out_channels] already computed (UNet computes all blocks' in one product);
         weights: the effective weights of `convs()` in x's dtype, already computed (UNet does all layers' at once),
-        or None; fast_dropout: the keep-mask from networks/dropout.py's kernel where it runs (CUDA)."""
+        or None; fast_dropout: the keep-mask from networks/dropout.py's kernel where it runs (CUDA);
+        reference_attention: attention in the reference's order of operations (`cosine_attention`)."""
         w = {} if weights is None else dict(zip([n for n in self.CONVS if getattr(self, n) is not None], weights))
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
@@ -93,7 +95,7 @@ class Block(torch.nn.Module):
         x = mp_sum(x, y, t=self.res_balance)
 
         if self.num_heads:
-            y = cosine_attention(self.attn_qkv(x, weight=w.get("attn_qkv")), self.num_heads)
+            y = cosine_attention(self.attn_qkv(x, weight=w.get("attn_qkv")), self.num_heads, reference_attention)
             x = mp_sum(x, self.attn_proj(y, weight=w.get("attn_proj")), t=self.attn_balance)
 
         if self.clip_act is not None:
@@ -193,6 +195,14 @@ class UNet(torch.nn.Module):
         self.batched_weights = False
         # Runtime speed switch: dropout masks from one Philox call per four elements (networks/dropout.py) on CUDA.
         self.fast_dropout = False
+        # Runtime switch, set by the loader: the dtype in which the gains enter Eq. 47's gain / sqrt(fan_in). The
+        # official code forms that factor in its stored gain's dtype, float16 in official snapshots; with float32 here
+        # the factor of an official file would differ by up to 2^-11 relative (docs/design.md).
+        self.gain_dtype = torch.float32
+        # Runtime switch: the reference's order of operations (True: attention with explicit scores, one modulation
+        # product per block), or the fast one (False: fused SDPA, all blocks' modulations in one product); None: the
+        # reference's on the CPU (the official values to the last bit), the fast one on other devices.
+        self.reference_order: bool | None = None
         # Runtime switch (compiled multi-GPU training, --grad-sync overlap): qualified block names where a new
         # compiled piece starts (overlap_breaks()), so that backward hands over each piece's gradients as it ends.
         self.graph_breaks: tuple[str, ...] = ()
@@ -210,9 +220,10 @@ class UNet(torch.nn.Module):
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             key = tuple((t.data_ptr(), t._version) for b in blocks for t in (b.emb_linear.weight, b.emb_gain))
+            key += (self.gain_dtype,)
             if self._modulation_cache is not None and self._modulation_cache[0] == key:
                 return self._modulation_cache[1]
-        w = torch.cat([b.emb_linear.effective_weight(b.emb_gain) for b in blocks])
+        w = torch.cat([b.emb_linear.effective_weight(b.emb_gain.to(self.gain_dtype)) for b in blocks])
         if cacheable:
             self._modulation_cache = (key, w)
         return w
@@ -281,28 +292,33 @@ class UNet(torch.nn.Module):
             labels = class_labels * math.sqrt(class_labels.shape[1])
             emb = mp_sum(emb, self.emb_label(labels, weight=next(emb_w) if batched else None), t=self.label_balance)
         emb = mp_silu(emb)  # stays float32: the modulation is cast per block
-        sizes = [b.out_channels for b in blocks]
-        mods = (emb @ self.modulation_weight(mod_w).t() + 1).split(sizes, dim=1)  # Eq. 47 per block, in one product
+        reference = self.reference_order if self.reference_order is not None else x.device.type == "cpu"
+        if reference and not batched:  # each block's own product, as the reference (cuBLAS may round a wider one apart)
+            mods = [b.emb_linear(emb, gain=b.emb_gain.to(self.gain_dtype)) + 1 for b in blocks]
+        else:
+            sizes = [b.out_channels for b in blocks]
+            mods = (emb @ self.modulation_weight(mod_w).t() + 1).split(sizes, dim=1)  # Eq. 47 per block, in one product
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips: list[torch.Tensor] = []
         parts = self.parts()
         if len(parts) > 3:
             raise ValueError(f"UNet: graph_breaks {list(self.graph_breaks)} make {len(parts)} pieces; at most 3 are supported")
-        x = self._run_part(parts[0], x, skips, mods, batched)
+        x = self._run_part(parts[0], x, skips, mods, batched, reference)
         # Straight-line code: torch.compile resumes after a graph break here, not inside a loop.
         if len(parts) > 1:
             torch._dynamo.graph_break()  # a new compiled piece: backward hands over the later pieces' gradients first
-            x = self._run_part(parts[1], x, skips, mods, batched)
+            x = self._run_part(parts[1], x, skips, mods, batched, reference)
         if len(parts) > 2:
             torch._dynamo.graph_break()
-            x = self._run_part(parts[2], x, skips, mods, batched)
-        return self.out_conv(x, gain=self.out_gain)
+            x = self._run_part(parts[2], x, skips, mods, batched, reference)
+        return self.out_conv(x, gain=self.out_gain.to(self.gain_dtype))
 
     def _run_part(self, names: list[str], x: torch.Tensor, skips: list[torch.Tensor], mods: Sequence[torch.Tensor],
-                  batched: bool) -> torch.Tensor:
+                  batched: bool, reference: bool = False) -> torch.Tensor:
         """Run the named blocks; encoder outputs are pushed onto `skips`, decoder blocks pop theirs. With `batched`,
-        the effective weights of all the part's layers come from one operation."""
+        the effective weights of all the part's layers come from one operation; `reference`: attention in the
+        reference's order of operations."""
         modules = [(name, (self.enc if name.startswith("enc.") else self.dec)[name.split(".", 1)[1]]) for name in names]
         if batched:
             layers = [[m] if isinstance(m, MPConv) else m.convs() for _, m in modules]
@@ -315,7 +331,8 @@ class UNet(torch.nn.Module):
                     skip = skips.pop()
                     x = mp_cat(x, self.skip_scale(skip, len(skips) + 1), t=self.concat_balance)
                 ws = [next(weights) for _ in block.convs()] if batched else None
-                x = block(x, c=mods[self._block_index[name]], weights=ws, fast_dropout=self.fast_dropout)
+                x = block(x, c=mods[self._block_index[name]], weights=ws, fast_dropout=self.fast_dropout,
+                          reference_attention=reference)
             if name.startswith("enc."):
                 skips.append(x)
         return x

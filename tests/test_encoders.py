@@ -97,7 +97,8 @@ def test_vae_encode_pixels_gives_posterior_mean_and_std(tiny_vae_dir):
     raw = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 2}).encode_pixels(x)
     assert raw.shape == (5, 8, 4, 4) and raw.dtype == torch.float32
     with torch.no_grad():
-        posterior = _load_reference_vae(tiny_vae_dir).encode(x.float() / 127.5 - 1).latent_dist
+        # Pixels enter the VAE in [0, 1], as in the official EDM2 code (not the [-1, 1] the VAE was trained with).
+        posterior = _load_reference_vae(tiny_vae_dir).encode(x.float() / 255).latent_dist
     torch.testing.assert_close(raw[:, :4], posterior.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(raw[:, 4:], posterior.std, rtol=1e-5, atol=1e-5)
     assert not raw.requires_grad
@@ -132,9 +133,28 @@ def test_vae_decode_inverts_scaling(tiny_vae_dir):
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
     with torch.no_grad():
         direct = _load_reference_vae(tiny_vae_dir).decode(raw[:, :4]).sample
-    expected = ((direct + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    expected = (direct.clamp(0, 1) * 255).floor().to(torch.uint8)  # [0, 1] out, truncated, as the official decode
     # One step of rounding at most (the scaling round trip is float32).
     assert (images.int() - expected.int()).abs().max() <= 1
     assert (images == expected).float().mean() > 0.99
     with pytest.raises(ValueError, match=r"\[N, 4, h, w\]"):
         enc.decode(raw)
+
+
+def test_vae_encoder_equals_the_official_one(tmp_path):
+    """Pixels in [0, 1] in and out, as the official StabilityVAEEncoder (tests/data/NOTES.md)."""
+    import pathlib
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    ref = np.load(pathlib.Path(__file__).parent / "data" / "official_vae_tiny.npz")
+    config = {k: v for k, v in json.loads(str(ref["config"])).items() if not k.startswith("_")}
+    vae = AutoencoderKL(**config)
+    vae.load_state_dict({k[len("state/"):]: torch.from_numpy(ref[k]) for k in ref.files if k.startswith("state/")})
+    vae.save_pretrained(tmp_path)
+    enc = encoder_from_config({"class": "stability_vae", "vae_name": str(tmp_path), "batch_size": 2})
+    raw = enc.encode_pixels(torch.from_numpy(ref["pixels"]))
+    torch.testing.assert_close(raw, torch.from_numpy(ref["raw"]), rtol=1e-6, atol=1e-6)
+    images = enc.decode(torch.from_numpy(ref["latents"])).numpy()
+    assert np.array_equal(images, ref["images"])  # the [-1, 1] convention differs in nearly every value

@@ -249,9 +249,12 @@ def test_torchrun_two_processes_match_one_bit_for_bit(files, tmp_path):
 
 def test_seed_batches_and_rank_split():
     batches = seed_batches([5, 6, 7, 8, 9, 10, 11], 3)
-    assert batches == [[5, 6, 7], [8, 9, 10], [11]]
-    assert dist.split_for_rank(batches, 0, 2) == [[5, 6, 7], [11]]
-    assert dist.split_for_rank(batches, 1, 2) == [[8, 9, 10]]
+    assert batches == [[5, 6, 7], [8, 9], [10, 11]]  # balanced, as numpy.array_split (the official generator)
+    assert [len(b) for b in seed_batches(range(40), 32)] == [20, 20]
+    assert [len(b) for b in seed_batches(range(50000), 32)] == [32] * 1547 + [31] * 16
+    assert seed_batches([3], 32) == [[3]] and seed_batches(range(4), 2) == [[0, 1], [2, 3]]
+    assert dist.split_for_rank(batches, 0, 2) == [[5, 6, 7], [10, 11]]
+    assert dist.split_for_rank(batches, 1, 2) == [[8, 9]]
     assert dist.split_for_rank(batches, 0, 1) == batches
     with pytest.raises(ValueError, match="rank 2"):
         dist.split_for_rank(batches, 2, 2)

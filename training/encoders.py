@@ -37,8 +37,9 @@ def _check_pixels(x: torch.Tensor, who: str) -> None:
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [0, 255]: (x + 1) * 127.5, clamped and rounded."""
-    return ((x.to(torch.float32) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    """[-1, 1] -> uint8 [0, 255]: x * 127.5 + 128, clamped and truncated, i.e. rounded half up, in the official
+    code's floating-point operations (so that its images per seed are matched to the last level)."""
+    return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 class StandardRGBEncoder:
@@ -59,7 +60,13 @@ class StandardRGBEncoder:
 
 
 class StabilityVAEEncoder:
-    """Stable Diffusion VAE latents (8x down, 4 channels), scaled per channel to the network's range."""
+    """Stable Diffusion VAE latents (8x down, 4 channels), scaled per channel to the network's range.
+
+    The VAE sees and gives pixels in [0, 1] (uint8 / 255; decoded: clamped to [0, 1], times 255, truncated), as in
+    the official EDM2 code, whose raw_mean / raw_std (the defaults) were measured so and whose latent models were
+    trained so: the [-1, 1] range the VAE was trained with would give other latents, and decoding an official
+    model's latents with it would give other images.
+    """
 
     def __init__(
         self,
@@ -136,7 +143,7 @@ class StabilityVAEEncoder:
         vae = self.vae(x.device)
         out = []
         for batch in x.split(self.batch_size):
-            posterior = vae.encode(batch.to(torch.float32) / 127.5 - 1).latent_dist
+            posterior = vae.encode(batch.to(torch.float32) / 255).latent_dist  # [0, 1]: see the class docstring
             out.append(torch.cat([posterior.mean, posterior.std], dim=1).to(torch.float32))
         return torch.cat(out)
 
@@ -164,7 +171,7 @@ class StabilityVAEEncoder:
         vae = self.vae(x.device)
         scale, bias = self._scale(x)
         raw = (x.to(torch.float32) - bias) / scale
-        images = [_to_uint8(vae.decode(batch).sample) for batch in raw.split(self.batch_size)]
+        images = [vae.decode(batch).sample.clamp(0, 1).mul(255).to(torch.uint8) for batch in raw.split(self.batch_size)]
         return torch.cat(images)
 
 
