@@ -18,7 +18,7 @@ import torch
 import edm2
 from networks.skip_scaling import SKIP_SCALING_MODES
 from training.dataset import DatasetError, ImageFolderDataset
-from training.encoders import STABILITY_VAE_DEFAULTS
+from training.encoders import STABILITY_VAE_DEFAULTS, VAE_PIXEL_RANGES
 from training.training_loop import TrainingError, TrainingStopped, default_config, training_loop, validate_config
 
 SUFFIXES = {"": 1, "K": 2**10, "KI": 2**10, "M": 2**20, "MI": 2**20, "G": 2**30, "GI": 2**30}
@@ -122,7 +122,10 @@ def build_config(opts: dict) -> dict:
     except DatasetError as e:
         raise click.BadParameter(str(e), param_hint="--data") from None
     if dataset.is_latent:
-        c["encoder"] = dict(STABILITY_VAE_DEFAULTS, vae_name=opts["vae"] or STABILITY_VAE_DEFAULTS["vae_name"])
+        c["encoder"] = dict(
+            STABILITY_VAE_DEFAULTS, vae_name=opts["vae"] or STABILITY_VAE_DEFAULTS["vae_name"],
+            pixel_range=opts["vae_pixel_range"],
+        )  # fmt: skip
         c["encoder"]["class"] = "stability_vae"
     return c
 
@@ -156,6 +159,11 @@ def build_config(opts: dict) -> dict:
 @click.option("--checkpoint", default=None, help="Images between training checkpoints, 0 = at the end and on signals only [default: preset's, else 128Mi]")
 @click.option("--seed", type=int, default=0, help="Random seed")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader worker processes per GPU")
+@click.option(
+    "--vae-pixel-range", "vae_pixel_range", type=click.Choice(VAE_PIXEL_RANGES), default="0,1",
+    help="Pixel range the VAE of a latent dataset was encoded with: 0,1 as the official code and this project's "
+    "dataset_tool.py encode; -1,1 for latents encoded by this project before that (runs recorded then resume with it)",
+)  # fmt: skip
 @click.option("--vae", default=None, help="VAE for latent datasets: a hub name or a local directory [default: stabilityai/sd-vae-ft-mse]")
 @click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network (GPU speed; compiles for minutes first)")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="NHWC activations [default: on with CUDA]")

@@ -67,10 +67,15 @@ def test_config_roundtrips_through_json(cfg):
 
 
 def test_config_defaults_and_errors():
+    # Settings without pixel_range were written before it existed: they keep this project's earlier convention.
     assert encoder_from_config({"class": "stability_vae"}).config() == {
         "class": "stability_vae",
         **STABILITY_VAE_DEFAULTS,
+        "pixel_range": "-1,1",
     }
+    assert StabilityVAEEncoder().config()["pixel_range"] == "0,1"  # new settings: the official convention
+    with pytest.raises(ValueError, match="pixel_range"):
+        StabilityVAEEncoder(pixel_range="0,255")
     with pytest.raises(ValueError, match="unknown class 'jpeg'"):
         encoder_from_config({"class": "jpeg"})
     with pytest.raises(ValueError, match=r"unknown keys \['scale'\]"):
@@ -94,7 +99,7 @@ def test_vae_is_lazy_and_missing_vae_is_named(tmp_path):
 
 def test_vae_encode_pixels_gives_posterior_mean_and_std(tiny_vae_dir):
     x = _pixels(5)
-    raw = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 2}).encode_pixels(x)
+    raw = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 2, "pixel_range": "0,1"}).encode_pixels(x)
     assert raw.shape == (5, 8, 4, 4) and raw.dtype == torch.float32
     with torch.no_grad():
         # Pixels enter the VAE in [0, 1], as in the official EDM2 code (not the [-1, 1] the VAE was trained with).
@@ -126,7 +131,7 @@ def test_vae_encode_latents_scaling_and_sampling():
 
 
 def test_vae_decode_inverts_scaling(tiny_vae_dir):
-    enc = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 3})
+    enc = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 3, "pixel_range": "0,1"})
     raw = enc.encode_pixels(_pixels(4))
     raw_mean_only = torch.cat([raw[:, :4], torch.zeros_like(raw[:, 4:])], dim=1)
     images = enc.decode(enc.encode_latents(raw_mean_only))
@@ -153,8 +158,39 @@ def test_vae_encoder_equals_the_official_one(tmp_path):
     vae = AutoencoderKL(**config)
     vae.load_state_dict({k[len("state/"):]: torch.from_numpy(ref[k]) for k in ref.files if k.startswith("state/")})
     vae.save_pretrained(tmp_path)
-    enc = encoder_from_config({"class": "stability_vae", "vae_name": str(tmp_path), "batch_size": 2})
+    enc = encoder_from_config({"class": "stability_vae", "vae_name": str(tmp_path), "batch_size": 2, "pixel_range": "0,1"})
     raw = enc.encode_pixels(torch.from_numpy(ref["pixels"]))
     torch.testing.assert_close(raw, torch.from_numpy(ref["raw"]), rtol=1e-6, atol=1e-6)
     images = enc.decode(torch.from_numpy(ref["latents"])).numpy()
     assert np.array_equal(images, ref["images"])  # the [-1, 1] convention differs in nearly every value
+
+
+def test_vae_legacy_pixel_range_of_settings_written_before_it(tiny_vae_dir):
+    """Settings without pixel_range (this project's files from before it) keep the [-1, 1] convention they were
+    made with: pixels / 127.5 - 1 in, (x + 1) * 127.5 rounded out."""
+    legacy = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 2})
+    assert legacy.config()["pixel_range"] == "-1,1"
+    x = _pixels(3)
+    vae = _load_reference_vae(tiny_vae_dir)
+    with torch.no_grad():
+        posterior = vae.encode(x.float() / 127.5 - 1).latent_dist
+        expected_images = ((vae.decode(posterior.mean).sample + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    raw = legacy.encode_pixels(x)
+    torch.testing.assert_close(raw[:, :4], posterior.mean, rtol=1e-5, atol=1e-5)
+    scaled_mean = legacy.encode_latents(torch.cat([raw[:, :4], torch.zeros_like(raw[:, 4:])], dim=1))
+    images = legacy.decode(scaled_mean)
+    assert (images.int() - expected_images.int()).abs().max() <= 1
+    official = encoder_from_config({**legacy.config(), "pixel_range": "0,1"})
+    assert not torch.allclose(official.encode_pixels(x), raw)  # the two conventions give other latents
+
+
+def test_resume_names_the_vae_pixel_range_of_an_older_run():
+    from training.run_dir import config_differences
+
+    old = {"encoder": {"class": "stability_vae", **{k: v for k, v in STABILITY_VAE_DEFAULTS.items() if k != "pixel_range"}}}
+    new = {"encoder": {"class": "stability_vae", **STABILITY_VAE_DEFAULTS}}
+    differ = config_differences(old, new)
+    assert "encoder pixel_range: '-1,1' there, '0,1' now" in differ
+    assert any("--vae-pixel-range=-1,1" in line for line in differ)
+    assert config_differences(old, {"encoder": {**new["encoder"], "pixel_range": "-1,1"}}) == []
+    assert config_differences(new, new) == []

@@ -41,6 +41,7 @@ VAE_SETTINGS = {
     "final_mean": 0.0,
     "final_std": 0.5,
     "batch_size": 8,
+    "pixel_range": "0,1",  # the official VAE convention
 }
 
 

@@ -27,7 +27,14 @@ STABILITY_VAE_DEFAULTS: dict[str, Any] = {
     "final_mean": 0.0,
     "final_std": 0.5,
     "batch_size": 8,
+    "pixel_range": "0,1",
 }
+# The VAE's pixel convention: "0,1" (uint8 / 255 in, clamp(0, 1) * 255 truncated out) is the official code's and
+# the default; "-1,1" (uint8 / 127.5 - 1 in, (x + 1) * 127.5 rounded out) is what this project used before the
+# setting existed. Settings written before it (model files, run configurations) have no key and mean "-1,1", so
+# they decode as they always did; their latent datasets were encoded that way by this project's dataset_tool.
+VAE_PIXEL_RANGES = ("0,1", "-1,1")
+LEGACY_VAE_PIXEL_RANGE = "-1,1"
 
 
 def _check_pixels(x: torch.Tensor, who: str) -> None:
@@ -62,10 +69,11 @@ class StandardRGBEncoder:
 class StabilityVAEEncoder:
     """Stable Diffusion VAE latents (8x down, 4 channels), scaled per channel to the network's range.
 
-    The VAE sees and gives pixels in [0, 1] (uint8 / 255; decoded: clamped to [0, 1], times 255, truncated), as in
-    the official EDM2 code, whose raw_mean / raw_std (the defaults) were measured so and whose latent models were
-    trained so: the [-1, 1] range the VAE was trained with would give other latents, and decoding an official
-    model's latents with it would give other images.
+    By default (pixel_range "0,1") the VAE sees and gives pixels in [0, 1] (uint8 / 255; decoded: clamped to
+    [0, 1], times 255, truncated), as in the official EDM2 code, whose raw_mean / raw_std (the defaults) were
+    measured so and whose latent models were trained so: the [-1, 1] range the VAE was trained with gives other
+    latents, and decoding an official model's latents with it gives other images. "-1,1" is the convention this
+    project used before; settings without the key are read so (`encoder_from_config`).
     """
 
     def __init__(
@@ -76,6 +84,7 @@ class StabilityVAEEncoder:
         final_mean: float = STABILITY_VAE_DEFAULTS["final_mean"],  # wanted mean of the scaled latents
         final_std: float = STABILITY_VAE_DEFAULTS["final_std"],  # wanted std of the scaled latents (sigma_data)
         batch_size: int = STABILITY_VAE_DEFAULTS["batch_size"],  # images per VAE call
+        pixel_range: str = STABILITY_VAE_DEFAULTS["pixel_range"],  # the VAE's pixel convention (VAE_PIXEL_RANGES)
     ):
         if not isinstance(vae_name, str) or not vae_name:
             raise ValueError(f"StabilityVAEEncoder: vae_name must be a non-empty string, got {vae_name!r}")
@@ -88,7 +97,10 @@ class StabilityVAEEncoder:
             raise ValueError(f"StabilityVAEEncoder: raw_std and final_std must be positive, got {raw_std}, {final_std}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"StabilityVAEEncoder: batch_size must be a positive integer, got {batch_size!r}")
+        if pixel_range not in VAE_PIXEL_RANGES:
+            raise ValueError(f"StabilityVAEEncoder: pixel_range must be one of {VAE_PIXEL_RANGES}, got {pixel_range!r}")
         self.vae_name = vae_name
+        self.pixel_range = pixel_range
         self.raw_mean = raw_mean
         self.raw_std = raw_std
         self.final_mean = float(final_mean)
@@ -106,6 +118,7 @@ class StabilityVAEEncoder:
             "final_mean": self.final_mean,
             "final_std": self.final_std,
             "batch_size": self.batch_size,
+            "pixel_range": self.pixel_range,
         }
 
     def vae(self, device: torch.device | str) -> torch.nn.Module:
@@ -143,7 +156,8 @@ class StabilityVAEEncoder:
         vae = self.vae(x.device)
         out = []
         for batch in x.split(self.batch_size):
-            posterior = vae.encode(batch.to(torch.float32) / 255).latent_dist  # [0, 1]: see the class docstring
+            pixels = batch.to(torch.float32) / 255 if self.pixel_range == "0,1" else batch.to(torch.float32) / 127.5 - 1
+            posterior = vae.encode(pixels).latent_dist
             out.append(torch.cat([posterior.mean, posterior.std], dim=1).to(torch.float32))
         return torch.cat(out)
 
@@ -171,8 +185,13 @@ class StabilityVAEEncoder:
         vae = self.vae(x.device)
         scale, bias = self._scale(x)
         raw = (x.to(torch.float32) - bias) / scale
-        images = [vae.decode(batch).sample.clamp(0, 1).mul(255).to(torch.uint8) for batch in raw.split(self.batch_size)]
+        images = [self._pixels_to_uint8(vae.decode(batch).sample) for batch in raw.split(self.batch_size)]
         return torch.cat(images)
+
+    def _pixels_to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pixel_range == "0,1":
+            return x.clamp(0, 1).mul(255).to(torch.uint8)
+        return ((x.to(torch.float32) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
 
 
 ENCODER_CLASSES: dict[str, type] = {"standard_rgb": StandardRGBEncoder, "stability_vae": StabilityVAEEncoder}
@@ -192,4 +211,6 @@ def encoder_from_config(cfg: dict[str, Any]) -> StandardRGBEncoder | StabilityVA
         raise ValueError(
             f"encoder settings for {name!r}: unknown keys {unknown}; allowed {sorted(_ENCODER_KEYS[name])}"
         )
+    if name == "stability_vae":
+        kwargs.setdefault("pixel_range", LEGACY_VAE_PIXEL_RANGE)  # written before the setting existed
     return ENCODER_CLASSES[name](**kwargs)

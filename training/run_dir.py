@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from torch_utils.state_io import StateFileError, atomic_write, load_state
 
+from .encoders import LEGACY_VAE_PIXEL_RANGE
+
 CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
 SNAPSHOT_PATTERN = "network-snapshot-{kimg:07d}-{std:.3f}.safetensors"
 OPTIONS_FILE = "training_options.json"
@@ -156,9 +158,18 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = {k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES}
     if "data_identity" not in old:
         keys.discard("data_identity")
+    old, new = dict(old), dict(new)
+    for c in (old, new):  # settings written before a key existed mean what they meant then
+        if isinstance(c.get("encoder"), dict) and c["encoder"].get("class") == "stability_vae":
+            c["encoder"] = {"pixel_range": LEGACY_VAE_PIXEL_RANGE, **c["encoder"]}
     out = []
     for key in sorted(k for k in keys if old.get(k) != new.get(k)):
-        if key == "data_identity":
+        if key == "encoder" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            changed = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
+            out.extend(f"encoder {k}: {old[key].get(k)!r} there, {new[key].get(k)!r} now" for k in changed)
+            if "pixel_range" in changed:
+                out.append(f"pass --vae-pixel-range={old[key].get('pixel_range')} to go on with the run's VAE convention")
+        elif key == "data_identity":
             out.append(f"dataset: {_describe_identity(old.get(key))} there, {_describe_identity(new.get(key))} now")
         else:
             out.append(f"{key}: {old.get(key)!r} there, {new.get(key)!r} now")
