@@ -148,6 +148,11 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
         values = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise TrainingError(f"--{option} must be finite, got {value!r}")
+    if not all(0 <= b < 1 for b in config["betas"]):
+        raise TrainingError(f"--betas must lie in [0, 1), got {config['betas']!r}")
+    if config["lr"]["ref_lr"] / (1 - config["betas"][0]) > torch.finfo(torch.float32).max:
+        # Adam's first step is lr / (1 - beta1) in float32: beyond its range the optimizer fails mid-run.
+        raise TrainingError(f"--lr {config['lr']['ref_lr']!r} is too large: Adam's first step overflows float32")
     if config["data"] is None:
         raise TrainingError("--data is required")
     return config
@@ -361,8 +366,9 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         log(f"Resuming from {cur_nimg} images ({cur_nimg // batch} steps).")
         del state
     if rank == 0:
-        truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
-        write_json(os.path.join(run_dir, OPTIONS_FILE), config)
+        with _write_errors(run_dir, "the run's options and status lines"):
+            truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
+            write_json(os.path.join(run_dir, OPTIONS_FILE), config)
         log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2))
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
@@ -465,7 +471,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 if device.type == "cuda":
                     entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:
-                    with open(stats_path, "a") as f:
+                    with _write_errors(run_dir, "a status line"), open(stats_path, "a") as f:
                         f.write(json.dumps(entry) + "\n")
                 log(f"kimg {entry['kimg']:<9.1f} loss {total_loss:<8.4f} lr {lr:<9.3g} img/s {entry['img_per_s']:<8.1f}"
                     + (f" mem {entry['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in entry else ""), flush=True)
@@ -533,7 +539,8 @@ def _write_errors(run_dir: str, what: str):
         yield
     except OSError as e:
         reason = e.strerror or str(e)
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        filename = getattr(e, "filename", None)
+        where = f" ({os.path.basename(os.fspath(filename))})" if filename else ""
         raise TrainingError(f"cannot write {what} into {run_dir}{where}: {reason}; the last good checkpoint is kept") from None
 
 
