@@ -116,7 +116,7 @@ def test_corrupt_image_met_by_a_worker_ends_the_run_at_once(tmp_path, folder):
     result = train(outdir, folder, duration=320, workers=2)
     assert result.returncode == 1
     line = error_line(result)
-    assert BAD_FILE in line and str(folder) in line and "cannot read" in line, line
+    assert BAD_FILE in line and str(folder) in line and line.endswith("cannot read '00000/img00000017.png': not a decodable image"), line
     after = {path: open(path, "rb").read() for _, path in list_checkpoints(str(outdir))}
     assert after == before and len(after) == 2
     for path in after:
@@ -448,3 +448,17 @@ def test_adam_betas_outside_their_range_are_refused():
     for betas in ([1.0, 0.99], [0.9, -0.1]):
         with pytest.raises(TrainingError, match=r"--betas must lie in \[0, 1\)"):
             validate_config(dict(config, betas=betas), 1)
+
+
+def test_nonfinite_optimizer_moments_count_as_a_diverged_state():
+    """An overflowed second moment freezes its weight for good while the weight stays finite: never saved either."""
+    from training.training_loop import TrainingError, check_finite
+
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    check_finite(net, None, 16, optimizer)
+    optimizer.state[net.bias]["exp_avg_sq"][0] = float("inf")
+    with pytest.raises(TrainingError, match=r"non-finite by 16 images \(1 tensor\(s\), e\.g\. optimizer exp_avg_sq: bias\)"):
+        check_finite(net, None, 16, optimizer)

@@ -488,7 +488,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
             snapshot_due = crossed(config["snapshot"], before, cur_nimg) or done
             checkpoint_due = crossed(config["checkpoint"], before, cur_nimg) or done or stopping
             if snapshot_due or checkpoint_due:
-                check_finite(net, ema, cur_nimg)  # a diverged state is never saved, nor counted as a good checkpoint
+                check_finite(net, ema, cur_nimg, optimizer)  # a diverged state is never saved, nor counted as good
             if rank == 0 and ema is not None and snapshot_due:
                 with _write_errors(run_dir, "EMA snapshots"):
                     save_snapshots(run_dir, ema, encoder, cur_nimg)
@@ -517,9 +517,18 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, ok in zip(bad, flags) if not ok]
 
 
-def check_finite(net: torch.nn.Module, ema: PowerFunctionEMA | None, cur_nimg: int) -> None:
-    """Raise TrainingError if the weights or (rank 0) the EMAs hold nan / inf; every rank raises together."""
+def check_finite(
+    net: torch.nn.Module, ema: PowerFunctionEMA | None, cur_nimg: int, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Raise TrainingError if the weights, (rank 0) the EMAs or the optimizer's moments hold nan / inf; every rank
+    raises together. An infinite second moment (a finite gradient above 1.8e19 squared) leaves its weight finite but
+    frozen for good, so it counts as a diverged state too."""
     bad = nonfinite_tensors(dict(net.named_parameters()))
+    if optimizer is not None:
+        names = {id(p): name for name, p in net.named_parameters()}
+        moments = {f"optimizer {key}: {names.get(id(p), '?')}": value for p, state in optimizer.state.items()
+                   for key, value in state.items() if isinstance(value, torch.Tensor) and key != "step"}
+        bad += nonfinite_tensors(moments)
     if ema is not None:
         for std, ema_net in ema:
             bad += [f"ema {std:.3f}: {name}" for name in nonfinite_tensors(dict(ema_net.named_parameters()))]
