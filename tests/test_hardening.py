@@ -79,7 +79,8 @@ def wait_for(condition, proc=None, timeout=TIMEOUT):
         if condition():
             return
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be interrupted: {proc.stderr.read()[-2000:]}")
+            tail = proc.stderr.read()[-2000:]
+            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be interrupted: {tail}")
         time.sleep(0.01)
     pytest.fail("timed out")
 
@@ -116,7 +117,8 @@ def test_corrupt_image_met_by_a_worker_ends_the_run_at_once(tmp_path, folder):
     result = train(outdir, folder, duration=320, workers=2)
     assert result.returncode == 1
     line = error_line(result)
-    assert BAD_FILE in line and str(folder) in line and line.endswith("cannot read '00000/img00000017.png': not a decodable image"), line
+    assert BAD_FILE in line and str(folder) in line, line
+    assert line.endswith("cannot read '00000/img00000017.png': not a decodable image"), line
     after = {path: open(path, "rb").read() for _, path in list_checkpoints(str(outdir))}
     assert after == before and len(after) == 2
     for path in after:
@@ -340,7 +342,8 @@ def test_second_process_on_a_run_directory_is_refused_naming_the_holder(tmp_path
         second = train(outdir, data, duration=1_000_000, checkpoint=0, snapshot=0, timeout=60)
         assert second.returncode == 1
         line = error_line(second)
-        assert "is in use by another training process" in line and f"pid {first.pid} on {socket.gethostname()}" in line, line
+        assert "is in use by another training process" in line, line
+        assert f"pid {first.pid} on {socket.gethostname()}" in line, line
         assert first.poll() is None  # the first one goes on
     finally:
         first.send_signal(signal.SIGTERM)
@@ -434,7 +437,8 @@ def test_worker_init_asks_for_sigkill_when_the_parent_dies():
         "_init_worker(0)\n"
         "sig = ctypes.c_int()\n"
         "ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG\n"
-        "print(sig.value, signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)\n"
+        "ignored = [signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)]\n"
+        "print(sig.value, *ignored)\n"
     )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
     assert p.returncode == 0, p.stderr
@@ -460,5 +464,6 @@ def test_nonfinite_optimizer_moments_count_as_a_diverged_state():
     optimizer.step()
     check_finite(net, None, 16, optimizer)
     optimizer.state[net.bias]["exp_avg_sq"][0] = float("inf")
-    with pytest.raises(TrainingError, match=r"non-finite by 16 images \(1 tensor\(s\), e\.g\. optimizer exp_avg_sq: bias\)"):
+    expected = r"non-finite by 16 images \(1 tensor\(s\), e\.g\. optimizer exp_avg_sq: bias\)"
+    with pytest.raises(TrainingError, match=expected):
         check_finite(net, None, 16, optimizer)

@@ -88,7 +88,9 @@ class TrainingStopped(Exception):
     """SIGINT / SIGTERM stopped the run after its checkpoint was saved; `exit_code` is the shell's 128 + signal."""
 
     def __init__(self, nimg: int, signum: int) -> None:
-        super().__init__(f"Stopped by signal at {nimg} images; the checkpoint is saved. Run the same command to resume.")
+        super().__init__(
+            f"Stopped by signal at {nimg} images; the checkpoint is saved. Run the same command to resume."
+        )
         self.nimg, self.signum, self.exit_code = nimg, signum, 128 + signum
 
 
@@ -138,11 +140,14 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
         if not isinstance(config[key], int) or config[key] < 0:
             raise TrainingError(f"--{key} must be a non-negative number of images, got {config[key]!r}")
     if not isinstance(config.get("max_nonfinite_status"), int) or config["max_nonfinite_status"] < 1:
-        raise TrainingError(f"--max-nonfinite-status must be a positive integer, got {config.get('max_nonfinite_status')!r}")
+        raise TrainingError(
+            f"--max-nonfinite-status must be a positive integer, got {config.get('max_nonfinite_status')!r}"
+        )
     numbers = dict(
         lr=config["lr"]["ref_lr"], decay=config["lr"]["ref_batches"], rampup=config["lr"]["rampup_img"],
         P_mean=config["loss"]["P_mean"], P_std=config["loss"]["P_std"], sigma_data=config["loss"]["sigma_data"],
-        eps=config["eps"], betas=config["betas"], ema_stds=config["ema_stds"], dropout=config["network"].get("dropout", 0.0),
+        eps=config["eps"], betas=config["betas"], ema_stds=config["ema_stds"],
+        dropout=config["network"].get("dropout", 0.0),
     )
     for option, value in numbers.items():  # nan and inf pass range checks (every comparison with nan is false)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -481,8 +486,9 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 nonfinite_streak = 0 if math.isfinite(total_loss) else nonfinite_streak + 1
                 if nonfinite_streak >= config["max_nonfinite_status"]:
                     raise TrainingError(
-                        f"the loss has been non-finite for {nonfinite_streak} status interval(s) in a row, up to {cur_nimg} "
-                        f"images: the run diverged (try a lower --lr) or the data holds nan/inf; stopped without saving, "
+                        f"the loss has been non-finite for {nonfinite_streak} status interval(s) in a row, up to "
+                        f"{cur_nimg} images: the run diverged (try a lower --lr) or the data holds nan/inf; "
+                        "stopped without saving, "
                         f"the last good checkpoint is kept (--max-nonfinite-status {config['max_nonfinite_status']})"
                     )
             snapshot_due = crossed(config["snapshot"], before, cur_nimg) or done
@@ -550,7 +556,9 @@ def _write_errors(run_dir: str, what: str):
         reason = e.strerror or str(e)
         filename = getattr(e, "filename", None)
         where = f" ({os.path.basename(os.fspath(filename))})" if filename else ""
-        raise TrainingError(f"cannot write {what} into {run_dir}{where}: {reason}; the last good checkpoint is kept") from None
+        raise TrainingError(
+            f"cannot write {what} into {run_dir}{where}: {reason}; the last good checkpoint is kept"
+        ) from None
 
 
 def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) -> None:
