@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from torch_utils.state_io import CHECKSUM_KEY, atomic_write, checksum_metadata, read_checksums, verify_checksum
+from torch_utils.state_io import CHECKSUM_KEY, checksum_metadata, read_checksums, save_safetensors, verify_checksum
 
 FORMAT_NAME = "edm2-model"
 FORMAT_VERSION = 2  # 2: skip_scaling "ls" is the ScaleLong per-token gate (version 1: per channel)
@@ -189,8 +189,6 @@ def save_network(
 ) -> None:
     """Write `net` (parameters and buffers as float32) and its JSON header to `path` (a .safetensors file),
     atomically: a temporary file in the same folder, fsync, rename."""
-    import safetensors.torch
-
     path = pathlib.Path(path)
     if path.suffix != SUFFIX:
         raise ValueError(f"save_network: the file name must end in {SUFFIX}, got {str(path)!r}")
@@ -201,8 +199,7 @@ def save_network(
         t = t.detach().to("cpu")
         tensors[name] = (t.to(torch.float32) if t.is_floating_point() else t).contiguous()
 
-    metadata = {HEADER_KEY: header_json, CHECKSUM_KEY: checksum_metadata(tensors)}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(path, tensors, {HEADER_KEY: header_json, CHECKSUM_KEY: checksum_metadata(tensors)})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ def test_stop_signal_checkpoints_and_stops(tmp_path, data, sig):
     assert "Stopped by signal" in out and "Run the same command to resume" in out and "Done" not in out
     (nimg, _path), = list_checkpoints(str(outdir))  # checkpoint=0: the only checkpoint is the signal's
     assert 0 < nimg < 100000
+    assert f"Stopped by signal at {nimg} images; the checkpoint is saved." in out
 
 
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, data):

@@ -172,13 +172,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
-def save_state(path: str | os.PathLike, state: Any) -> None:
-    """Write a nested state atomically as safetensors + JSON skeleton + per-tensor checksums."""
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors.torch.save_file, atomically. A failed write (disk full, file-size limit, permissions) raises
+    OSError naming `path` with its errno, as a Python write would: safetensors raises its own SafetensorError
+    ("I/O error: File too large (os error 27)"), which callers that catch OSError would let through."""
     from safetensors.torch import save_file
 
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as e:  # noqa: BLE001 - SafetensorError is not importable by a stable name in every version
+            m = _OS_ERROR_RE.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+            if m is None:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), os.fspath(path)) from e
+
+    atomic_write(path, write)
+
+
+def save_state(path: str | os.PathLike, state: Any) -> None:
+    """Write a nested state atomically as safetensors + JSON skeleton + per-tensor checksums."""
     skeleton, tensors = flatten_state(state)
-    metadata = {SKELETON_KEY: json.dumps(skeleton), CHECKSUM_KEY: checksum_metadata(tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(path, tensors, {SKELETON_KEY: json.dumps(skeleton), CHECKSUM_KEY: checksum_metadata(tensors)})
 
 
 _STATE_ADVICE = "the file changed after it was written (disk or copy error); resume from an earlier checkpoint"

@@ -145,7 +145,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             arr = arr[:, :, None] if arr.ndim == 2 else arr
             return arr.transpose(2, 0, 1).copy()  # HWC -> CHW
         except Exception as e:  # noqa: BLE001 - any decoder error becomes one that names the file
-            raise DatasetError(f"dataset {self.path}: cannot read {name!r}: {e}") from e
+            # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names a buffer, not the file.
+            reason = "not a decodable image" if type(e).__name__ == "UnidentifiedImageError" else str(e)
+            raise DatasetError(f"dataset {self.path}: cannot read {name!r}: {reason}") from e
 
     # --- torch Dataset -----------------------------------------------------------------------------------
 

@@ -70,7 +70,8 @@ class RunLock:
                 f"--outdir {os.path.dirname(self.path)} is in use by another training process ({holder}); "
                 "wait for it to end or pick another --outdir"
             ) from None
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now().isoformat(timespec='seconds')}"
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {since}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self._fd = fd
@@ -149,7 +150,8 @@ def dataset_identity(dataset: Any) -> dict[str, Any]:
         sizes = [table[name] for name in dataset.names]
     labels = None if dataset.labels is None else [int(v) for v in dataset.labels]
     index = json.dumps(dict(names=dataset.names, sizes=sizes, labels=labels), separators=(",", ":"))
-    return dict(num_files=len(dataset.names), num_bytes=sum(sizes), index_sha256=hashlib.sha256(index.encode()).hexdigest())
+    digest = hashlib.sha256(index.encode()).hexdigest()
+    return dict(num_files=len(dataset.names), num_bytes=sum(sizes), index_sha256=digest)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -179,7 +181,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _describe_identity(identity: Any) -> str:
     if not isinstance(identity, dict):
         return repr(identity)
-    return f"{identity.get('num_files')} files of {identity.get('num_bytes')} bytes, index {str(identity.get('index_sha256'))[:12]}"
+    index = str(identity.get("index_sha256"))[:12]
+    return f"{identity.get('num_files')} files of {identity.get('num_bytes')} bytes, index {index}"
 
 
 def check_config(run_dir: str, config: dict[str, Any], recorded: dict[str, Any] | None, source: str) -> None:
@@ -191,7 +194,8 @@ def check_config(run_dir: str, config: dict[str, Any], recorded: dict[str, Any] 
     differ = config_differences(recorded, config)
     if differ:
         raise RunDirError(
-            f"--outdir {run_dir} holds a run with a different configuration ({'; '.join(differ)}, per {os.path.basename(source)}); "
+            f"--outdir {run_dir} holds a run with a different configuration ({'; '.join(differ)}, "
+            f"per {os.path.basename(source)}); "
             "use another --outdir"
         )
 

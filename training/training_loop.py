@@ -88,7 +88,9 @@ class TrainingStopped(Exception):
     """SIGINT / SIGTERM stopped the run after its checkpoint was saved; `exit_code` is the shell's 128 + signal."""
 
     def __init__(self, nimg: int, signum: int) -> None:
-        super().__init__(f"Stopped by signal at {nimg} images; the checkpoint is saved. Run the same command to resume.")
+        super().__init__(
+            f"Stopped by signal at {nimg} images; the checkpoint is saved. Run the same command to resume."
+        )
         self.nimg, self.signum, self.exit_code = nimg, signum, 128 + signum
 
 
@@ -138,16 +140,24 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
         if not isinstance(config[key], int) or config[key] < 0:
             raise TrainingError(f"--{key} must be a non-negative number of images, got {config[key]!r}")
     if not isinstance(config.get("max_nonfinite_status"), int) or config["max_nonfinite_status"] < 1:
-        raise TrainingError(f"--max-nonfinite-status must be a positive integer, got {config.get('max_nonfinite_status')!r}")
+        raise TrainingError(
+            f"--max-nonfinite-status must be a positive integer, got {config.get('max_nonfinite_status')!r}"
+        )
     numbers = dict(
         lr=config["lr"]["ref_lr"], decay=config["lr"]["ref_batches"], rampup=config["lr"]["rampup_img"],
         P_mean=config["loss"]["P_mean"], P_std=config["loss"]["P_std"], sigma_data=config["loss"]["sigma_data"],
-        eps=config["eps"], betas=config["betas"], ema_stds=config["ema_stds"], dropout=config["network"].get("dropout", 0.0),
+        eps=config["eps"], betas=config["betas"], ema_stds=config["ema_stds"],
+        dropout=config["network"].get("dropout", 0.0),
     )
     for option, value in numbers.items():  # nan and inf pass range checks (every comparison with nan is false)
         values = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise TrainingError(f"--{option} must be finite, got {value!r}")
+    if not all(0 <= b < 1 for b in config["betas"]):
+        raise TrainingError(f"--betas must lie in [0, 1), got {config['betas']!r}")
+    if config["lr"]["ref_lr"] / (1 - config["betas"][0]) > torch.finfo(torch.float32).max:
+        # Adam's first step is lr / (1 - beta1) in float32: beyond its range the optimizer fails mid-run.
+        raise TrainingError(f"--lr {config['lr']['ref_lr']!r} is too large: Adam's first step overflows float32")
     if config["data"] is None:
         raise TrainingError("--data is required")
     return config
@@ -361,8 +371,9 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         log(f"Resuming from {cur_nimg} images ({cur_nimg // batch} steps).")
         del state
     if rank == 0:
-        truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
-        write_json(os.path.join(run_dir, OPTIONS_FILE), config)
+        with _write_errors(run_dir, "the run's options and status lines"):
+            truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
+            write_json(os.path.join(run_dir, OPTIONS_FILE), config)
         log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2))
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
@@ -465,7 +476,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 if device.type == "cuda":
                     entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:
-                    with open(stats_path, "a") as f:
+                    with _write_errors(run_dir, "a status line"), open(stats_path, "a") as f:
                         f.write(json.dumps(entry) + "\n")
                 log(f"kimg {entry['kimg']:<9.1f} loss {total_loss:<8.4f} lr {lr:<9.3g} img/s {entry['img_per_s']:<8.1f}"
                     + (f" mem {entry['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in entry else ""), flush=True)
@@ -475,14 +486,15 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 nonfinite_streak = 0 if math.isfinite(total_loss) else nonfinite_streak + 1
                 if nonfinite_streak >= config["max_nonfinite_status"]:
                     raise TrainingError(
-                        f"the loss has been non-finite for {nonfinite_streak} status interval(s) in a row, up to {cur_nimg} "
-                        f"images: the run diverged (try a lower --lr) or the data holds nan/inf; stopped without saving, "
+                        f"the loss has been non-finite for {nonfinite_streak} status interval(s) in a row, up to "
+                        f"{cur_nimg} images: the run diverged (try a lower --lr) or the data holds nan/inf; "
+                        "stopped without saving, "
                         f"the last good checkpoint is kept (--max-nonfinite-status {config['max_nonfinite_status']})"
                     )
             snapshot_due = crossed(config["snapshot"], before, cur_nimg) or done
             checkpoint_due = crossed(config["checkpoint"], before, cur_nimg) or done or stopping
             if snapshot_due or checkpoint_due:
-                check_finite(net, ema, cur_nimg)  # a diverged state is never saved, nor counted as a good checkpoint
+                check_finite(net, ema, cur_nimg, optimizer)  # a diverged state is never saved, nor counted as good
             if rank == 0 and ema is not None and snapshot_due:
                 with _write_errors(run_dir, "EMA snapshots"):
                     save_snapshots(run_dir, ema, encoder, cur_nimg)
@@ -511,9 +523,18 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, ok in zip(bad, flags) if not ok]
 
 
-def check_finite(net: torch.nn.Module, ema: PowerFunctionEMA | None, cur_nimg: int) -> None:
-    """Raise TrainingError if the weights or (rank 0) the EMAs hold nan / inf; every rank raises together."""
+def check_finite(
+    net: torch.nn.Module, ema: PowerFunctionEMA | None, cur_nimg: int, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Raise TrainingError if the weights, (rank 0) the EMAs or the optimizer's moments hold nan / inf; every rank
+    raises together. An infinite second moment (a finite gradient above 1.8e19 squared) leaves its weight finite but
+    frozen for good, so it counts as a diverged state too."""
     bad = nonfinite_tensors(dict(net.named_parameters()))
+    if optimizer is not None:
+        names = {id(p): name for name, p in net.named_parameters()}
+        moments = {f"optimizer {key}: {names.get(id(p), '?')}": value for p, state in optimizer.state.items()
+                   for key, value in state.items() if isinstance(value, torch.Tensor) and key != "step"}
+        bad += nonfinite_tensors(moments)
     if ema is not None:
         for std, ema_net in ema:
             bad += [f"ema {std:.3f}: {name}" for name in nonfinite_tensors(dict(ema_net.named_parameters()))]
@@ -533,8 +554,11 @@ def _write_errors(run_dir: str, what: str):
         yield
     except OSError as e:
         reason = e.strerror or str(e)
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        raise TrainingError(f"cannot write {what} into {run_dir}{where}: {reason}; the last good checkpoint is kept") from None
+        filename = getattr(e, "filename", None)
+        where = f" ({os.path.basename(os.fspath(filename))})" if filename else ""
+        raise TrainingError(
+            f"cannot write {what} into {run_dir}{where}: {reason}; the last good checkpoint is kept"
+        ) from None
 
 
 def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) -> None:
