@@ -9,6 +9,7 @@ and find every bad file of a dataset in one pass (`check`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import math
@@ -124,8 +125,47 @@ def write_zip(dest: str, entries: Iterator[tuple[str, bytes]], labels: list | No
                 meta["num_classes"] = num_classes
             z.writestr("dataset.json", json.dumps(meta))
 
-    atomic_write(dest, write)
+    folder = os.path.dirname(os.path.abspath(dest))
+    missing = []  # the folders this call creates, removed again if it fails: a failed run leaves nothing behind
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        atomic_write(dest, write)
+    except BaseException:
+        for made in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+        raise
     return count
+
+
+def check_dest(dest: str) -> None:
+    """--dest must name a zip file to be (over)written, not a folder; checked before any work."""
+    if os.path.isdir(dest):
+        raise click.BadParameter(f"{dest} is a folder; expected the path of the output zip", param_hint="--dest")
+    if not dest.lower().endswith(".zip"):
+        raise click.BadParameter(f"expected a .zip file name, got {dest!r}", param_hint="--dest")
+    parent = os.path.dirname(os.path.abspath(dest))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"{dest}: {parent} is a file, not a folder", param_hint="--dest")
+
+
+def check_device(device: str) -> torch.device:
+    """--device: a torch device this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{device}: no CUDA device on this machine; use --device cpu", param_hint="--device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)", param_hint="--device")
+    if dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    return dev
 
 
 # --- checking a dataset ----------------------------------------------------------------------------------
@@ -335,10 +375,12 @@ def main() -> None:
 @click.option("--source", required=True, help="Folder or zip of images (ImageNet layout: a folder per class)")
 @click.option("--dest", required=True, help="Output zip")
 @click.option("--resolution", type=click.IntRange(min=8), required=True, help="Output resolution (square)")
-@click.option("--transform", type=click.Choice(sorted(TRANSFORMS)), default="center-crop-dhariwal", show_default=True)
+@click.option("--transform", type=click.Choice(sorted(TRANSFORMS)), default="center-crop-dhariwal", show_default=True,
+              help="Crop and resize: the ADM (Dhariwal & Nichol) center crop, as the paper's ImageNet data, or a plain one")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Convert only the first N images")
 def convert(source: str, dest: str, resolution: int, transform: str, max_images: int | None) -> None:
     """Images -> uncompressed zip of RGB PNGs at one resolution, with dataset.json labels."""
+    check_dest(dest)
     names, labels, num_classes = list_source_images(source)
     names = names[:max_images] if max_images else names
     out_labels = [] if labels is not None else None
@@ -367,11 +409,14 @@ def convert(source: str, dest: str, resolution: int, transform: str, max_images:
 @main.command()
 @click.option("--source", required=True, help="Zip or folder of PNG images (from `convert`)")
 @click.option("--dest", required=True, help="Output zip of raw latents (.npy, 8 channels: posterior mean and std)")
-@click.option("--vae", default=STABILITY_VAE_DEFAULTS["vae_name"], show_default=True, help="AutoencoderKL: hub name or local directory")
+@click.option("--vae", "--model-url", "vae", default=STABILITY_VAE_DEFAULTS["vae_name"], show_default=True,
+              help="AutoencoderKL: a Hugging Face hub name or a local directory (from save_pretrained); float32")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per VAE call")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-def encode(source: str, dest: str, vae: str, batch: int, device: str) -> None:
+@click.option("--device", default=None, help="Where the VAE runs: cpu, cuda or cuda:N  [default: cuda if available, else cpu]")
+def encode(source: str, dest: str, vae: str, batch: int, device: str | None) -> None:
     """PNG dataset -> Stable Diffusion VAE latent dataset (what --data takes for the img512 presets)."""
+    check_dest(dest)
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dataset = ImageFolderDataset(source, use_labels=True)
     except DatasetError as e:

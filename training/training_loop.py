@@ -129,8 +129,10 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
             raise TrainingError(f"--{key} must be a positive number of images, got {config[key]!r}")
     batch, batch_gpu = config["batch"], config["batch_gpu"] or config["batch"] // world_size
     if batch_gpu <= 0 or batch % (batch_gpu * world_size) != 0:
+        if not config["batch_gpu"]:  # name only what the user gave, not the per-GPU share derived from it
+            raise TrainingError(f"--batch {batch} must be divisible by the number of processes, {world_size}")
         raise TrainingError(
-            f"--batch {batch} must be divisible by --batch-gpu {batch_gpu} x {world_size} GPU(s) "
+            f"--batch {batch} must be divisible by --batch-gpu {batch_gpu} x {world_size} process(es) "
             "(the accumulation rounds must be whole)"
         )
     config["batch_gpu"] = batch_gpu
@@ -153,11 +155,11 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     return config
 
 
-def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, Any, Precond]:
+def _dataset_and_network_kwargs(config: dict[str, Any]) -> tuple[ImageFolderDataset, dict[str, Any]]:
+    """The dataset (checked against the configuration) and the network's constructor arguments."""
     dataset = ImageFolderDataset(config["data"], use_labels=config["cond"], xflip=config["xflip"])
     if config["cond"] and dataset.labels is None:
-        raise TrainingError(f"--cond needs labels, but {config['data']} has no dataset.json with 'labels'")
-    encoder = encoder_from_config(config["encoder"])
+        raise TrainingError(f"--cond needs labels, but {config['data']} has no dataset.json with 'labels' (or train with --uncond)")
     is_vae = config["encoder"]["class"] != "standard_rgb"
     if dataset.is_latent != is_vae:
         kind = "latent .npy" if dataset.is_latent else "image .png"
@@ -170,11 +172,29 @@ def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, A
                 f"--data {config['data']}: the dataset gives {key} {value}, but the network expects {kwargs[key]} "
                 "(pick a preset that fits the data)"
             )
+    return dataset, kwargs
+
+
+def _make_network(kwargs: dict[str, Any]) -> Precond:
     try:
-        net = Precond(**kwargs)
-    except ValueError as e:
-        raise TrainingError(f"network: {e}") from e
-    return dataset, encoder, net
+        return Precond(**kwargs)
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
+        raise TrainingError(f"network arguments (--channels, --network-kwargs or the preset): {e}") from None
+
+
+def check_dataset_and_network(config: dict[str, Any]) -> ImageFolderDataset:
+    """Everything build_dataset_and_net checks, without side effects: no file written, no VAE loaded, and the network
+    built on the meta device (no memory, however large). Raises TrainingError or DatasetError."""
+    dataset, kwargs = _dataset_and_network_kwargs(config)
+    with torch.device("meta"):
+        _make_network(kwargs)
+    return dataset
+
+
+def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, Any, Precond]:
+    dataset, kwargs = _dataset_and_network_kwargs(config)
+    encoder = encoder_from_config(config["encoder"])
+    return dataset, encoder, _make_network(kwargs)
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -276,6 +296,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device or dist.device()
     config = validate_config(config, world)
+    check_dataset_and_network(config)  # before the run directory is made
     lock = RunLock(run_dir)
     if rank == 0:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
