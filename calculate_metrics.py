@@ -189,10 +189,13 @@ def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_wei
     callback=_parse_seeds_option,
     help="One image per seed",
 )
+@click.option("--num", "num_images", type=click.IntRange(min=2), default=None,
+              help="Images to generate, seeds SEED..SEED+NUM-1 (the official tool's options; instead of --seeds)")
+@click.option("--seed", "first_seed", type=click.IntRange(min=0), default=None, help="Seed of the first image, with --num  [default: 0]")
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image  [default: random per seed]")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, show_default=True, help="Sampling steps")
-@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="Lowest noise level")
-@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="Highest noise level")
+@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, show_default=True, help="Lowest noise level")
+@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, show_default=True, help="Highest noise level")
 @click.option("--rho", type=float, default=7.0, show_default=True, help="Time-step exponent")
 @click.option(
     "--precision",
@@ -210,6 +213,8 @@ def gen(
     guidance_interval,
     ref_path,
     seeds,
+    num_images,
+    first_seed,
     class_idx,
     num_steps,
     sigma_min,
@@ -225,6 +230,11 @@ def gen(
 ):
     """Metrics of a model against reference statistics, generating images on the fly (none written)."""
     net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
+    if num_images is not None or first_seed is not None:
+        if click.get_current_context().get_parameter_source("seeds") != click.core.ParameterSource.DEFAULT:
+            raise click.BadParameter("give --seeds, or --num and --seed, not both", param_hint="'--num' / '--seed'")
+        first = first_seed or 0
+        seeds = list(range(first, first + (num_images or len(seeds))))
     if not math.isfinite(guidance) or (guidance != 1 and gnet_path is None):
         raise click.BadParameter(
             f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'"

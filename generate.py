@@ -113,19 +113,20 @@ def _load(option: str, path_or_url: str, device):
 @click.option(
     "--steps", "num_steps", type=click.IntRange(min=1), default=32, help="Sampling steps N (2N - 1 evaluations)"
 )
-@click.option("--sigma-min", type=float, default=0.002, help="Lowest noise level")
-@click.option("--sigma-max", type=float, default=80.0, help="Highest noise level")
+@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, help="Lowest noise level")
+@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, help="Highest noise level")
 @click.option("--rho", type=float, default=7.0, help="Time-step exponent")
 @click.option(
     "--s-churn",
+    "--S_churn",
     "S_churn",
     type=click.FloatRange(min=0),
     default=0.0,
     help="Stochasticity: churn amount (0 = deterministic ODE)",
 )
-@click.option("--s-min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this")
-@click.option("--s-max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
-@click.option("--s-noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
+@click.option("--s-min", "--S_min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this")
+@click.option("--s-max", "--S_max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
+@click.option("--s-noise", "--S_noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16"]),
