@@ -31,6 +31,7 @@ from .grad_sync import FlatGradients
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .phema import PowerFunctionEMA
+from .progress import LOG_FILE, Progress, RunLog
 from .post_step import PostStep, fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from .run_dir import (  # noqa: F401 (list_checkpoints, SNAPSHOT_PATTERN, ... re-exported)
     CHECKPOINT_PATTERN, KEEP_CHECKPOINTS, OPTIONS_FILE, RESUMABLE_CHANGES, SNAPSHOT_PATTERN, STATS_FILE, RunDirError,
@@ -315,7 +316,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
 
 
 def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int, world: int) -> dict[str, Any]:
-    log = dist.print0
+    log = RunLog(run_dir, rank)  # the terminal and RUN/log.txt
     if rank == 0:
         removed = remove_temp_files(run_dir)
         if removed:
@@ -384,7 +385,9 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
     if rank == 0:
         truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
         write_json(os.path.join(run_dir, OPTIONS_FILE), config)
-        log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2))
+        log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2), file_only=True)
+        log(f"Options in {os.path.join(run_dir, OPTIONS_FILE)}; dataset and network details and this output in "
+            f"{os.path.join(run_dir, LOG_FILE)}.")
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
 
@@ -434,6 +437,16 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
     def crossed(interval: int, before: int, after: int) -> bool:
         return interval > 0 and after // interval > before // interval
 
+    def next_status(nimg: int) -> int:
+        interval = config["status"]
+        return min((nimg // interval + 1) * interval if interval > 0 else config["duration"], config["duration"])
+
+    if cur_nimg < config["duration"]:
+        log(f"Training from {cur_nimg} to {config['duration']} images; a status line every {config['status']} images.")
+    progress = Progress(rank)  # a bar up to the next status line, on a terminal only
+    log.progress = progress
+    progress.start(cur_nimg, next_status(cur_nimg))
+
     try:
         while cur_nimg < config["duration"]:
             if step == sync_debug_from:
@@ -471,6 +484,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
             # Non-finite grads zeroed, Adam, EMAs (Eq. 127), forced weight normalization (Eq. 66).
             post_step(cur_nimg + batch, batch, ready=averager)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
+            progress.update(batch)
 
             stopping = vote(step, stop.raised)  # all processes stop at the same step
             done = cur_nimg >= config["duration"]
@@ -490,6 +504,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                         f.write(json.dumps(entry) + "\n")
                 log(f"kimg {entry['kimg']:<9.1f} loss {total_loss:<8.4f} lr {lr:<9.3g} img/s {entry['img_per_s']:<8.1f}"
                     + (f" mem {entry['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in entry else ""), flush=True)
+                progress.start(cur_nimg, next_status(cur_nimg))
                 loss_sum.zero_()
                 loss_count = 0
                 tick_nimg, tick_time = cur_nimg, time.time()
@@ -518,6 +533,8 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         if sync_debug_from is not None:
             torch.cuda.set_sync_debug_mode("default")
         stop.restore()
+        progress.clear()
+        log.close()
         _shutdown_workers(batches)
         del batches
     return dict(cur_nimg=cur_nimg, steps=step, images_this_run=cur_nimg - start_nimg, training_time=training_time)
