@@ -27,10 +27,11 @@ import click
 from edm2 import metrics as M
 from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.model_files import ModelFileError
-from edm2.generation import sampling_precision
+from edm2.generation import prepare_encoder, sampling_precision
 from generate import _load, _parse_interval_option, _parse_seeds_option, resolve_model_options
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
+from training.encoders import VAELoadError
 
 
 def _metrics_option(ctx, param, value):
@@ -203,6 +204,8 @@ def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_wei
     default=None,
     help="Network activation precision  [default: the model file's]",
 )
+@click.option("--vae", metavar="NAME|DIR", default=None,
+              help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
 @click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
 @common_options
 def gen(
@@ -221,6 +224,7 @@ def gen(
     sigma_max,
     rho,
     precision,
+    vae,
     out,
     metrics,
     batch_size,
@@ -248,6 +252,12 @@ def gen(
             if network is not None and hasattr(network, "precision"):  # fp16 only on CUDA, as generate.py
                 network.precision = sampling_precision(network.precision, device, precision)
         try:
+            encoder_settings = prepare_encoder(loaded.net, loaded.encoder, vae, device)
+        except ValueError as e:
+            raise click.ClickException(f"{net_path}: {e}") from None
+        except VAELoadError as e:
+            raise click.ClickException(str(e)) from None
+        try:
             results = M.calc_metrics_for_model(
                 loaded.net,
                 ref_path,
@@ -255,7 +265,7 @@ def gen(
                 seeds,
                 batch_size=batch_size,
                 gnet=gnet,
-                encoder_settings=loaded.encoder,
+                encoder_settings=encoder_settings,
                 class_idx=class_idx,
                 weights=_weights(inception_weights, dinov2_weights),
                 device=device,

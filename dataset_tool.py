@@ -29,7 +29,7 @@ import tqdm
 
 from torch_utils.state_io import atomic_write
 from training.dataset import DatasetError, ImageFolderDataset, is_array_file, list_dataset_files
-from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder
+from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder, VAELoadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -424,6 +424,10 @@ def encode(source: str, dest: str, vae: str, batch: int, device: str | None) -> 
     if dataset.is_latent or dataset.num_channels != 3:
         raise click.BadParameter(f"{source}: expected RGB .png images, got {dataset.num_channels}-channel {'latents' if dataset.is_latent else 'images'}", param_hint="--source")
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch)
+    try:
+        encoder.vae(device)  # before any output: a missing VAE fails at once
+    except VAELoadError as e:
+        raise click.ClickException(str(e)) from None
     out_labels = [] if dataset.labels is not None else None
 
     def entries() -> Iterator[tuple[str, bytes]]:

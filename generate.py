@@ -20,7 +20,9 @@ import math
 
 import click
 
-from edm2.generation import check_class_index, encoder_for, generate_images, prepare_for_sampling, sampling_precision
+from edm2.generation import (
+    check_class_index, generate_images, prepare_encoder, prepare_for_sampling, sampling_precision,
+)
 from edm2.sampler import check_guidance_interval, check_guiding_network, check_schedule
 from edm2.seeds import check_noise_device, parse_seeds
 from torch_utils import distributed as dist
@@ -139,6 +141,8 @@ def _load(option: str, path_or_url: str, device):
     default=None,
     help="Where each seed's generator draws noise and class  [default: the compute device, as the official code]",
 )
+@click.option("--vae", metavar="NAME|DIR", default=None,
+              help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar")
 @click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network(s): faster sampling after tens of seconds of compiling (GPU)")
 def main(
@@ -163,10 +167,14 @@ def main(
     S_noise,
     precision,
     noise_device,
+    vae,
     progress,
     compile_net,
 ):
-    """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun."""
+    """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun.
+
+    Runs on CUDA when available (one GPU per process), else on the CPU. Latent networks decode with the VAE their
+    model file names (float32)."""
     net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
     if outdir is None and grid_path is None:
         raise click.UsageError("nothing to write: give --outdir and/or --grid")
@@ -197,10 +205,14 @@ def main(
             check_class_index(net, class_idx)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--class'") from None
+        from training.encoders import VAELoadError
+
         try:
-            encoder_for(net, loaded.encoder)
+            encoder_settings = prepare_encoder(net, loaded.encoder, vae, device)
         except ValueError as e:
-            raise click.BadParameter(f"{net_path}: {e}", param_hint="'--net'") from None
+            raise click.BadParameter(f"{net_path}: {e}", param_hint="'--net'" if vae is None else "'--vae'") from None
+        except VAELoadError as e:
+            raise click.ClickException(str(e)) from None
         gnet = None
         if gnet_path is not None and guidance != 1:  # w = 1 never evaluates the guiding network
             gnet = _load("--gnet", gnet_path, device).net
@@ -217,7 +229,7 @@ def main(
             net,
             seeds,
             gnet=gnet,
-            encoder_settings=loaded.encoder,
+            encoder_settings=encoder_settings,
             class_idx=class_idx,
             batch_size=batch_size,
             outdir=outdir,
