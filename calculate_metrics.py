@@ -105,7 +105,10 @@ def _run(task):
 
 @click.group()
 def main():
-    """Calculate FID and FD_DINOv2 (SPEC 8): `ref` makes reference statistics, `calc` scores images, `gen` a model."""
+    """Calculate FID and FD_DINOv2 (SPEC 8): `ref` makes reference statistics, `calc` scores images, `gen` a model.
+
+    Runs on CUDA when available (one GPU per process under torchrun), else on the CPU; the detectors run in
+    float32 and the statistics are summed in float64."""
 
 
 @main.command()

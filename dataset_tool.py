@@ -368,7 +368,10 @@ def dataset_label_problems(meta_bytes: bytes, names: list[str]) -> tuple[str | N
 
 @click.group()
 def main() -> None:
-    """Prepare datasets for train_edm2.py."""
+    """Prepare datasets for train_edm2.py.
+
+    convert: center-crop-dhariwal by default (as the paper's ImageNet data), PNGs in a zip. encode: the VAE in
+    float32 on CUDA when available, else the CPU (--device)."""
 
 
 @main.command()

@@ -84,7 +84,9 @@ def std_list_option(ctx, param, value):
     show_default=True,
 )
 def main(indir, inprefix, instd, outdir, outstd, outkimg, batch, prefix, skip_existing, device):
-    """Reconstruct post-hoc EMA networks from the snapshots in INDIR."""
+    """Reconstruct post-hoc EMA networks from the snapshots in INDIR.
+
+    The weighted sums are taken in float64 on --device and written in the snapshots' own dtype (float32)."""
     try:
         paths = reconstruct_to_dir(
             indir,
