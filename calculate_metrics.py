@@ -156,7 +156,7 @@ def ref(data, dest, num, workers, metrics, batch_size, inception_weights, dinov2
     help="Images to use; fewer is an error",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
-@click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
+@click.option("--out", metavar="FILE.json", type=click.Path(dir_okay=False), help="Also write the results as JSON")
 @common_options
 def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
     """Metrics of a folder or zip of images against reference statistics."""
@@ -209,7 +209,7 @@ def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_wei
 )
 @click.option("--vae", metavar="NAME|DIR", default=None,
               help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
-@click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
+@click.option("--out", metavar="FILE.json", type=click.Path(dir_okay=False), help="Also write the results as JSON")
 @common_options
 def gen(
     preset,

@@ -134,3 +134,22 @@ def test_dataset_tool_failure_removes_the_folders_it_made(workdir, data):
     result = CliRunner().invoke(main, ["convert", "--source", str(bad), "--dest", "a/b/x.zip", "--resolution", "16"])
     assert_rejected(result, "a.png")
     assert listing(workdir) == ["src", "src/cls", "src/cls/a.png", "tmp"]
+
+
+def test_other_tools_refuse_a_file_for_a_folder_and_a_folder_for_a_file(workdir):
+    import calculate_metrics
+    import generate
+    import reconstruct_phema
+
+    (workdir / "folder").mkdir()
+    (workdir / "afile").write_bytes(b"")
+    cases = [
+        (reconstruct_phema.main, ["--indir", "folder", "--outdir", "afile", "--outstd", "0.1"], "--outdir"),
+        (calculate_metrics.main, ["calc", "--images", "folder", "--ref", "r.npz", "--out", "folder"], "--out"),
+        (calculate_metrics.main, ["ref", "--data", "folder", "--dest", "folder"], "--dest"),
+        (generate.main, ["--net", "n.safetensors", "--grid", "folder"], "--grid"),
+        (generate.main, ["--net", "n.safetensors", "--outdir", "afile"], "--outdir"),
+    ]
+    for command, args, option in cases:
+        assert_rejected(CliRunner().invoke(command, args), option)
+    assert listing(workdir) == ["afile", "folder", "tmp"]
