@@ -416,7 +416,8 @@ def convert(source: str, dest: str, resolution: int, transform: str, max_images:
               help="AutoencoderKL: a Hugging Face hub name or a local directory (from save_pretrained); float32")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per VAE call")
 @click.option("--device", default=None, help="Where the VAE runs: cpu, cuda or cuda:N  [default: cuda if available, else cpu]")
-def encode(source: str, dest: str, vae: str, batch: int, device: str | None) -> None:
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Encode only the first N images")
+def encode(source: str, dest: str, vae: str, batch: int, device: str | None, max_images: int | None) -> None:
     """PNG dataset -> Stable Diffusion VAE latent dataset (what --data takes for the img512 presets)."""
     check_dest(dest)
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -432,11 +433,12 @@ def encode(source: str, dest: str, vae: str, batch: int, device: str | None) -> 
     except VAELoadError as e:
         raise click.ClickException(str(e)) from None
     out_labels = [] if dataset.labels is not None else None
+    num = min(len(dataset), max_images or len(dataset))
 
     def entries() -> Iterator[tuple[str, bytes]]:
-        with tqdm.tqdm(total=len(dataset), desc="encode", unit="img") as bar:
-            for first in range(0, len(dataset), batch):
-                idx = range(first, min(first + batch, len(dataset)))
+        with tqdm.tqdm(total=num, desc="encode", unit="img") as bar:
+            for first in range(0, num, batch):
+                idx = range(first, min(first + batch, num))
                 images = torch.stack([dataset[i][0] for i in idx]).to(device)
                 raw = encoder.encode_pixels(images).cpu().numpy()
                 for i, arr in zip(idx, raw):
