@@ -195,11 +195,14 @@ def calc(images, ref_path, num, workers, out, metrics, batch_size, inception_wei
 )
 @click.option("--num", "num_images", type=click.IntRange(min=2), default=None,
               help="Images to generate, seeds SEED..SEED+NUM-1 (the official tool's options; instead of --seeds)")
-@click.option("--seed", "first_seed", type=click.IntRange(min=0), default=None, help="Seed of the first image, with --num  [default: 0]")
+@click.option("--seed", "first_seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the first image, with --num  [default: 0]")
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image  [default: random per seed]")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, show_default=True, help="Sampling steps")
-@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, show_default=True, help="Lowest noise level")
-@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, show_default=True, help="Highest noise level")
+@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, show_default=True,
+              help="Lowest noise level")
+@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, show_default=True,
+              help="Highest noise level")
 @click.option("--rho", type=float, default=7.0, show_default=True, help="Time-step exponent")
 @click.option(
     "--precision",

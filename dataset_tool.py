@@ -162,7 +162,8 @@ def check_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter(f"{device}: no CUDA device on this machine; use --device cpu", param_hint="--device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)", param_hint="--device")
+        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                 param_hint="--device")
     if dev.type not in ("cpu", "cuda"):
         raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
     return dev
@@ -379,7 +380,8 @@ def main() -> None:
 @click.option("--dest", required=True, help="Output zip")
 @click.option("--resolution", type=click.IntRange(min=8), required=True, help="Output resolution (square)")
 @click.option("--transform", type=click.Choice(sorted(TRANSFORMS)), default="center-crop-dhariwal", show_default=True,
-              help="Crop and resize: the ADM (Dhariwal & Nichol) center crop, as the paper's ImageNet data, or a plain one")
+              help="Crop and resize: the ADM (Dhariwal & Nichol) center crop, as the paper's ImageNet data, "
+                   "or a plain one")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Convert only the first N images")
 def convert(source: str, dest: str, resolution: int, transform: str, max_images: int | None) -> None:
     """Images -> uncompressed zip of RGB PNGs at one resolution, with dataset.json labels."""
@@ -415,7 +417,8 @@ def convert(source: str, dest: str, resolution: int, transform: str, max_images:
 @click.option("--vae", "--model-url", "vae", default=STABILITY_VAE_DEFAULTS["vae_name"], show_default=True,
               help="AutoencoderKL: a Hugging Face hub name or a local directory (from save_pretrained); float32")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per VAE call")
-@click.option("--device", default=None, help="Where the VAE runs: cpu, cuda or cuda:N  [default: cuda if available, else cpu]")
+@click.option("--device", default=None,
+              help="Where the VAE runs: cpu, cuda or cuda:N  [default: cuda if available, else cpu]")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Encode only the first N images")
 def encode(source: str, dest: str, vae: str, batch: int, device: str | None, max_images: int | None) -> None:
     """PNG dataset -> Stable Diffusion VAE latent dataset (what --data takes for the img512 presets)."""

@@ -126,7 +126,9 @@ def _load(option: str, path_or_url: str, device):
     default=0.0,
     help="Stochasticity: churn amount (0 = deterministic ODE)",
 )
-@click.option("--s-min", "--S_min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this")
+@click.option(
+    "--s-min", "--S_min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this"
+)
 @click.option("--s-max", "--S_max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
 @click.option("--s-noise", "--S_noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
 @click.option(

@@ -40,7 +40,10 @@ def std_list_option(ctx, param, value):
     callback=lambda ctx, param, value: None if value is None else std_list_option(ctx, param, value),
     default=None,
 )
-@click.option("--outdir", help="Where the reconstructed networks are written", metavar="DIR", type=click.Path(file_okay=False), required=True)
+@click.option(
+    "--outdir", help="Where the reconstructed networks are written", metavar="DIR", type=click.Path(file_okay=False),
+    required=True,
+)
 @click.option(
     "--outstd",
     help="EMA lengths (relative std) to build: list, ranges like 0.010,0.015,...,0.250",

@@ -176,7 +176,8 @@ def describe_default_recipe(config: dict) -> str:
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
 @click.option("--ema-stds", "ema_stds", default="0.050,0.100", help="Power-function EMA stds to track and snapshot")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", help="Forward precision (auto: fp16 on GPU, fp32 on CPU)")
-@click.option("--fp16", type=click.BOOL, default=None, metavar="BOOL", help="The official tool's switch: True = --precision fp16, False = fp32")
+@click.option("--fp16", type=click.BOOL, default=None, metavar="BOOL",
+              help="The official tool's switch: True = --precision fp16, False = fp32")
 @click.option("--xflip", is_flag=True, help="Augment with x-flips")
 @click.option("--status", default=None, help="Images between status lines [default: preset's, else 128Ki]")
 @click.option("--snapshot", default=None, help="Images between EMA network snapshots, 0 = at the end only [default: preset's, else 8Mi]")

@@ -69,7 +69,8 @@ def test_metrics_gen_num_and_seeds_are_exclusive(tmp_path):
 
     import calculate_metrics
 
-    args = ["gen", "--net", str(tmp_path / "n.safetensors"), "--ref", str(tmp_path / "r.npz"), "--seeds", "0-3", "--num", "4"]
+    args = ["gen", "--net", str(tmp_path / "n.safetensors"), "--ref", str(tmp_path / "r.npz"), "--seeds", "0-3",
+            "--num", "4"]
     result = CliRunner().invoke(calculate_metrics.main, args)
     assert result.exit_code == 2 and "--seeds, or --num and --seed, not both" in result.output
 

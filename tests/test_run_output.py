@@ -21,7 +21,8 @@ def train(outdir, data, duration, *extra, net=None):
 
     net = json.dumps(dict(json.loads(TINY_NET), **(net or {})))
     args = ["--outdir", str(outdir), "--data", str(data), f"--network-kwargs={net}", f"--duration={duration}",
-            "--batch=8", "--status=8", "--snapshot=0", "--checkpoint=8", "--workers=0", "--rampup=8", "--precision=fp32",
+            "--batch=8", "--status=8", "--snapshot=0", "--checkpoint=8", "--workers=0", "--rampup=8",
+            "--precision=fp32",
             "--no-instruments", *extra]
     return CliRunner().invoke(main, args)
 

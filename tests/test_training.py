@@ -193,7 +193,8 @@ def invoke(args):
 def test_dry_run_prints_resolved_config(tmp_path, data):
     # The dry run checks the data against the network too: the preset's 64x64x4, 1000 classes made to fit.
     fit = json.dumps(dict(json.loads(TINY_NET), img_resolution=16, img_channels=3, label_dim=10))
-    result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", "--preset=edm2-img512-s", "--ema-stds=0.05,0.07", f"--network-kwargs={fit}"])
+    extra = ["--dry-run", "--preset=edm2-img512-s", "--ema-stds=0.05,0.07", f"--network-kwargs={fit}"]
+    result = invoke(train_args(tmp_path / "x", data) + extra)
     assert result.exit_code == 0, result.output
     config = json.loads(result.output)
     # The preset's network, with --network-kwargs on top.

@@ -43,8 +43,8 @@ def assert_short_vae_message(rc, out, why):
     (dict(HF_ENDPOINT="http://127.0.0.1:9"), "cannot be reached (127.0.0.1:9"),
 ], ids=["offline", "unreachable"])
 def test_encode_without_network(tmp_path, pixels, hub_env, why):
-    rc, out = run_offline(tmp_path, [str(ROOT / "dataset_tool.py"), "encode", "--source", pixels, "--dest", "out/lat.zip",
-                                     "--device", "cpu"], **hub_env)
+    args = [str(ROOT / "dataset_tool.py"), "encode", "--source", pixels, "--dest", "out/lat.zip", "--device", "cpu"]
+    rc, out = run_offline(tmp_path, args, **hub_env)
     assert_short_vae_message(rc, out, why)
     assert set(os.listdir(tmp_path)) <= {"hf"}  # no output zip, no out/ folder
 
@@ -59,7 +59,8 @@ def test_generate_latent_model_without_network(tmp_path):
     net = Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=8, channel_mult=[1], num_blocks=1,
                   attn_resolutions=[], channels_per_head=8, logvar_channels=8)
     torch.manual_seed(0)
-    save_network(tmp_path / "latent.safetensors", net, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}))
+    encoder = dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"})
+    save_network(tmp_path / "latent.safetensors", net, encoder=encoder)
     rc, out = run_offline(tmp_path, [str(ROOT / "generate.py"), "--net", "latent.safetensors", "--outdir", "images",
                                      "--seeds", "0-1", "--steps", "2"], HF_HUB_OFFLINE="1")
     assert_short_vae_message(rc, out, "HF_HUB_OFFLINE is set")

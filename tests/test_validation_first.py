@@ -94,13 +94,13 @@ def test_demo_data_is_written_only_once_everything_passed(workdir):
     from train_edm2 import main
 
     # A batch that does not divide, a negative width and a dry run: neither the run directory nor the demo data.
-    result = CliRunner().invoke(main, ["--outdir", "run", "--data", "demo", "--preset", "demo", "--batch=31", "--batch-gpu=7"])
+    demo = ["--outdir", "run", "--data", "demo", "--preset", "demo"]
+    result = CliRunner().invoke(main, demo + ["--batch=31", "--batch-gpu=7"])
     assert_rejected(result, "--batch 31")
-    result = CliRunner().invoke(main, ["--outdir", "run", "--data", "demo", "--preset", "demo",
-                                       "--network-kwargs={\"model_channels\": -8}"])
+    result = CliRunner().invoke(main, demo + ["--network-kwargs={\"model_channels\": -8}"])
     assert_rejected(result, "model_channels")
     assert listing(workdir) == ["tmp"]
-    result = CliRunner().invoke(main, ["--outdir", "run", "--data", "demo", "--preset", "demo", "--dry-run"])
+    result = CliRunner().invoke(main, demo + ["--dry-run"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["data"] == os.path.abspath("run/demo-data.zip")
     assert listing(workdir) == ["tmp"]  # the demo data checked in a temp folder, then removed
@@ -115,7 +115,8 @@ DATASET_TOOL_REJECTED = [
 ]
 
 
-@pytest.mark.parametrize("args,words", DATASET_TOOL_REJECTED, ids=[" ".join(a[:1] + a[5:]) for a, _ in DATASET_TOOL_REJECTED])
+@pytest.mark.parametrize("args,words", DATASET_TOOL_REJECTED,
+                         ids=[" ".join(a[:1] + a[5:]) for a, _ in DATASET_TOOL_REJECTED])
 def test_dataset_tool_rejects_before_writing(workdir, data, args, words):
     from dataset_tool import main
 

@@ -42,7 +42,9 @@ _VAES: dict[str, torch.nn.Module] = {}  # name -> loaded AutoencoderKL, shared b
 
 def _looks_like_path(name: str) -> bool:
     """A hub name is OWNER/NAME; anything else with a path's shape is meant as a local folder."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    return os.sep != "/" and os.sep in name
 
 
 def _hub_unreachable(endpoint: str, timeout_s: float = 5.0) -> str | None:
@@ -63,8 +65,8 @@ def _vae_help(name: str) -> str:
     from huggingface_hub import constants
 
     return (
-        f"Give a local copy with --vae DIR (a folder with config.json and the weights, as AutoencoderKL.save_pretrained "
-        f"writes it), or fill the Hugging Face cache ({constants.HF_HUB_CACHE}; moved by HF_HOME or HF_HUB_CACHE) on a "
+        f"Give a local copy with --vae DIR (a folder with config.json and the weights, as "
+        f"AutoencoderKL.save_pretrained writes it), or fill the Hugging Face cache ({constants.HF_HUB_CACHE}; moved by HF_HOME or HF_HUB_CACHE) on a "
         f"machine with network access:\n  python -c \"from diffusers import AutoencoderKL; "
         f"AutoencoderKL.from_pretrained('{name}')\"\nand copy that cache folder here."
     )
@@ -94,20 +96,28 @@ def _from_pretrained(name: str) -> torch.nn.Module:
     if _looks_like_path(name):
         folder = os.path.expanduser(name)
         if not os.path.isdir(folder):
-            raise VAELoadError(f"--vae {name}: no such folder (expected a saved AutoencoderKL: config.json and weights)")
+            raise VAELoadError(
+                f"--vae {name}: no such folder (expected a saved AutoencoderKL: config.json and weights)"
+            )
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise VAELoadError(f"--vae {name}: no config.json in this folder (expected AutoencoderKL.save_pretrained's output)")
+            raise VAELoadError(
+                f"--vae {name}: no config.json in this folder (expected AutoencoderKL.save_pretrained's output)"
+            )
         try:
             vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - diffusers and safetensors raise many kinds
-            raise VAELoadError(f"--vae {name}: cannot load the AutoencoderKL in this folder: {type(e).__name__}: {e}") from None
+            raise VAELoadError(
+                f"--vae {name}: cannot load the AutoencoderKL in this folder: {type(e).__name__}: {e}"
+            ) from None
     else:
         try:
             vae = AutoencoderKL.from_pretrained(name, local_files_only=True, **kwargs)
         except Exception:  # noqa: BLE001 - not cached (or a damaged cache): ask the hub
             tried = f"the VAE {name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
             if constants.HF_HUB_OFFLINE:
-                raise VAELoadError(f"cannot load the VAE: {tried}, and HF_HUB_OFFLINE is set.\n{_vae_help(name)}") from None
+                raise VAELoadError(
+                    f"cannot load the VAE: {tried}, and HF_HUB_OFFLINE is set.\n{_vae_help(name)}"
+                ) from None
             reason = _hub_unreachable(constants.ENDPOINT)
             if reason is not None:
                 raise VAELoadError(

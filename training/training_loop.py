@@ -160,7 +160,9 @@ def _dataset_and_network_kwargs(config: dict[str, Any]) -> tuple[ImageFolderData
     """The dataset (checked against the configuration) and the network's constructor arguments."""
     dataset = ImageFolderDataset(config["data"], use_labels=config["cond"], xflip=config["xflip"])
     if config["cond"] and dataset.labels is None:
-        raise TrainingError(f"--cond needs labels, but {config['data']} has no dataset.json with 'labels' (or train with --uncond)")
+        raise TrainingError(
+            f"--cond needs labels, but {config['data']} has no dataset.json with 'labels' (or train with --uncond)"
+        )
     is_vae = config["encoder"]["class"] != "standard_rgb"
     if dataset.is_latent != is_vae:
         kind = "latent .npy" if dataset.is_latent else "image .png"
