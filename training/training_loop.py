@@ -178,10 +178,15 @@ def _dataset_and_network_kwargs(config: dict[str, Any]) -> tuple[ImageFolderData
     return dataset, kwargs
 
 
-def _make_network(kwargs: dict[str, Any]) -> Precond:
+def _make_network(kwargs: dict[str, Any], meta: bool = False) -> Precond:
+    # On the meta device a RuntimeError can only come from the arguments; on a real one it may be out of memory.
+    errors = (ValueError, TypeError, IndexError, ZeroDivisionError) + ((RuntimeError,) if meta else ())
     try:
+        if meta:
+            with torch.device("meta"):
+                return Precond(**kwargs)
         return Precond(**kwargs)
-    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
+    except errors as e:
         raise TrainingError(f"network arguments (--channels, --network-kwargs or the preset): {e}") from None
 
 
@@ -189,8 +194,7 @@ def check_dataset_and_network(config: dict[str, Any]) -> ImageFolderDataset:
     """Everything build_dataset_and_net checks, without side effects: no file written, no VAE loaded, and the network
     built on the meta device (no memory, however large). Raises TrainingError or DatasetError."""
     dataset, kwargs = _dataset_and_network_kwargs(config)
-    with torch.device("meta"):
-        _make_network(kwargs)
+    _make_network(kwargs, meta=True)
     return dataset
 
 
