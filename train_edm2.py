@@ -19,8 +19,8 @@ import torch
 
 import edm2
 from networks.skip_scaling import SKIP_SCALING_MODES
-from training.dataset import DatasetError, ImageFolderDataset
 from torch_utils.state_io import atomic_write
+from training.dataset import DatasetError, ImageFolderDataset
 from training.encoders import STABILITY_VAE_DEFAULTS
 from training.training_loop import (
     TrainingError, TrainingStopped, check_dataset_and_network, default_config, training_loop, validate_config,
@@ -205,9 +205,14 @@ def main(**opts) -> None:
     try:
         run(opts)
     except click.ClickException as e:
-        if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun every process fails alike: rank 0 says why
+        if not is_rank0():  # under torchrun every process fails alike: rank 0 says why
             raise SystemExit(e.exit_code) from None
         raise
+
+
+def is_rank0() -> bool:
+    """Rank 0 of torchrun (or no torchrun), before torch.distributed is set up."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def run(opts: dict) -> None:
@@ -235,7 +240,7 @@ def run(opts: dict) -> None:
             data_path = write_demo_dataset(os.path.join(tmp, DEMO_DATA))
         config = check_data_and_network(config, data_path, opts["vae"])
         resolved["encoder"] = config["encoder"]
-        if int(os.environ.get("RANK", "0") or 0) == 0 and opts["preset"] is None:
+        if is_rank0() and opts["preset"] is None:
             click.echo(describe_default_recipe(resolved), err=opts["dry_run"])
         if opts["dry_run"]:
             click.echo(json.dumps(resolved, indent=2))
