@@ -255,11 +255,22 @@ def run(opts: dict) -> None:
         raise click.ClickException(str(e)) from None
     except TrainingStopped as e:
         # Non-zero, so `train && generate` and schedulers see an unfinished run; 130 / 143 as the shell reports it.
-        dist.print0(str(e), flush=True)
+        log_line(opts["outdir"], str(e))
         dist.shutdown()
         raise SystemExit(e.exit_code) from None
-    dist.print0(f"Done: {summary['cur_nimg']} images in {summary['training_time']:.0f} s of training; outputs in {opts['outdir']}")
+    log_line(opts["outdir"], f"Done: {summary['cur_nimg']} images in {summary['training_time']:.0f} s of training; "
+                             f"outputs in {opts['outdir']}")
     dist.shutdown()
+
+
+def log_line(run_dir: str, line: str) -> None:
+    """Print on rank 0 and append to the run's log.txt, as the training loop does with its lines."""
+    from torch_utils import distributed as dist
+    from training.progress import RunLog
+
+    log = RunLog(run_dir, dist.get_rank())
+    log(line)
+    log.close()
 
 
 if __name__ == "__main__":

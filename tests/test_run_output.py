@@ -42,6 +42,7 @@ def test_plain_output_log_file_and_options_file(tmp_path):
     log = (run / "log.txt").read_text()
     assert all(line in log for line in status)
     assert '"network": {' in log  # the details went to the file
+    assert log.rstrip().splitlines()[-1].startswith("Done: 16 images")
     result = train(run, data, 24, "--preset=demo", net=dict(img_resolution=16))
     assert result.exit_code == 0, result.output
     log2 = (run / "log.txt").read_text()
