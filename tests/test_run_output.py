@@ -107,3 +107,46 @@ def test_rerun_with_the_same_seed_is_bit_identical(tmp_path):
     for f in files:
         x, y = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
+
+
+def test_bar_on_a_terminal_plain_lines_in_the_pipe(tmp_path):
+    """stderr on a pseudo-terminal gets the bar; stdout, a pipe, gets only the plain lines."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import threading
+
+    from conftest import ROOT
+
+    data = write_demo_dataset(str(tmp_path / "d.zip"), num_images=8, resolution=16)
+    args = ["--outdir", str(tmp_path / "run"), "--data", data, f"--network-kwargs={TINY_NET}", "--duration=32",
+            "--batch=8", "--status=32", "--snapshot=0", "--checkpoint=0", "--workers=0", "--no-instruments"]
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_edm2.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=follower, text=True)
+    os.close(follower)
+    chunks = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal's other end is closed: the process ended
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=600)
+    reader.join(timeout=60)
+    os.close(leader)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, out + terminal
+    assert "to kimg 0.0" in terminal and "img/s" in terminal and "\r" in terminal  # the bar, redrawn in place
+    assert "kimg 0.0" in out and "\r" not in out  # the status line in the pipe, plain
