@@ -28,10 +28,11 @@ import click
 from edm2 import metrics as M
 from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.model_files import ModelFileError
-from edm2.generation import sampling_precision
+from edm2.generation import prepare_encoder, sampling_precision
 from generate import _load, _parse_interval_option, _parse_seeds_option, resolve_model_options
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
+from training.encoders import VAELoadError
 
 
 def _metrics_option(ctx, param, value):
@@ -105,7 +106,10 @@ def _run(task):
 
 @click.group()
 def main():
-    """Calculate FID and FD_DINOv2 (SPEC 8): `ref` makes reference statistics, `calc` scores images, `gen` a model."""
+    """Calculate FID and FD_DINOv2 (SPEC 8): `ref` makes reference statistics, `calc` scores images, `gen` a model.
+
+    Runs on CUDA when available (one GPU per process under torchrun), else on the CPU; the detectors run in
+    float32 and the statistics are summed in float64."""
 
 
 @main.command()
@@ -167,7 +171,7 @@ def ref(data, dest, num, seed, workers, metrics, batch_size, inception_weights, 
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of that choice (official --seed)")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="PNG decoding processes")
-@click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
+@click.option("--out", metavar="FILE.json", type=click.Path(dir_okay=False), help="Also write the results as JSON")
 @common_options
 def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
     """Metrics of a folder or zip of images against reference statistics."""
@@ -205,10 +209,16 @@ def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, incepti
     callback=_parse_seeds_option,
     help="One image per seed",
 )
+@click.option("--num", "num_images", type=click.IntRange(min=2), default=None,
+              help="Images to generate, seeds SEED..SEED+NUM-1 (the official tool's options; instead of --seeds)")
+@click.option("--seed", "first_seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the first image, with --num  [default: 0]")
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image  [default: random per seed]")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, show_default=True, help="Sampling steps")
-@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="Lowest noise level")
-@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="Highest noise level")
+@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, show_default=True,
+              help="Lowest noise level")
+@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, show_default=True,
+              help="Highest noise level")
 @click.option("--rho", type=float, default=7.0, show_default=True, help="Time-step exponent")
 @click.option(
     "--precision",
@@ -216,7 +226,9 @@ def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, incepti
     default=None,
     help="Network activation precision  [default: the model file's]",
 )
-@click.option("--out", metavar="FILE.json", help="Also write the results as JSON")
+@click.option("--vae", metavar="NAME|DIR", default=None,
+              help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
+@click.option("--out", metavar="FILE.json", type=click.Path(dir_okay=False), help="Also write the results as JSON")
 @common_options
 def gen(
     preset,
@@ -226,12 +238,15 @@ def gen(
     guidance_interval,
     ref_path,
     seeds,
+    num_images,
+    first_seed,
     class_idx,
     num_steps,
     sigma_min,
     sigma_max,
     rho,
     precision,
+    vae,
     out,
     metrics,
     batch_size,
@@ -241,6 +256,11 @@ def gen(
 ):
     """Metrics of a model against reference statistics, generating images on the fly (none written)."""
     net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
+    if num_images is not None or first_seed is not None:
+        if click.get_current_context().get_parameter_source("seeds") != click.core.ParameterSource.DEFAULT:
+            raise click.BadParameter("give --seeds, or --num and --seed, not both", param_hint="'--num' / '--seed'")
+        first = first_seed or 0
+        seeds = list(range(first, first + (num_images or len(seeds))))
     if not math.isfinite(guidance) or (guidance != 1 and gnet_path is None):
         raise click.BadParameter(
             f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'"
@@ -254,6 +274,12 @@ def gen(
             if network is not None and hasattr(network, "precision"):  # fp16 only on CUDA, as generate.py
                 network.precision = sampling_precision(network.precision, device, precision)
         try:
+            encoder_settings = prepare_encoder(loaded.net, loaded.encoder, vae, device)
+        except ValueError as e:
+            raise click.ClickException(f"{net_path}: {e}") from None
+        except VAELoadError as e:
+            raise click.ClickException(str(e)) from None
+        try:
             results = M.calc_metrics_for_model(
                 loaded.net,
                 ref_path,
@@ -261,7 +287,7 @@ def gen(
                 seeds,
                 batch_size=batch_size,
                 gnet=gnet,
-                encoder_settings=loaded.encoder,
+                encoder_settings=encoder_settings,
                 class_idx=class_idx,
                 weights=_weights(inception_weights, dinov2_weights),
                 device=device,

@@ -9,6 +9,7 @@ and find every bad file of a dataset in one pass (`check`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import math
@@ -31,7 +32,7 @@ import tqdm
 
 from torch_utils.state_io import atomic_write, current_umask
 from training.dataset import DatasetError, ImageFolderDataset, is_array_file, list_dataset_files
-from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder
+from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder, VAELoadError
 
 # --- reading sources -------------------------------------------------------------------------------------
 # `convert` reads its sources as the official dataset_tool does, so that the same folder gives the same files,
@@ -229,8 +230,52 @@ def write_zip(dest: str, entries: Iterator[tuple[str, bytes]], labels: list | No
                 meta["num_classes"] = num_classes
             z.writestr("dataset.json", json.dumps(meta))
 
-    atomic_write(dest, write)
+    folder = os.path.dirname(os.path.abspath(dest))
+    missing = []  # the folders this call creates, removed again if it fails: a failed run leaves nothing behind
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        atomic_write(dest, write)
+    except BaseException:
+        for made in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+        raise
     return count
+
+
+def check_dest(dest: str, folder_ok: bool = False) -> None:
+    """--dest must name a zip file to be (over)written or, where folder_ok, a new or empty folder; checked before
+    any work."""
+    if not dest.lower().endswith(".zip"):
+        if not folder_ok:
+            raise click.BadParameter(f"expected a .zip file name, got {dest!r}", param_hint="--dest")
+        if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+            raise click.BadParameter(f"{dest}: must be an empty folder, a new folder or a .zip file", param_hint="--dest")
+    elif os.path.isdir(dest):
+        raise click.BadParameter(f"{dest} is a folder; expected the path of the output zip", param_hint="--dest")
+    parent = os.path.dirname(os.path.abspath(dest))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"{dest}: {parent} is a file, not a folder", param_hint="--dest")
+
+
+def check_device(device: str) -> torch.device:
+    """--device: a torch device this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{device}: no CUDA device on this machine; use --device cpu", param_hint="--device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                 param_hint="--device")
+    if dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    return dev
 
 
 # --- checking a dataset ----------------------------------------------------------------------------------
@@ -433,7 +478,10 @@ def dataset_label_problems(meta_bytes: bytes, names: list[str]) -> tuple[str | N
 
 @click.group()
 def main() -> None:
-    """Prepare datasets for train_edm2.py."""
+    """Prepare datasets for train_edm2.py.
+
+    convert: center-crop-dhariwal by default (as the paper's ImageNet data), PNGs in a zip. encode: the VAE in
+    float32 on CUDA when available, else the CPU (--device)."""
 
 
 @main.command()
@@ -473,6 +521,7 @@ def convert(
     ImageNet crop (W = H). Outputs must be square; unlike the official tool any size is accepted, not only
     powers of two. The pixels and PNG bytes equal the official tool's.
     """
+    check_dest(dest, folder_ok=True)
     width, height = resolution if resolution is not None else (None, None)
     if transform is not None and resolution is None:
         raise click.BadParameter(f"--transform {transform} needs --resolution WxH", param_hint="--resolution")
@@ -550,11 +599,16 @@ def convert(
 @main.command()
 @click.option("--source", required=True, help="Zip or folder of PNG images (from `convert`)")
 @click.option("--dest", required=True, help="Output zip of raw latents (.npy, 8 channels: posterior mean and std)")
-@click.option("--vae", default=STABILITY_VAE_DEFAULTS["vae_name"], show_default=True, help="AutoencoderKL: hub name or local directory")
+@click.option("--vae", "--model-url", "vae", default=STABILITY_VAE_DEFAULTS["vae_name"], show_default=True,
+              help="AutoencoderKL: a Hugging Face hub name or a local directory (from save_pretrained); float32")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per VAE call")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-def encode(source: str, dest: str, vae: str, batch: int, device: str) -> None:
+@click.option("--device", default=None,
+              help="Where the VAE runs: cpu, cuda or cuda:N  [default: cuda if available, else cpu]")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Encode only the first N images")
+def encode(source: str, dest: str, vae: str, batch: int, device: str | None, max_images: int | None) -> None:
     """PNG dataset -> Stable Diffusion VAE latent dataset (what --data takes for the img512 presets)."""
+    check_dest(dest)
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dataset = ImageFolderDataset(source, use_labels=True)
     except DatasetError as e:
@@ -562,12 +616,17 @@ def encode(source: str, dest: str, vae: str, batch: int, device: str) -> None:
     if dataset.is_latent or dataset.num_channels != 3:
         raise click.BadParameter(f"{source}: expected RGB .png images, got {dataset.num_channels}-channel {'latents' if dataset.is_latent else 'images'}", param_hint="--source")
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch)
+    try:
+        encoder.vae(device)  # before any output: a missing VAE fails at once
+    except VAELoadError as e:
+        raise click.ClickException(str(e)) from None
     out_labels = [] if dataset.labels is not None else None
+    num = min(len(dataset), max_images or len(dataset))
 
     def entries() -> Iterator[tuple[str, bytes]]:
-        with tqdm.tqdm(total=len(dataset), desc="encode", unit="img") as bar:
-            for first in range(0, len(dataset), batch):
-                idx = range(first, min(first + batch, len(dataset)))
+        with tqdm.tqdm(total=num, desc="encode", unit="img") as bar:
+            for first in range(0, num, batch):
+                idx = range(first, min(first + batch, num))
                 images = torch.stack([dataset[i][0] for i in idx]).to(device)
                 raw = encoder.encode_pixels(images).cpu().numpy()
                 for i, arr in zip(idx, raw):

@@ -20,7 +20,9 @@ import math
 
 import click
 
-from edm2.generation import check_class_index, encoder_for, generate_images, prepare_for_sampling, sampling_precision
+from edm2.generation import (
+    check_class_index, generate_images, prepare_encoder, prepare_for_sampling, sampling_precision,
+)
 from edm2.sampler import check_guidance_interval, check_guiding_network, check_schedule
 from edm2.seeds import check_noise_device, parse_seeds
 from torch_utils import distributed as dist
@@ -113,19 +115,22 @@ def _load(option: str, path_or_url: str, device):
 @click.option(
     "--steps", "num_steps", type=click.IntRange(min=1), default=32, help="Sampling steps N (2N - 1 evaluations)"
 )
-@click.option("--sigma-min", type=float, default=0.002, help="Lowest noise level")
-@click.option("--sigma-max", type=float, default=80.0, help="Highest noise level")
+@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, help="Lowest noise level")
+@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, help="Highest noise level")
 @click.option("--rho", type=float, default=7.0, help="Time-step exponent")
 @click.option(
     "--s-churn",
+    "--S_churn",
     "S_churn",
     type=click.FloatRange(min=0),
     default=0.0,
     help="Stochasticity: churn amount (0 = deterministic ODE)",
 )
-@click.option("--s-min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this")
-@click.option("--s-max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
-@click.option("--s-noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
+@click.option(
+    "--s-min", "--S_min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this"
+)
+@click.option("--s-max", "--S_max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
+@click.option("--s-noise", "--S_noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16"]),
@@ -146,6 +151,8 @@ def _load(option: str, path_or_url: str, device):
     "operations in its order: its images per seed to the last level as far as the GPU allows; slower, no --compile). "
     "The CPU always computes in the reference order",
 )
+@click.option("--vae", metavar="NAME|DIR", default=None,
+              help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar")
 @click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network(s): faster sampling after tens of seconds of compiling (GPU)")
 def main(
@@ -171,10 +178,14 @@ def main(
     precision,
     noise_device,
     kernels,
+    vae,
     progress,
     compile_net,
 ):
-    """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun."""
+    """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun.
+
+    Runs on CUDA when available (one GPU per process), else on the CPU. Latent networks decode with the VAE their
+    model file names (float32)."""
     net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
     if outdir is None and grid_path is None:
         raise click.UsageError("nothing to write: give --outdir and/or --grid")
@@ -210,10 +221,14 @@ def main(
             check_class_index(net, class_idx)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--class'") from None
+        from training.encoders import VAELoadError
+
         try:
-            encoder_for(net, loaded.encoder)
+            encoder_settings = prepare_encoder(net, loaded.encoder, vae, device)
         except ValueError as e:
-            raise click.BadParameter(f"{net_path}: {e}", param_hint="'--net'") from None
+            raise click.BadParameter(f"{net_path}: {e}", param_hint="'--net'" if vae is None else "'--vae'") from None
+        except VAELoadError as e:
+            raise click.ClickException(str(e)) from None
         gnet = None
         if gnet_path is not None and guidance != 1:  # w = 1 never evaluates the guiding network
             gnet = _load("--gnet", gnet_path, device).net
@@ -231,7 +246,7 @@ def main(
             net,
             seeds,
             gnet=gnet,
-            encoder_settings=loaded.encoder,
+            encoder_settings=encoder_settings,
             class_idx=class_idx,
             batch_size=batch_size,
             outdir=outdir,

@@ -40,7 +40,10 @@ def std_list_option(ctx, param, value):
     callback=lambda ctx, param, value: None if value is None else std_list_option(ctx, param, value),
     default=None,
 )
-@click.option("--outdir", help="Where the reconstructed networks are written", metavar="DIR", type=str, required=True)
+@click.option(
+    "--outdir", help="Where the reconstructed networks are written", metavar="DIR", type=click.Path(file_okay=False),
+    required=True,
+)
 @click.option(
     "--outstd",
     help="EMA lengths (relative std) to build: list, ranges like 0.010,0.015,...,0.250",
@@ -84,7 +87,9 @@ def std_list_option(ctx, param, value):
     show_default=True,
 )
 def main(indir, inprefix, instd, outdir, outstd, outkimg, batch, prefix, skip_existing, device):
-    """Reconstruct post-hoc EMA networks from the snapshots in INDIR."""
+    """Reconstruct post-hoc EMA networks from the snapshots in INDIR.
+
+    The weighted sums are taken in float64 on --device and written in the snapshots' own dtype (float32)."""
     try:
         paths = reconstruct_to_dir(
             indir,

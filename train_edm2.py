@@ -11,16 +11,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import click
 import torch
 
 import edm2
 from networks.skip_scaling import SKIP_SCALING_MODES
+from torch_utils.state_io import atomic_write
 from training.dataset import DatasetError, ImageFolderDataset
 from training.encoders import STABILITY_VAE_DEFAULTS, VAE_PIXEL_RANGES
-from training.training_loop import TrainingError, TrainingStopped, default_config, training_loop, validate_config
+from training.training_loop import (
+    TrainingError, TrainingStopped, check_dataset_and_network, default_config, training_loop, validate_config,
+)
 
+DEMO_DATA = "demo-data.zip"  # --data demo: written into the run directory once the options are checked
 SUFFIXES = {"": 1, "K": 2**10, "KI": 2**10, "M": 2**20, "MI": 2**20, "G": 2**30, "GI": 2**30}
 
 
@@ -111,29 +117,48 @@ def build_config(opts: dict) -> dict:
     c.update(compile=opts["compile_net"], channels_last=opts["channels_last"], instruments=opts["instruments"])
     c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], fast_dropout=opts["fast_dropout"], ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
 
+    if not c["cond"] and "label_dim" in net:
+        net["label_dim"] = 0  # --uncond whatever the preset's network (the demo's has 10 classes)
     data = opts["data"]
-    if data == "demo":
-        from training.demo_data import write_demo_dataset
+    c["data"] = os.path.abspath(os.path.join(opts["outdir"], DEMO_DATA) if data == "demo" else data)
+    return c
 
-        data = write_demo_dataset(os.path.join(opts["outdir"], "demo-data.zip"))
-    c["data"] = os.path.abspath(data)
+
+def check_data_and_network(config: dict, data_path: str, vae: str | None, vae_pixel_range: str = "0,1") -> dict:
+    """The dataset at data_path (the demo's may lie in a temp folder until this passes) and the network arguments
+    checked without side effects; the encoder settings of a latent dataset filled in. One-line errors."""
+    config = dict(config)
     try:
-        dataset = ImageFolderDataset(c["data"], use_labels=c["cond"])
+        dataset = ImageFolderDataset(data_path, use_labels=config["cond"])
+        if dataset.is_latent:
+            config["encoder"] = dict(
+                STABILITY_VAE_DEFAULTS, vae_name=vae or STABILITY_VAE_DEFAULTS["vae_name"], pixel_range=vae_pixel_range
+            )
+            config["encoder"]["class"] = "stability_vae"
+        check_dataset_and_network(dict(config, data=data_path))
     except DatasetError as e:
         raise click.BadParameter(str(e), param_hint="--data") from None
-    if dataset.is_latent:
-        c["encoder"] = dict(
-            STABILITY_VAE_DEFAULTS, vae_name=opts["vae"] or STABILITY_VAE_DEFAULTS["vae_name"],
-            pixel_range=opts["vae_pixel_range"],
-        )  # fmt: skip
-        c["encoder"]["class"] = "stability_vae"
-    return c
+    except TrainingError as e:
+        raise click.ClickException(str(e)) from None
+    return config
+
+
+def describe_default_recipe(config: dict) -> str:
+    """The start-up line of a run without --preset: the paper's full recipe is long, so say so."""
+    n = config["duration"]
+    size = f"{n // 2**30}Gi" if n % 2**30 == 0 else f"{n // 2**20}Mi" if n % 2**20 == 0 else str(n)
+    return (
+        f"No --preset: training the default recipe (edm2-img512-s's network width and learning rate, batch "
+        f"{config['batch']}) for {size} images; give --preset (e.g. demo) for a shorter run."
+    )
 
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 @click.option("--outdir", required=True, help="Run directory (checkpoints, snapshots, logs); resumed if it exists")
 @click.option("--data", required=True, help="Dataset folder or zip (.png pixels or .npy latents), or 'demo'")
-@click.option("--cond/--uncond", default=True, help="Class-conditional (labels from dataset.json)")
+@click.option("--cond", type=click.BOOL, default=None, is_flag=False, flag_value=True, metavar="BOOL",
+              help="Class-conditional (labels from dataset.json); --cond=False as --uncond  [default: True]")
+@click.option("--uncond", is_flag=True, help="Unconditional: labels ignored (also with a conditional preset)")
 @click.option("--preset", default=None, help=f"Configuration preset: {', '.join(edm2.PRESETS)}")
 @click.option("--duration", default=None, help="Training duration in images, e.g. 2048Mi")
 @click.option("--batch", default=None, help="Total batch size in images")
@@ -153,6 +178,8 @@ def build_config(opts: dict) -> dict:
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
 @click.option("--ema-stds", "ema_stds", default="0.050,0.100", help="Power-function EMA stds to track and snapshot")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", help="Forward precision (auto: fp16 on GPU, fp32 on CPU)")
+@click.option("--fp16", type=click.BOOL, default=None, metavar="BOOL",
+              help="The official tool's switch: True = --precision fp16, False = fp32")
 @click.option("--xflip", is_flag=True, help="Augment with x-flips")
 @click.option("--status", default=None, help="Images between status lines [default: preset's, else 128Ki]")
 @click.option("--snapshot", default=None, help="Images between EMA network snapshots, 0 = at the end only [default: preset's, else 8Mi]")
@@ -175,10 +202,35 @@ def build_config(opts: dict) -> dict:
 @click.option("--instruments/--no-instruments", default=None, help="Per-skip and per-stage feature/gradient figures on status steps [default: on unless --compile, as they run eagerly]")
 @click.option("--max-nonfinite-status", "max_nonfinite_status", type=click.IntRange(min=1), default=3,
               help="Stop (non-zero, nothing saved) when the loss stays nan/inf for this many status intervals in a row")
-@click.option("--dry-run", "dry_run", is_flag=True, help="Print the resolved configuration as JSON and exit")
+@click.option("-n", "--dry-run", "dry_run", is_flag=True,
+              help="Check everything, print the resolved configuration as JSON and exit; writes nothing")
 def main(**opts) -> None:
-    """Train an EDM2 diffusion model."""
-    # Checked before build_config, which may write the demo data into the outdir.
+    """Train an EDM2 diffusion model, or resume the run in --outdir.
+
+    Runs on the GPU(s) when CUDA is available, else on the CPU. Without --preset: the paper's EDM2-S recipe
+    (2Gi images). Everything is checked before anything is written; --dry-run only checks and prints."""
+    try:
+        run(opts)
+    except click.ClickException as e:
+        if not is_rank0():  # under torchrun every process fails alike: rank 0 says why
+            raise SystemExit(e.exit_code) from None
+        raise
+
+
+def is_rank0() -> bool:
+    """Rank 0 of torchrun (or no torchrun), before torch.distributed is set up."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def run(opts: dict) -> None:
+    # Every option, the dataset and the network arguments are checked before anything is written.
+    if opts["cond"] is True and opts["uncond"]:
+        raise click.BadParameter("--cond True and --uncond contradict each other", param_hint="--uncond")
+    opts["cond"] = not opts["uncond"] and opts["cond"] is not False
+    if opts["fp16"] is not None:
+        if opts["precision"] != "auto":
+            raise click.BadParameter("give --precision or --fp16, not both", param_hint="--fp16")
+        opts["precision"] = "fp16" if opts["fp16"] else "fp32"
     if os.path.exists(opts["outdir"]) and not os.path.isdir(opts["outdir"]):
         raise click.BadParameter(f"{opts['outdir']} is a file; expected a directory", param_hint="--outdir")
     config = build_config(opts)
@@ -186,9 +238,22 @@ def main(**opts) -> None:
         resolved = validate_config(config, int(os.environ.get("WORLD_SIZE", "1") or 1))
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
-    if opts["dry_run"]:
-        click.echo(json.dumps(resolved, indent=2))
-        return
+    demo_missing = opts["data"] == "demo" and not os.path.isfile(config["data"])
+    with tempfile.TemporaryDirectory(prefix="edm2-demo-") as tmp:
+        data_path = config["data"]
+        if demo_missing:  # made aside, moved into the run directory only once everything passed
+            from training.demo_data import write_demo_dataset
+
+            data_path = write_demo_dataset(os.path.join(tmp, DEMO_DATA))
+        config = check_data_and_network(config, data_path, opts["vae"], opts["vae_pixel_range"])
+        resolved["encoder"] = config["encoder"]
+        if is_rank0() and opts["preset"] is None:
+            click.echo(describe_default_recipe(resolved), err=opts["dry_run"])
+        if opts["dry_run"]:
+            click.echo(json.dumps(resolved, indent=2))
+            return
+        if demo_missing:  # every process under torchrun: each renames its own complete copy into place
+            atomic_write(config["data"], lambda path: shutil.copyfile(data_path, path))
     from torch_utils import distributed as dist
 
     try:
@@ -197,11 +262,22 @@ def main(**opts) -> None:
         raise click.ClickException(str(e)) from None
     except TrainingStopped as e:
         # Non-zero, so `train && generate` and schedulers see an unfinished run; 130 / 143 as the shell reports it.
-        dist.print0(str(e), flush=True)
+        log_line(opts["outdir"], str(e))
         dist.shutdown()
         raise SystemExit(e.exit_code) from None
-    dist.print0(f"Done: {summary['cur_nimg']} images in {summary['training_time']:.0f} s of training; outputs in {opts['outdir']}")
+    log_line(opts["outdir"], f"Done: {summary['cur_nimg']} images in {summary['training_time']:.0f} s of training; "
+                             f"outputs in {opts['outdir']}")
     dist.shutdown()
+
+
+def log_line(run_dir: str, line: str) -> None:
+    """Print on rank 0 and append to the run's log.txt, as the training loop does with its lines."""
+    from torch_utils import distributed as dist
+    from training.progress import RunLog
+
+    log = RunLog(run_dir, dist.get_rank())
+    log(line)
+    log.close()
 
 
 if __name__ == "__main__":

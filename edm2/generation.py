@@ -81,6 +81,22 @@ def generation_encoder(net: torch.nn.Module, encoder_settings: dict[str, Any] | 
     return encoder
 
 
+def prepare_encoder(
+    net: torch.nn.Module, encoder_settings: dict[str, Any] | None, vae: str | None, device: torch.device | str
+) -> dict[str, Any] | None:
+    """The encoder settings to sample with (--vae NAME|DIR replacing the model file's VAE), with the VAE loaded now,
+    before any sampling, so that a missing VAE fails at once. Raises ValueError (--vae for a pixel network) or
+    training.encoders.VAELoadError (a few lines: what was tried, how to get the VAE)."""
+    if vae is not None:
+        if not encoder_settings or encoder_settings.get("class") != "stability_vae":
+            raise ValueError("--vae: this network's outputs are pixels; it needs no VAE")
+        encoder_settings = dict(encoder_settings, vae_name=vae)
+    encoder = encoder_for(net, encoder_settings)
+    if hasattr(encoder, "vae"):
+        encoder.vae(device)  # loaded once per process; generate_images' encoder reuses it
+    return encoder_settings
+
+
 def check_class_index(net: torch.nn.Module, class_idx: int | None) -> None:
     """ValueError unless class_idx is None or a valid class of the network."""
     if class_idx is None:

@@ -97,6 +97,21 @@ class Precond(torch.nn.Module):
         for name, value in dict(img_resolution=img_resolution, img_channels=img_channels).items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"Precond: {name} must be a positive integer, got {value!r}")
+        widths = dict(model_channels=model_channels, channels_per_head=channels_per_head,
+                      logvar_channels=logvar_channels, num_blocks=num_blocks)
+        optional = dict(channel_mult_noise=channel_mult_noise, channel_mult_emb=channel_mult_emb,
+                        patch_size=patch_size, depth=depth, mlp_ratio=mlp_ratio)
+        widths.update({k: v for k, v in optional.items() if v is not None})
+        for name, value in widths.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Precond: {name} must be a positive integer, got {value!r}")
+        if (not isinstance(channel_mult, (list, tuple)) or not channel_mult
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in channel_mult)):
+            raise ValueError(
+                f"Precond: channel_mult must be a non-empty list of positive integers, got {channel_mult!r}"
+            )
+        if not isinstance(attn_resolutions, (list, tuple)) or not all(isinstance(v, int) for v in attn_resolutions):
+            raise ValueError(f"Precond: attn_resolutions must be a list of integers, got {attn_resolutions!r}")
         if not isinstance(label_dim, int) or label_dim < 0:
             raise ValueError(f"Precond: label_dim must be a non-negative integer, got {label_dim!r}")
         if not 0 <= dropout < 1:

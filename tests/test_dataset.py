@@ -172,6 +172,10 @@ def test_encode_then_train_on_latents(tmp_path, tiny_vae):
     d = ImageFolderDataset(str(latents))
     assert d.is_latent and d.raw_shape == [8, 8, 8] and d.label_dim == 10
     assert (d[0][0][4:] > 0).all()  # the second half holds posterior stds
+    first3 = tmp_path / "first3.zip"
+    args = ["encode", "--source", pixels, "--dest", str(first3), "--model-url", tiny_vae, "--max-images", "3"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and len(ImageFolderDataset(str(first3))) == 3, r.output  # the official names
 
     net = json.dumps(dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], logvar_channels=8))
     r = CliRunner().invoke(train, [

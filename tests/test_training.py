@@ -192,18 +192,22 @@ def invoke(args):
 
 
 def test_dry_run_prints_resolved_config(tmp_path, data):
-    result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", "--preset=edm2-img512-s", "--ema-stds=0.05,0.07"])
+    # The dry run checks the data against the network too: the preset's 64x64x4, 1000 classes made to fit.
+    fit = json.dumps(dict(json.loads(TINY_NET), img_resolution=16, img_channels=3, label_dim=10))
+    extra = ["--dry-run", "--preset=edm2-img512-s", "--ema-stds=0.05,0.07", f"--network-kwargs={fit}"]
+    result = invoke(train_args(tmp_path / "x", data) + extra)
     assert result.exit_code == 0, result.output
     config = json.loads(result.output)
     # The preset's network, with --network-kwargs on top.
-    assert config["network"]["img_channels"] == 4 and config["network"]["label_dim"] == 1000
+    assert config["network"]["img_channels"] == 3 and config["network"]["label_dim"] == 10
+    assert config["network"]["dropout"] == 0.0 and config["network"]["img_resolution"] == 16
     assert config["network"]["model_channels"] == 8 and config["network"]["channel_mult"] == [1, 2]
     assert config["duration"] == 320 and config["batch"] == 16  # the options override the preset
     assert config["lr"]["ref_lr"] == 0.01 and config["ema_stds"] == [0.05, 0.07]
     assert config["ddp_overlap"] is False  # the default: the compiled graph stays whole on several GPUs
     assert not (tmp_path / "x" / "training_options.json").exists()
     result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", "--ddp-overlap"])
-    assert result.exit_code == 0 and json.loads(result.output)["ddp_overlap"] is True
+    assert result.exit_code == 0 and json.loads(result.stdout)["ddp_overlap"] is True
 
 
 @pytest.mark.parametrize("value,expected", [("4096", 4096), ("128Ki", 131072), ("8Mi", 8 << 20), ("2Gi", 2 << 30), ("1.5Ki", 1536)])

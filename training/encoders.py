@@ -15,6 +15,8 @@ The VAE (diffusers AutoencoderKL) is loaded lazily on first use; its weights nev
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,108 @@ STABILITY_VAE_DEFAULTS: dict[str, Any] = {
 # they decode as they always did; their latent datasets were encoded that way by this project's dataset_tool.
 VAE_PIXEL_RANGES = ("0,1", "-1,1")
 LEGACY_VAE_PIXEL_RANGE = "-1,1"
+
+
+class VAELoadError(RuntimeError):
+    """The VAE cannot be loaded (no network, not in the cache, a bad local folder); the message says what was tried
+    and how to get it, in a few lines."""
+
+
+_VAES: dict[str, torch.nn.Module] = {}  # name -> loaded AutoencoderKL, shared by all encoders of a process
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub name is OWNER/NAME; anything else with a path's shape is meant as a local folder."""
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    return os.sep != "/" and os.sep in name
+
+
+def _hub_unreachable(endpoint: str, timeout_s: float = 5.0) -> str | None:
+    """Why the hub cannot be reached (one TCP connect, no retries), or None if it answers."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or e}"
+    return None
+
+
+def _vae_help(name: str) -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"Give a local copy with --vae DIR (a folder with config.json and the weights, as "
+        f"AutoencoderKL.save_pretrained writes it), or fill the Hugging Face cache ({constants.HF_HUB_CACHE}; moved by HF_HOME or HF_HUB_CACHE) on a "
+        f"machine with network access:\n  python -c \"from diffusers import AutoencoderKL; "
+        f"AutoencoderKL.from_pretrained('{name}')\"\nand copy that cache folder here."
+    )
+
+
+def load_vae(name: str) -> torch.nn.Module:
+    """The diffusers AutoencoderKL `name` (a hub name or a local folder), in eval mode without gradients.
+
+    A hub name is looked up in the local cache first; only when it is missing is the hub asked, after one quick
+    connection check (the hub client's own retries take tens of seconds to fail without a network). Raises
+    VAELoadError with a few lines: what was tried, the local-folder option, the cache variables."""
+    if name not in _VAES:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers' own, not ours to fix
+            _VAES[name] = _from_pretrained(name).eval().requires_grad_(False)
+    return _VAES[name]
+
+
+def _from_pretrained(name: str) -> torch.nn.Module:
+    import importlib.util
+
+    from diffusers import AutoencoderKL
+    from huggingface_hub import constants
+
+    # Without accelerate, diffusers warns and falls back to this anyway; say it to keep logs quiet.
+    kwargs = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    if _looks_like_path(name):
+        folder = os.path.expanduser(name)
+        if not os.path.isdir(folder):
+            raise VAELoadError(
+                f"--vae {name}: no such folder (expected a saved AutoencoderKL: config.json and weights)"
+            )
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise VAELoadError(
+                f"--vae {name}: no config.json in this folder (expected AutoencoderKL.save_pretrained's output)"
+            )
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - diffusers and safetensors raise many kinds
+            raise VAELoadError(
+                f"--vae {name}: cannot load the AutoencoderKL in this folder: {type(e).__name__}: {e}"
+            ) from None
+    else:
+        try:
+            vae = AutoencoderKL.from_pretrained(name, local_files_only=True, **kwargs)
+        except Exception:  # noqa: BLE001 - not cached (or a damaged cache): ask the hub
+            tried = f"the VAE {name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+            if constants.HF_HUB_OFFLINE:
+                raise VAELoadError(
+                    f"cannot load the VAE: {tried}, and HF_HUB_OFFLINE is set.\n{_vae_help(name)}"
+                ) from None
+            reason = _hub_unreachable(constants.ENDPOINT)
+            if reason is not None:
+                raise VAELoadError(
+                    f"cannot load the VAE: {tried}, and the hub {constants.ENDPOINT} cannot be reached ({reason}).\n"
+                    f"{_vae_help(name)}"
+                ) from None
+            try:
+                vae = AutoencoderKL.from_pretrained(name, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise VAELoadError(
+                    f"cannot load the VAE {name!r} from the hub {constants.ENDPOINT}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}\n{_vae_help(name)}"
+                ) from None
+    return vae
 
 
 def _check_pixels(x: torch.Tensor, who: str) -> None:
@@ -124,17 +228,7 @@ class StabilityVAEEncoder:
     def vae(self, device: torch.device | str) -> torch.nn.Module:
         """The AutoencoderKL on `device`, loaded on first use (weights from the hub or a local directory)."""
         if self._vae is None:
-            import importlib.util
-
-            from diffusers import AutoencoderKL
-
-            # Without accelerate, diffusers warns and falls back to this anyway; say it to keep logs quiet.
-            kwargs = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
-            try:
-                vae = AutoencoderKL.from_pretrained(self.vae_name, **kwargs)
-            except Exception as e:  # the hub and the file system raise many kinds
-                raise RuntimeError(f"StabilityVAEEncoder: cannot load the VAE {self.vae_name!r}: {e}") from e
-            self._vae = vae.eval().requires_grad_(False)
+            self._vae = load_vae(self.vae_name)
         self._vae.to(device)
         return self._vae
 

@@ -31,6 +31,7 @@ from .grad_sync import FlatGradients
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .phema import PowerFunctionEMA
+from .progress import LOG_FILE, Progress, RunLog
 from .post_step import PostStep, fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from .run_dir import (  # noqa: F401 (list_checkpoints, SNAPSHOT_PATTERN, ... re-exported)
     CHECKPOINT_PATTERN, KEEP_CHECKPOINTS, OPTIONS_FILE, RESUMABLE_CHANGES, SNAPSHOT_PATTERN, STATS_FILE, RunDirError,
@@ -131,8 +132,10 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
             raise TrainingError(f"--{key} must be a positive number of images, got {config[key]!r}")
     batch, batch_gpu = config["batch"], config["batch_gpu"] or config["batch"] // world_size
     if batch_gpu <= 0 or batch % (batch_gpu * world_size) != 0:
+        if not config["batch_gpu"]:  # name only what the user gave, not the per-GPU share derived from it
+            raise TrainingError(f"--batch {batch} must be divisible by the number of processes, {world_size}")
         raise TrainingError(
-            f"--batch {batch} must be divisible by --batch-gpu {batch_gpu} x {world_size} GPU(s) "
+            f"--batch {batch} must be divisible by --batch-gpu {batch_gpu} x {world_size} process(es) "
             "(the accumulation rounds must be whole)"
         )
     config["batch_gpu"] = batch_gpu
@@ -163,11 +166,13 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
     return config
 
 
-def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, Any, Precond]:
+def _dataset_and_network_kwargs(config: dict[str, Any]) -> tuple[ImageFolderDataset, dict[str, Any]]:
+    """The dataset (checked against the configuration) and the network's constructor arguments."""
     dataset = ImageFolderDataset(config["data"], use_labels=config["cond"], xflip=config["xflip"])
     if config["cond"] and dataset.labels is None:
-        raise TrainingError(f"--cond needs labels, but {config['data']} has no dataset.json with 'labels'")
-    encoder = encoder_from_config(config["encoder"])
+        raise TrainingError(
+            f"--cond needs labels, but {config['data']} has no dataset.json with 'labels' (or train with --uncond)"
+        )
     is_vae = config["encoder"]["class"] != "standard_rgb"
     if dataset.is_latent != is_vae:
         kind = "latent .npy" if dataset.is_latent else "image .png"
@@ -180,11 +185,33 @@ def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, A
                 f"--data {config['data']}: the dataset gives {key} {value}, but the network expects {kwargs[key]} "
                 "(pick a preset that fits the data)"
             )
+    return dataset, kwargs
+
+
+def _make_network(kwargs: dict[str, Any], meta: bool = False) -> Precond:
+    # On the meta device a RuntimeError can only come from the arguments; on a real one it may be out of memory.
+    errors = (ValueError, TypeError, IndexError, ZeroDivisionError) + ((RuntimeError,) if meta else ())
     try:
-        net = Precond(**kwargs)
-    except ValueError as e:
-        raise TrainingError(f"network: {e}") from e
-    return dataset, encoder, net
+        if meta:
+            with torch.device("meta"):
+                return Precond(**kwargs)
+        return Precond(**kwargs)
+    except errors as e:
+        raise TrainingError(f"network arguments (--channels, --network-kwargs or the preset): {e}") from None
+
+
+def check_dataset_and_network(config: dict[str, Any]) -> ImageFolderDataset:
+    """Everything build_dataset_and_net checks, without side effects: no file written, no VAE loaded, and the network
+    built on the meta device (no memory, however large). Raises TrainingError or DatasetError."""
+    dataset, kwargs = _dataset_and_network_kwargs(config)
+    _make_network(kwargs, meta=True)
+    return dataset
+
+
+def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, Any, Precond]:
+    dataset, kwargs = _dataset_and_network_kwargs(config)
+    encoder = encoder_from_config(config["encoder"])
+    return dataset, encoder, _make_network(kwargs)
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -286,6 +313,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device or dist.device()
     config = validate_config(config, world)
+    check_dataset_and_network(config)  # before the run directory is made
     lock = RunLock(run_dir)
     if rank == 0:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -304,7 +332,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
 
 
 def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int, world: int) -> dict[str, Any]:
-    log = dist.print0
+    log = RunLog(run_dir, rank)  # the terminal and RUN/log.txt
     if rank == 0:
         removed = remove_temp_files(run_dir)
         if removed:
@@ -374,7 +402,9 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         with _write_errors(run_dir, "the run's options and status lines"):
             truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
             write_json(os.path.join(run_dir, OPTIONS_FILE), config)
-        log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2))
+        log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2), file_only=True)
+        log(f"Options in {os.path.join(run_dir, OPTIONS_FILE)}; dataset and network details and this output in "
+            f"{os.path.join(run_dir, LOG_FILE)}.")
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
 
@@ -424,6 +454,16 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
     def crossed(interval: int, before: int, after: int) -> bool:
         return interval > 0 and after // interval > before // interval
 
+    def next_status(nimg: int) -> int:
+        interval = config["status"]
+        return min((nimg // interval + 1) * interval if interval > 0 else config["duration"], config["duration"])
+
+    if cur_nimg < config["duration"]:
+        log(f"Training from {cur_nimg} to {config['duration']} images; a status line every {config['status']} images.")
+    progress = Progress(rank)  # a bar up to the next status line, on a terminal only
+    log.progress = progress
+    progress.start(cur_nimg, next_status(cur_nimg))
+
     try:
         while cur_nimg < config["duration"]:
             if step == sync_debug_from:
@@ -461,6 +501,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
             # Non-finite grads zeroed, Adam, EMAs (Eq. 127), forced weight normalization (Eq. 66).
             post_step(cur_nimg + batch, batch, ready=averager)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
+            progress.update(batch)
 
             stopping = vote(step, stop.raised)  # all processes stop at the same step
             done = cur_nimg >= config["duration"]
@@ -480,6 +521,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                         f.write(json.dumps(entry) + "\n")
                 log(f"kimg {entry['kimg']:<9.1f} loss {total_loss:<8.4f} lr {lr:<9.3g} img/s {entry['img_per_s']:<8.1f}"
                     + (f" mem {entry['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in entry else ""), flush=True)
+                progress.start(cur_nimg, next_status(cur_nimg))
                 loss_sum.zero_()
                 loss_count = 0
                 tick_nimg, tick_time = cur_nimg, time.time()
@@ -509,6 +551,8 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         if sync_debug_from is not None:
             torch.cuda.set_sync_debug_mode("default")
         stop.restore()
+        progress.clear()
+        log.close()
         _shutdown_workers(batches)
         del batches
     return dict(cur_nimg=cur_nimg, steps=step, images_this_run=cur_nimg - start_nimg, training_time=training_time)

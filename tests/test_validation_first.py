@@ -1,0 +1,156 @@
+"""Every option, the dataset and the network arguments are checked before anything is written: a rejected command
+exits non-zero with a one-line error naming the option, no traceback, and leaves no file or folder behind."""
+
+import json
+import os
+import tempfile
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+from training.demo_data import write_demo_dataset
+
+TINY_NET = json.dumps(dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                           channels_per_head=8, logvar_channels=8))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    labelled = write_demo_dataset(str(folder / "shapes.zip"), num_images=8, resolution=16)
+    unlabelled = folder / "nolabels.zip"
+    with zipfile.ZipFile(labelled) as src, zipfile.ZipFile(unlabelled, "w") as dst:
+        for name in src.namelist():
+            if name != "dataset.json":
+                dst.writestr(name, src.read(name))
+    return dict(labelled=labelled, unlabelled=str(unlabelled))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty folder as the working directory, with Python's temp folder inside it, so that a leftover anywhere
+    (run directory, demo data, a temp file) shows up in its listing."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def listing(folder):
+    paths = (os.path.relpath(os.path.join(d, n), folder) for d, dirs, files in os.walk(folder) for n in dirs + files)
+    return sorted(p for p in paths if not p.startswith("tmp/torchinductor_"))  # torch's own compile cache
+
+
+def assert_rejected(result, *words):
+    assert result.exit_code not in (0, None), result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an uncaught exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for word in words:
+        assert word in errors[0], (word, result.output)
+
+
+TRAIN_REJECTED = [
+    (["--batch=31", "--batch-gpu=7"], ["--batch 31", "--batch-gpu 7"]),
+    (["--batch=0"], ["--batch"]),
+    (["--duration=12Xi"], ["--duration"]),
+    (["--channels=-8"], ["--channels"]),
+    (["--network-kwargs={\"model_channels\": -8}"], ["model_channels", "-8", "--network-kwargs"]),
+    (["--network-kwargs={\"channel_mult\": []}"], ["channel_mult"]),
+    (["--network-kwargs={\"model_channels\": 8.5}"], ["model_channels", "8.5"]),
+    (["--network-kwargs=[1]"], ["--network-kwargs"]),
+    (["--dropout=2"], ["--dropout"]),
+    (["--lr=nan"], ["--lr"]),
+    (["--preset=nope"], ["--preset"]),
+    (["--preset=edm2-img64-s"], ["img_resolution 16", "expects 64"]),
+    (["--cond=True", "--uncond"], ["--uncond"]),
+    (["--cond=maybe"], ["--cond"]),
+    (["--skip-scaling=none", "--kappa=0.5"], ["--kappa"]),
+]
+
+
+@pytest.mark.parametrize("args,words", TRAIN_REJECTED, ids=[" ".join(a) for a, _ in TRAIN_REJECTED])
+def test_train_rejects_before_writing(workdir, data, args, words):
+    from train_edm2 import main
+
+    base = ["--outdir", "run", "--data", data["labelled"], f"--network-kwargs={TINY_NET}", "--workers=0"]
+    result = CliRunner().invoke(main, base + args)
+    assert_rejected(result, *words)
+    assert listing(workdir) == ["tmp"]
+
+
+def test_missing_labels_and_missing_data_rejected_before_writing(workdir, data):
+    from train_edm2 import main
+
+    base = ["--outdir", "run", f"--network-kwargs={TINY_NET}"]
+    assert_rejected(CliRunner().invoke(main, base + ["--data", data["unlabelled"]]), "--cond needs labels", "--uncond")
+    assert_rejected(CliRunner().invoke(main, base + ["--data", "missing.zip"]), "--data", "missing.zip")
+    assert listing(workdir) == ["tmp"]
+
+
+def test_demo_data_is_written_only_once_everything_passed(workdir):
+    from train_edm2 import main
+
+    # A batch that does not divide, a negative width and a dry run: neither the run directory nor the demo data.
+    demo = ["--outdir", "run", "--data", "demo", "--preset", "demo"]
+    result = CliRunner().invoke(main, demo + ["--batch=31", "--batch-gpu=7"])
+    assert_rejected(result, "--batch 31")
+    result = CliRunner().invoke(main, demo + ["--network-kwargs={\"model_channels\": -8}"])
+    assert_rejected(result, "model_channels")
+    assert listing(workdir) == ["tmp"]
+    result = CliRunner().invoke(main, demo + ["--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"] == os.path.abspath("run/demo-data.zip")
+    assert listing(workdir) == ["tmp"]  # the demo data checked in a temp folder, then removed
+
+
+DATASET_TOOL_REJECTED = [
+    (["convert", "--source", "{data}", "--dest", "folder", "--resolution", "16"], ["--dest", "folder"]),
+    (["convert", "--source", "{data}", "--dest", "out/x.txt", "--resolution", "16"], ["--dest", ".zip"]),
+    (["convert", "--source", "missing", "--dest", "out/x.zip", "--resolution", "16"], ["--source"]),
+    (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "foo"], ["--device", "foo"]),
+    (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "cuda:99"], ["--device", "cuda:99"]),
+]
+
+
+@pytest.mark.parametrize("args,words", DATASET_TOOL_REJECTED,
+                         ids=[" ".join(a[:1] + a[5:]) for a, _ in DATASET_TOOL_REJECTED])
+def test_dataset_tool_rejects_before_writing(workdir, data, args, words):
+    from dataset_tool import main
+
+    (workdir / "folder").mkdir()
+    result = CliRunner().invoke(main, [a.format(data=data["labelled"]) for a in args])
+    assert_rejected(result, *words)
+    assert listing(workdir) == ["folder", "tmp"]
+
+
+def test_dataset_tool_failure_removes_the_folders_it_made(workdir, data):
+    from dataset_tool import main
+
+    bad = workdir / "src"
+    (bad / "cls").mkdir(parents=True)
+    (bad / "cls" / "a.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(main, ["convert", "--source", str(bad), "--dest", "a/b/x.zip", "--resolution", "16"])
+    assert_rejected(result, "a.png")
+    assert listing(workdir) == ["src", "src/cls", "src/cls/a.png", "tmp"]
+
+
+def test_other_tools_refuse_a_file_for_a_folder_and_a_folder_for_a_file(workdir):
+    import calculate_metrics
+    import generate
+    import reconstruct_phema
+
+    (workdir / "folder").mkdir()
+    (workdir / "afile").write_bytes(b"")
+    cases = [
+        (reconstruct_phema.main, ["--indir", "folder", "--outdir", "afile", "--outstd", "0.1"], "--outdir"),
+        (calculate_metrics.main, ["calc", "--images", "folder", "--ref", "r.npz", "--out", "folder"], "--out"),
+        (calculate_metrics.main, ["ref", "--data", "folder", "--dest", "folder"], "--dest"),
+        (generate.main, ["--net", "n.safetensors", "--grid", "folder"], "--grid"),
+        (generate.main, ["--net", "n.safetensors", "--outdir", "afile"], "--outdir"),
+    ]
+    for command, args, option in cases:
+        assert_rejected(CliRunner().invoke(command, args), option)
+    assert listing(workdir) == ["afile", "folder", "tmp"]
