@@ -92,7 +92,7 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                 name = run_name(backbone, mode)
                 run_dir = os.path.join(outdir, name)
                 os.makedirs(run_dir, exist_ok=True)
-                log = open(os.path.join(run_dir, "log.txt"), "a")  # noqa: SIM115 (open while the run lasts)
+                log = open(os.path.join(run_dir, "console.txt"), "a")  # noqa: SIM115 (open while the run lasts)
                 cmd = train_command(run_dir, data, backbone, mode, s, kappa, seed)
                 run_env = dict(env, CUDA_VISIBLE_DEVICES=str(started % gpus)) if gpus > 1 else env
                 started += 1
@@ -115,7 +115,7 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                     walls[name] = time.time() - start
                     if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):  # 143: stopped at the time limit
                         click.echo(
-                            f"\n{name}: exit code {proc.returncode}; see {os.path.join(outdir, name, 'log.txt')}",
+                            f"\n{name}: exit code {proc.returncode}; see {os.path.join(outdir, name, 'console.txt')}",
                             err=True,
                         )
                     del active[name]
