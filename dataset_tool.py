@@ -230,19 +230,27 @@ def write_zip(dest: str, entries: Iterator[tuple[str, bytes]], labels: list | No
                 meta["num_classes"] = num_classes
             z.writestr("dataset.json", json.dumps(meta))
 
+    with new_folders_removed_on_failure(dest):
+        atomic_write(dest, write)
+    return count
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_failure(dest: str) -> Iterator[None]:
+    """The folders above dest that do not exist yet are removed again if the block fails: a failed run leaves
+    nothing behind."""
     folder = os.path.dirname(os.path.abspath(dest))
-    missing = []  # the folders this call creates, removed again if it fails: a failed run leaves nothing behind
+    missing = []
     while not os.path.exists(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
     try:
-        atomic_write(dest, write)
+        yield
     except BaseException:
         for made in missing:
             with contextlib.suppress(OSError):
                 os.rmdir(made)
         raise
-    return count
 
 
 def check_dest(dest: str, folder_ok: bool = False) -> None:
@@ -589,9 +597,11 @@ def convert(
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
                 fill(z.writestr)
 
-        atomic_write(dest, write)
+        with new_folders_removed_on_failure(dest):
+            atomic_write(dest, write)
     else:
-        write_folder(dest, fill)
+        with new_folders_removed_on_failure(dest):
+            write_folder(dest, fill)
     count = len(out_labels)
     click.echo(f"Wrote {count} image{'' if count == 1 else 's'} of {size[0]}x{size[1]} to {dest}")
 

@@ -84,7 +84,7 @@ def test_dataset_tool_encode_options():
     device = next(p for p in encode.params if p.name == "device")
     assert device.default is None and "cuda if available" in device.help  # decided at run time, not import time
     transform = next(p for p in main.commands["convert"].params if p.name == "transform")
-    assert transform.default == "center-crop-dhariwal" and transform.help
+    assert transform.default is None and "default: none" in transform.help  # the official default (plain resize)
 
 
 @pytest.fixture(scope="module")

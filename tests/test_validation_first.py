@@ -107,8 +107,9 @@ def test_demo_data_is_written_only_once_everything_passed(workdir):
 
 
 DATASET_TOOL_REJECTED = [
-    (["convert", "--source", "{data}", "--dest", "folder", "--resolution", "16"], ["--dest", "folder"]),
-    (["convert", "--source", "{data}", "--dest", "out/x.txt", "--resolution", "16"], ["--dest", ".zip"]),
+    # A folder --dest must be new or empty (as the official tool); "folder" holds a file here.
+    (["convert", "--source", "{data}", "--dest", "folder", "--resolution", "16"], ["--dest", "empty folder"]),
+    (["encode", "--source", "{data}", "--dest", "out/x.txt"], ["--dest", ".zip"]),
     (["convert", "--source", "missing", "--dest", "out/x.zip", "--resolution", "16"], ["--source"]),
     (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "foo"], ["--device", "foo"]),
     (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "cuda:99"], ["--device", "cuda:99"]),
@@ -121,9 +122,10 @@ def test_dataset_tool_rejects_before_writing(workdir, data, args, words):
     from dataset_tool import main
 
     (workdir / "folder").mkdir()
+    (workdir / "folder" / "keep.txt").write_text("")
     result = CliRunner().invoke(main, [a.format(data=data["labelled"]) for a in args])
     assert_rejected(result, *words)
-    assert listing(workdir) == ["folder", "tmp"]
+    assert listing(workdir) == ["folder", "folder/keep.txt", "tmp"]
 
 
 def test_dataset_tool_failure_removes_the_folders_it_made(workdir, data):
