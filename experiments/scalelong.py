@@ -1,5 +1,5 @@
 """ScaleLong experiment: train the demo configuration with every skip-scaling mode on both backbones, then
-compare loss curves and the oscillation of hidden features and gradients (SPEC 9).
+compare loss curves and the oscillation of hidden features and gradients (docs/design.md §9).
 
     python experiments/scalelong.py run --outdir runs/scalelong --setting cpu     # ~3 min on a laptop
     python experiments/scalelong.py run --outdir out/scalelong --rundir /tmp/sl --setting gpu  # one GPU, 14 at once

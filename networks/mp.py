@@ -1,4 +1,4 @@
-"""Magnitude-preserving building blocks of the EDM2 network (SPEC 3; EDM2 paper, App. B).
+"""Magnitude-preserving building blocks of the EDM2 network (docs/design.md §3; EDM2 paper, App. B).
 
 Every layer here keeps unit-variance inputs at unit variance, which is what lets the network train
 without biases, group norms or loss scaling.

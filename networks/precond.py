@@ -1,4 +1,4 @@
-"""EDM preconditioning around the EDM2 U-Net, with the learned log-variance head (SPEC 2)."""
+"""EDM preconditioning around the EDM2 U-Net, with the learned log-variance head (docs/design.md §2)."""
 
 from __future__ import annotations
 

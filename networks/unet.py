@@ -1,4 +1,4 @@
-"""The EDM2 U-Net, configuration G of the paper (SPEC 4, Fig. 21).
+"""The EDM2 U-Net, configuration G of the paper (docs/design.md §4, Fig. 21).
 
 Module and parameter names follow the reference implementation (`enc.16x16_block0.conv_res0.weight`,
 ...), so that official checkpoints load without a rename table.

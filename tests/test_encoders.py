@@ -1,4 +1,4 @@
-"""Pixel and latent encoders (SPEC 8), with a tiny AutoencoderKL saved locally: no download."""
+"""Pixel and latent encoders (docs/design.md §8), with a tiny AutoencoderKL saved locally: no download."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Datasets of PNG images (pixels) or NPY arrays (raw latents) in a folder or an uncompressed zip (SPEC 8).
+"""Datasets of PNG images (pixels) or NPY arrays (raw latents) in a folder or an uncompressed zip (docs/design.md §8).
 
 Labels come from an optional `dataset.json`: {"labels": [[relative_path, class_index], ...]}. With
 x-flips the dataset doubles: index i >= N is image i - N mirrored, so augmentation is a pure function of

@@ -1,4 +1,4 @@
-"""Pixel and latent encoders: between uint8 RGB images and the network's input space (SPEC 8).
+"""Pixel and latent encoders: between uint8 RGB images and the network's input space (docs/design.md §8).
 
 An encoder is described by a JSON-able settings dict (stored in model files and datasets):
 
@@ -256,7 +256,7 @@ class StabilityVAEEncoder:
         return torch.cat(out)
 
     def encode_latents(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Raw latents -> one sample mean + std * N(0, 1), scaled per channel (SPEC 8)."""
+        """Raw latents -> one sample mean + std * N(0, 1), scaled per channel (docs/design.md §8)."""
         channels = len(self.raw_mean)
         if raw.ndim != 4 or raw.shape[1] != 2 * channels:
             raise ValueError(

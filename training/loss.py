@@ -1,4 +1,4 @@
-"""The EDM2 training loss with learned per-noise-level weighting (SPEC 2; Eq. 14-16, 21)."""
+"""The EDM2 training loss with learned per-noise-level weighting (docs/design.md §2; Eq. 14-16, 21)."""
 
 from __future__ import annotations
 
@@ -57,5 +57,5 @@ class EDM2Loss:
 
 def reduce_batch_loss(loss: torch.Tensor, batch_gpu_total: int) -> torch.Tensor:
     """Sum over all elements divided by the per-GPU batch total, so that the gradient does not depend on
-    how the batch is split into accumulation rounds (SPEC 2)."""
+    how the batch is split into accumulation rounds (docs/design.md §2)."""
     return loss.sum() / batch_gpu_total

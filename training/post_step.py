@@ -1,4 +1,4 @@
-"""Everything between the backward pass and the next forward (SPEC 5, 6): non-finite gradient elements set to
+"""Everything between the backward pass and the next forward (docs/design.md §5, §6): non-finite gradient elements set to
 zero, Adam, the power-function EMA updates (Eq. 127) and forced weight normalization (Eq. 66), in that order.
 
 The order is the official training loop's: its EMAs average the weights right after Adam, before they are

@@ -1,5 +1,5 @@
 """The EDM2 training loop: one or many GPUs (torchrun), power-function EMA snapshots, crash-safe checkpoints
-and exact resume (SPEC 5, 6).
+and exact resume (docs/design.md §5, §6, §11).
 
 Reproducibility by construction: the images of every optimizer step, their sigma and their noise are
 functions of (seed, step) for the whole global batch, and each process takes its slice. So one process and
