@@ -113,7 +113,8 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                 if proc.poll() is not None:
                     log.close()
                     walls[name] = time.time() - start
-                    if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):  # 143: stopped at the time limit
+                    # 143 = 128 + SIGTERM: stopped at the time limit
+                    if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
                         click.echo(
                             f"\n{name}: exit code {proc.returncode}; see {os.path.join(outdir, name, 'console.txt')}",
                             err=True,
@@ -239,7 +240,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         ("loss_last_quarter_sem", "+-", "{:.4f}"), ("loss_std_second_half", "loss std (2nd half)", "{:.4f}"),
         ("speedup_vs_none", "speed-up to none's final loss", "{:.2f}x"), ("grad_norm_mean", "grad norm", "{:.3f}"),
         ("grad_norm_osc", "grad-norm osc.", "{:.3f}"), ("skip_grad_osc", "skip-grad osc.", "{:.3f}"),
-        ("skip_feat_rms_log_std", "skip-feature spread", "{:.4f}"), ("dec_feat_rms_mean", "decoder-feature RMS", "{:.3f}"),
+        ("skip_feat_rms_log_std", "skip-feature spread", "{:.4f}"),
+        ("dec_feat_rms_mean", "decoder-feature RMS", "{:.3f}"),
         ("dec_feat_rms_log_std", "decoder-feature spread", "{:.4f}"),
         ("dec_feat_grad_osc", "decoder-grad osc.", "{:.3f}"), ("sum_sq_skip_scale", "sum coef^2", "{:.2f}"),
     ]  # fmt: skip

@@ -52,9 +52,16 @@ def text_lines(path: str) -> list[str] | None:
         return None
 
 
-def test_tracked_files_found() -> None:
+def test_tracked_files_found(monkeypatch) -> None:
     files = tracked_files()
     assert "README.md" in files and "docs/design.md" in files and "networks/unet.py" in files
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)  # without git: the walk of the tree finds them too
+    walked = tracked_files()
+    assert set(files) <= set(walked) and not any(p.startswith(".git/") or "__pycache__" in p for p in walked)
 
 
 def test_no_citation_outside_repository() -> None:
@@ -81,3 +88,22 @@ def test_design_citations_exist() -> None:
                     if section not in sections:
                         bad.append(f"{path}:{number}: §{section}")
     assert not bad, "citations of sections docs/design.md does not have:\n" + "\n".join(bad)
+
+
+# The limit the project's linter is configured with (pyproject.toml, [tool.ruff] line-length).
+MAX_COLUMNS = int(re.search(r"^line-length\s*=\s*(\d+)", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)[1])
+SCRIPTS = (".ci/run",)  # shell scripts without a .sh suffix
+
+
+def test_line_length() -> None:
+    """Every tracked .py, .sh and .toml line (and the CI script) fits in the project's column limit."""
+    bad = []
+    for path in tracked_files():
+        if path in PENDING_WRAP or path.startswith("tests/data/"):
+            continue
+        if not (path.endswith((".py", ".sh", ".toml")) or path in SCRIPTS):
+            continue
+        for number, line in enumerate(text_lines(path) or [], 1):
+            if len(line) > MAX_COLUMNS:
+                bad.append(f"{path}:{number}: {len(line)} columns")
+    assert not bad, f"lines over {MAX_COLUMNS} columns:\n" + "\n".join(bad)

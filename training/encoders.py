@@ -73,7 +73,8 @@ def _vae_help(name: str) -> str:
 
     return (
         f"Give a local copy with --vae DIR (a folder with config.json and the weights, as "
-        f"AutoencoderKL.save_pretrained writes it), or fill the Hugging Face cache ({constants.HF_HUB_CACHE}; moved by HF_HOME or HF_HUB_CACHE) on a "
+        f"AutoencoderKL.save_pretrained writes it), or fill the Hugging Face cache ({constants.HF_HUB_CACHE}; "
+        f"moved by HF_HOME or HF_HUB_CACHE) on a "
         f"machine with network access:\n  python -c \"from diffusers import AutoencoderKL; "
         f"AutoencoderKL.from_pretrained('{name}')\"\nand copy that cache folder here."
     )
