@@ -1,7 +1,7 @@
 """ScaleLong experiment: train the demo configuration with every skip-scaling mode on both backbones, then
 compare loss curves and the oscillation of hidden features and gradients (docs/design.md §9).
 
-    python experiments/scalelong.py run --outdir runs/scalelong --setting cpu     # ~3 min on a laptop
+    python experiments/scalelong.py run --outdir runs/scalelong --setting cpu     # CPU only, small
     python experiments/scalelong.py run --outdir out/scalelong --rundir /tmp/sl --setting gpu  # one GPU, 14 at once
     python experiments/scalelong.py analyze --outdir runs/scalelong               # figures again
 
@@ -12,8 +12,8 @@ range that all runs of a backbone reached. Outputs in --outdir: scalelong.json (
 scalelong.md (the table), scalelong.png (the plot); the run folders go to --rundir (default: --outdir).
 
 The GPU setting starts all 14 runs (7 modes x 2 backbones) at once as separate processes on the one GPU and
-stops each after 300 s, so the whole experiment takes about 6 minutes of wall time; every run of a backbone
-then shares the GPU with the same others, and the comparison is at equal images seen.
+stops each at the setting's time limit, so the whole experiment takes about one run's limit of wall time; every
+run of a backbone then shares the GPU with the same others, and the comparison is at equal images seen.
 """
 
 from __future__ import annotations

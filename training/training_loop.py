@@ -438,8 +438,8 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         averager = FlatGradients(net.parameters(), gather=grad_sync == "flat")
     if config.get("compile") and world > 1:
         # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
-        # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs:
-        # EDM2-S on 2 H200s, 1304 img/s without against 1272 with (benchmarks/bench_train.py --ddp-overlap).
+        # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs,
+        # which measured faster (the README's Speed section; benchmarks/bench_train.py --ddp-overlap).
         torch._dynamo.config.optimize_ddp = bool(config.get("ddp_overlap", False))
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
     compiled = torch.compile(ddp) if config.get("compile") else ddp
