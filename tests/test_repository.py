@@ -107,3 +107,24 @@ def test_line_length() -> None:
             if len(line) > MAX_COLUMNS:
                 bad.append(f"{path}:{number}: {len(line)} columns")
     assert not bad, f"lines over {MAX_COLUMNS} columns:\n" + "\n".join(bad)
+
+
+def test_readme_layout_table_matches_tree() -> None:
+    """The README's layout table names every top-level folder and script, and every path it names exists."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Layout and specification", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    named = set(re.findall(r"`([^`\s]+)`", table))
+    files = tracked_files()
+    top = {p.split("/", 1)[0] + "/" if "/" in p else p for p in files}
+    wanted = {t for t in top if t.endswith("/") and not t.startswith(".")} | {t for t in top if t.endswith(".py")}
+    assert not wanted - named, f"missing from the README's layout table: {sorted(wanted - named)}"
+    folders = {p.rsplit("/", 1)[0] + "/" for p in files if "/" in p}
+    folders |= {"/".join(p.split("/")[:k]) + "/" for p in files for k in range(1, p.count("/") + 1)}
+    for name in named:
+        if "/" in name and not name.endswith("/"):
+            assert name in files, f"the README's layout table names {name}, which is not in the repository"
+        elif name.endswith("/"):
+            assert name in folders, f"the README's layout table names {name}, which is not a folder here"
+        elif name.endswith((".py", ".md", ".toml", ".yml")):
+            assert any(p == name or p.endswith("/" + name) for p in files), f"{name} is not in the repository"
