@@ -1,7 +1,8 @@
 """Prepare datasets: images -> resized PNG zip (`convert`), PNG zip -> Stable Diffusion VAE latents (`encode`),
 and find every bad file of a dataset in one pass (`check`).
 
-    python dataset_tool.py convert --source ~/ILSVRC/Data/CLS-LOC/train --dest img512.zip --resolution 512 --transform center-crop-dhariwal
+    python dataset_tool.py convert --source ~/ILSVRC/Data/CLS-LOC/train --dest img512.zip --resolution 512 \\
+        --transform center-crop-dhariwal
     python dataset_tool.py encode --source img512.zip --dest img512-sd.zip
     python dataset_tool.py check img512-sd.zip
 """
@@ -215,7 +216,9 @@ def write_folder(dest: str, fill: Callable[[Callable[[str, bytes], None]], None]
         raise
 
 
-def write_zip(dest: str, entries: Iterator[tuple[str, bytes]], labels: list | None, num_classes: int | None = None) -> int:
+def write_zip(
+    dest: str, entries: Iterator[tuple[str, bytes]], labels: list | None, num_classes: int | None = None
+) -> int:
     """Write (name, bytes) entries and dataset.json into an uncompressed zip, atomically; returns the count."""
     count = 0
 
@@ -260,7 +263,9 @@ def check_dest(dest: str, folder_ok: bool = False) -> None:
         if not folder_ok:
             raise click.BadParameter(f"expected a .zip file name, got {dest!r}", param_hint="--dest")
         if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
-            raise click.BadParameter(f"{dest}: must be an empty folder, a new folder or a .zip file", param_hint="--dest")
+            raise click.BadParameter(
+                f"{dest}: must be an empty folder, a new folder or a .zip file", param_hint="--dest"
+            )
     elif os.path.isdir(dest):
         raise click.BadParameter(f"{dest} is a folder; expected the path of the output zip", param_hint="--dest")
     parent = os.path.dirname(os.path.abspath(dest))
@@ -624,7 +629,11 @@ def encode(source: str, dest: str, vae: str, batch: int, device: str | None, max
     except DatasetError as e:
         raise click.BadParameter(str(e), param_hint="--source") from None
     if dataset.is_latent or dataset.num_channels != 3:
-        raise click.BadParameter(f"{source}: expected RGB .png images, got {dataset.num_channels}-channel {'latents' if dataset.is_latent else 'images'}", param_hint="--source")
+        raise click.BadParameter(
+            f"{source}: expected RGB .png images, got {dataset.num_channels}-channel "
+            f"{'latents' if dataset.is_latent else 'images'}",
+            param_hint="--source",
+        )
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch)
     try:
         encoder.vae(device)  # before any output: a missing VAE fails at once

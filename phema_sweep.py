@@ -41,7 +41,8 @@ from training.phema_sweep import (
 )
 @click.option(
     "--data",
-    help="Validation data for --metric val-loss: dataset folder/zip, .npy [N,C,H,W] or .npz with 'images' (and 'labels')",
+    help="Validation data for --metric val-loss: dataset folder/zip, .npy [N,C,H,W] or .npz with 'images' "
+    "(and 'labels')",
     metavar="PATH",
     type=click.Path(exists=True),
 )

@@ -1,4 +1,4 @@
-"""Reconstruct any power-function EMA length from the snapshots of a training run (post-hoc EMA, SPEC 6).
+"""Reconstruct any power-function EMA length from the snapshots of a training run (post-hoc EMA, docs/design.md §6).
 
     python reconstruct_phema.py --indir=training-runs/00000-edm2-img512-xs --outdir=phema \\
         --outstd=0.010,0.015,...,0.250 --batch=8

@@ -93,15 +93,22 @@ def build_config(opts: dict) -> dict:
             extra = json.loads(opts["network_kwargs"])
             assert isinstance(extra, dict)
         except (json.JSONDecodeError, AssertionError):
-            raise click.BadParameter(f"expected a JSON object, got {opts['network_kwargs']!r}", param_hint="--network-kwargs") from None
+            raise click.BadParameter(
+                f"expected a JSON object, got {opts['network_kwargs']!r}", param_hint="--network-kwargs"
+            ) from None
         net.update(extra)
     for opt, key in (("channels", "model_channels"), ("dropout", "dropout")):
         if opts[opt] is not None:
             net[key] = opts[opt]
-    for opt, group, key in (("P_mean", "loss", "P_mean"), ("P_std", "loss", "P_std"), ("lr", "lr", "ref_lr"), ("decay", "lr", "ref_batches")):
+    for opt, group, key in (
+        ("P_mean", "loss", "P_mean"), ("P_std", "loss", "P_std"), ("lr", "lr", "ref_lr"), ("decay", "lr", "ref_batches")
+    ):
         if opts[opt] is not None:
             c[group][key] = opts[opt]
-    for opt, key in (("duration", "duration"), ("batch", "batch"), ("status", "status"), ("snapshot", "snapshot"), ("checkpoint", "checkpoint")):
+    for opt, key in (
+        ("duration", "duration"), ("batch", "batch"), ("status", "status"), ("snapshot", "snapshot"),
+        ("checkpoint", "checkpoint"),
+    ):
         if opts[opt] is not None:
             c[key] = parse_nimg(opts[opt], f"--{opt}")
     set_skip_scaling(net, opts["skip_scaling"], opts["kappa"])
@@ -115,7 +122,8 @@ def build_config(opts: dict) -> dict:
     c.update(cond=opts["cond"], xflip=opts["xflip"], seed=opts["seed"], workers=opts["workers"])
     c["max_nonfinite_status"] = opts["max_nonfinite_status"]
     c.update(compile=opts["compile_net"], channels_last=opts["channels_last"], instruments=opts["instruments"])
-    c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], fast_dropout=opts["fast_dropout"], ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
+    c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], fast_dropout=opts["fast_dropout"],
+             ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
 
     if not c["cond"] and "label_dim" in net:
         net["label_dim"] = 0  # --uncond whatever the preset's network (the demo's has 10 classes)
@@ -162,28 +170,37 @@ def describe_default_recipe(config: dict) -> str:
 @click.option("--preset", default=None, help=f"Configuration preset: {', '.join(edm2.PRESETS)}")
 @click.option("--duration", default=None, help="Training duration in images, e.g. 2048Mi")
 @click.option("--batch", default=None, help="Total batch size in images")
-@click.option("--batch-gpu", "batch_gpu", default=None, help="Images per GPU per round (gradient accumulation) [default: batch / GPUs]")
+@click.option("--batch-gpu", "batch_gpu", default=None,
+              help="Images per GPU per round (gradient accumulation) [default: batch / GPUs]")
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Base channel count (model_channels)")
-@click.option("--network-kwargs", "network_kwargs", default=None, help='More network arguments as JSON, e.g. \'{"channel_mult": [1, 2], "num_blocks": 1}\'')
-@click.option("--arch", type=click.Choice(["edm2-unet", "uvit"]), default=None, help="Backbone [default: the preset's, edm2-unet]")
+@click.option("--network-kwargs", "network_kwargs", default=None,
+              help='More network arguments as JSON, e.g. \'{"channel_mult": [1, 2], "num_blocks": 1}\'')
+@click.option("--arch", type=click.Choice(["edm2-unet", "uvit"]), default=None,
+              help="Backbone [default: the preset's, edm2-unet]")
 @click.option("--skip-scaling", "skip_scaling", type=click.Choice(SKIP_SCALING_MODES), default=None,
               help="ScaleLong scaling of the long skips [default: none]")
-@click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=None, help="CS: skip i (1 = outermost) is multiplied by kappa^(i-1) [default: 0.7]")
+@click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="CS: skip i (1 = outermost) is multiplied by kappa^(i-1) [default: 0.7]")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout probability")
 @click.option("--P_mean", "--P-mean", "P_mean", type=float, default=None, help="Mean of ln(sigma) in training")
 @click.option("--P_std", "--P-std", "P_std", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Std of ln(sigma) in training")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Reference learning rate")
-@click.option("--decay", type=click.FloatRange(min=0), default=None, help="Learning-rate decay start t_ref, in batches (0 = none)")
+@click.option("--decay", type=click.FloatRange(min=0), default=None,
+              help="Learning-rate decay start t_ref, in batches (0 = none)")
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
 @click.option("--ema-stds", "ema_stds", default="0.050,0.100", help="Power-function EMA stds to track and snapshot")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", help="Forward precision (auto: fp16 on GPU, fp32 on CPU)")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+              help="Forward precision (auto: fp16 on GPU, fp32 on CPU)")
 @click.option("--fp16", type=click.BOOL, default=None, metavar="BOOL",
               help="The official tool's switch: True = --precision fp16, False = fp32")
 @click.option("--xflip", is_flag=True, help="Augment with x-flips")
 @click.option("--status", default=None, help="Images between status lines [default: preset's, else 128Ki]")
-@click.option("--snapshot", default=None, help="Images between EMA network snapshots, 0 = at the end only [default: preset's, else 8Mi]")
-@click.option("--checkpoint", default=None, help="Images between training checkpoints, 0 = at the end and on signals only [default: preset's, else 128Mi]")
+@click.option("--snapshot", default=None,
+              help="Images between EMA network snapshots, 0 = at the end only [default: preset's, else 8Mi]")
+@click.option("--checkpoint", default=None,
+              help="Images between training checkpoints, 0 = at the end and on signals only "
+              "[default: preset's, else 128Mi]")
 @click.option("--seed", type=int, default=0, help="Random seed")
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader worker processes per GPU")
 @click.option(
@@ -191,15 +208,30 @@ def describe_default_recipe(config: dict) -> str:
     help="Pixel range the VAE of a latent dataset was encoded with: 0,1 as the official code and this project's "
     "dataset_tool.py encode; -1,1 for latents encoded by this project before that (runs recorded then resume with it)",
 )  # fmt: skip
-@click.option("--vae", default=None, help="VAE for latent datasets: a hub name or a local directory [default: stabilityai/sd-vae-ft-mse]")
-@click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network (GPU speed; compiles for minutes first)")
-@click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="NHWC activations [default: on with CUDA]")
-@click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="Adam, forced weight normalization and EMA updates in one Triton kernel [default: on with CUDA]")
-@click.option("--batched-weights/--no-batched-weights", "batched_weights", default=None, help="All layers' normalized weights (and their gradients) in one Triton kernel per step instead of per layer [default: on with CUDA]")
-@click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=None, help="Dropout masks from one Philox call per four elements in a Triton kernel instead of one per element [default: on with CUDA]")
-@click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, help="With --compile on several GPUs: split the compiled graph at gradient buckets so all-reduces overlap the backward (measured slower on 2 H200s)")
-@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped", "overlap"]), default=None, help="Several GPUs: average gradients with DDP, with chunked all-reduces of one buffer (flat) or of NCCL groups of the gradients themselves (grouped), or with the network compiled in three pieces whose all-reduces overlap backward (overlap) [default: flat with --compile, else ddp]")
-@click.option("--instruments/--no-instruments", default=None, help="Per-skip and per-stage feature/gradient figures on status steps [default: on unless --compile, as they run eagerly]")
+@click.option("--vae", default=None,
+              help="VAE for latent datasets: a hub name or a local directory [default: stabilityai/sd-vae-ft-mse]")
+@click.option("--compile/--no-compile", "compile_net", default=False,
+              help="torch.compile the network (GPU speed; compiles for minutes first)")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+              help="NHWC activations [default: on with CUDA]")
+@click.option("--fused-step/--no-fused-step", "fused_step", default=None,
+              help="Adam, forced weight normalization and EMA updates in one Triton kernel [default: on with CUDA]")
+@click.option("--batched-weights/--no-batched-weights", "batched_weights", default=None,
+              help="All layers' normalized weights (and their gradients) in one Triton kernel per step instead of per "
+              "layer [default: on with CUDA]")
+@click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=None,
+              help="Dropout masks from one Philox call per four elements in a Triton kernel instead of one per element "
+              "[default: on with CUDA]")
+@click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False,
+              help="With --compile on several GPUs: split the compiled graph at gradient buckets so all-reduces "
+              "overlap the backward (measured slower on 2 H200s)")
+@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped", "overlap"]), default=None,
+              help="Several GPUs: average gradients with DDP, with chunked all-reduces of one buffer (flat) or of NCCL "
+              "groups of the gradients themselves (grouped), or with the network compiled in three pieces whose "
+              "all-reduces overlap backward (overlap) [default: flat with --compile, else ddp]")
+@click.option("--instruments/--no-instruments", default=None,
+              help="Per-skip and per-stage feature/gradient figures on status steps "
+              "[default: on unless --compile, as they run eagerly]")
 @click.option("--max-nonfinite-status", "max_nonfinite_status", type=click.IntRange(min=1), default=3,
               help="Stop (non-zero, nothing saved) when the loss stays nan/inf for this many status intervals in a row")
 @click.option("-n", "--dry-run", "dry_run", is_flag=True,

@@ -25,13 +25,15 @@ from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--steps", type=int, default=32, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
-@click.option("--guidance", type=float, default=1.0, show_default=True, help="!= 1: guide with a second network of the same size")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="!= 1: guide with a second network of the same size")
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="[default: on with CUDA]")
 @click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
 @click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None, help="[default: with --compile on CUDA]")
 @click.option("--gnet-preset", default=None, help="Guiding network's preset [default: --preset]")
-@click.option("--freezing/--no-freezing", "freezing", default=None, help="Weights as compile-time constants [default: with --compile on CUDA]")
+@click.option("--freezing/--no-freezing", "freezing", default=None,
+              help="Weights as compile-time constants [default: with --compile on CUDA]")
 def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, channels_last: bool | None,
          compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None, freezing: bool | None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,13 +66,15 @@ def main(preset: str, batch: int, steps: int, precision: str, guidance: float, r
     peak = matmul_peak_tflops()
     tflops = (flops * stats.net_evals + gflop_g * stats.gnet_evals) * batch / best / 1e12
     print(json.dumps(dict(
-        channels_last=channels_last, compile=compile_net, cuda_graphs=cuda_graphs, gnet_preset=gnet_preset if gnet is not None else None,
+        channels_last=channels_last, compile=compile_net, cuda_graphs=cuda_graphs,
+        gnet_preset=gnet_preset if gnet is not None else None,
         freezing=freezing,
         gflop_per_eval_per_img=round(flops / 1e9, 1), evals_per_s=round(evals * batch / best, 1),
         tflop_per_s=round(tflops, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
         fraction_of_peak=None if peak is None else round(tflops / peak, 3),
         benchmark="sample", preset=preset, precision=precision, batch=batch, steps=steps, guidance=guidance,
-        net_evals=stats.net_evals, gnet_evals=stats.gnet_evals, seconds=round(best, 3), img_per_s=round(batch / best, 2),
+        net_evals=stats.net_evals, gnet_evals=stats.gnet_evals, seconds=round(best, 3),
+        img_per_s=round(batch / best, 2),
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
     )))

@@ -36,7 +36,9 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
     labels = []
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
         for i in range(num):
-            raw = np.concatenate([rng.normal(size=(4, resolution, resolution)) * 4, np.full((4, resolution, resolution), 0.1)])
+            raw = np.concatenate(
+                [rng.normal(size=(4, resolution, resolution)) * 4, np.full((4, resolution, resolution), 0.1)]
+            )
             buf = io.BytesIO()
             np.save(buf, raw.astype(np.float32))
             z.writestr(f"{i:08d}.npy", buf.getvalue())
@@ -61,11 +63,13 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
               help="Compiled multi-GPU: all-reduces overlap the backward (graph split at buckets)")
 @click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped", "overlap"]), default=None,
               help="Several GPUs: gradient averaging [default: flat when compiled, else ddp]")
-@click.option("--sync-debug", "sync_debug", is_flag=True, help="Warn where the loop waits for the GPU (EDM2_SYNC_DEBUG=1)")
+@click.option("--sync-debug", "sync_debug", is_flag=True,
+              help="Warn where the loop waits for the GPU (EDM2_SYNC_DEBUG=1)")
 @click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool,
-         channels_last: bool | None, fused_step: bool | None, batched_weights: bool | None, fast_dropout: bool | None, ddp_overlap: bool, grad_sync: str | None,
+         channels_last: bool | None, fused_step: bool | None, batched_weights: bool | None, fast_dropout: bool | None,
+         ddp_overlap: bool, grad_sync: str | None,
          sync_debug: bool, benchmark_limit: int | None) -> None:
     if sync_debug:
         os.environ["EDM2_SYNC_DEBUG"] = "1"
@@ -85,8 +89,8 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         data=data, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}),
         network=edm2.preset_network_kwargs(preset, precision=precision), duration=batch * steps, batch=batch,
         batch_gpu=batch_gpu, status=batch * interval, snapshot=0, checkpoint=0, workers=workers,
-        compile=compile_net, channels_last=channels_last, fused_step=fused_step, batched_weights=batched_weights, fast_dropout=fast_dropout, ddp_overlap=ddp_overlap,
-        grad_sync=grad_sync,
+        compile=compile_net, channels_last=channels_last, fused_step=fused_step, batched_weights=batched_weights,
+        fast_dropout=fast_dropout, ddp_overlap=ddp_overlap, grad_sync=grad_sync,
     )
     c["loss"].update(t["loss"])
     c["lr"].update(t["lr"])
@@ -101,10 +105,13 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         img_s = sum(s["img_per_s"] for s in steady) / len(steady)
         print(json.dumps(dict(
             benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
-            steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step, batched_weights=batched_weights, fast_dropout=fast_dropout,
-            ddp_overlap=ddp_overlap, grad_sync=resolve_grad_sync(c) if world > 1 else None, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
+            steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step,
+            batched_weights=batched_weights, fast_dropout=fast_dropout, ddp_overlap=ddp_overlap,
+            grad_sync=resolve_grad_sync(c) if world > 1 else None,
+            cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
             img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
-            tflop_per_s=round(flops * img_s / 1e12, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
+            tflop_per_s=round(flops * img_s / 1e12, 1),
+            matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
             fraction_of_peak=None if peak is None else round(flops * img_s / world / 1e12 / peak, 3),
             peak_mem_gib=round(max(s.get("peak_mem_gib", 0) for s in stats), 2), final_loss=stats[-1]["loss"],
             device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,

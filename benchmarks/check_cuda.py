@@ -181,9 +181,13 @@ def check_batched_weights(net, x, sigma, labels, noise, prefix: str = "", compil
             truth = grads["per_layer"]
             out[f"{prefix}batched_weights_train_grad_fp32_eager_vs_per_layer"] = rel(grads["batched"], truth)
             if "batched_compiled" in grads:
-                out[f"{prefix}batched_weights_train_grad_fp32_compiled_vs_per_layer"] = rel(grads["batched_compiled"], truth)
+                out[f"{prefix}batched_weights_train_grad_fp32_compiled_vs_per_layer"] = rel(
+                    grads["batched_compiled"], truth
+                )
         else:  # half precision: each path's distance from the float32 gradients, side by side (a note)
-            out.setdefault(f"{prefix}batched_weights_half_grads_vs_fp32", {})[p] = {k: rel(g, truth) for k, g in grads.items()}
+            out.setdefault(f"{prefix}batched_weights_half_grads_vs_fp32", {})[p] = {
+                k: rel(g, truth) for k, g in grads.items()
+            }
     return out
 
 
@@ -215,7 +219,9 @@ def check_post_step(net: torch.nn.Module, prefix: str = "") -> dict:
                         memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
                 post((step + 1) * 64, 64)
         (a, ea, _), (b, eb, pb) = runs
-        out[f"{prefix}post_step_fused_{layout}_params_vs_plain"] = max(rel(y, x) for x, y in zip(a.parameters(), b.parameters()))
+        out[f"{prefix}post_step_fused_{layout}_params_vs_plain"] = max(
+            rel(y, x) for x, y in zip(a.parameters(), b.parameters())
+        )
         out[f"{prefix}post_step_fused_{layout}_ema_vs_plain"] = max(
             rel(y, x) for e, f in zip(ea.emas, eb.emas) for x, y in zip(e.parameters(), f.parameters()))
     return out

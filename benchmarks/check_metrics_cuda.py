@@ -90,7 +90,8 @@ def versus_torchvision() -> None:
         fid = ours(images)
     print(json.dumps({"check": "inception vs torchvision", "missing": result.missing_keys,
                       "unexpected": [k for k in result.unexpected_keys if "num_batches" not in k],
-                      "max_rel_without_quirks": rel(plain, tv), "quirks_change_features_by": rel(fid, tv)}))  # fmt: skip
+                      "max_rel_without_quirks": rel(plain, tv),
+                      "quirks_change_features_by": rel(fid, tv)}))  # fmt: skip
 
 
 def versus_timm() -> None:

@@ -29,7 +29,8 @@ from networks import mp  # noqa: E402
 
 
 def record_shapes(net: torch.nn.Module, batch: int) -> tuple[collections.Counter, collections.Counter]:
-    """Multiplicities of (input shape, weight shape) per MPConv call and of (N, heads, tokens, head dim) per attention."""
+    """Multiplicities of (input shape, weight shape) per MPConv call and of (N, heads, tokens, head dim) per
+    attention."""
     convs, attns = collections.Counter(), collections.Counter()
     hooks = [
         m.register_forward_hook(lambda m, args, out: convs.update([(tuple(args[0].shape), tuple(m.weight.shape))]))
@@ -115,7 +116,8 @@ def attn_parts(shape: tuple, dtype: torch.dtype) -> dict[str, tuple[float, float
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--precision", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--top", type=int, default=12, show_default=True, help="Shapes listed, costliest first")
-@click.option("--benchmark-limit", type=int, default=None, help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
+@click.option("--benchmark-limit", type=int, default=None,
+              help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int | None) -> None:
     torch.backends.cudnn.benchmark = True
     if benchmark_limit is not None:
@@ -146,11 +148,14 @@ def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int
     train = sum(totals.values())
     peak = matmul_peak_tflops()
     print(json.dumps(dict(
-        benchmark="conv_ceiling", preset=preset, batch=batch, precision=precision, matmul_peak_tflop_per_s=round(peak, 1),
+        benchmark="conv_ceiling", preset=preset, batch=batch, precision=precision,
+        matmul_peak_tflop_per_s=round(peak, 1),
         cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit,
-        parts_ms={k: round(v, 2) for k, v in totals.items()}, parts_tflop_per_s={k: round(flops[k] / totals[k], 1) for k in totals if totals[k] > 0},
+        parts_ms={k: round(v, 2) for k, v in totals.items()},
+        parts_tflop_per_s={k: round(flops[k] / totals[k], 1) for k in totals if totals[k] > 0},
         forward_floor_ms=round(fwd, 2), train_floor_ms=round(train, 2),
-        sampling_img_per_s_bound_63_evals=round(batch / (fwd * 63 / 1e3), 1), training_img_per_s_bound=round(batch / train * 1e3, 1),
+        sampling_img_per_s_bound_63_evals=round(batch / (fwd * 63 / 1e3), 1),
+        training_img_per_s_bound=round(batch / train * 1e3, 1),
         costliest=rows[:top], device=torch.cuda.get_device_name(), torch=torch.__version__,
     )))
 

@@ -36,7 +36,9 @@ PATHS = {  # name: (precision, compile, channels_last, fused post-step)
     "bf16": ("bf16", True, True, None),
 }
 # A U-Net of the EDM2 architecture sized for 32x32 data: four levels, attention at 16x16 and 8x8 (~21M parameters).
-NETWORK = dict(model_channels=64, channel_mult=[1, 2, 3, 4], num_blocks=2, attn_resolutions=[16, 8], channels_per_head=64)
+NETWORK = dict(
+    model_channels=64, channel_mult=[1, 2, 3, 4], num_blocks=2, attn_resolutions=[16, 8], channels_per_head=64
+)
 
 
 def curve_config(outdir: str, path: str, steps: int, batch: int) -> dict:
@@ -103,7 +105,9 @@ def compare(outdir: str, out: str | None) -> None:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    runs = {p: read_stats(os.path.join(outdir, p)) for p in PATHS if os.path.isfile(os.path.join(outdir, p, "stats.jsonl"))}
+    runs = {
+        p: read_stats(os.path.join(outdir, p)) for p in PATHS if os.path.isfile(os.path.join(outdir, p, "stats.jsonl"))
+    }
     if "plain" not in runs:
         raise click.UsageError(f"{outdir}/plain/stats.jsonl is missing: run --path plain first")
     fig = Figure(figsize=(10, 3.8), dpi=110)
@@ -116,7 +120,8 @@ def compare(outdir: str, out: str | None) -> None:
         if name != "plain":
             result[name] = curve_figures(runs["plain"], run)
             n = result[name]["points"]
-            ax_d.plot(steps_of(run)[:n], [f["loss"] - p["loss"] for f, p in zip(run, runs["plain"])], label=f"{name} - plain", lw=1, color=color)
+            ax_d.plot(steps_of(run)[:n], [f["loss"] - p["loss"] for f, p in zip(run, runs["plain"])],
+                      label=f"{name} - plain", lw=1, color=color)
     scatter = plain_scatter([s["loss"] for s in runs["plain"]])
     ax_d.axhspan(-scatter, scatter, color="grey", alpha=0.2, label="plain status-to-status std (2nd half)")
     ax.set(xlabel="training step", ylabel="loss (mean of 20 steps)", title="plain (fp32 eager) vs fast paths")

@@ -3,8 +3,8 @@
     python benchmarks/profile_step.py --preset edm2-img512-s --batch 64 --compile
 
 A training step here is what `training_loop` does per optimizer step (forward, EDM2 loss, backward,
-non-finite gradients zeroed, Adam, forced weight normalization, two power-function EMAs: training/post_step.py). Each part is
-timed with CUDA events, then torch.profiler sums the kernels of a few steps by kind (convolution, matrix
+non-finite gradients zeroed, Adam, forced weight normalization, two power-function EMAs: training/post_step.py).
+Each part is timed with CUDA events, then torch.profiler sums the kernels of a few steps by kind (convolution, matrix
 product, attention, generated Triton code, other elementwise, optimizer, copies), so one can see how far the
 step is from the matrix-product bound. `--sample` profiles one no-grad network evaluation at the sampling batch.
 Under torchrun each process trains on its own batch and `--grad-sync` picks how gradients are averaged (several,
@@ -105,22 +105,30 @@ def cuda_timer():
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 @click.option("--sample", is_flag=True, help="Profile a no-grad evaluation (sampling) instead of a training step")
 @click.option("--steps", type=int, default=8, show_default=True, help="Timed steps after warm-up")
-@click.option("--post-step", "post_step_kind", type=click.Choice(["fused", "plain"]), default="fused", show_default=True)
-@click.option("--weights-channels-last/--no-weights-channels-last", "weights_channels_last", default=True, show_default=True,
+@click.option("--post-step", "post_step_kind", type=click.Choice(["fused", "plain"]), default="fused",
+              show_default=True)
+@click.option("--weights-channels-last/--no-weights-channels-last", "weights_channels_last", default=True,
+              show_default=True,
               help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
 @click.option("--batched-weights/--no-batched-weights", "batched_weights", default=True, show_default=True,
-              help="All layers' effective weights in one kernel (networks/batched_weights.py), as training on CUDA does")
+              help="All layers' effective weights in one kernel (networks/batched_weights.py), as training on CUDA "
+              "does")
 @click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=True, show_default=True,
-              help="Dropout keep-masks from networks/dropout.py's kernel, as training on CUDA does (presets with dropout)")
-@click.option("--graph-breaks", "graph_breaks", type=click.Choice(["none", "overlap"]), default="none", show_default=True,
-              help="overlap: the network compiled in the three pieces of --grad-sync overlap, also on one GPU (what cutting costs)")
-@click.option("--inductor", multiple=True, help="torch._inductor.config KEY=VALUE (Python literal), e.g. combo_kernels=True")
+              help="Dropout keep-masks from networks/dropout.py's kernel, as training on CUDA does (presets with "
+              "dropout)")
+@click.option("--graph-breaks", "graph_breaks", type=click.Choice(["none", "overlap"]), default="none",
+              show_default=True,
+              help="overlap: the network compiled in the three pieces of --grad-sync overlap, also on one GPU (what "
+              "cutting costs)")
+@click.option("--inductor", multiple=True,
+              help="torch._inductor.config KEY=VALUE (Python literal), e.g. combo_kernels=True")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
 @click.option("--grad-sync", "grad_sync", default="flat", show_default=True,
-              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat[N] | grouped[N] (N chunks) | overlap; "
-                   "comma-separated to compare")
-def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
-         weights_channels_last, batched_weights, fast_dropout, graph_breaks, inductor, trace, grad_sync) -> None:
+              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat[N] | "
+                   "grouped[N] (N chunks) | overlap; comma-separated to compare")
+def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
+         post_step_kind, weights_channels_last, batched_weights, fast_dropout, graph_breaks, inductor, trace,
+         grad_sync) -> None:
     import ast
 
     import torch._inductor.config
@@ -130,8 +138,9 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
         setattr(torch._inductor.config, key, ast.literal_eval(value))
     dist.init()
     for sync in grad_sync.split(",") if dist.get_world_size() > 1 and not sample else [None]:
-        result = profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
-                         post_step_kind, weights_channels_last, trace, sync, batched_weights, graph_breaks, fast_dropout)
+        result = profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit,
+                         sample, steps, post_step_kind, weights_channels_last, trace, sync, batched_weights,
+                         graph_breaks, fast_dropout)
         result["inductor"] = list(inductor)
         if dist.is_main():
             print(json.dumps(result), flush=True)
@@ -139,8 +148,9 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
     dist.shutdown()
 
 
-def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps, post_step_kind,
-            weights_channels_last, trace, sync, batched_weights=True, graph_breaks="none", fast_dropout=True) -> dict:
+def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
+            post_step_kind, weights_channels_last, trace, sync, batched_weights=True, graph_breaks="none",
+            fast_dropout=True) -> dict:
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit
@@ -161,15 +171,20 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
     wrapped, flat = net, None
     if sync in ("ddp", "ddp-view"):
         torch._dynamo.config.optimize_ddp = False  # as training_loop without --ddp-overlap
-        wrapped = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev], gradient_as_bucket_view=sync == "ddp-view")
-    elif sync == "overlap":  # as training_loop with --grad-sync overlap: three compiled pieces, hooks start the all-reduces
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[dev], gradient_as_bucket_view=sync == "ddp-view"
+        )
+    # overlap, as training_loop with --grad-sync overlap: three compiled pieces, hooks start the all-reduces
+    elif sync == "overlap":
         from training.training_loop import overlap_groups
 
         net.backbone.graph_breaks = net.backbone.overlap_breaks()
         flat = FlatGradients(net.parameters(), groups=overlap_groups(net))
     elif sync is not None and re.fullmatch(r"(flat|grouped)\d*", sync):
         chunks = re.sub(r"^\D+", "", sync)
-        flat = FlatGradients(net.parameters(), gather=sync.startswith("flat"), **(dict(chunks=int(chunks)) if chunks else {}))
+        flat = FlatGradients(
+            net.parameters(), gather=sync.startswith("flat"), **(dict(chunks=int(chunks)) if chunks else {})
+        )
     elif sync is not None:
         raise click.BadParameter(f"expected ddp, ddp-view, flat[N], grouped[N] (N chunks) or overlap, got {sync!r}",
                                  param_hint="--grad-sync")
@@ -177,11 +192,14 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
     kw = dict(mode=mode) if mode else dict(options={"freezing": True}) if sample else {}  # torch takes one of the two
     model = torch.compile(wrapped, **kw) if compile_net else wrapped
     t_compile = time.perf_counter()
-    result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode, channels_last=channels_last,
-                  cudnn_benchmark=cudnn_benchmark, cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, sample=sample, gflop_per_img=round(gflop, 1),
+    result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode,
+                  channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
+                  cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, sample=sample,
+                  gflop_per_img=round(gflop, 1),
                   post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last,
                   gpus=dist.get_world_size(), grad_sync=sync,
-                  batched_weights=batched_weights, fast_dropout=fast_dropout, graph_breaks=list(getattr(net.backbone, "graph_breaks", ())))
+                  batched_weights=batched_weights, fast_dropout=fast_dropout,
+                  graph_breaks=list(getattr(net.backbone, "graph_breaks", ())))
 
     if sample:
         net.eval().requires_grad_(False)  # before the first call: freezing needs parameters without gradients

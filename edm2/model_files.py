@@ -8,7 +8,7 @@ safetensors metadata under the key "edm2" a JSON header:
      "init_kwargs": {...},                    # the network's constructor arguments (net.init_kwargs)
      "encoder": {"class": "stability_vae", ...} or null,
      "training_nimg": 2147483648 or null,     # training images seen when the weights were taken
-     "ema_std": 0.1 or null,                  # relative std of the EMA profile (SPEC 6); null = raw weights
+     "ema_std": 0.1 or null,                  # relative std of the EMA profile (docs/design.md §6); null = raw weights
      "edm2_version": "0.1.0", "extra": {...}}
 
 Beside the header, the metadata key "edm2_tensor_checksums" holds a CRC-32 of every tensor's bytes,

@@ -2,7 +2,7 @@
 
 Each preset is dict(net=URL, gnet=URL or None, guidance=float): the main network, the guiding network
 (classifier-free guidance: an unconditional XS model; autoguidance: a smaller, shorter-trained model) and the
-guidance weight w of D = D_g + w (D_main - D_g) (SPEC 7). The files are the official post-hoc EMA
+guidance weight w of D = D_g + w (D_main - D_g) (docs/design.md §7). The files are the official post-hoc EMA
 reconstructions; file names read <preset>-<training kimg>-<EMA std>.pkl. They are official pickles, which
 `edm2.load_network` reads without running their code. The comment on each line is the published result
 (50k images, the paper's sampler settings): FID for '-fid' presets, FD_DINOv2 for '-dino' presets.

@@ -1,9 +1,9 @@
-"""From the records of an official EDM2 pickle to this project's network and encoder settings (SPEC 10).
+"""From the records of an official EDM2 pickle to this project's network and encoder settings (docs/design.md §10).
 
 `edm2.official_pickle` turns the file into plain data: the network, encoder and loss become InertObjects
 holding `_init_args` / `_init_kwargs` and, for modules, `_parameters` / `_buffers` / `_modules`. Here the
 official Precond's constructor arguments become this project's Precond arguments, the nested parameters and
-buffers become a state dict (the module names are the same, SPEC 4), and the official encoder record becomes
+buffers become a state dict (the module names are the same, docs/design.md §4), and the official encoder record becomes
 the shared encoder settings dict.
 """
 

@@ -1,4 +1,4 @@
-"""Reading the official EDM2 network pickles without running any of their code (SPEC 10).
+"""Reading the official EDM2 network pickles without running any of their code (docs/design.md §10).
 
 The official files are plain `pickle.dump`s of a dict {'ema', 'encoder', 'dataset_kwargs', 'loss_fn'}. Objects
 of the official classes pickle as a call to `torch_utils.persistence._reconstruct_persistent_obj(meta)` whose

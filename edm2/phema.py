@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (SPEC 6): the public namespace.
+"""Power-function EMA and post-hoc EMA reconstruction (docs/design.md §6): the public namespace.
 
 Example:
 

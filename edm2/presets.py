@@ -1,4 +1,4 @@
-"""Training presets of the EDM2 paper as data (SPEC 5; paper Table 2 and App. D).
+"""Training presets of the EDM2 paper as data (docs/design.md §5; paper Table 2 and App. D).
 
 A preset names a dataset kind (`img512`: 64x64x4 Stable Diffusion latents of ImageNet-512; `img64`:
 64x64x3 ImageNet-64 pixels) and a model size. `preset_network_kwargs` gives the Precond constructor
@@ -48,9 +48,11 @@ DEMO_NETWORK = dict(
     img_resolution=32, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2, 2], num_blocks=1,
     attn_resolutions=[8], channels_per_head=32,
 )
-PRESETS["demo"] = dict(duration=32 * Ki, batch=64, channels=32, lr=0.0300, decay=2000, dropout=0.00, P_mean=-0.8, P_std=1.6)
+PRESETS["demo"] = dict(
+    duration=32 * Ki, batch=64, channels=32, lr=0.0300, decay=2000, dropout=0.00, P_mean=-0.8, P_std=1.6
+)
 RAMPUP_IMG = {"demo": 4 * Ki}  # everything else: 10e6 images (not 10Mi), the official rampup_Mimg=10
-# Images between status lines, EMA snapshots and checkpoints (SPEC 5 for the paper's presets).
+# Images between status lines, EMA snapshots and checkpoints (docs/design.md §5 for the paper's presets).
 REPORTING = {"demo": dict(status=4 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)}
 DEFAULT_REPORTING = dict(status=128 * Ki, snapshot=8 * Mi, checkpoint=128 * Mi)
 

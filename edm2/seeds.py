@@ -1,4 +1,4 @@
-"""Seed lists and per-seed random numbers: image k's noise and class depend only on seed k (SPEC 7).
+"""Seed lists and per-seed random numbers: image k's noise and class depend only on seed k (docs/design.md §7).
 
 Every image owns a torch.Generator seeded with its seed modulo 2^32 (as the official generate_images.py
 does), so the numbers are the same whatever the batch size or the number of GPUs. The generator lives on the

@@ -1,7 +1,7 @@
 """ScaleLong experiment: train the demo configuration with every skip-scaling mode on both backbones, then
-compare loss curves and the oscillation of hidden features and gradients (SPEC 9).
+compare loss curves and the oscillation of hidden features and gradients (docs/design.md §9).
 
-    python experiments/scalelong.py run --outdir runs/scalelong --setting cpu     # ~3 min on a laptop
+    python experiments/scalelong.py run --outdir runs/scalelong --setting cpu     # CPU only, small
     python experiments/scalelong.py run --outdir out/scalelong --rundir /tmp/sl --setting gpu  # one GPU, 14 at once
     python experiments/scalelong.py analyze --outdir runs/scalelong               # figures again
 
@@ -12,8 +12,8 @@ range that all runs of a backbone reached. Outputs in --outdir: scalelong.json (
 scalelong.md (the table), scalelong.png (the plot); the run folders go to --rundir (default: --outdir).
 
 The GPU setting starts all 14 runs (7 modes x 2 backbones) at once as separate processes on the one GPU and
-stops each after 300 s, so the whole experiment takes about 6 minutes of wall time; every run of a backbone
-then shares the GPU with the same others, and the comparison is at equal images seen.
+stops each at the setting's time limit, so the whole experiment takes about one run's limit of wall time; every
+run of a backbone then shares the GPU with the same others, and the comparison is at equal images seen.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
                 if proc.poll() is not None:
                     log.close()
                     walls[name] = time.time() - start
-                    if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):  # 143: stopped at the time limit
+                    # 143 = 128 + SIGTERM: stopped at the time limit
+                    if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
                         click.echo(
                             f"\n{name}: exit code {proc.returncode}; see {os.path.join(outdir, name, 'console.txt')}",
                             err=True,
@@ -239,7 +240,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         ("loss_last_quarter_sem", "+-", "{:.4f}"), ("loss_std_second_half", "loss std (2nd half)", "{:.4f}"),
         ("speedup_vs_none", "speed-up to none's final loss", "{:.2f}x"), ("grad_norm_mean", "grad norm", "{:.3f}"),
         ("grad_norm_osc", "grad-norm osc.", "{:.3f}"), ("skip_grad_osc", "skip-grad osc.", "{:.3f}"),
-        ("skip_feat_rms_log_std", "skip-feature spread", "{:.4f}"), ("dec_feat_rms_mean", "decoder-feature RMS", "{:.3f}"),
+        ("skip_feat_rms_log_std", "skip-feature spread", "{:.4f}"),
+        ("dec_feat_rms_mean", "decoder-feature RMS", "{:.3f}"),
         ("dec_feat_rms_log_std", "decoder-feature spread", "{:.4f}"),
         ("dec_feat_grad_osc", "decoder-grad osc.", "{:.3f}"), ("sum_sq_skip_scale", "sum coef^2", "{:.2f}"),
     ]  # fmt: skip

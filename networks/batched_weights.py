@@ -192,8 +192,8 @@ def _pointers(*lists: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def _check(weights: Sequence[torch.Tensor], what: str) -> None:
     for w in weights:
         if w.dtype != torch.float32 or w.ndim < 2 or not _row_major(w):
-            raise ValueError(f"{what}: weights must be float32, 2-D or more, contiguous or channels-last; got {w.dtype} "
-                             f"{tuple(w.shape)} strides {w.stride()}")
+            raise ValueError(f"{what}: weights must be float32, 2-D or more, contiguous or channels-last; got "
+                             f"{w.dtype} {tuple(w.shape)} strides {w.stride()}")
 
 
 @torch.library.custom_op("edm2::effective_weights", mutates_args=())
@@ -224,14 +224,18 @@ def _effective_weights_backward_op(weights: list[torch.Tensor], grads: list[torc
     if not weights:
         return outs
     # The kernel reads each gradient row by row like its weight; another layout is copied into the weight's first.
-    grads = [g if g.stride() == w.stride() else torch.empty_like(w, dtype=g.dtype).copy_(g) for g, w in zip(grads, weights)]
+    grads = [
+        g if g.stride() == w.stride() else torch.empty_like(w, dtype=g.dtype).copy_(g) for g, w in zip(grads, weights)
+    ]
     if not kernel_available(weights[0].device) or len({g.dtype for g in grads}) != 1:
         for o, w, g in zip(outs, weights, grads):
             o.copy_(_backward_reference(w, g))
         return outs
     rows = _row_table(weights)
     w_ptrs, g_ptrs, o_ptrs = _pointers(weights, grads, outs)
-    _backward_rows[(rows[0].numel(),)](w_ptrs, g_ptrs, o_ptrs, *rows, G_DTYPE=_TL_DTYPES[grads[0].dtype], SUB=SUB, num_warps=4)
+    _backward_rows[(rows[0].numel(),)](
+        w_ptrs, g_ptrs, o_ptrs, *rows, G_DTYPE=_TL_DTYPES[grads[0].dtype], SUB=SUB, num_warps=4
+    )
     return outs
 
 

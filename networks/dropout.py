@@ -2,10 +2,11 @@
 
 torch.compile turns `F.dropout` into a `tl.rand` per element inside the fused kernel around it: ten Philox
 rounds for each element, of which three quarters of the output are thrown away. For EDM2-M (dropout 0.1 in every
-residual branch) that makes the modulate-SiLU-dropout kernels compute-bound: 4.4 ms of a 142 ms training step on
-an H200, against about 1.3 ms to move their data. Here the keep-mask comes from `tl.rand4x` (four uniform numbers
-per Philox call) in an opaque operator (`torch.ops.edm2.dropout_keep_mask`), and the scaling by the mask stays
-plain tensor arithmetic that the compiler fuses with its neighbours, forward and backward, as before.
+residual branch) that makes the modulate-SiLU-dropout kernels compute-bound: they take several times the time
+needed to move their data (profile figures in the README's Speed section). Here the keep-mask comes from
+`tl.rand4x` (four uniform numbers per Philox call) in an opaque operator (`torch.ops.edm2.dropout_keep_mask`),
+and the scaling by the mask stays plain tensor arithmetic that the compiler fuses with its neighbours, forward
+and backward, as before.
 
 The mask is a different random draw from torch's, with the same distribution: keep each element with probability
 1 - p (uniform u >= p), scale kept ones by 1 / (1 - p), as `F.dropout` does. The seed of each call is drawn from

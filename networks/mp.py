@@ -1,4 +1,4 @@
-"""Magnitude-preserving building blocks of the EDM2 network (SPEC 3; EDM2 paper, App. B).
+"""Magnitude-preserving building blocks of the EDM2 network (docs/design.md §3; EDM2 paper, App. B).
 
 Every layer here keeps unit-variance inputs at unit variance, which is what lets the network train
 without biases, group norms or loss scaling.
@@ -134,7 +134,9 @@ class MPConv(torch.nn.Module):
     ) -> torch.Tensor:
         """normalize(weight) * gain / sqrt(fan_in) in `dtype` (Eq. 47). Without autograd and with a constant
         gain (sampling), the result is kept until the weight changes, so it is computed once, not per call."""
-        cacheable = not torch.is_grad_enabled() and not isinstance(gain, torch.Tensor) and not torch.compiler.is_compiling()
+        cacheable = (
+            not torch.is_grad_enabled() and not isinstance(gain, torch.Tensor) and not torch.compiler.is_compiling()
+        )
         if cacheable:
             wt = self.weight
             key = (wt.data_ptr(), wt._version, wt.dtype, wt.device, dtype, float(gain), channels_last)
@@ -148,13 +150,18 @@ class MPConv(torch.nn.Module):
             self._cache = (key, w)
         return w
 
-    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, gain: float | torch.Tensor = 1, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`weight`: this layer's effective weight already computed (with gain 1, in x's dtype), as UNet does for all
         layers at once (networks/batched_weights.py); None: computed here."""
         if weight is None:
             w = self.effective_weight(gain, x.dtype, is_channels_last(x))
         else:
-            w = weight.contiguous(memory_format=torch.channels_last) if weight.ndim == 4 and is_channels_last(x) else weight
+            w = (
+                weight.contiguous(memory_format=torch.channels_last)
+                if weight.ndim == 4 and is_channels_last(x) else weight
+            )
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)

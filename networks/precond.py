@@ -1,4 +1,4 @@
-"""EDM preconditioning around the EDM2 U-Net, with the learned log-variance head (SPEC 2)."""
+"""EDM preconditioning around the EDM2 U-Net, with the learned log-variance head (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 ARCHS = ("edm2-unet", "uvit")  # backbones F that Precond can wrap
 # Arguments that only the EDM2 U-Net reads (a U-ViT must leave them at their defaults) and the U-ViT's own
 # (None = the U-ViT default; an EDM2 U-Net must leave them None).
-UNET_ONLY = ("channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks", "attn_resolutions", "label_balance")
+UNET_ONLY = (
+    "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks", "attn_resolutions", "label_balance"
+)
 UVIT_ONLY = ("patch_size", "depth", "mlp_ratio")
 
 
@@ -89,7 +91,10 @@ class Precond(torch.nn.Module):
             known = [k for k in inspect.signature(Precond.__init__).parameters if k not in ("self", "unknown")]
             raise ValueError(f"Precond: unknown constructor argument(s) {sorted(unknown)}; expected some of {known}")
         _check_backbone_arguments(locals())
-        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "use_fp16", "resample_filter", "unknown")}
+        kwargs = {
+            k: v for k, v in locals().items()
+            if k not in ("self", "__class__", "use_fp16", "resample_filter", "unknown")
+        }
         if list(resample_filter) != [1, 1]:
             raise ValueError(f"Precond: resample_filter must be [1, 1] (box / nearest), got {list(resample_filter)}")
         if use_fp16 is not None:
@@ -127,7 +132,9 @@ class Precond(torch.nn.Module):
         self.init_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
         backbone = dict(skip_scaling=skip_scaling, kappa=kappa, ls_reduction=ls_reduction)
         if arch == "uvit":
-            uvit = {k: v for k, v in dict(patch_size=patch_size, depth=depth, mlp_ratio=mlp_ratio).items() if v is not None}
+            uvit = {
+                k: v for k, v in dict(patch_size=patch_size, depth=depth, mlp_ratio=mlp_ratio).items() if v is not None
+            }
             self.uvit = UViT(
                 img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                 model_channels=model_channels, channels_per_head=channels_per_head, concat_balance=concat_balance,
@@ -192,7 +199,9 @@ class Precond(torch.nn.Module):
         on_host = not isinstance(sigma, torch.Tensor) or sigma.device.type == "cpu"
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         if sigma.numel() not in (1, n):
-            raise ValueError(f"Precond: sigma must have 1 or {n} elements (one per image), got shape {list(sigma.shape)}")
+            raise ValueError(
+                f"Precond: sigma must have 1 or {n} elements (one per image), got shape {list(sigma.shape)}"
+            )
         # Checked where it is free, on the host. Reading a GPU tensor's values would stall the GPU on every call;
         # device-side sigmas come from the sampler's schedule or the loss's distribution, checked upstream.
         if on_host and not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):

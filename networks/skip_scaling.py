@@ -1,4 +1,4 @@
-"""ScaleLong: scaling of a U-shaped network's long skip connections before they are merged (SPEC 9).
+"""ScaleLong: scaling of a U-shaped network's long skip connections before they are merged (docs/design.md §9).
 
 Huang et al., "ScaleLong: Towards More Stable Training of Diffusion Model via Scaling Network Long Skip
 Connection" (NeurIPS 2023, arXiv 2310.13545). Skip i (i = 1 joins the outermost encoder and decoder ends,

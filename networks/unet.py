@@ -1,4 +1,4 @@
-"""The EDM2 U-Net, configuration G of the paper (SPEC 4, Fig. 21).
+"""The EDM2 U-Net, configuration G of the paper (docs/design.md §4, Fig. 21).
 
 Module and parameter names follow the reference implementation (`enc.16x16_block0.conv_res0.weight`,
 ...), so that official checkpoints load without a rename table.
@@ -272,7 +272,10 @@ class UNet(torch.nn.Module):
                 module = (self.enc if side == "enc" else self.dec)[key]
                 group += [p for n, p in module.named_parameters() if not n.startswith(("emb_linear.", "emb_gain"))]
             if k == 0:
-                group += [p for m in (self.emb_noise, self.emb_label, self.skip_scale) if m is not None for p in m.parameters()]
+                group += [
+                    p for m in (self.emb_noise, self.emb_label, self.skip_scale) if m is not None
+                    for p in m.parameters()
+                ]
                 group += [p for b in self.blocks() if isinstance(b, Block) for p in (b.emb_linear.weight, b.emb_gain)]
             if k == len(parts) - 1:
                 group += [self.out_conv.weight, self.out_gain]
@@ -303,7 +306,9 @@ class UNet(torch.nn.Module):
         skips: list[torch.Tensor] = []
         parts = self.parts()
         if len(parts) > 3:
-            raise ValueError(f"UNet: graph_breaks {list(self.graph_breaks)} make {len(parts)} pieces; at most 3 are supported")
+            raise ValueError(
+                f"UNet: graph_breaks {list(self.graph_breaks)} make {len(parts)} pieces; at most 3 are supported"
+            )
         x = self._run_part(parts[0], x, skips, mods, batched, reference)
         # Straight-line code: torch.compile resumes after a graph break here, not inside a loop.
         if len(parts) > 1:

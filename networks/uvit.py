@@ -1,5 +1,5 @@
-"""A U-ViT backbone built from the magnitude-preserving primitives (SPEC 9; Bao et al., "All are Worth Words",
-CVPR 2023, as used by the ScaleLong paper).
+"""A U-ViT backbone built from the magnitude-preserving primitives (docs/design.md §9; Bao et al., "All are Worth
+Words", CVPR 2023, as used by the ScaleLong paper).
 
 Layout: the image (with a constant channel of ones, as in the EDM2 U-Net) is cut into p x p patches and
 mapped to tokens; a time token (Fourier features of c_noise) and, for conditional networks, a class token

@@ -58,7 +58,9 @@ def test_reference_is_what_each_layer_computes(dtype):
         conv = MPConv(w.shape[1], w.shape[0], kernel=list(w.shape[2:]))
         conv.weight.data = w.clone()
         (ref,) = effective_weights_reference([w], dtype)
-        per_layer = conv.effective_weight(1, dtype, channels_last=w.is_contiguous(memory_format=torch.channels_last) and w.ndim == 4)
+        per_layer = conv.effective_weight(
+            1, dtype, channels_last=w.is_contiguous(memory_format=torch.channels_last) and w.ndim == 4
+        )
         assert torch.equal(ref, per_layer) and ref.stride() == w.stride()
 
 
@@ -113,7 +115,9 @@ def test_batched_path_and_pieces_trace_as_planned():
     cut = torch._dynamo.explain(net)(x, sigma, None, return_logvar=True)
     # Around the backbone call, then the three pieces: the graph breaks are where they were put.
     assert cut.graph_count == 5, [str(r.reason)[:80] for r in cut.break_reasons]
-    assert all("graph_break" in str(r.reason) for r in cut.break_reasons), [str(r.reason)[:200] for r in cut.break_reasons]
+    assert all("graph_break" in str(r.reason) for r in cut.break_reasons), [
+        str(r.reason)[:200] for r in cut.break_reasons
+    ]
     torch._dynamo.reset()
 
 
@@ -128,10 +132,14 @@ def test_piece_parameters_cover_every_parameter_once_in_backward_order():
     group_of = {i: k for k, g in enumerate(groups) for i in g}
     arrived = []
     params = list(net.parameters())
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: arrived.append(group_of[i])) for i, p in enumerate(params)]
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p, i=i: arrived.append(group_of[i])) for i, p in enumerate(params)
+    ]
     compiled = torch.compile(net, backend="aot_eager")  # the pieces as compiled graphs, without code generation
     gen = torch.Generator().manual_seed(0)
-    D, logvar = compiled(torch.randn(2, 2, 16, 16, generator=gen), torch.ones(2), torch.tensor([0, 2]), return_logvar=True)
+    D, logvar = compiled(
+        torch.randn(2, 2, 16, 16, generator=gen), torch.ones(2), torch.tensor([0, 2]), return_logvar=True
+    )
     (D.square().sum() + logvar.sum()).backward()
     for h in hooks:
         h.remove()
@@ -152,7 +160,9 @@ for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
     leaves = [w.clone().requires_grad_(True) for w in ws]
     got = bw.effective_weights(leaves, dtype)
     ref = bw.effective_weights_reference(leaves, dtype)
-    grads = [torch.randn(o.shape, generator=torch.Generator().manual_seed(100 + i)).to(dtype) for i, o in enumerate(got)]
+    grads = [
+        torch.randn(o.shape, generator=torch.Generator().manual_seed(100 + i)).to(dtype) for i, o in enumerate(got)
+    ]
     g_got = torch.autograd.grad(got, leaves, grads)
     g_ref = torch.autograd.grad(ref, leaves, grads)
     out[name] = dict(

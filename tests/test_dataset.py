@@ -92,7 +92,10 @@ def test_sampler_global_batches_do_not_depend_on_the_split():
     for step in range(5):
         mine = one[step * 8 : (step + 1) * 8]
         # chunk (round, rank) sits at offset (round * world + rank) * batch_gpu
-        split = r0[step * 4 : step * 4 + 2] + r1[step * 4 : step * 4 + 2] + r0[step * 4 + 2 : step * 4 + 4] + r1[step * 4 + 2 : step * 4 + 4]
+        split = (
+            r0[step * 4 : step * 4 + 2] + r1[step * 4 : step * 4 + 2]
+            + r0[step * 4 + 2 : step * 4 + 4] + r1[step * 4 + 2 : step * 4 + 4]
+        )
         assert mine == split
     assert sorted(one[:10]) == list(range(10))  # each epoch is a permutation
 
@@ -141,7 +144,9 @@ def test_convert_bad_source(tmp_path):
     from dataset_tool import main
 
     (tmp_path / "empty").mkdir()
-    r = CliRunner().invoke(main, ["convert", "--source", str(tmp_path / "empty"), "--dest", str(tmp_path / "o.zip"), "--resolution", "16"])
+    r = CliRunner().invoke(
+        main, ["convert", "--source", str(tmp_path / "empty"), "--dest", str(tmp_path / "o.zip"), "--resolution", "16"]
+    )
     assert r.exit_code != 0 and "holds no images" in r.output
     assert not (tmp_path / "o.zip").exists()
 
@@ -152,7 +157,8 @@ def tiny_vae(tmp_path_factory):
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=[8, 8, 8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
     )
     path = tmp_path_factory.mktemp("vae")
@@ -167,7 +173,10 @@ def test_encode_then_train_on_latents(tmp_path, tiny_vae):
 
     pixels = write_demo_dataset(str(tmp_path / "px.zip"), num_images=6, resolution=64)
     latents = tmp_path / "lat.zip"
-    r = CliRunner().invoke(main, ["encode", "--source", pixels, "--dest", str(latents), "--vae", tiny_vae, "--batch", "4", "--device", "cpu"])
+    r = CliRunner().invoke(
+        main,
+        ["encode", "--source", pixels, "--dest", str(latents), "--vae", tiny_vae, "--batch", "4", "--device", "cpu"],
+    )
     assert r.exit_code == 0, r.output
     d = ImageFolderDataset(str(latents))
     assert d.is_latent and d.raw_shape == [8, 8, 8] and d.label_dim == 10
@@ -180,7 +189,8 @@ def test_encode_then_train_on_latents(tmp_path, tiny_vae):
     net = json.dumps(dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], logvar_channels=8))
     r = CliRunner().invoke(train, [
         "--outdir", str(tmp_path / "run"), "--data", str(latents), "--vae", tiny_vae, f"--network-kwargs={net}",
-        "--duration", "8", "--batch", "4", "--status", "4", "--snapshot", "8", "--checkpoint", "8", "--workers", "0", "--P_mean=-0.4",
+        "--duration", "8", "--batch", "4", "--status", "4", "--snapshot", "8", "--checkpoint", "8", "--workers", "0",
+        "--P_mean=-0.4",
     ])
     assert r.exit_code == 0, r.output
     from edm2 import load_network

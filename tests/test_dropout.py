@@ -34,7 +34,9 @@ out["shape"] = list(keep.shape)
 out["kept"] = keep.float().mean().item()
 out["n"] = keep.numel()
 out["same_seed"] = bool(torch.equal(keep, dropout_keep_mask(seed, [3, 5, 37, 41], False, 0.1)))
-out["other_seed_agree"] = (keep == dropout_keep_mask(torch.tensor([12346]), [3, 5, 37, 41], False, 0.1)).float().mean().item()
+out["other_seed_agree"] = (
+    keep == dropout_keep_mask(torch.tensor([12346]), [3, 5, 37, 41], False, 0.1)
+).float().mean().item()
 # The four runs of BLOCK elements that one Philox call feeds are not copies of each other.
 flat = dropout_keep_mask(seed, [4 * 1024], False, 0.5)
 out["runs_agree"] = (flat[:1024] == flat[1024:2048]).float().mean().item()
@@ -151,9 +153,9 @@ def test_training_config_switch():
     from training.training_loop import RESUMABLE_CHANGES, default_config
 
     assert "fast_dropout" in default_config() and "fast_dropout" in RESUMABLE_CHANGES
-    net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                       attn_resolutions=[], dropout=0.1)  # fmt: skip
+    net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2],
+                       num_blocks=1, attn_resolutions=[], dropout=0.1)  # fmt: skip
     assert net.backbone.fast_dropout is False  # off unless the training loop (on CUDA) or the user turns it on
-    uvit = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3, patch_size=2,
-                        channels_per_head=8, dropout=0.1)  # fmt: skip
+    uvit = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3,
+                        patch_size=2, channels_per_head=8, dropout=0.1)  # fmt: skip
     assert uvit.backbone.fast_dropout is False

@@ -1,4 +1,4 @@
-"""Pixel and latent encoders (SPEC 8), with a tiny AutoencoderKL saved locally: no download."""
+"""Pixel and latent encoders (docs/design.md §8), with a tiny AutoencoderKL saved locally: no download."""
 
 from __future__ import annotations
 
@@ -99,7 +99,9 @@ def test_vae_is_lazy_and_missing_vae_is_named(tmp_path):
 
 def test_vae_encode_pixels_gives_posterior_mean_and_std(tiny_vae_dir):
     x = _pixels(5)
-    raw = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 2, "pixel_range": "0,1"}).encode_pixels(x)
+    raw = encoder_from_config(
+        {"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 2, "pixel_range": "0,1"}
+    ).encode_pixels(x)
     assert raw.shape == (5, 8, 4, 4) and raw.dtype == torch.float32
     with torch.no_grad():
         # Pixels enter the VAE in [0, 1], as in the official EDM2 code (not the [-1, 1] the VAE was trained with).
@@ -131,7 +133,9 @@ def test_vae_encode_latents_scaling_and_sampling():
 
 
 def test_vae_decode_inverts_scaling(tiny_vae_dir):
-    enc = encoder_from_config({"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 3, "pixel_range": "0,1"})
+    enc = encoder_from_config(
+        {"class": "stability_vae", "vae_name": tiny_vae_dir, "batch_size": 3, "pixel_range": "0,1"}
+    )
     raw = enc.encode_pixels(_pixels(4))
     raw_mean_only = torch.cat([raw[:, :4], torch.zeros_like(raw[:, 4:])], dim=1)
     images = enc.decode(enc.encode_latents(raw_mean_only))
@@ -158,7 +162,9 @@ def test_vae_encoder_equals_the_official_one(tmp_path):
     vae = AutoencoderKL(**config)
     vae.load_state_dict({k[len("state/"):]: torch.from_numpy(ref[k]) for k in ref.files if k.startswith("state/")})
     vae.save_pretrained(tmp_path)
-    enc = encoder_from_config({"class": "stability_vae", "vae_name": str(tmp_path), "batch_size": 2, "pixel_range": "0,1"})
+    enc = encoder_from_config(
+        {"class": "stability_vae", "vae_name": str(tmp_path), "batch_size": 2, "pixel_range": "0,1"}
+    )
     raw = enc.encode_pixels(torch.from_numpy(ref["pixels"]))
     torch.testing.assert_close(raw, torch.from_numpy(ref["raw"]), rtol=1e-6, atol=1e-6)
     images = enc.decode(torch.from_numpy(ref["latents"])).numpy()
@@ -187,7 +193,9 @@ def test_vae_legacy_pixel_range_of_settings_written_before_it(tiny_vae_dir):
 def test_resume_names_the_vae_pixel_range_of_an_older_run():
     from training.run_dir import config_differences
 
-    old = {"encoder": {"class": "stability_vae", **{k: v for k, v in STABILITY_VAE_DEFAULTS.items() if k != "pixel_range"}}}
+    old = {
+        "encoder": {"class": "stability_vae", **{k: v for k, v in STABILITY_VAE_DEFAULTS.items() if k != "pixel_range"}}
+    }
     new = {"encoder": {"class": "stability_vae", **STABILITY_VAE_DEFAULTS}}
     differ = config_differences(old, new)
     assert "encoder pixel_range: '-1,1' there, '0,1' now" in differ

@@ -23,7 +23,9 @@ def test_split_growing_covers_every_index_once(sizes, chunks, expected):
 
 def make_net():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.SiLU(), torch.nn.Conv2d(6, 2, 1), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.SiLU(), torch.nn.Conv2d(6, 2, 1), torch.nn.Flatten(), torch.nn.LazyLinear(4)
+    )
     net(torch.randn(1, 3, 8, 8))
     net[0].to(memory_format=torch.channels_last)
     return net

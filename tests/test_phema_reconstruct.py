@@ -275,7 +275,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_snapshots(tmp_path, monkey
     few = peak_bytes(all_files[-8:])  # 4 snapshot times x 2 stds
     many = peak_bytes(all_files)  # 16 snapshot times x 2 stds
     mb = 1e-6
-    print(f"peak live tensor bytes: 8 inputs {few * mb:.2f} MB, 32 inputs {many * mb:.2f} MB, net {net_bytes * mb:.2f} MB")
+    print(f"peak live tensor bytes: 8 inputs {few * mb:.2f} MB, 32 inputs {many * mb:.2f} MB, "
+          f"net {net_bytes * mb:.2f} MB")
     assert few >= net_bytes  # the measurement sees the loaded input
     assert many <= few * 1.05 + 64 * 1024
     # One input, two float64 sums and one float32 output (+ slack): far below 32 inputs.

@@ -23,14 +23,18 @@ def test_parameter_counts_match_paper_table_2(size):
 
 def test_presets_hold_the_spec_table():
     p = edm2.get_preset("edm2-img512-m")
-    assert p == dict(duration=2048 << 20, batch=2048, channels=256, lr=0.0090, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0)
+    assert p == dict(
+        duration=2048 << 20, batch=2048, channels=256, lr=0.0090, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0
+    )
     assert edm2.get_preset("edm2-img64-xl")["duration"] == 640 << 20
     assert len(edm2.PRESETS) == 13  # the paper's 12 and the CPU demo
     kw = edm2.preset_network_kwargs("edm2-img64-s")
-    assert kw["img_channels"] == 3 and kw["img_resolution"] == 64 and kw["label_dim"] == 1000 and kw["model_channels"] == 192
+    assert (kw["img_channels"] == 3 and kw["img_resolution"] == 64
+            and kw["label_dim"] == 1000 and kw["model_channels"] == 192)
     t = edm2.preset_training_kwargs("edm2-img64-s")
     assert t["status"] == 128 << 10 and t["snapshot"] == 8 << 20 and t["checkpoint"] == 128 << 20
-    assert t["loss"] == dict(P_mean=-0.8, P_std=1.6) and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000, rampup_img=10**7)
+    assert (t["loss"] == dict(P_mean=-0.8, P_std=1.6)
+            and t["lr"] == dict(ref_lr=0.0100, ref_batches=35000, rampup_img=10**7))
 
 
 def test_get_preset_returns_a_copy():
@@ -56,7 +60,9 @@ def test_learning_rate_schedule():
 
 
 def test_init_kwargs_round_trip_through_json():
-    net = edm2.Precond(16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16)
+    net = edm2.Precond(
+        16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16
+    )
     kwargs = json.loads(json.dumps(net.init_kwargs))
     torch.manual_seed(0)
     twin = edm2.Precond(**kwargs)
@@ -72,7 +78,9 @@ def test_use_fp16_maps_to_precision():
 
 @pytest.fixture(scope="module")
 def small_net():
-    return edm2.Precond(16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16).eval()
+    return edm2.Precond(
+        16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16
+    ).eval()
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from networks import MPConv, MPFourier, Precond, cosine_attention, mp_cat, mp_silu, mp_sum, normalize, pixel_norm, resample
+from networks import (
+    MPConv, MPFourier, Precond, cosine_attention, mp_cat, mp_silu, mp_sum, normalize, pixel_norm, resample
+)
 
 
 def rms(x: torch.Tensor) -> float:
@@ -139,7 +141,9 @@ def test_cosine_attention_matches_explicit_softmax(gen):
 
 def test_block_keeps_unit_magnitude_at_init():
     torch.manual_seed(3)
-    net = Precond(16, 4, label_dim=10, model_channels=32, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16)
+    net = Precond(
+        16, 4, label_dim=10, model_channels=32, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16
+    )
     x = torch.randn(8, 5, 16, 16)
     emb = torch.randn(8, 64)
     for name, block in net.unet.enc.items():
@@ -152,7 +156,9 @@ def test_block_keeps_unit_magnitude_at_init():
 
 def test_forward_traces_as_one_graph():
     """torch.compile sees the whole forward as one graph: nothing in it forces a break."""
-    net = Precond(16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16)
+    net = Precond(
+        16, 4, label_dim=10, model_channels=16, channel_mult=[1, 2], attn_resolutions=[8], channels_per_head=16
+    )
     x, sigma, labels = torch.randn(2, 4, 16, 16), torch.tensor([0.5, 3.0]), torch.eye(10)[:2]
     explanation = torch._dynamo.explain(net)(x, sigma, labels)
     assert explanation.graph_break_count == 0, explanation.break_reasons

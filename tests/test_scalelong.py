@@ -398,7 +398,8 @@ def test_experiment_figures_and_outputs(tmp_path):
             for t in range(1, 41):
                 g = math.exp(wobble * (-1) ** t)
                 e = {"nimg": 16 * t, "loss": 1 / t + 0.01 * rng.random(), "grad_norm": g, "skips/01/grad_norm": g,
-                     "skips/01/feat_rms": 1.0, "skips/01/scale": 1.0 if mode == "none" else 0.5, "stages/out0/feat_rms": 1 + wobble * t / 40}  # fmt: skip
+                     "skips/01/feat_rms": 1.0, "skips/01/scale": 1.0 if mode == "none" else 0.5,
+                     "stages/out0/feat_rms": 1 + wobble * t / 40}  # fmt: skip
                 f.write(json.dumps(e) + "\n")
     results = sl.analyze(str(tmp_path))
     figs = results["backbones"]["uvit"]["modes"]

@@ -19,7 +19,9 @@ from torch_utils.state_io import load_state
 from training.demo_data import write_demo_dataset
 from training.training_loop import list_checkpoints
 
-TINY_NET = json.dumps(dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], channels_per_head=8, logvar_channels=8))
+TINY_NET = json.dumps(dict(
+    model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], channels_per_head=8, logvar_channels=8
+))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,10 @@ def train_args(outdir, data, duration=320, batch=16, **extra):
 
 
 def run_cli(args, **kwargs):
-    return subprocess.run([sys.executable, str(ROOT / "train_edm2.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_edm2.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        **kwargs,
+    )
 
 
 def final_state(outdir):
@@ -53,7 +58,9 @@ def assert_states_equal(a, b, atol=0.0):
     for key in ("net", "ema"):
         assert a[key].keys() == b[key].keys()
         for k in a[key]:
-            assert torch.allclose(a[key][k], b[key][k], rtol=0, atol=atol), (key, k, (a[key][k] - b[key][k]).abs().max())
+            assert torch.allclose(a[key][k], b[key][k], rtol=0, atol=atol), (
+                key, k, (a[key][k] - b[key][k]).abs().max()
+            )
     oa, ob = a["optimizer"]["state"], b["optimizer"]["state"]
     assert oa.keys() == ob.keys()
     for i in oa:
@@ -104,7 +111,8 @@ def test_killed_and_resumed_run_equals_straight_run(tmp_path, data):
 def test_stop_signal_checkpoints_and_stops(tmp_path, data, sig):
     """SIGTERM (a scheduler) or SIGINT to the whole process group (Ctrl-C), DataLoader workers included."""
     outdir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_edm2.py"), *train_args(outdir, data, duration=100000, checkpoint=0, workers=2)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_edm2.py"),
+                             *train_args(outdir, data, duration=100000, checkpoint=0, workers=2)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (outdir / "stats.jsonl").exists():
@@ -143,8 +151,9 @@ def free_port() -> int:
 def test_two_processes_equal_one_process(tmp_path, data, grad_sync, batch_gpu, layout):
     one = run_cli(train_args(tmp_path / "one", data, duration=128, batch=8))
     assert one.returncode == 0, one.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "--master_addr=127.0.0.1",
-           str(ROOT / "train_edm2.py"), *train_args(tmp_path / "two", data, duration=128, batch=8, grad_sync=grad_sync, batch_gpu=batch_gpu)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--master_addr=127.0.0.1", str(ROOT / "train_edm2.py"),
+           *train_args(tmp_path / "two", data, duration=128, batch=8, grad_sync=grad_sync, batch_gpu=batch_gpu)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -210,7 +219,9 @@ def test_dry_run_prints_resolved_config(tmp_path, data):
     assert result.exit_code == 0 and json.loads(result.stdout)["ddp_overlap"] is True
 
 
-@pytest.mark.parametrize("value,expected", [("4096", 4096), ("128Ki", 131072), ("8Mi", 8 << 20), ("2Gi", 2 << 30), ("1.5Ki", 1536)])
+@pytest.mark.parametrize(
+    "value,expected", [("4096", 4096), ("128Ki", 131072), ("8Mi", 8 << 20), ("2Gi", 2 << 30), ("1.5Ki", 1536)]
+)
 def test_count_suffixes(value, expected):
     from train_edm2 import parse_nimg
 

@@ -1,4 +1,4 @@
-"""Datasets of PNG images (pixels) or NPY arrays (raw latents) in a folder or an uncompressed zip (SPEC 8).
+"""Datasets of PNG images (pixels) or NPY arrays (raw latents) in a folder or an uncompressed zip (docs/design.md §8).
 
 Labels come from an optional `dataset.json`: {"labels": [[relative_path, class_index], ...]}. With
 x-flips the dataset doubles: index i >= N is image i - N mirrored, so augmentation is a pure function of
@@ -121,10 +121,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         out = np.array([table[n] for n in self.names], dtype=np.int64)
         if out.min() < 0:
             raise DatasetError(f"{where}: class indices must be non-negative, found {int(out.min())}")
-        num_classes = meta.get("num_classes", len(meta["class_names"]) if isinstance(meta.get("class_names"), list) else None)
+        num_classes = meta.get(
+            "num_classes", len(meta["class_names"]) if isinstance(meta.get("class_names"), list) else None
+        )
         if num_classes is not None:
             if not isinstance(num_classes, int) or num_classes <= out.max():
-                raise DatasetError(f"{where}: num_classes {num_classes!r} must be an integer above the largest label {int(out.max())}")
+                raise DatasetError(
+                    f"{where}: num_classes {num_classes!r} must be an integer above the largest label {int(out.max())}"
+                )
             self.num_classes = num_classes
         return out
 
@@ -172,7 +176,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         n = len(self.names)
         arr = self._load_raw(idx % n)
         if list(arr.shape) != self.raw_shape:
-            raise DatasetError(f"dataset {self.path}: {self.names[idx % n]!r} has shape {list(arr.shape)}, expected {self.raw_shape}")
+            raise DatasetError(
+                f"dataset {self.path}: {self.names[idx % n]!r} has shape {list(arr.shape)}, expected {self.raw_shape}"
+            )
         if idx >= n:
             arr = arr[:, :, ::-1].copy()
         label = torch.zeros(self.label_dim, dtype=torch.float32)

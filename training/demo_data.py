@@ -71,7 +71,9 @@ def write_demo_dataset(path: str, num_images: int = 2000, resolution: int = 32, 
                 PIL.Image.fromarray(make_demo_image(label, rng, resolution)).save(buf, format="png")
                 z.writestr(name, buf.getvalue())
                 labels.append([name, label])
-            z.writestr("dataset.json", json.dumps({"labels": labels, "num_classes": len(CLASS_NAMES), "class_names": CLASS_NAMES}))
+            z.writestr("dataset.json", json.dumps(
+                {"labels": labels, "num_classes": len(CLASS_NAMES), "class_names": CLASS_NAMES}
+            ))
 
     atomic_write(path, write)
     return path

@@ -1,4 +1,4 @@
-"""Pixel and latent encoders: between uint8 RGB images and the network's input space (SPEC 8).
+"""Pixel and latent encoders: between uint8 RGB images and the network's input space (docs/design.md §8).
 
 An encoder is described by a JSON-able settings dict (stored in model files and datasets):
 
@@ -73,7 +73,8 @@ def _vae_help(name: str) -> str:
 
     return (
         f"Give a local copy with --vae DIR (a folder with config.json and the weights, as "
-        f"AutoencoderKL.save_pretrained writes it), or fill the Hugging Face cache ({constants.HF_HUB_CACHE}; moved by HF_HOME or HF_HUB_CACHE) on a "
+        f"AutoencoderKL.save_pretrained writes it), or fill the Hugging Face cache ({constants.HF_HUB_CACHE}; "
+        f"moved by HF_HOME or HF_HUB_CACHE) on a "
         f"machine with network access:\n  python -c \"from diffusers import AutoencoderKL; "
         f"AutoencoderKL.from_pretrained('{name}')\"\nand copy that cache folder here."
     )
@@ -256,7 +257,7 @@ class StabilityVAEEncoder:
         return torch.cat(out)
 
     def encode_latents(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Raw latents -> one sample mean + std * N(0, 1), scaled per channel (SPEC 8)."""
+        """Raw latents -> one sample mean + std * N(0, 1), scaled per channel (docs/design.md §8)."""
         channels = len(self.raw_mean)
         if raw.ndim != 4 or raw.shape[1] != 2 * channels:
             raise ValueError(

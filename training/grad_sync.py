@@ -86,7 +86,9 @@ class FlatGradients:
         else:
             self.chunks = [list(g) for g in groups if len(g)]
             if sorted(i for g in self.chunks for i in g) != list(range(len(self.params))):
-                raise ValueError(f"FlatGradients: groups must hold every parameter index 0..{len(self.params) - 1} once")
+                raise ValueError(
+                    f"FlatGradients: groups must hold every parameter index 0..{len(self.params) - 1} once"
+                )
         self.gather = gather
         self.views: list[torch.Tensor | None] = [None] * len(self.params)
         self._slices: list[torch.Tensor] = []
@@ -116,8 +118,8 @@ class FlatGradients:
                 return
             k = self._chunk_of[index]
             if self._launched[k]:
-                raise RuntimeError(f"FlatGradients: a gradient of parameter {index} arrived after its group was averaged; "
-                                   "arm() goes before the last backward of a step, once")
+                raise RuntimeError(f"FlatGradients: a gradient of parameter {index} arrived after its group was "
+                                   "averaged; arm() goes before the last backward of a step, once")
             self._missing[k] -= 1
             if self._missing[k] == 0 and k < len(self.chunks) - 1:
                 self._launch(k)

@@ -1,4 +1,4 @@
-"""Instruments for ScaleLong (SPEC 9): per long skip and per stage, the RMS of the hidden features and the
+"""Instruments for ScaleLong (docs/design.md §9): per long skip and per stage, the RMS of the hidden features and the
 gradient norms, measured on the steps that end at a status line and written into stats.jsonl with it.
 
 What is measured on an armed step (all accumulation rounds and all processes together):

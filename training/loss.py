@@ -1,4 +1,4 @@
-"""The EDM2 training loss with learned per-noise-level weighting (SPEC 2; Eq. 14-16, 21)."""
+"""The EDM2 training loss with learned per-noise-level weighting (docs/design.md §2; Eq. 14-16, 21)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class EDM2Loss:
         self.P_std = P_std
         self.sigma_data = sigma_data
 
-    def sample_sigma(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_sigma(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         rnd = torch.randn([n, 1, 1, 1], device=device, generator=generator)
         return (rnd * self.P_std + self.P_mean).exp()
 
@@ -48,7 +50,9 @@ class EDM2Loss:
         if noise is None:
             noise = torch.randn_like(images)
         elif noise.shape != images.shape:
-            raise ValueError(f"EDM2Loss: noise must have the shape of images {list(images.shape)}, got {list(noise.shape)}")
+            raise ValueError(
+                f"EDM2Loss: noise must have the shape of images {list(images.shape)}, got {list(noise.shape)}"
+            )
         sd = self.sigma_data
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2  # lambda(sigma): unit loss at init (Eq. 21)
         denoised, logvar = net(images + noise * sigma, sigma, labels, return_logvar=True)
@@ -57,5 +61,5 @@ class EDM2Loss:
 
 def reduce_batch_loss(loss: torch.Tensor, batch_gpu_total: int) -> torch.Tensor:
     """Sum over all elements divided by the per-GPU batch total, so that the gradient does not depend on
-    how the batch is split into accumulation rounds (SPEC 2)."""
+    how the batch is split into accumulation rounds (docs/design.md §2)."""
     return loss.sum() / batch_gpu_total

@@ -1,4 +1,4 @@
-"""Power-function EMA (EDM2 Sec. 3, App. C; SPEC 6): the profile math, post-hoc coefficients, trackers.
+"""Power-function EMA (EDM2 Sec. 3, App. C; docs/design.md §6): the profile math, post-hoc coefficients, trackers.
 
 A power-function EMA profile with exponent g averages the training weights theta(tau), tau <= t, with
 weight proportional to tau^g. Its width is expressed as the relative standard deviation std(g) of that
@@ -25,7 +25,7 @@ import torch
 # 0.2887), and the inner products of Eq. 151 stay finite (g_a + g_b + 1 > 0). The official reconstruct_phema.py
 # accepts std < 0.289; this limit contains that range.
 STD_LIMIT = math.sqrt((5 * math.sqrt(5) - 11) / 2)  # exclusive
-DEFAULT_STDS = (0.050, 0.100)  # the two profiles tracked during training by default (SPEC 6)
+DEFAULT_STDS = (0.050, 0.100)  # the two profiles tracked during training by default (docs/design.md §6)
 
 
 def _as_float64(name: str, value) -> np.ndarray:
@@ -186,7 +186,7 @@ def _check_step(cur_nimg: int, batch_size: int, who: str) -> None:
 
 
 class PowerFunctionEMA:
-    """Tracks power-function EMAs of a network during training, one per std (Eq. 127; SPEC 6).
+    """Tracks power-function EMAs of a network during training, one per std (Eq. 127; docs/design.md §6).
 
     Call `update(net, cur_nimg, batch_size)` after every optimizer step (before the forced weight normalization,
     as the official training loop does), with cur_nimg the images seen *after* the step. The first update (cur_nimg ==

@@ -1,4 +1,5 @@
-"""Post-hoc EMA reconstruction (EDM2 Sec. 3.2, App. C.3; SPEC 6): any EMA length from the training snapshots.
+"""Post-hoc EMA reconstruction (EDM2 Sec. 3.2, App. C.3; docs/design.md §6): any EMA length from the training
+snapshots.
 
 The snapshots of the power-function EMAs tracked during training (files `network-snapshot-{kimg}-{std}`)
 are combined linearly with the coefficients of `training.phema.solve_posthoc_coefficients`. The inputs

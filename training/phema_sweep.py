@@ -69,7 +69,7 @@ def validation_loss_metric(
     batch_size: int = 64,  # images per forward pass
     device: torch.device | str = "cpu",
 ) -> Callable[[torch.nn.Module], float]:
-    """A deterministic metric: the mean per-element EDM2 loss (SPEC 2) of a network on `images`."""
+    """A deterministic metric: the mean per-element EDM2 loss (docs/design.md §2) of a network on `images`."""
     images = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"validation images must have shape [N, C, H, W] with N > 0, got {list(images.shape)}")

@@ -1,5 +1,5 @@
-"""Everything between the backward pass and the next forward (SPEC 5, 6): non-finite gradient elements set to
-zero, Adam, the power-function EMA updates (Eq. 127) and forced weight normalization (Eq. 66), in that order.
+"""Everything between the backward pass and the next forward (docs/design.md §5, §6): non-finite gradient elements
+set to zero, Adam, the power-function EMA updates (Eq. 127) and forced weight normalization (Eq. 66), in that order.
 
 The order is the official training loop's: its EMAs average the weights right after Adam, before they are
 re-normalized (it normalizes them at the next training forward), so the EMA tensors of a run, and its snapshots,
@@ -208,8 +208,8 @@ class PostStep:
     # --- the fused path ---------------------------------------------------------------------------------
 
     def _build_rows(self, indices: Sequence[int]) -> list:
-        """Rows of the parameters with the given indices, grouped by padded length (a power of two up to SUB, else a multiple of
-        SUB) and by whether forced weight normalization applies to them: one launch per group."""
+        """Rows of the parameters with the given indices, grouped by padded length (a power of two up to SUB, else a
+        multiple of SUB) and by whether forced weight normalization applies to them: one launch per group."""
         normalized = {id(m.weight) for m in self.net.modules() if isinstance(m, MPConv)}
         buckets: dict[tuple[int, bool], tuple[list, list, list, list]] = {}
         for index in indices:
@@ -226,8 +226,9 @@ class PostStep:
                 rows[3].append(scale)
         dev = self.params[0].device
         return [
-            (block, normalize, torch.tensor(a, dtype=torch.int32, device=dev), torch.tensor(b, dtype=torch.int64, device=dev),
-             torch.tensor(c, dtype=torch.int32, device=dev), torch.tensor(d, dtype=torch.float32, device=dev))
+            (block, normalize, torch.tensor(a, dtype=torch.int32, device=dev),
+             torch.tensor(b, dtype=torch.int64, device=dev), torch.tensor(c, dtype=torch.int32, device=dev),
+             torch.tensor(d, dtype=torch.float32, device=dev))
             for (block, normalize), (a, b, c, d) in sorted(buckets.items())
         ]  # fmt: skip
 

@@ -170,7 +170,9 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             changed = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
             out.extend(f"encoder {k}: {old[key].get(k)!r} there, {new[key].get(k)!r} now" for k in changed)
             if "pixel_range" in changed:
-                out.append(f"pass --vae-pixel-range={old[key].get('pixel_range')} to go on with the run's VAE convention")
+                out.append(
+                    f"pass --vae-pixel-range={old[key].get('pixel_range')} to go on with the run's VAE convention"
+                )
         elif key == "data_identity":
             out.append(f"dataset: {_describe_identity(old.get(key))} there, {_describe_identity(new.get(key))} now")
         else:

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: inverse square-root decay with a linear ramp-up (Eq. 67, SPEC 5)."""
+"""Learning-rate schedule: inverse square-root decay with a linear ramp-up (Eq. 67, docs/design.md §5)."""
 
 from __future__ import annotations
 

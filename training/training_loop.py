@@ -1,5 +1,5 @@
 """The EDM2 training loop: one or many GPUs (torchrun), power-function EMA snapshots, crash-safe checkpoints
-and exact resume (SPEC 5, 6).
+and exact resume (docs/design.md §5, §6, §11).
 
 Reproducibility by construction: the images of every optimizer step, their sigma and their noise are
 functions of (seed, step) for the whole global batch, and each process takes its slice. So one process and
@@ -70,10 +70,14 @@ def default_config() -> dict[str, Any]:
         channels_last=None,  # NHWC activations; None = on CUDA
         instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
         fused_step=None,  # Adam + forced weight normalization + EMA updates in one Triton kernel; None = on CUDA
-        batched_weights=None,  # all layers' effective weights (and their gradients) in one Triton kernel; None = on CUDA
-        fast_dropout=None,  # dropout keep-masks from one Philox call per four elements (networks/dropout.py); None = on CUDA
+        # all layers' effective weights (and their gradients) in one Triton kernel; None = on CUDA
+        batched_weights=None,
+        # dropout keep-masks from one Philox call per four elements (networks/dropout.py); None = on CUDA
+        fast_dropout=None,
         ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
-        grad_sync=None,  # multi-GPU gradient averaging: "ddp", "flat", "grouped" or "overlap" (training/grad_sync.py); None = flat if compiled
+        # multi-GPU gradient averaging: "ddp", "flat", "grouped" or "overlap" (training/grad_sync.py); None = flat if
+        # compiled
+        grad_sync=None,
         max_nonfinite_status=MAX_NONFINITE_STATUS,  # status intervals of non-finite loss in a row that stop the run
     )
 
@@ -108,7 +112,9 @@ def resolve_grad_sync(config: dict[str, Any]) -> str:
     if choice not in GRAD_SYNCS:
         raise TrainingError(f"--grad-sync: expected one of {', '.join(GRAD_SYNCS)}, got {choice!r}")
     if choice != "ddp" and config.get("ddp_overlap"):
-        raise TrainingError(f"--grad-sync {choice} cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)")
+        raise TrainingError(
+            f"--grad-sync {choice} cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)"
+        )
     return choice
 
 
@@ -176,10 +182,14 @@ def _dataset_and_network_kwargs(config: dict[str, Any]) -> tuple[ImageFolderData
     is_vae = config["encoder"]["class"] != "standard_rgb"
     if dataset.is_latent != is_vae:
         kind = "latent .npy" if dataset.is_latent else "image .png"
-        raise TrainingError(f"--data {config['data']} holds {kind} files, which the {config['encoder']['class']} encoder cannot take")
+        raise TrainingError(
+            f"--data {config['data']} holds {kind} files, which the {config['encoder']['class']} encoder cannot take"
+        )
     channels = dataset.num_channels // 2 if is_vae else dataset.num_channels  # raw latents hold mean and std
     kwargs = dict(config["network"])
-    for key, value in dict(img_resolution=dataset.resolution, img_channels=channels, label_dim=dataset.label_dim).items():
+    for key, value in dict(
+        img_resolution=dataset.resolution, img_channels=channels, label_dim=dataset.label_dim
+    ).items():
         if kwargs.setdefault(key, value) != value:
             raise TrainingError(
                 f"--data {config['data']}: the dataset gives {key} {value}, but the network expects {kwargs[key]} "
@@ -412,19 +422,24 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
     if world > 1 and grad_sync != "ddp":
         for t in list(net.parameters()) + list(net.buffers()):  # what DDP does at construction: rank 0's values
             torch.distributed.broadcast(t.data, 0)
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 and grad_sync == "ddp" else net
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+        if world > 1 and grad_sync == "ddp" else net
+    )
     averager = None
     if world > 1 and grad_sync == "overlap":
         if not hasattr(net.backbone, "part_parameters"):
-            raise TrainingError(f"--grad-sync overlap: the {net.init_kwargs.get('arch')} backbone cannot be cut into pieces; use flat")
+            raise TrainingError(
+                f"--grad-sync overlap: the {net.init_kwargs.get('arch')} backbone cannot be cut into pieces; use flat"
+            )
         net.backbone.graph_breaks = net.backbone.overlap_breaks()  # before torch.compile traces the network
         averager = FlatGradients(net.parameters(), groups=overlap_groups(net))
     elif world > 1 and grad_sync != "ddp":
         averager = FlatGradients(net.parameters(), gather=grad_sync == "flat")
     if config.get("compile") and world > 1:
         # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
-        # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs:
-        # EDM2-S on 2 H200s, 1304 img/s without against 1272 with (benchmarks/bench_train.py --ddp-overlap).
+        # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs,
+        # which measured faster (the README's Speed section; benchmarks/bench_train.py --ddp-overlap).
         torch._dynamo.config.optimize_ddp = bool(config.get("ddp_overlap", False))
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
     compiled = torch.compile(ddp) if config.get("compile") else ddp
@@ -472,11 +487,15 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            status_step = crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
+            status_step = (
+                crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
+            )
             instruments.arm(use_instruments and status_step)
             gen = _step_generator(config["seed"], step, device)
             sigma_all = loss_fn.sample_sigma(batch, device, gen)
-            noise_all = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=gen)
+            noise_all = torch.randn(
+                [batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=gen
+            )
             for rnd in range(rounds):
                 try:
                     images, labels = next(batches)
@@ -487,17 +506,21 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 images = images.to(device, non_blocking=True)
                 latent_gen = _step_generator(config["seed"] + 1, step * batch + chunk, device)
                 images = encoder.encode_latents(images, generator=latent_gen)
-                labels = labels.to(device, non_blocking=True) if net.label_dim else None  # a blocking copy drains the GPU
+                # non_blocking: a blocking copy drains the GPU
+                labels = labels.to(device, non_blocking=True) if net.label_dim else None
                 sync = contextlib.nullcontext() if (ddp is net or rnd == rounds - 1) else ddp.no_sync()
                 if averager is not None and rnd == rounds - 1:
                     averager.arm()  # --grad-sync overlap: pieces start their all-reduces during this backward
                 with sync:
-                    loss = loss_fn(ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl])
+                    loss = loss_fn(
+                        ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl]
+                    )
                     reduce_batch_loss(loss, batch // world).backward()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
                 loss_count += loss.numel()
             if averager is not None:
-                averager.start_average()  # gathers and all-reduces chunk by chunk; the post-step updates each once averaged
+                # gathers and all-reduces chunk by chunk; the post-step updates each once averaged
+                averager.start_average()
             # Non-finite grads zeroed, Adam, EMAs (Eq. 127), forced weight normalization (Eq. 66).
             post_step(cur_nimg + batch, batch, ready=averager)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1

@@ -1,4 +1,4 @@
-"""Feature detectors of the metrics (SPEC 8), written for this project:
+"""Feature detectors of the metrics (docs/design.md §8), written for this project:
 
 - `fid`: Inception-v3 of the 2015-12-05 TF graph (2048-d pool features), `InceptionV3FID`;
 - `fd_dinov2`: DINOv2 ViT-L/14 (1024-d class token), `DINOv2ViT`.

@@ -62,7 +62,8 @@ DETECTORS: dict[str, DetectorSpec] = {
         build=InceptionV3FID,
         feature_dim=2048,
         file_name="pt_inception-2015-12-05-6726825d.pth",
-        url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+        url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+        "pt_inception-2015-12-05-6726825d.pth",
         sha256=None,  # only the prefix 6726825d (in the name) is published by the file's source
         env_var="EDM2_INCEPTION_WEIGHTS",
         option="--inception-weights",
