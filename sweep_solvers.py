@@ -130,7 +130,8 @@ def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, basel
         if metric == PROXY:
             target = sampling_settings("heun", reference_steps, schedule=schedule, guidance=guidance,
                                        guidance_interval=interval)
-            note = f"mean RMS distance (0-255) to heun with {reference_steps} steps on the same {len(seeds)} seeds"
+            note = (f"mean RMS distance (0-255) to heun with {reference_steps} steps on the same {len(seeds)} seeds; "
+                    "stochastic solvers (eta > 0, churn) end on other samples, so it ranks only deterministic ones")
             score = image_distance_score(net, seeds, target, **common)
         else:
             note = f"{len(seeds)} images against {ref_path}"

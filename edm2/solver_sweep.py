@@ -4,8 +4,9 @@ evaluations they cost (sweep_solvers.py; docs/design.md §7).
 Scores: FID or FD_DINOv2 against reference statistics (edm2.metrics; needs the detector weights), or, where
 neither is at hand (the CPU, CI), a proxy that needs no download: the mean RMS distance (0-255 pixel units) of
 each solver's images to those of a high-step Heun run on the same seeds, i.e. how far the solver is from the
-converged sample. Lower is better for all three. A solver "matches Heun-N" at the fewest swept steps whose
-score is at most that of Heun with N steps.
+converged sample. Lower is better for all three. The proxy ranks deterministic solvers only: a stochastic one
+(eta > 0, churn) ends on another sample of the distribution, far from the ODE's, however many steps it takes.
+A solver "matches Heun-N" at the fewest swept steps whose score is at most that of Heun with N steps.
 """
 
 from __future__ import annotations
