@@ -29,6 +29,7 @@ from edm2 import metrics as M
 from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.model_files import ModelFileError
 from edm2.generation import prepare_encoder, sampling_precision
+from edm2.sampling import settings_from_cli, solver_click_options
 from generate import _load, _parse_interval_option, _parse_seeds_option, resolve_model_options
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
@@ -214,12 +215,7 @@ def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, incepti
 @click.option("--seed", "first_seed", type=click.IntRange(min=0), default=None,
               help="Seed of the first image, with --num  [default: 0]")
 @click.option("--class", "class_idx", type=int, default=None, help="Class of every image  [default: random per seed]")
-@click.option("--steps", "num_steps", type=click.IntRange(min=1), default=32, show_default=True, help="Sampling steps")
-@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, show_default=True,
-              help="Lowest noise level")
-@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, show_default=True,
-              help="Highest noise level")
-@click.option("--rho", type=float, default=7.0, show_default=True, help="Time-step exponent")
+@solver_click_options
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16"]),
@@ -241,10 +237,6 @@ def gen(
     num_images,
     first_seed,
     class_idx,
-    num_steps,
-    sigma_min,
-    sigma_max,
-    rho,
     precision,
     vae,
     out,
@@ -253,6 +245,7 @@ def gen(
     inception_weights,
     dinov2_weights,
     progress,
+    **solver_params,
 ):
     """Metrics of a model against reference statistics, generating images on the fly (none written)."""
     net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
@@ -265,6 +258,9 @@ def gen(
         raise click.BadParameter(
             f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'"
         )
+    ctx = click.get_current_context()
+    settings = settings_from_cli(solver_params, guidance, guidance_interval,
+                                 ctx.get_parameter_source("num_steps") != click.core.ParameterSource.DEFAULT)
 
     def task():
         device = dist.device()
@@ -292,12 +288,7 @@ def gen(
                 weights=_weights(inception_weights, dinov2_weights),
                 device=device,
                 progress=progress,
-                guidance=guidance,
-                guidance_interval=guidance_interval,
-                num_steps=num_steps,
-                sigma_min=sigma_min,
-                sigma_max=sigma_max,
-                rho=rho,
+                settings=settings,
             )
         except (M.MetricsError, DetectorWeightsError):
             raise

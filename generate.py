@@ -9,6 +9,9 @@ Examples:
     python generate.py --preset edm2-img512-s-autog-fid --outdir out --seeds 0-49999 --subdirs \\
         --guidance-interval 0.28,5.42
 
+    # another solver: DPM-Solver++(2M) SDE in 16 evaluations on a log-linear schedule (python generate.py --help)
+    python generate.py --net model.safetensors --outdir out --sampler dpmpp_2m_sde --steps 16 --schedule log_linear
+
     # several GPUs: the seeds are shared out; the images do not depend on the number of GPUs
     torchrun --standalone --nproc_per_node=8 generate.py --preset edm2-img512-xxl-guid-fid \
         --outdir out --seeds 0-49999 --subdirs
@@ -23,7 +26,8 @@ import click
 from edm2.generation import (
     check_class_index, generate_images, prepare_encoder, prepare_for_sampling, sampling_precision,
 )
-from edm2.sampler import check_guidance_interval, check_guiding_network, check_schedule
+from edm2.guidance import check_guidance_interval, check_guiding_network
+from edm2.sampling import solver_click_options, settings_from_cli
 from edm2.seeds import check_noise_device, parse_seeds
 from torch_utils import distributed as dist
 
@@ -112,25 +116,7 @@ def _load(option: str, path_or_url: str, device):
     "--class", "class_idx", type=int, default=None, help="Class index for every image  [default: random per seed]"
 )
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, help="Images per batch and process")
-@click.option(
-    "--steps", "num_steps", type=click.IntRange(min=1), default=32, help="Sampling steps N (2N - 1 evaluations)"
-)
-@click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, help="Lowest noise level")
-@click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, help="Highest noise level")
-@click.option("--rho", type=float, default=7.0, help="Time-step exponent")
-@click.option(
-    "--s-churn",
-    "--S_churn",
-    "S_churn",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    help="Stochasticity: churn amount (0 = deterministic ODE)",
-)
-@click.option(
-    "--s-min", "--S_min", "S_min", type=click.FloatRange(min=0), default=0.0, help="Churn only for sigma >= this"
-)
-@click.option("--s-max", "--S_max", "S_max", type=float, default=math.inf, help="Churn only for sigma <= this")
-@click.option("--s-noise", "--S_noise", "S_noise", type=float, default=1.0, help="Churn noise scale")
+@solver_click_options
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16"]),
@@ -167,22 +153,15 @@ def main(
     seeds,
     class_idx,
     batch_size,
-    num_steps,
-    sigma_min,
-    sigma_max,
-    rho,
-    S_churn,
-    S_min,
-    S_max,
-    S_noise,
     precision,
     noise_device,
     kernels,
     vae,
     progress,
     compile_net,
+    **solver_params,
 ):
-    """Generate one image per seed with the EDM Heun sampler; works alone or under torchrun.
+    """Generate one image per seed (the EDM Heun sampler by default; any of --sampler); works alone or under torchrun.
 
     Runs on CUDA when available (one GPU per process), else on the CPU. Latent networks decode with the VAE their
     model file names (float32)."""
@@ -195,12 +174,9 @@ def main(
         raise click.BadParameter(
             f"guidance {guidance} needs a guiding network: give --gnet (or use --guidance 1)", param_hint="'--guidance'"
         )
-    try:
-        check_schedule(num_steps, sigma_min, sigma_max, rho)
-    except ValueError as e:
-        raise click.BadParameter(
-            str(e).replace("sigma_", "--sigma-"), param_hint="'--sigma-min' / '--sigma-max' / '--rho'"
-        ) from None
+    ctx = click.get_current_context()
+    settings = settings_from_cli(solver_params, guidance, guidance_interval,
+                                 ctx.get_parameter_source("num_steps") != click.core.ParameterSource.DEFAULT)
 
     if kernels == "reference" and compile_net:
         raise click.BadParameter(
@@ -255,16 +231,7 @@ def main(
             device=device,
             progress=progress,
             noise_device=noise_device,
-            guidance=guidance,
-            guidance_interval=guidance_interval,
-            num_steps=num_steps,
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            rho=rho,
-            S_churn=S_churn,
-            S_min=S_min,
-            S_max=S_max,
-            S_noise=S_noise,
+            settings=settings,
         )
         dist.print0(summary.line())
     finally:

@@ -42,6 +42,7 @@ from .sampler import SamplerStats, count_evaluations, edm_sampler, evaluation_si
 from . import guidance, schedules, solvers
 from .guidance import GuidedDenoiser, NetworkDenoiser
 from .solvers import SOLVERS, sample, seed_noise
+from .sampling import SamplingSettings, sampling_settings
 from .seeds import SeedGenerators, format_seeds, parse_seeds, seed_noise_and_labels
 from .presets import UVIT_DEMO_NETWORKS, uvit_network_kwargs
 from .presets import (
@@ -65,6 +66,7 @@ __all__ = [
     "prepare_for_sampling",
     "save_png", "seed_noise_and_labels", "step_sigmas",
     "GuidedDenoiser", "NetworkDenoiser", "SOLVERS", "guidance", "sample", "schedules", "seed_noise", "solvers",
+    "SamplingSettings", "sampling_settings",
     "DownloadError", "ModelFileError", "NetworkFile", "OFFICIAL_PRESETS", "UnsafePickleError", "download",
     "load_network", "phema", "read_header", "register_network_class", "resolve_official_preset",
     "resolve_path_or_url", "save_network",

@@ -3,7 +3,10 @@
     images = edm2.generate_batch(net, seeds=[0, 1, 2], gnet=gnet, guidance=1.7)   # uint8 [3, 3, H, W]
     summary = edm2.generate_images(net, seeds=range(64), outdir='out', grid_path='grid.png')
 
-Reproducibility: image k's noise, class and churn noise come from a generator seeded with k mod 2^32 on the
+Sampling: any solver of edm2.solvers along any schedule of edm2.schedules (edm2.sampling.sampling_settings:
+solver='heun', num_steps=32, schedule='karras', ...; Heun on the EDM schedule by default).
+Reproducibility: image k's noise, class and the noise of a stochastic solver (churn, ancestral, SDE steps) come
+from a generator seeded with k mod 2^32 on the
 noise device (edm2.seeds; by default the compute device, as the official generate_images.py does).
 With torchrun the seeds are cut into global batches of consecutive seeds (as few batches of at most
 `batch_size` as hold them, sizes balanced as by the official generator on one GPU), independent of the
@@ -32,8 +35,10 @@ from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
 from training.encoders import StandardRGBEncoder, encoder_from_config
 
-from .sampler import SamplerStats, check_guiding_network, edm_sampler
+from .guidance import GuidedDenoiser, SamplerStats, check_guiding_network
+from .sampling import SamplingSettings, sampling_settings
 from .seeds import seed_noise_and_labels
+from .solvers import sample, seed_noise
 
 
 VAE_DECODE_BATCH = 4  # latents per VAE decoder call when generating, as the official generate_images.py
@@ -172,6 +177,15 @@ def prepare_for_sampling(
     return torch.compile(net, options={"triton.cudagraphs": graphs, "freezing": freeze})
 
 
+def resolve_settings(settings: SamplingSettings | None, sampler_kwargs: dict[str, Any]) -> SamplingSettings:
+    """`settings`, or sampling_settings(**sampler_kwargs) (ValueError naming the setting); not both."""
+    if settings is None:
+        return sampling_settings(**sampler_kwargs)
+    if sampler_kwargs:
+        raise ValueError(f"give settings or sampler keyword arguments ({', '.join(sampler_kwargs)}), not both")
+    return settings
+
+
 @torch.no_grad()
 def generate_batch(
     net: torch.nn.Module,
@@ -182,19 +196,24 @@ def generate_batch(
     device: torch.device | str | None = None,
     stats: SamplerStats | None = None,
     noise_device: torch.device | str | None = None,
+    settings: SamplingSettings | None = None,
     **sampler_kwargs: Any,
 ) -> torch.Tensor:
-    """uint8 images [len(seeds), 3, H, W] (on the CPU), one per seed; sampler_kwargs go to edm_sampler.
+    """uint8 images [len(seeds), 3, H, W] (on the CPU), one per seed. The sampler: `settings`, or sampler_kwargs
+    for edm2.sampling.sampling_settings (solver, num_steps, schedule, guidance, solver options, dtype ...).
     The per-seed generators draw on noise_device ('cpu' or the compute device; None = the compute device)."""
+    settings = resolve_settings(settings, sampler_kwargs)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     encoder = encoder if encoder is not None else encoder_for(net, None)
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
     label_dim = getattr(net, "label_dim", 0)
     noise, labels, gens = seed_noise_and_labels(seeds, shape, label_dim, class_idx, device, noise_device)
-    # The official generator keeps the ODE state (and so draws the churn noise) in float32.
-    sampler_kwargs.setdefault("dtype", torch.float32)
-    x = edm_sampler(net, noise, labels, gnet=gnet, randn_like=gens.randn_like, stats=stats, **sampler_kwargs)
-    return encoder.decode(x).cpu()
+    den = GuidedDenoiser.from_networks(net, labels, gnet, settings.guidance, settings.guidance_interval, stats)
+    # The official generator keeps the ODE state (and so draws the churn noise) in float32: settings.dtype.
+    sigmas = settings.sigmas(noise.device)
+    x = sample(settings.solver, den, noise.to(settings.dtype) * sigmas[0], sigmas, noise=seed_noise(gens),
+               dtype=settings.dtype, **settings.options)
+    return encoder.decode(x.to(torch.float32)).cpu()
 
 
 def image_path(outdir: str | os.PathLike, seed: int, subdirs: bool = False) -> pathlib.Path:
@@ -244,16 +263,19 @@ def generate_images(
     device: torch.device | str | None = None,
     progress: bool = True,
     noise_device: torch.device | str | None = None,
+    settings: SamplingSettings | None = None,
     **sampler_kwargs: Any,
 ) -> GenerationSummary:
     """Generate one image per seed, writing PNGs named by seed and/or one grid; works under torchrun.
 
     Each rank takes every world_size-th batch of `seed_batches(seeds, batch_size)`. The grid (rank 0
-    writes it) holds the images in the order of `seeds`.
+    writes it) holds the images in the order of `seeds`. The sampler: `settings` or sampler_kwargs, as for
+    generate_batch, checked once before the first image.
     """
     if outdir is None and grid_path is None:
         raise ValueError("generate_images: nothing to write; give outdir and/or grid_path")
-    check_guiding_network(net, gnet, sampler_kwargs.get("guidance", 1))
+    settings = resolve_settings(settings, sampler_kwargs)
+    check_guiding_network(net, gnet, settings.guidance)
     check_class_index(net, class_idx)
     encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
@@ -270,7 +292,7 @@ def generate_images(
     )
     with bar:
         for batch in my_batches:
-            images = generate_batch(net, batch, gnet, encoder, class_idx, device, stats, noise_device, **sampler_kwargs)
+            images = generate_batch(net, batch, gnet, encoder, class_idx, device, stats, noise_device, settings)
             for seed, image in zip(batch, images):
                 if outdir is not None:
                     save_png(image_path(outdir, seed, subdirs), image)

@@ -14,21 +14,76 @@ The solvers of edm2.solvers take nothing else, so networks, labels and guidance 
 Guidance (classifier-free when the guide is unconditional; autoguidance, arXiv 2406.02507, when it is a
 smaller or less trained model of the same task) combines D = D_g + w (D_main - D_g), optionally only for
 sigma_lo < sigma <= sigma_hi (guidance interval, arXiv 2404.07724): the rule and the checks are those of
-edm2.sampler, done once in the constructor. Weight 1 never calls the guide. Every call counts the
-evaluations it made in `stats` (edm2.sampler.SamplerStats): each call evaluates every image of the batch once,
+this module, done once in the constructor. Weight 1 never calls the guide. Every call counts the
+evaluations it made in `stats` (SamplerStats): each call evaluates every image of the batch once,
 so the counts are per image, and a guided evaluation costs two.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
-from .sampler import SamplerStats, check_guidance_interval, check_guiding_network, is_guided
+__all__ = [
+    "Denoiser", "GuidedDenoiser", "NetworkDenoiser", "SamplerStats", "check_guidance_interval",
+    "check_guiding_network", "is_guided",
+]
 
-__all__ = ["Denoiser", "GuidedDenoiser", "NetworkDenoiser"]
+
+@dataclasses.dataclass
+class SamplerStats:
+    """What a sampler run cost: network evaluations per image (a guided evaluation costs two)."""
+
+    net_evals: int = 0  # evaluations of the main network
+    gnet_evals: int = 0  # evaluations of the guiding network
+
+    @property
+    def total_evals(self) -> int:
+        return self.net_evals + self.gnet_evals
+
+
+def check_guidance_interval(guidance_interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """(sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi, or None (guidance everywhere)."""
+    if guidance_interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in guidance_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (sigma_lo, sigma_hi), got {guidance_interval!r}") from None
+    if not (lo >= 0 and hi > lo) or math.isnan(hi):
+        raise ValueError(f"guidance_interval must satisfy 0 <= sigma_lo < sigma_hi, got ({lo}, {hi})")
+    return lo, hi
+
+
+def is_guided(sigma: float, guidance: float, guidance_interval: tuple[float, float] | None) -> bool:
+    """Whether an evaluation at noise level sigma uses the guiding network."""
+    if guidance == 1:  # D_g + 1 (D - D_g) = D: the guiding network would not change anything
+        return False
+    if guidance_interval is None:
+        return True
+    lo, hi = guidance_interval
+    return lo < sigma <= hi
+
+
+def check_guiding_network(net: torch.nn.Module, gnet: torch.nn.Module | None, guidance: float) -> None:
+    """ValueError when the guiding network is missing or does not fit the main network."""
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be finite, got {guidance!r}")
+    if gnet is None:
+        if guidance != 1:
+            raise ValueError(f"guidance {guidance} needs a guiding network (gnet); guidance 1 means none")
+        return
+    for name in ("img_resolution", "img_channels"):
+        a, b = getattr(net, name, None), getattr(gnet, name, None)
+        if a != b:
+            raise ValueError(f"gnet {name} ({b}) differs from the main network's ({a})")
+    a, b = getattr(net, "label_dim", 0), getattr(gnet, "label_dim", 0)
+    if b not in (0, a):  # 0: unconditional guiding network (classifier-free guidance)
+        raise ValueError(f"gnet label_dim ({b}) must be 0 (unconditional) or the main network's ({a})")
 
 
 class Denoiser(Protocol):

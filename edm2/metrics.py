@@ -432,17 +432,18 @@ def iterate_generated_images(
 ) -> tuple[Iterator[torch.Tensor], int]:
     """(uint8 batches of this process, their image count): the seeds cut into global batches as generate.py
     does (same images for any number of GPUs), every world_size-th batch for this rank. Nothing is written."""
-    from .generation import generate_batch, generation_encoder, seed_batches
-    from .sampler import check_guiding_network
+    from .generation import generate_batch, generation_encoder, resolve_settings, seed_batches
+    from .guidance import check_guiding_network
 
-    check_guiding_network(net, gnet, sampler_kwargs.get("guidance", 1))
+    settings = resolve_settings(sampler_kwargs.pop("settings", None), sampler_kwargs)  # checked once, here
+    check_guiding_network(net, gnet, settings.guidance)
     encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
     my_batches = dist.split_for_rank(seed_batches(seeds, batch_size))
 
     def batches() -> Iterator[torch.Tensor]:
         for batch in my_batches:
-            yield generate_batch(net, batch, gnet, encoder, class_idx, device, **sampler_kwargs)
+            yield generate_batch(net, batch, gnet, encoder, class_idx, device, settings=settings)
 
     return batches(), sum(len(b) for b in my_batches)
 
@@ -496,7 +497,7 @@ def model_statistics(
     weights: dict[str, str | os.PathLike | None] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-    **sampler_kwargs: Any,  # to edm2.sampler.edm_sampler (num_steps, guidance, ...)
+    **sampler_kwargs: Any,  # to edm2.sampling.sampling_settings (solver, num_steps, guidance, ...)
 ) -> dict[str, FeatureStatistics]:
     """Feature statistics of images generated on the fly, one per seed; no image touches the disk."""
     metrics = _metric_list(metrics, METRICS)

@@ -16,9 +16,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .sampler import check_schedule
+__all__ = ["SCHEDULES", "check_schedule", "check_sigmas", "explicit", "karras", "log_linear"]
 
-__all__ = ["SCHEDULES", "check_sigmas", "explicit", "karras", "log_linear"]
+
+def check_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> None:
+    """ValueError naming the argument when the step schedule is not usable."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if not (math.isfinite(sigma_min) and sigma_min > 0):
+        raise ValueError(f"sigma_min must be positive and finite, got {sigma_min!r}")
+    if not (math.isfinite(sigma_max) and sigma_max > sigma_min):
+        raise ValueError(f"sigma_max must be finite and larger than sigma_min ({sigma_min}), got {sigma_max!r}")
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be positive and finite, got {rho!r}")
 
 
 def karras(

@@ -50,14 +50,14 @@ from typing import Any, Protocol
 
 import torch
 
-from .guidance import Denoiser, GuidedDenoiser
-from .sampler import SamplerStats, churn_gamma
+from .guidance import Denoiser, GuidedDenoiser, SamplerStats
 from .schedules import check_sigmas
 from .seeds import SeedGenerators
 
 __all__ = [
     "SOLVERS",
     "NoiseSource",
+    "churn_gamma",
     "Solver",
     "count_evaluations",
     "sample",
@@ -76,6 +76,13 @@ class NoiseSource(Protocol):
 
 
 Callback = Callable[[int, torch.Tensor], None]
+
+
+def churn_gamma(sigma: float, num_steps: int, S_churn: float, S_min: float, S_max: float) -> float:
+    """Fraction by which a step raises the noise level before it (EDM Alg. 2); 0 when churn is off."""
+    if S_churn > 0 and S_min <= sigma <= S_max:
+        return min(S_churn / num_steps, math.sqrt(2) - 1)
+    return 0.0
 
 
 def seed_noise(generators: SeedGenerators) -> NoiseSource:
