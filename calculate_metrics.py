@@ -1,4 +1,4 @@
-"""FID and FD_DINOv2: reference statistics, image folders and models (SPEC 8). Works alone or under torchrun.
+"""FID and FD_DINOv2: reference statistics, image folders and models (docs/design.md §8). Works alone or under torchrun.
 
 Examples:
 
@@ -107,7 +107,8 @@ def _run(task):
 
 @click.group()
 def main():
-    """Calculate FID and FD_DINOv2 (SPEC 8): `ref` makes reference statistics, `calc` scores images, `gen` a model.
+    """Calculate FID and FD_DINOv2 (docs/design.md §8): `ref` makes reference statistics, `calc` scores images,
+    `gen` a model.
 
     Runs on CUDA when available (one GPU per process under torchrun), else on the CPU; the detectors run in
     float32 and the statistics are summed in float64."""

@@ -140,7 +140,10 @@ def _load(option: str, path_or_url: str, device):
 @click.option("--vae", metavar="NAME|DIR", default=None,
               help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar")
-@click.option("--compile/--no-compile", "compile_net", default=False, help="torch.compile the network(s): faster sampling after tens of seconds of compiling (GPU)")
+@click.option(
+    "--compile/--no-compile", "compile_net", default=False,
+    help="torch.compile the network(s): faster sampling after tens of seconds of compiling (GPU)",
+)  # fmt: skip
 def main(
     preset,
     net_path,

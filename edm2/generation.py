@@ -1,4 +1,4 @@
-"""Image generation from model files: per-seed sampling, decoding, PNG output and grids (SPEC 7).
+"""Image generation from model files: per-seed sampling, decoding, PNG output and grids (docs/design.md §7).
 
     images = edm2.generate_batch(net, seeds=[0, 1, 2], gnet=gnet, guidance=1.7)   # uint8 [3, 3, H, W]
     summary = edm2.generate_images(net, seeds=range(64), outdir='out', grid_path='grid.png')

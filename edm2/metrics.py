@@ -1,4 +1,4 @@
-"""FID and FD_DINOv2 (SPEC 8): feature statistics, reference files, the Frechet distance, images and models.
+"""FID and FD_DINOv2 (docs/design.md §8): feature statistics, reference files, the Frechet distance, images and models.
 
     ref = edm2.metrics.dataset_statistics('img512.zip')                  # {'fid': stats, 'fd_dinov2': stats}
     edm2.metrics.save_reference('img512-ref.npz', ref)
@@ -125,7 +125,7 @@ def _trace_sqrt_product_eig(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)) in float64 (SPEC 8), clamped at 0.
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)) in float64 (docs/design.md §8), clamped at 0.
 
     sqrtm is scipy's; its result may carry tiny imaginary parts (rounding of a nearly singular product),
     which are dropped. When it fails (non-finite entries, or imaginary parts that are not tiny, which happens
@@ -137,7 +137,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(
-            f"frechet_distance: shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}"
+            f"frechet_distance: shapes do not match: mu {mu1.shape} / {mu2.shape}, "
+            f"sigma {sigma1.shape} / {sigma2.shape}"
         )
     diff = mu1 - mu2
     with warnings.catch_warnings():
@@ -523,7 +524,8 @@ def compare_to_reference(
             )
         if ref.feature_dim != s.feature_dim:
             raise MetricsError(
-                f"{source}: {metric} statistics have {ref.feature_dim} features but the detector gives {s.feature_dim}: "
+                f"{source}: {metric} statistics have {ref.feature_dim} features "
+                f"but the detector gives {s.feature_dim}: "
                 "the reference was made with another detector"
             )
         if ref.detector and s.detector and ref.detector.get("kwargs") != s.detector.get("kwargs"):
@@ -539,7 +541,8 @@ def _reference_and_metrics(ref, metrics) -> tuple[dict[str, FeatureStatistics], 
     missing = [m for m in metrics if m not in reference]
     if missing or not metrics:
         raise MetricsError(
-            f"{source}: holds statistics for {', '.join(reference) or 'nothing'}, not for {', '.join(missing) or 'any metric'}"
+            f"{source}: holds statistics for {', '.join(reference) or 'nothing'}, "
+            f"not for {', '.join(missing) or 'any metric'}"
         )
     return reference, source, metrics
 

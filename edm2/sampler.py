@@ -1,4 +1,4 @@
-"""The EDM Heun sampler with classifier-free guidance / autoguidance and a guidance interval (SPEC 7): the
+"""The EDM Heun sampler with classifier-free guidance / autoguidance and a guidance interval (docs/design.md §7): the
 compatibility layer over edm2.schedules, edm2.guidance and edm2.solvers (docs/design.md §7).
 
     x = edm2.edm_sampler(net, noise, labels, gnet=gnet, guidance=1.7, num_steps=32)
@@ -38,7 +38,7 @@ def step_sigmas(
 ) -> torch.Tensor:
     """Noise levels sigma_0 > ... > sigma_{N-1} of the EDM schedule, followed by sigma_N = 0 (N + 1 values).
 
-    sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho (EDM Eq. 5, SPEC 7).
+    sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho (EDM Eq. 5, docs/design.md §7).
     """
     return karras(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=device)
 

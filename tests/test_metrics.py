@@ -312,8 +312,8 @@ def test_phema_sweep_on_fid(weights_env, tmp_path):
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=gen))
-            save_network(run / f"network-snapshot-{step:07d}-{std:.3f}.safetensors", net, encoder={"class": "standard_rgb"},
-                         ema_std=std, training_nimg=step * 1000)  # fmt: skip
+            save_network(run / f"network-snapshot-{step:07d}-{std:.3f}.safetensors", net,
+                         encoder={"class": "standard_rgb"}, ema_std=std, training_nimg=step * 1000)  # fmt: skip
     result = CliRunner().invoke(
         main,
         ["--indir", str(run), "--metric", "fid", "--ref", str(ref), "--seeds", "0-5", "--steps", "2", "--outstd",
@@ -375,8 +375,8 @@ def test_bad_input_is_named(weights_env, tmp_path):
     wide = save_detector(
         tmp_path / "wide.safetensors", tiny_detector("fid", seed=5).__class__(resolution=75, width=0.125)
     )
-    out = _error("calc", "--images", env["data"], "--ref", ref, "--num", 30, "--inception-weights", wide, "--workers", 0,
-                 "--no-progress")  # fmt: skip
+    out = _error("calc", "--images", env["data"], "--ref", ref, "--num", 30, "--inception-weights", wide,
+                 "--workers", 0, "--no-progress")  # fmt: skip
     assert "ref-fid.npz: fid statistics have 128 features but the detector gives 256" in out
     # images of mixed sizes, mixed channel counts
     mixed = _write_pngs(tmp_path / "mixed", [np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)])
@@ -387,7 +387,8 @@ def test_bad_input_is_named(weights_env, tmp_path):
     assert "img00001.png" in out and "[1, 16, 16], expected [3, 16, 16]" in out
     # detector weights that do not fit; a reference that is not one; a destination that is not .npz
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
-    out = _error("ref", "--data", env["data"], "--dest", tmp_path / "b.npz", "--dinov2-weights", tmp_path / "broken.safetensors",
+    out = _error("ref", "--data", env["data"], "--dest", tmp_path / "b.npz",
+                 "--dinov2-weights", tmp_path / "broken.safetensors",
                  "--metrics", "fd_dinov2", "--no-progress")  # fmt: skip
     assert "broken.safetensors: cannot read detector weights" in out
     out = _error("calc", "--images", env["data"], "--ref", env["net"], "--no-progress")

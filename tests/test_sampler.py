@@ -1,4 +1,4 @@
-"""The EDM Heun sampler (SPEC 7): reference parity, the solver, guidance, the guidance interval, costs."""
+"""The EDM Heun sampler (docs/design.md §7): reference parity, the solver, guidance, the guidance interval, costs."""
 
 from __future__ import annotations
 
