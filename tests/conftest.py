@@ -70,3 +70,19 @@ def ref() -> dict[str, np.ndarray]:
 def phema_ref() -> dict[str, np.ndarray]:
     with np.load(PHEMA_NPZ) as d:
         return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks: extra threads only add synchronisation (badly so on a busy machine). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ref_nets(ref):
+    """The fixture's main and guiding networks, built once per module."""
+    return build_reference_net(ref, "net"), build_reference_net(ref, "gnet")

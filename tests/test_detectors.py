@@ -28,12 +28,7 @@ from edm2.detectors.inception import avg_pool_valid_only
 from edm2.download import file_sha256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks; other jobs share the 2 cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,12 +25,7 @@ from edm2.model_files import save_network
 from networks import Precond
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks; other jobs share the 2 cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 
 # ----------------------------------------------------------------------------------------------------------

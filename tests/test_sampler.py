@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import build_reference_net, reference_meta
+from conftest import reference_meta
 
 from edm2.sampler import (
     SamplerStats,
@@ -37,22 +37,11 @@ class ToyDenoiser(torch.nn.Module):
         return self.mean + (x - self.mean) * self.sd**2 / (sigma**2 + self.sd**2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The networks here are tiny: extra threads only add synchronisation (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 
 def _relative_error(a: torch.Tensor, b: np.ndarray) -> float:
     return float(np.abs(a.numpy() - b).max() / np.abs(b).max())
-
-
-@pytest.fixture(scope="module")
-def ref_nets(ref):
-    return build_reference_net(ref, "net"), build_reference_net(ref, "gnet")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

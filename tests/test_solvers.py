@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, build_reference_net, reference_meta
+from conftest import DATA, reference_meta
 
 import edm2
 from edm2 import schedules, solvers
@@ -29,12 +29,7 @@ STOCHASTIC = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 
 @pytest.fixture(scope="module")
@@ -311,11 +306,6 @@ def test_per_seed_noise_is_independent_of_the_batch(name):
         solvers.sample(name, den, noise, sigmas, noise=solvers.seed_noise(SeedGenerators([1, 2])), **options)
     with pytest.raises(ValueError, match="seed_noise needs an edm2.SeedGenerators"):
         solvers.seed_noise([torch.Generator()])
-
-
-@pytest.fixture(scope="module")
-def ref_nets(ref):
-    return build_reference_net(ref, "net"), build_reference_net(ref, "gnet")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
