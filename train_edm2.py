@@ -122,6 +122,7 @@ def build_config(opts: dict) -> dict:
     c.update(cond=opts["cond"], xflip=opts["xflip"], seed=opts["seed"], workers=opts["workers"])
     c["max_nonfinite_status"] = opts["max_nonfinite_status"]
     c.update(compile=opts["compile_net"], channels_last=opts["channels_last"], instruments=opts["instruments"])
+    c.update(cudnn_benchmark=opts["cudnn_benchmark"])
     c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], fast_dropout=opts["fast_dropout"],
              ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
 
@@ -222,6 +223,9 @@ def describe_default_recipe(config: dict) -> str:
 @click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=None,
               help="Dropout masks from one Philox call per four elements in a Triton kernel instead of one per element "
               "[default: on with CUDA]")
+@click.option("--cudnn-benchmark/--no-cudnn-benchmark", "cudnn_benchmark", default=True,
+              help="cuDNN's autotuner on CUDA: faster, but CUDA runs and their resumes repeat bit for bit only "
+              "without it")
 @click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False,
               help="With --compile on several GPUs: split the compiled graph at gradient buckets so all-reduces "
               "overlap the backward (measured slower on 2 H200s)")

@@ -142,3 +142,13 @@ def test_batch_that_does_not_divide_names_the_given_options_on_rank_0_only(tmp_p
     result, _ = _dry_run(tmp_path, *args, env={"WORLD_SIZE": "4", "RANK": "3"})
     assert result.exit_code == 1 and result.output == ""  # rank 0 alone says it
     assert not (tmp_path / "run").exists()
+
+
+def test_cudnn_benchmark_switch_is_recorded_and_may_change_on_resume(tmp_path, demo_like):
+    from training.run_dir import RESUMABLE_CHANGES
+
+    _, config = _dry_run(tmp_path, "--data", demo_like, "--preset", "demo")
+    assert config["cudnn_benchmark"] is True  # the fast default
+    _, config = _dry_run(tmp_path, "--data", demo_like, "--preset", "demo", "--no-cudnn-benchmark")
+    assert config["cudnn_benchmark"] is False  # for runs that must repeat bit for bit on CUDA
+    assert "cudnn_benchmark" in RESUMABLE_CHANGES  # it changes the speed, not what is computed

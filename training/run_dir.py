@@ -37,6 +37,7 @@ KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is dama
 RESUMABLE_CHANGES = (
     "data", "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last",
     "instruments", "fused_step", "batched_weights", "fast_dropout", "ddp_overlap", "grad_sync", "max_nonfinite_status",
+    "cudnn_benchmark",
 )
 
 

@@ -74,6 +74,9 @@ def default_config() -> dict[str, Any]:
         batched_weights=None,
         # dropout keep-masks from one Philox call per four elements (networks/dropout.py); None = on CUDA
         fast_dropout=None,
+        # cuDNN's autotuner on CUDA: faster convolutions, but its choice can differ between processes, so CUDA runs
+        # (and resumes) repeat bit for bit only with it off
+        cudnn_benchmark=True,
         ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
         # multi-GPU gradient averaging: "ddp", "flat", "grouped" or "overlap" (training/grad_sync.py); None = flat if
         # compiled
@@ -349,7 +352,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
             log(f"Removed {len(removed)} temp file(s) of an interrupted save: {', '.join(removed)}")
 
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
+        torch.backends.cudnn.benchmark = bool(config.get("cudnn_benchmark", True))  # fixed shapes: tune once
     torch.manual_seed(config["seed"])  # the same initial weights on every rank
     dataset, encoder, net = build_dataset_and_net(config)
     config["data_identity"] = dataset_identity(dataset)
