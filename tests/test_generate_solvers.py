@@ -13,13 +13,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import ROOT
-from test_generate import FAST, _one_thread, _pngs, _run, _tiny_net, files  # noqa: F401 (fixtures)
+from test_generate import FAST, _pngs, _run, _tiny_net, files  # noqa: F401 (fixture)
 
 from edm2.generation import generate_batch
 from edm2.guidance import SamplerStats
 from edm2.model_files import load_network
 from edm2.sampling import SamplingOptionError, sampling_settings
 from edm2.solvers import SOLVERS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 STOCHASTIC = [("euler_ancestral", {"eta": 1.0}), ("dpmpp_2m_sde", {"eta": 1.0}), ("dpmpp_3m_sde", {"eta": 0.8}),
               ("heun", {"S_churn": 10.0}), ("euler", {"S_churn": 10.0})]

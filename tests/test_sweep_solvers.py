@@ -6,11 +6,13 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from test_generate import _one_thread, _tiny_net  # noqa: F401 (fixture)
+from test_generate import _tiny_net
 
 from edm2.model_files import save_network
 from edm2.sampling import sampling_settings
 from edm2.solver_sweep import PROXY, SolverSweep, SweepPoint, image_distance_score, sweep_solvers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 
 @pytest.fixture(scope="module")
