@@ -21,8 +21,8 @@ from reconstruct_phema import std_list_option
 from edm2.seeds import parse_seeds
 from torch_utils import distributed as dist
 from training.encoders import encoder_from_config
-from training.phema_reconstruct import scan_snapshots
-from training.phema_sweep import (
+from edm2.phema_reconstruct import scan_snapshots
+from edm2.phema_search import (
     load_validation_data,
     plot_sweep,
     save_sweep_table,

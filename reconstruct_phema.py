@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from training.phema_reconstruct import OUTPUT_PREFIX, SnapshotError, parse_std_list, reconstruct_to_dir
+from edm2.phema_reconstruct import OUTPUT_PREFIX, SnapshotError, parse_std_list, reconstruct_to_dir
 
 
 def std_list_option(ctx, param, value):

@@ -17,6 +17,7 @@ from networks import (
     normalize,
     pixel_norm,
 )
+from torch_utils import VERSION
 from training import EDM2Loss, learning_rate_schedule, reduce_batch_loss
 
 from networks import SKIP_SCALING_MODES, SkipScaling, UViT
@@ -54,7 +55,7 @@ from .presets import (
     preset_training_kwargs,
 )
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "SKIP_SCALING_MODES", "SkipInstruments", "SkipScaling", "UVIT_DEMO_NETWORKS", "UViT", "uvit_network_kwargs",

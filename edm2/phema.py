@@ -21,7 +21,7 @@ from training.phema import (
     solve_posthoc_coefficients,
     std_to_exp,
 )
-from training.phema_reconstruct import (
+from .phema_reconstruct import (
     ReconstructedNetwork,
     SnapshotError,
     SnapshotInfo,
@@ -30,7 +30,7 @@ from training.phema_reconstruct import (
     reconstruct_to_dir,
     scan_snapshots,
 )
-from training.phema_sweep import (
+from .phema_search import (
     SweepResult,
     load_validation_data,
     plot_sweep,

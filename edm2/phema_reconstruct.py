@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import tqdm
 
-from .phema import STD_LIMIT, check_std, solve_posthoc_coefficients
+from training.phema import STD_LIMIT, check_std, solve_posthoc_coefficients
+
+from . import model_files  # module attribute calls: tests may stand in for load_network
 
 # Snapshot files: any PREFIX-KIMG-STD name, as the official reconstruct_phema.py lists them (training's
 # network-snapshot-*, NVIDIA's published raw snapshots edm2-img512-xs-0134217-0.050.pkl, ...). Official .pkl files
@@ -126,8 +128,6 @@ def parse_std_list(text: str | float | Sequence[float]) -> list[float]:
 
 def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     """Read a snapshot's EMA std, training image count and network config from its header (no weights)."""
-    from edm2 import model_files
-
     path = pathlib.Path(path)
     try:
         header = model_files.read_header(path)
@@ -275,8 +275,6 @@ def _reconstruct_passes(
     progress: bool,
     accumulate_dtype: torch.dtype,
 ) -> Iterator[ReconstructedNetwork]:
-    from edm2 import model_files
-
     passes = math.ceil(len(stds) / batch)
     for first in range(0, len(stds), batch):
         columns = list(range(first, min(first + batch, len(stds))))
@@ -340,8 +338,6 @@ def reconstruct_to_dir(
 ) -> list[pathlib.Path]:
     """Reconstruct and write `{prefix}-{kimg:07d}-{std:.3f}.safetensors` files (atomically, in the model
     file format of training snapshots); returns the paths written (or kept, with skip_existing)."""
-    from edm2 import model_files
-
     if not re.fullmatch(r"[A-Za-z0-9._-]+", prefix):
         raise ValueError(f"prefix must be a plain file-name prefix (letters, digits, . _ -), got {prefix!r}")
     stds = parse_std_list(out_std)
