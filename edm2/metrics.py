@@ -42,6 +42,8 @@ from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
 
 from .detectors import METRICS, load_detector
+from .generation import generate_batch, generation_encoder, resolve_settings, seed_batches
+from .guidance import GuidedDenoiser
 
 REFERENCE_FORMAT = "edm2-metric-reference"
 REFERENCE_VERSION = 1
@@ -433,18 +435,15 @@ def iterate_generated_images(
 ) -> tuple[Iterator[torch.Tensor], int]:
     """(uint8 batches of this process, their image count): the seeds cut into global batches as generate.py
     does (same images for any number of GPUs), every world_size-th batch for this rank. Nothing is written."""
-    from .generation import generate_batch, generation_encoder, resolve_settings, seed_batches
-    from .guidance import check_guiding_network
-
     settings = resolve_settings(sampler_kwargs.pop("settings", None), sampler_kwargs)  # checked once, here
-    check_guiding_network(net, gnet, settings.guidance)
+    denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
     encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
     my_batches = dist.split_for_rank(seed_batches(seeds, batch_size))
 
     def batches() -> Iterator[torch.Tensor]:
         for batch in my_batches:
-            yield generate_batch(net, batch, gnet, encoder, class_idx, device, settings=settings)
+            yield generate_batch(net, batch, gnet, encoder, class_idx, device, settings=settings, denoiser=denoiser)
 
     return batches(), sum(len(b) for b in my_batches)
 

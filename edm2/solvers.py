@@ -60,6 +60,7 @@ __all__ = [
     "churn_gamma",
     "Solver",
     "count_evaluations",
+    "dry_run",
     "sample",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
@@ -433,6 +434,17 @@ def _zero_noise(x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tenso
     return torch.zeros_like(x)
 
 
+def dry_run(name: str, denoiser: Denoiser, sigmas: torch.Tensor, **options: Any) -> None:
+    """Run the solver called `name` along sigmas on one zero pixel with zero noise: what it asks of `denoiser`
+    (how often, at which noise levels) without any cost, so counts taken this way cannot drift from the code."""
+    options = {k: v for k, v in options.items() if k not in ("noise", "callback")}
+    sample(name, denoiser, torch.zeros([1, 1, 1, 1], dtype=sigmas.dtype), sigmas.cpu(), noise=_zero_noise, **options)
+
+
+def _free(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
 def count_evaluations(
     name: str,
     sigmas: torch.Tensor,
@@ -440,14 +452,8 @@ def count_evaluations(
     guidance_interval: tuple[float, float] | None = None,
     **options: Any,
 ) -> SamplerStats:
-    """Network evaluations per image that `sample(name, ...)` makes along sigmas with this guidance: counted
-    by running the solver on one pixel with a free stand-in denoiser, so the count cannot drift from the
-    solver's code."""
-    options = {k: v for k, v in options.items() if k not in ("noise", "callback")}
-
-    def free(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        return torch.zeros_like(x)
-
-    den = GuidedDenoiser(free, free if guidance != 1 else None, guidance, guidance_interval)
-    sample(name, den, torch.zeros([1, 1, 1, 1], dtype=sigmas.dtype), sigmas.cpu(), noise=_zero_noise, **options)
+    """Network evaluations per image that `sample(name, ...)` makes along sigmas with this guidance (a dry_run
+    with a free stand-in denoiser)."""
+    den = GuidedDenoiser(_free, _free if guidance != 1 else None, guidance, guidance_interval)
+    dry_run(name, den, sigmas, **options)
     return den.stats
