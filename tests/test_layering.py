@@ -1,4 +1,4 @@
-"""The package layering of docs/design.md §11, checked on the source (ast, no imports run):
+"""The package layering of docs/design.md §1, checked on the source (ast, no imports run):
 
     torch_utils < networks < accel < training < edm2 < top-level scripts and benchmarks/
 
