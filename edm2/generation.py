@@ -125,14 +125,20 @@ def sampling_precision(net_precision: str, device: torch.device | str, requested
     return net_precision
 
 
+SAMPLING_PRECISIONS = (None, "auto", "fp32", "fp16", "bf16")
+
+
 def load_for_sampling(
     path_or_url: str | os.PathLike, device: torch.device | str, precision: str | None = None
 ) -> NetworkFile:
-    """load_network onto the device that samples, with the activation precision for that device: `precision`, or
-    None ('auto') for sampling_precision's choice (the file's, fp16 only on CUDA)."""
+    """load_network onto the device that samples, with the activation precision for that device: `precision`
+('fp32', 'fp16', 'bf16'), or None / 'auto' for sampling_precision's choice (the file's, fp16 only on CUDA)."""
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(str, SAMPLING_PRECISIONS))}, got {precision!r}")
     loaded = load_network(path_or_url, device=device)
     if hasattr(loaded.net, "precision"):
-        loaded.net.precision = sampling_precision(loaded.net.precision, device, precision)
+        requested = None if precision == "auto" else precision
+        loaded.net.precision = sampling_precision(loaded.net.precision, device, requested)
     return loaded
 
 

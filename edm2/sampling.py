@@ -53,14 +53,13 @@ class SamplingSettings:
     evals: SamplerStats
 
     def sigmas(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The schedule in the state's dtype on `device` (karras computed there, as edm_sampler does)."""
-        if isinstance(self.schedule, tuple):
-            return schedules.explicit(self.schedule, dtype=self.dtype, device=device)
+        """The schedule in the state's dtype on `device` (karras computed there, as edm_sampler does). The
+        settings were checked when they were made (sampling_settings), so the schedule is not checked again."""
+        if isinstance(self.schedule, tuple):  # explicit levels, final 0 included, as schedules.explicit made them
+            return torch.tensor(self.schedule, dtype=torch.float64).to(dtype=self.dtype, device=device)
         if self.schedule == "log_linear":
-            return schedules.log_linear(self.num_steps, self.sigma_min, self.sigma_max, dtype=self.dtype, device=device)
-        return schedules.karras(
-            self.num_steps, self.sigma_min, self.sigma_max, self.rho, dtype=self.dtype, device=device
-        )
+            return schedules.log_linear_unchecked(self.num_steps, self.sigma_min, self.sigma_max, self.dtype, device)
+        return schedules.karras_unchecked(self.num_steps, self.sigma_min, self.sigma_max, self.rho, self.dtype, device)
 
     @property
     def needs_guide(self) -> bool:
@@ -140,14 +139,21 @@ def sampling_settings(
         interval = check_guidance_interval(guidance_interval)
     except ValueError as e:
         raise SamplingOptionError("guidance_interval", str(e)) from None
-    settings = dict(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=float(sigma_min),
-                    sigma_max=float(sigma_max), rho=float(rho), guidance=guidance, guidance_interval=interval,
-                    options=dict(options), dtype=dtype)
+    bounds = {}
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        try:
+            bounds[name] = float(value)
+        except (TypeError, ValueError):
+            raise SamplingOptionError(name, f"{name} must be a number, got {value!r}") from None
+    settings = dict(solver=solver, schedule=schedule, num_steps=num_steps, **bounds, guidance=guidance,
+                    guidance_interval=interval, options=dict(options), dtype=dtype)
+    if isinstance(schedule, str):  # explicit levels were checked above
+        try:
+            schedules.check_schedule(num_steps, settings["sigma_min"], settings["sigma_max"],
+                                     settings["rho"] if schedule == "karras" else 1.0)  # log_linear has no rho
+        except ValueError as e:
+            raise SamplingOptionError(_option_of(e, "schedule"), str(e)) from None
     unchecked = SamplingSettings(**settings, evals=SamplerStats())
-    try:
-        unchecked.sigmas("cpu")
-    except ValueError as e:
-        raise SamplingOptionError(_option_of(e, "schedule"), str(e)) from None
     try:  # runs the solver on one pixel: checks its options and counts what it evaluates
         evals = _trace(unchecked)[0]
     except ValueError as e:

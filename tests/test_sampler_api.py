@@ -85,12 +85,13 @@ def test_generate_checks_guidance_interval_and_fit_once(files, tmp_path, monkeyp
     intervals = _counting(monkeypatch, guidance_module, "check_guidance_interval")
     monkeypatch.setattr(sampling_module, "check_guidance_interval", guidance_module.check_guidance_interval)
     fits = _counting(monkeypatch, guidance_module, "check_guide_fits")
+    schedule_checks = _counting(monkeypatch, schedules, "check_schedule")
     args = ["--net", files["net"], "--gnet", files["gnet"], "--guidance", "1.5", "--guidance-interval", "0.1,20",
             "--seeds", "0-4", "--batch", "2", "--steps", "3", "--outdir", tmp_path / "out", "--no-progress"]
     result = CliRunner().invoke(generate.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").iterdir())) == 5  # three batches
-    assert len(weights) == 1 and len(intervals) == 1
+    assert len(weights) == 1 and len(intervals) == 1 and len(schedule_checks) == 1  # steps, sigma bounds, rho
     assert sum(isinstance(args[0], torch.nn.Module) for args in fits) == 1  # the networks' fit (the rest: stand-ins)
 
 
@@ -142,6 +143,7 @@ def test_with_labels_binds_a_batch_without_checking_again(monkeypatch):
     net, gnet = Toy(label_dim=3), Toy(label_dim=0)
     den = GuidedDenoiser.from_settings(net, None, gnet, settings)
     fits = _counting(monkeypatch, guidance_module, "check_guide_fits")
+    schedule_checks = _counting(monkeypatch, schedules, "check_schedule")
     labels, stats = torch.eye(3)[:2], SamplerStats()
     batch = den.with_labels(labels, stats)
     assert not fits and batch.weight == 1.7 and batch.interval is None and batch.stats is stats
@@ -215,7 +217,10 @@ def test_generate_batch_with_a_prebuilt_denoiser(files):
 def test_sampling_precision_is_chosen_with_the_device(files):
     assert load_for_sampling(files["fp16"], "cpu").net.precision == "fp32"  # fp16 only on CUDA
     assert load_for_sampling(files["fp16"], "cpu", "bf16").net.precision == "bf16"
+    assert load_for_sampling(files["fp16"], "cpu", "auto").net.precision == "fp32"
     assert load_for_sampling(files["net"], "cpu").net.precision == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_for_sampling(files["net"], "cpu", "fp8")
 
 
 def test_cli_options_only_parse_and_name_the_option():
@@ -240,6 +245,8 @@ def test_cli_options_only_parse_and_name_the_option():
                          (["--gnet", "g", "--guidance", "2", "--guidance-interval", "3,1"], "--guidance-interval"),
                          (["--guidance", "2"], "--guidance"), (["--guidance", "nan", "--gnet", "g"], "--guidance"),
                          (["--steps", "0"], "--steps"), (["--rho", "-1"], "--rho"),
+                         (["--sigma-min", "0"], "--sigma-min"), (["--sigma-max", "inf"], "--sigma-max"),
+                         (["--s-churn", "-1"], "--s-churn"), (["--schedule", "80,1,5"], "--schedule"),
                          (["--sampler", "dpmpp_2m", "--s-churn", "1"], "--s-churn")]:
         result = run(*args)
         assert result.exit_code == 2 and f"'{option}'" in result.output and "Traceback" not in result.output, args
