@@ -14,6 +14,7 @@ score) and solver_sweep.png in --outdir. One process; no image is written.
 from __future__ import annotations
 
 import click
+import torch
 
 from edm2.cli import bad_option, guidance_interval_option, load_option, seeds_option
 from edm2.detectors import DetectorWeightsError
@@ -21,6 +22,7 @@ from edm2.guidance import check_guide_fits
 from edm2.sampling import SamplingOptionError, sampling_settings
 from edm2.solver_sweep import PROXY, fd_score, image_distance_score, plan_sweep, run_sweep, write_sweep
 from edm2.solvers import SOLVERS
+from torch_utils import distributed as dist
 
 _CLI = {"solver": "--solvers", "num_steps": "--steps"}  # where this tool's option names differ from edm2.cli's
 
@@ -76,10 +78,6 @@ def _seeds(ctx, param, value: str) -> list[int]:
 def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, baseline_steps, schedule, eta, metric,
          reference_steps, ref_path, seeds, class_idx, batch_size, outdir, inception_weights, dinov2_weights):
     """Sweep solvers and step counts on one model; write the table and the plot of score against evaluations."""
-    import torch
-
-    from torch_utils import distributed as dist
-
     if metric != PROXY and ref_path is None:
         raise click.BadParameter(f"--metric {metric} needs reference statistics", param_hint="'--ref'")
     settings_kwargs = dict(schedule=schedule, guidance=guidance, guidance_interval=guidance_interval)

@@ -132,7 +132,7 @@ def load_for_sampling(
     path_or_url: str | os.PathLike, device: torch.device | str, precision: str | None = None
 ) -> NetworkFile:
     """load_network onto the device that samples, with the activation precision for that device: `precision`
-('fp32', 'fp16', 'bf16'), or None / 'auto' for sampling_precision's choice (the file's, fp16 only on CUDA)."""
+    ('fp32', 'fp16', 'bf16'), or None / 'auto' for sampling_precision's choice (the file's, fp16 only on CUDA)."""
     if precision not in SAMPLING_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(str, SAMPLING_PRECISIONS))}, got {precision!r}")
     loaded = load_network(path_or_url, device=device)

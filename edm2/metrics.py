@@ -40,10 +40,13 @@ import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
+from training.dataset import DatasetError, ImageFolderDataset
 
 from .detectors import METRICS, load_detector
+from .download import resolve_path_or_url
 from .generation import generate_batch, generation_encoder, resolve_settings, seed_batches
 from .guidance import GuidedDenoiser
+from .official_pickle import load_official_pickle
 
 REFERENCE_FORMAT = "edm2-metric-reference"
 REFERENCE_VERSION = 1
@@ -221,8 +224,6 @@ def _official_reference_bytes(stats: dict[str, FeatureStatistics]) -> bytes:
 def load_reference(path_or_url: str | os.PathLike) -> dict[str, FeatureStatistics]:
     """Reference statistics from a file of `save_reference` (.npz) or an official EDM2 reference .pkl
     (local path or http(s) URL, downloaded into the cache)."""
-    from .download import resolve_path_or_url
-
     try:
         path = resolve_path_or_url(path_or_url)
     except (OSError, ValueError) as e:
@@ -275,8 +276,6 @@ def _load_npz_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]:
 
 
 def _load_official_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]:
-    from .official_pickle import load_official_pickle
-
     data = load_official_pickle(path)
     if not isinstance(data, dict) or not any(isinstance(v, dict) and "mu" in v for v in data.values()):
         raise MetricsError(f"{path}: expected a dict {{metric: {{'mu', 'sigma'}}}} of reference statistics")
@@ -367,8 +366,6 @@ def compute_statistics(
 
 def open_image_dataset(path: str | os.PathLike, num: int | None = None):
     """The PNG images of a folder or zip (training.dataset), checked: RGB or grayscale, at least `num` images."""
-    from training.dataset import DatasetError, ImageFolderDataset
-
     try:
         dataset = ImageFolderDataset(os.fspath(path), use_labels=False)
     except DatasetError as e:
@@ -406,8 +403,6 @@ def iterate_dataset_images(
     workers: int = 2,  # DataLoader worker processes decoding PNGs
 ) -> Iterator[torch.Tensor]:
     """uint8 [B, 3, H, W] batches of the given images (mixed sizes raise an error naming the file)."""
-    from training.dataset import DatasetError
-
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, list(indices)),
         batch_size=batch_size,

@@ -23,6 +23,7 @@ import torch
 
 from torch_utils.state_io import atomic_write_bytes
 
+from . import metrics as M
 from .generation import generate_batch, generation_encoder, seed_batches
 from .guidance import GuidedDenoiser
 from .sampling import SamplingSettings, sampling_settings
@@ -123,8 +124,6 @@ def fd_score(
 ) -> Score:
     """settings -> FID / FD_DINOv2 of the model's images against the reference statistics (edm2.metrics); the
     reference and the detector are loaded once, here."""
-    from . import metrics as M
-
     reference = M.load_reference(ref)
     detectors = M.load_detectors([metric], weights, device, progress)
 
