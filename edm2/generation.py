@@ -39,7 +39,7 @@ from .guidance import GuidedDenoiser, SamplerStats
 from .model_files import NetworkFile, load_network
 from .sampling import SamplingSettings, sampling_settings
 from .seeds import seed_noise_and_labels
-from .solvers import sample, seed_noise
+from .solvers import seed_noise
 
 
 VAE_DECODE_BATCH = 4  # latents per VAE decoder call when generating, as the official generate_images.py
@@ -234,8 +234,7 @@ def generate_batch(
     den = denoiser.with_labels(labels, stats)
     # The official generator keeps the ODE state (and so draws the churn noise) in float32: settings.dtype.
     sigmas = settings.sigmas(noise.device)
-    x = sample(settings.solver, den, noise.to(settings.dtype) * sigmas[0], sigmas, noise=seed_noise(gens),
-               dtype=settings.dtype, **settings.options)
+    x = settings.run(den, noise.to(settings.dtype) * sigmas[0], sigmas, noise=seed_noise(gens))
     return encoder.decode(x.to(torch.float32)).cpu()
 
 

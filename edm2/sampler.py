@@ -23,7 +23,7 @@ import torch
 from .guidance import GuidedDenoiser, SamplerStats, check_guidance_interval, check_guiding_network, is_guided
 from .sampling import SamplingSettings, sampling_settings
 from .schedules import check_schedule
-from .solvers import churn_gamma, sample
+from .solvers import churn_gamma
 
 __all__ = [
     "SamplerStats", "check_guidance_interval", "check_guiding_network", "check_schedule", "churn_gamma",
@@ -85,7 +85,8 @@ def edm_sampler(
         raise ValueError(f"noise must have shape [N, C, H, W], got {list(noise.shape)}")
     den = GuidedDenoiser.from_settings(net, labels, gnet, settings, stats)
     sigmas = settings.sigmas(noise.device)
-    x = sample(settings.solver, den, noise.to(settings.dtype) * sigmas[0], sigmas,
-               noise=lambda x, sigma, sigma_next: randn_like(x), dtype=settings.dtype, callback=callback,
-               **settings.options)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be a callable callback(i, x) or None, got {callback!r}")
+    x = settings.run(den, noise.to(settings.dtype) * sigmas[0], sigmas,
+                     noise=lambda x, sigma, sigma_next: randn_like(x), callback=callback)
     return x.to(torch.float32)

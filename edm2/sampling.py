@@ -13,14 +13,14 @@ command line can name its own option for it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from . import schedules
-from .guidance import GuidedDenoiser, SamplerStats, check_guidance, check_guidance_interval
-from .solvers import dry_run, get_solver
+from .guidance import Denoiser, GuidedDenoiser, SamplerStats, check_guidance, check_guidance_interval
+from .solvers import NoiseSource, get_solver
 
 __all__ = ["CHURN_SOLVERS", "SamplingOptionError", "SamplingSettings", "sampling_settings"]
 
@@ -70,6 +70,19 @@ class SamplingSettings:
         """The noise levels at which the solver evaluates the main network, in order, as it passes them (in the
         state's dtype): traced by running it on one pixel, like `evals`."""
         return _trace(self)[1]
+
+    def run(
+        self,
+        denoiser: Denoiser,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        noise: NoiseSource | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """The solver with these settings' options from x at sigmas[0] (self.sigmas(x.device), x in self.dtype)
+        along sigmas, without checking again what the settings checked when they were made."""
+        return get_solver(self.solver).function.core(denoiser, x, sigmas, noise=noise, dtype=self.dtype,
+                                                     callback=callback, **self.options)
 
     def describe(self) -> str:
         """One line: solver, steps, schedule, options and the evaluations per image."""
@@ -145,20 +158,27 @@ def sampling_settings(
             bounds[name] = float(value)
         except (TypeError, ValueError):
             raise SamplingOptionError(name, f"{name} must be a number, got {value!r}") from None
+    try:  # the solver's own checks, once: run() then passes the normalised values unchecked
+        options = entry.function.check_options(options)
+    except ValueError as e:
+        raise SamplingOptionError(_option_of(e, "solver"), str(e)) from None
     settings = dict(solver=solver, schedule=schedule, num_steps=num_steps, **bounds, guidance=guidance,
-                    guidance_interval=interval, options=dict(options), dtype=dtype)
+                    guidance_interval=interval, options=options, dtype=dtype)
     if isinstance(schedule, str):  # explicit levels were checked above
         try:
             schedules.check_schedule(num_steps, settings["sigma_min"], settings["sigma_max"],
                                      settings["rho"] if schedule == "karras" else 1.0)  # log_linear has no rho
         except ValueError as e:
             raise SamplingOptionError(_option_of(e, "schedule"), str(e)) from None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SamplingOptionError("dtype", f"dtype must be a floating-point torch dtype, got {dtype!r}")
     unchecked = SamplingSettings(**settings, evals=SamplerStats())
-    try:  # runs the solver on one pixel: checks its options and counts what it evaluates
-        evals = _trace(unchecked)[0]
+    try:  # in the state's dtype, explicit levels too close together would merge
+        schedules.check_sigmas(unchecked.sigmas("cpu"))
     except ValueError as e:
-        raise SamplingOptionError(_option_of(e, "solver"), str(e)) from None
-    return SamplingSettings(**settings, evals=evals)
+        raise SamplingOptionError("schedule", str(e)) from None
+    # Every value is checked now: a dry run on one pixel counts what the solver evaluates.
+    return SamplingSettings(**settings, evals=_trace(unchecked)[0])
 
 
 def _trace(settings: SamplingSettings) -> tuple[SamplerStats, list[float]]:
@@ -172,6 +192,9 @@ def _trace(settings: SamplingSettings) -> tuple[SamplerStats, list[float]]:
     def guide(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         return torch.zeros_like(x)
 
+    def no_noise(x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+        return torch.zeros_like(x)
+
     den = GuidedDenoiser.of_settings(main, guide if settings.needs_guide else None, settings)
-    dry_run(settings.solver, den, settings.sigmas("cpu"), dtype=settings.dtype, **settings.options)
+    settings.run(den, torch.zeros([1, 1, 1, 1], dtype=settings.dtype), settings.sigmas("cpu"), noise=no_noise)
     return den.stats, seen

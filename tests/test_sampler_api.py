@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import edm2.guidance as guidance_module
 import edm2.phema_reconstruct as phema_reconstruct
 import edm2.sampling as sampling_module
-from edm2 import schedules
+from edm2 import schedules, solvers
 from edm2.generation import generate_batch, load_for_sampling
 from edm2.guidance import GuidedDenoiser, SamplerStats
 from edm2.phema_reconstruct import StdList, parse_std_list
@@ -86,12 +86,17 @@ def test_generate_checks_guidance_interval_and_fit_once(files, tmp_path, monkeyp
     monkeypatch.setattr(sampling_module, "check_guidance_interval", guidance_module.check_guidance_interval)
     fits = _counting(monkeypatch, guidance_module, "check_guide_fits")
     schedule_checks = _counting(monkeypatch, schedules, "check_schedule")
+    sigma_checks = _counting(monkeypatch, schedules, "check_sigmas")
+    monkeypatch.setattr(solvers, "check_sigmas", schedules.check_sigmas)
+    churn_checks = _counting(monkeypatch, solvers, "_check_churn")
     args = ["--net", files["net"], "--gnet", files["gnet"], "--guidance", "1.5", "--guidance-interval", "0.1,20",
-            "--seeds", "0-4", "--batch", "2", "--steps", "3", "--outdir", tmp_path / "out", "--no-progress"]
+            "--seeds", "0-4", "--batch", "2", "--steps", "3", "--s-churn", "5", "--outdir", tmp_path / "out",
+            "--no-progress"]
     result = CliRunner().invoke(generate.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").iterdir())) == 5  # three batches
     assert len(weights) == 1 and len(intervals) == 1 and len(schedule_checks) == 1  # steps, sigma bounds, rho
+    assert len(sigma_checks) == 1 and len(churn_checks) == 1  # the schedule in the state's dtype; churn
     assert sum(isinstance(args[0], torch.nn.Module) for args in fits) == 1  # the networks' fit (the rest: stand-ins)
 
 
