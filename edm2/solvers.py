@@ -38,6 +38,8 @@ one draw per such step, in step order. `seed_noise(generators)` draws image k's 
 generator, so images depend only on their seeds, not on the batch (what generation has always done for churn);
 the default, noise=None, is torch.randn_like. Options are validated where they enter, with a ValueError that
 names the option; `sample(name, ...)` also checks the solver's name, its options and its minimum step count.
+Each solver function checks its arguments and then runs its steps, `solver.core`, which checks nothing: settings
+checked once when made (edm2.sampling.SamplingSettings.run) run the steps of every batch through `.core`.
 """
 
 from __future__ import annotations
