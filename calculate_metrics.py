@@ -21,16 +21,17 @@ fid_weights) and dinov2_vitl14_pretrain.pth (dl.fbaipublicfiles.com).
 from __future__ import annotations
 
 import json
-import math
 
 import click
 
 from edm2 import metrics as M
+from edm2.cli import (
+    load_option, model_click_options, resolve_model_options, sampling_settings_from_cli, seeds_option,
+    solver_click_options,
+)
 from edm2.detectors import METRICS, DetectorWeightsError
+from edm2.generation import prepare_encoder
 from edm2.model_files import ModelFileError
-from edm2.generation import prepare_encoder, sampling_precision
-from edm2.sampling import settings_from_cli, solver_click_options
-from generate import _load, _parse_interval_option, _parse_seeds_option, resolve_model_options
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
 from training.encoders import VAELoadError
@@ -196,19 +197,13 @@ def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, incepti
 
 
 @main.command()
-@click.option("--preset", metavar="NAME", help="Official model preset (sets --net, --gnet, --guidance)")
-@click.option("--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl")
-@click.option("--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (used when --guidance is not 1)")
-@click.option("--guidance", type=float, default=None, help="Guidance weight  [default: preset's, else 1]")
-@click.option(
-    "--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]"
-)
+@model_click_options
 @click.option("--ref", "ref_path", required=True, metavar="PATH|URL", help="Reference statistics (.npz or EDM2 .pkl)")
 @click.option(
     "--seeds",
     default=f"0-{M.DEFAULT_NUM_IMAGES - 1}",
     show_default=True,
-    callback=_parse_seeds_option,
+    callback=seeds_option,
     help="One image per seed",
 )
 @click.option("--num", "num_images", type=click.IntRange(min=2), default=None,
@@ -255,21 +250,12 @@ def gen(
             raise click.BadParameter("give --seeds, or --num and --seed, not both", param_hint="'--num' / '--seed'")
         first = first_seed or 0
         seeds = list(range(first, first + (num_images or len(seeds))))
-    if not math.isfinite(guidance) or (guidance != 1 and gnet_path is None):
-        raise click.BadParameter(
-            f"guidance {guidance} needs a finite value and, unless 1, --gnet", param_hint="'--guidance'"
-        )
-    ctx = click.get_current_context()
-    settings = settings_from_cli(solver_params, guidance, guidance_interval,
-                                 ctx.get_parameter_source("num_steps") != click.core.ParameterSource.DEFAULT)
+    settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
 
     def task():
-        device = dist.device()
-        loaded = _load("--net", net_path, device)
-        gnet = _load("--gnet", gnet_path, device).net if gnet_path is not None and guidance != 1 else None
-        for network in (loaded.net, gnet):
-            if network is not None and hasattr(network, "precision"):  # fp16 only on CUDA, as generate.py
-                network.precision = sampling_precision(network.precision, device, precision)
+        device = dist.device()  # the sampling precision follows it (load_option), as in generate.py
+        loaded = load_option("--net", net_path, device, precision)
+        gnet = load_option("--gnet", gnet_path, device, precision).net if settings.needs_guide else None
         try:
             encoder_settings = prepare_encoder(loaded.net, loaded.encoder, vae, device)
         except ValueError as e:

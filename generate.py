@@ -19,98 +19,26 @@ Examples:
 
 from __future__ import annotations
 
-import math
-
 import click
 
-from edm2.generation import (
-    check_class_index, generate_images, prepare_encoder, prepare_for_sampling, sampling_precision,
+from edm2.cli import (
+    load_option, model_click_options, resolve_model_options, sampling_settings_from_cli, seeds_option,
+    solver_click_options,
 )
-from edm2.guidance import check_guidance_interval, check_guiding_network
-from edm2.sampling import solver_click_options, settings_from_cli
-from edm2.seeds import check_noise_device, parse_seeds
+from edm2.generation import check_class_index, generate_images, prepare_encoder, prepare_for_sampling
+from edm2.guidance import GuidedDenoiser
+from edm2.seeds import check_noise_device
 from torch_utils import distributed as dist
-
-
-def _parse_seeds_option(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-    try:
-        return parse_seeds(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-
-
-def _parse_interval_option(ctx: click.Context, param: click.Parameter, value: str | None):
-    if value is None:
-        return None
-    try:
-        parts = [float(v) for v in value.split(",")]
-        return check_guidance_interval(parts)
-    except ValueError as e:
-        raise click.BadParameter(
-            f"expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI (e.g. 0.28,5.42), got {value!r} ({e})",
-            ctx=ctx,
-            param=param,
-        ) from None
-
-
-def resolve_model_options(
-    preset: str | None, net_path: str | None, gnet_path: str | None, guidance: float | None
-) -> tuple[str, str | None, float]:
-    """--preset fills in --net, --gnet and --guidance; explicit options win. Guidance defaults to 1."""
-    if preset is not None:
-        from edm2.official import resolve_official_preset
-
-        try:
-            settings = resolve_official_preset(preset)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--preset'") from None
-        net_path, gnet_path = net_path or settings["net"], gnet_path or settings["gnet"]
-        guidance = settings["guidance"] if guidance is None else guidance
-    if net_path is None:
-        raise click.UsageError("give the network: --net PATH|URL or --preset NAME")
-    return net_path, gnet_path, 1.0 if guidance is None else guidance
-
-
-def _load(option: str, path_or_url: str, device):
-    """load_network with errors that name the option; rank 0 downloads first, the others then read the cache."""
-    from edm2.model_files import load_network
-
-    if not dist.is_main():
-        dist.barrier()
-    try:
-        loaded = load_network(path_or_url, device=device)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise click.BadParameter(f"cannot load {path_or_url!r}: {e}", param_hint=f"'{option}'") from None
-    finally:
-        if dist.is_main():
-            dist.barrier()
-    return loaded
+from training.encoders import VAELoadError
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 120})
-@click.option(
-    "--preset", metavar="NAME", help="Official model preset (sets --net, --gnet, --guidance; explicit options win)"
-)
-@click.option(
-    "--net", "net_path", metavar="PATH|URL", help="Main network: model file or official .pkl, path or http(s) URL"
-)
-@click.option(
-    "--gnet",
-    "gnet_path",
-    metavar="PATH|URL",
-    help="Guiding network (unconditional, or smaller / less trained); used when --guidance is not 1",
-)
-@click.option(
-    "--guidance", type=float, default=None, help="Guidance weight w in D_g + w (D - D_g)  [default: preset's, else 1]"
-)
-@click.option(
-    "--guidance-interval", metavar="LO,HI", callback=_parse_interval_option, help="Guide only for sigma in (LO, HI]"
-)
+@model_click_options
 @click.option("--outdir", type=click.Path(file_okay=False), help="Where to write one PNG per seed (000123.png)")
 @click.option("--subdirs", is_flag=True, help="Put 1000 images per sub-folder (000000/, 001000/, ...)")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), help="Also write all images as one PNG grid")
 @click.option(
-    "--seeds", default="0-63", callback=_parse_seeds_option, help="Seeds, e.g. 0-63,100,200-299 (one image each)"
+    "--seeds", default="0-63", callback=seeds_option, help="Seeds, e.g. 0-63,100,200-299 (one image each)"
 )
 @click.option(
     "--class", "class_idx", type=int, default=None, help="Class index for every image  [default: random per seed]"
@@ -171,16 +99,7 @@ def main(
     net_path, gnet_path, guidance = resolve_model_options(preset, net_path, gnet_path, guidance)
     if outdir is None and grid_path is None:
         raise click.UsageError("nothing to write: give --outdir and/or --grid")
-    if not math.isfinite(guidance):
-        raise click.BadParameter(f"must be finite, got {guidance}", param_hint="'--guidance'")
-    if guidance != 1 and gnet_path is None:
-        raise click.BadParameter(
-            f"guidance {guidance} needs a guiding network: give --gnet (or use --guidance 1)", param_hint="'--guidance'"
-        )
-    ctx = click.get_current_context()
-    settings = settings_from_cli(solver_params, guidance, guidance_interval,
-                                 ctx.get_parameter_source("num_steps") != click.core.ParameterSource.DEFAULT)
-
+    settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
     if kernels == "reference" and compile_net:
         raise click.BadParameter(
             "reference kernels run the network uncompiled; drop --compile", param_hint="'--kernels'"
@@ -188,39 +107,33 @@ def main(
 
     dist.init()
     try:
-        device = dist.device()
+        device = dist.device()  # the sampling precision follows it (load_option)
         if noise_device is not None:
             try:
                 check_noise_device(noise_device, device)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="'--noise-device'") from None
-        loaded = _load("--net", net_path, device)
+        loaded = load_option("--net", net_path, device, precision)
         net = loaded.net
         try:
             check_class_index(net, class_idx)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--class'") from None
-        from training.encoders import VAELoadError
-
         try:
             encoder_settings = prepare_encoder(net, loaded.encoder, vae, device)
         except ValueError as e:
             raise click.BadParameter(f"{net_path}: {e}", param_hint="'--net'" if vae is None else "'--vae'") from None
         except VAELoadError as e:
             raise click.ClickException(str(e)) from None
-        gnet = None
-        if gnet_path is not None and guidance != 1:  # w = 1 never evaluates the guiding network
-            gnet = _load("--gnet", gnet_path, device).net
-            try:
-                check_guiding_network(net, gnet, guidance)
-            except ValueError as e:
-                raise click.BadParameter(f"{gnet_path} does not fit {net_path}: {e}", param_hint="'--gnet'") from None
-        for network in (net, gnet):
-            if network is not None and hasattr(network, "precision"):
-                network.precision = sampling_precision(network.precision, device, precision)
+        # w = 1 never evaluates the guiding network
+        gnet = load_option("--gnet", gnet_path, device, precision).net if settings.needs_guide else None
         reference = kernels == "reference"
         net = prepare_for_sampling(net, compile=compile_net, reference=reference)
         gnet = prepare_for_sampling(gnet, compile=compile_net, reference=reference) if gnet is not None else None
+        try:  # the guidance of the settings with these networks, checked once for the whole run
+            denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
+        except ValueError as e:
+            raise click.BadParameter(f"{gnet_path} does not fit {net_path}: {e}", param_hint="'--gnet'") from None
         summary = generate_images(
             net,
             seeds,
@@ -235,6 +148,7 @@ def main(
             progress=progress,
             noise_device=noise_device,
             settings=settings,
+            denoiser=denoiser,
         )
         dist.print0(summary.line())
     finally:

@@ -16,19 +16,19 @@ import pathlib
 
 import click
 
+from edm2.cli import std_list_option
 from edm2.model_files import read_header
-from reconstruct_phema import std_list_option
-from edm2.seeds import parse_seeds
-from torch_utils import distributed as dist
-from training.encoders import encoder_from_config
-from training.phema_reconstruct import scan_snapshots
-from training.phema_sweep import (
+from edm2.phema_reconstruct import scan_snapshots
+from edm2.phema_search import (
     load_validation_data,
     plot_sweep,
     save_sweep_table,
     sweep_ema_length,
     validation_loss_metric,
 )
+from edm2.seeds import parse_seeds
+from torch_utils import distributed as dist
+from training.encoders import encoder_from_config
 
 
 @click.command()

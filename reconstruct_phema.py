@@ -12,15 +12,8 @@ from __future__ import annotations
 
 import click
 
-from training.phema_reconstruct import OUTPUT_PREFIX, SnapshotError, parse_std_list, reconstruct_to_dir
-
-
-def std_list_option(ctx, param, value):
-    """click callback: an --outstd list (ranges like 0.010,0.015,...,0.250) as floats."""
-    try:
-        return parse_std_list(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
+from edm2.cli import std_list_option
+from edm2.phema_reconstruct import OUTPUT_PREFIX, SnapshotError, reconstruct_to_dir
 
 
 @click.command()
@@ -37,7 +30,7 @@ def std_list_option(ctx, param, value):
     help="Only inputs with these stds in their names  [default: any]",
     metavar="LIST",
     type=str,
-    callback=lambda ctx, param, value: None if value is None else std_list_option(ctx, param, value),
+    callback=std_list_option,
     default=None,
 )
 @click.option(

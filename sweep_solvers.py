@@ -13,19 +13,18 @@ score) and solver_sweep.png in --outdir. One process; no image is written.
 
 from __future__ import annotations
 
-import math
-
 import click
+import torch
 
+from edm2.cli import bad_option, guidance_interval_option, load_option, seeds_option
 from edm2.detectors import DetectorWeightsError
-from edm2.guidance import check_guidance_interval, check_guiding_network
+from edm2.guidance import check_guide_fits
 from edm2.sampling import SamplingOptionError, sampling_settings
-from edm2.seeds import parse_seeds
-from edm2.solver_sweep import PROXY, fd_score, image_distance_score, sweep_solvers, write_sweep
+from edm2.solver_sweep import PROXY, fd_score, image_distance_score, plan_sweep, run_sweep, write_sweep
 from edm2.solvers import SOLVERS
+from torch_utils import distributed as dist
 
-_CLI = {"solver": "--solvers", "num_steps": "--steps", "eta": "--eta", "schedule": "--schedule",
-        "guidance_interval": "--guidance-interval", "guidance": "--guidance"}
+_CLI = {"solver": "--solvers", "num_steps": "--steps"}  # where this tool's option names differ from edm2.cli's
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -47,29 +46,18 @@ def _solver_list(ctx, param, value: str) -> list[str]:
 
 
 def _seeds(ctx, param, value: str) -> list[int]:
-    try:
-        seeds = parse_seeds(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    seeds = seeds_option(ctx, param, value)
     if len(seeds) < 2:
         raise click.BadParameter(f"need at least 2 seeds, got {value!r}", ctx=ctx, param=param)
     return seeds
-
-
-def _load(option: str, path: str, device):
-    from edm2.model_files import load_network
-
-    try:
-        return load_network(path, device=device)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise click.BadParameter(f"cannot load {path!r}: {e}", param_hint=f"'{option}'") from None
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 120})
 @click.option("--net", "net_path", metavar="PATH|URL", required=True, help="The model file")
 @click.option("--gnet", "gnet_path", metavar="PATH|URL", help="Guiding network (with --guidance other than 1)")
 @click.option("--guidance", type=float, default=1.0, help="Guidance weight")
-@click.option("--guidance-interval", metavar="LO,HI", default=None, help="Guide only for sigma in (LO, HI]")
+@click.option("--guidance-interval", metavar="LO,HI", default=None, callback=guidance_interval_option,
+              help="Guide only for sigma in (LO, HI]")
 @click.option("--solvers", default=",".join(s for s in SOLVERS if s != "heun") + ",heun", callback=_solver_list,
               help="Comma-separated solvers to sweep")
 @click.option("--steps", "steps", default="4,6,8,12,16,24,32", callback=_int_list, help="Step counts to sweep")
@@ -90,46 +78,33 @@ def _load(option: str, path: str, device):
 def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, baseline_steps, schedule, eta, metric,
          reference_steps, ref_path, seeds, class_idx, batch_size, outdir, inception_weights, dinov2_weights):
     """Sweep solvers and step counts on one model; write the table and the plot of score against evaluations."""
-    import torch
-
-    from torch_utils import distributed as dist
-
-    if not math.isfinite(guidance) or (guidance != 1 and gnet_path is None):
-        raise click.BadParameter(f"guidance {guidance} needs a finite value and, unless 1, --gnet",
-                                 param_hint="'--guidance'")
     if metric != PROXY and ref_path is None:
         raise click.BadParameter(f"--metric {metric} needs reference statistics", param_hint="'--ref'")
-    try:
-        interval = None if guidance_interval is None else check_guidance_interval(guidance_interval.split(","))
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="'--guidance-interval'") from None
-    settings_kwargs = dict(schedule=schedule, guidance=guidance, guidance_interval=interval)
+    settings_kwargs = dict(schedule=schedule, guidance=guidance, guidance_interval=guidance_interval)
     if eta is not None:
         settings_kwargs["eta"] = eta
-    try:  # every point's settings, before any network is loaded
-        for solver in solvers:
-            options = {"eta": eta} if eta is not None and "eta" in SOLVERS[solver].options else {}
-            for n in steps:
-                sampling_settings(solver, n, schedule=schedule, guidance=guidance, guidance_interval=interval,
-                                  **options)
+    try:  # every point's settings, checked once, before any network is loaded
+        plan = plan_sweep(solvers, steps, baseline_steps, **settings_kwargs)
+        target = sampling_settings("heun", reference_steps, schedule=schedule, guidance=guidance,
+                                   guidance_interval=guidance_interval)
     except SamplingOptionError as e:
-        raise click.BadParameter(str(e), param_hint=f"'{_CLI.get(e.option, e.option)}'") from None
+        raise bad_option(e.option, str(e), _CLI) from None
+    if plan.baseline.needs_guide and gnet_path is None:
+        raise bad_option("guidance", f"guidance {guidance} needs a guiding network: give --gnet")
 
     device = dist.device() if torch.cuda.is_available() else torch.device("cpu")
-    loaded = _load("--net", net_path, device)
+    loaded = load_option("--net", net_path, device)
     net = loaded.net.eval().requires_grad_(False)
     gnet = None
-    if gnet_path is not None and guidance != 1:
-        gnet = _load("--gnet", gnet_path, device).net.eval().requires_grad_(False)
+    if plan.baseline.needs_guide:
+        gnet = load_option("--gnet", gnet_path, device).net.eval().requires_grad_(False)
         try:
-            check_guiding_network(net, gnet, guidance)
+            check_guide_fits(net, gnet, guidance)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--gnet'") from None
     common = dict(gnet=gnet, class_idx=class_idx, batch_size=batch_size, encoder_settings=loaded.encoder)
     try:
         if metric == PROXY:
-            target = sampling_settings("heun", reference_steps, schedule=schedule, guidance=guidance,
-                                       guidance_interval=interval)
             note = (f"mean RMS distance (0-255) to heun with {reference_steps} steps on the same {len(seeds)} seeds; "
                     "stochastic solvers (eta > 0, churn) end on other samples, so it ranks only deterministic ones")
             score = image_distance_score(net, seeds, target, **common)
@@ -137,8 +112,7 @@ def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, basel
             note = f"{len(seeds)} images against {ref_path}"
             score = fd_score(net, seeds, ref_path, metric, device=device,
                              weights={"fid": inception_weights, "fd_dinov2": dinov2_weights}, **common)
-        sweep = sweep_solvers(score, solvers, steps, baseline_steps, metric, note, progress=click.echo,
-                              **settings_kwargs)
+        sweep = run_sweep(score, plan, metric, note, progress=click.echo)
     except (ValueError, DetectorWeightsError) as e:  # class, encoder, reference, detector: the message names them
         raise click.ClickException(str(e)) from None
     paths = write_sweep(sweep, outdir)

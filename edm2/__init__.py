@@ -17,6 +17,7 @@ from networks import (
     normalize,
     pixel_norm,
 )
+from torch_utils import VERSION
 from training import EDM2Loss, learning_rate_schedule, reduce_batch_loss
 
 from networks import SKIP_SCALING_MODES, SkipScaling, UViT
@@ -37,8 +38,10 @@ from .download import DownloadError, download, resolve_path_or_url
 from .model_files import ModelFileError, NetworkFile, load_network, read_header, register_network_class, save_network
 from .official import OFFICIAL_PRESETS, resolve_official_preset
 from .official_pickle import UnsafePickleError
-from .generation import GenerationSummary, generate_batch, generate_images, make_grid, prepare_for_sampling, save_png
-from .sampler import SamplerStats, count_evaluations, edm_sampler, evaluation_sigmas, step_sigmas
+from .generation import (
+    GenerationSummary, generate_batch, generate_images, load_for_sampling, make_grid, prepare_for_sampling, save_png,
+)
+from .sampler import SamplerStats, count_evaluations, edm_sampler, edm_settings, evaluation_sigmas, step_sigmas
 from . import guidance, schedules, solvers
 from .guidance import GuidedDenoiser, NetworkDenoiser
 from .solvers import SOLVERS, sample, seed_noise
@@ -54,15 +57,16 @@ from .presets import (
     preset_training_kwargs,
 )
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "SKIP_SCALING_MODES", "SkipInstruments", "SkipScaling", "UVIT_DEMO_NETWORKS", "UViT", "uvit_network_kwargs",
     "FeatureStatistics", "calc_metrics_for_images", "calc_metrics_for_model", "detectors", "frechet_distance",
     "load_reference", "metrics", "save_reference",
     "GenerationSummary", "PowerFunctionEMA", "SamplerStats", "SeedGenerators", "StabilityVAEEncoder",
-    "StandardRGBEncoder", "TraditionalEMA", "count_evaluations", "edm_sampler", "encoder_from_config",
-    "evaluation_sigmas", "format_seeds", "generate_batch", "generate_images", "make_grid", "parse_seeds",
+    "StandardRGBEncoder", "TraditionalEMA", "count_evaluations", "edm_sampler", "edm_settings", "encoder_from_config",
+    "evaluation_sigmas", "format_seeds", "generate_batch", "generate_images", "load_for_sampling", "make_grid",
+    "parse_seeds",
     "prepare_for_sampling",
     "save_png", "seed_noise_and_labels", "step_sigmas",
     "GuidedDenoiser", "NetworkDenoiser", "SOLVERS", "guidance", "sample", "schedules", "seed_noise", "solvers",

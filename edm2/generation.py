@@ -35,10 +35,11 @@ from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
 from training.encoders import StandardRGBEncoder, encoder_from_config
 
-from .guidance import GuidedDenoiser, SamplerStats, check_guiding_network
+from .guidance import GuidedDenoiser, SamplerStats
+from .model_files import NetworkFile, load_network
 from .sampling import SamplingSettings, sampling_settings
 from .seeds import seed_noise_and_labels
-from .solvers import sample, seed_noise
+from .solvers import seed_noise
 
 
 VAE_DECODE_BATCH = 4  # latents per VAE decoder call when generating, as the official generate_images.py
@@ -124,6 +125,23 @@ def sampling_precision(net_precision: str, device: torch.device | str, requested
     return net_precision
 
 
+SAMPLING_PRECISIONS = (None, "auto", "fp32", "fp16", "bf16")
+
+
+def load_for_sampling(
+    path_or_url: str | os.PathLike, device: torch.device | str, precision: str | None = None
+) -> NetworkFile:
+    """load_network onto the device that samples, with the activation precision for that device: `precision`
+    ('fp32', 'fp16', 'bf16'), or None / 'auto' for sampling_precision's choice (the file's, fp16 only on CUDA)."""
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(str, SAMPLING_PRECISIONS))}, got {precision!r}")
+    loaded = load_network(path_or_url, device=device)
+    if hasattr(loaded.net, "precision"):
+        requested = None if precision == "auto" else precision
+        loaded.net.precision = sampling_precision(loaded.net.precision, device, requested)
+    return loaded
+
+
 def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
     """Consecutive batches of seeds, the same for any number of processes: as few batches of at most batch_size as
     hold them all, their sizes balanced (the first ones one larger), as the official generator cuts them on one GPU
@@ -197,22 +215,26 @@ def generate_batch(
     stats: SamplerStats | None = None,
     noise_device: torch.device | str | None = None,
     settings: SamplingSettings | None = None,
+    denoiser: GuidedDenoiser | None = None,
     **sampler_kwargs: Any,
 ) -> torch.Tensor:
     """uint8 images [len(seeds), 3, H, W] (on the CPU), one per seed. The sampler: `settings`, or sampler_kwargs
     for edm2.sampling.sampling_settings (solver, num_steps, schedule, guidance, solver options, dtype ...).
-    The per-seed generators draw on noise_device ('cpu' or the compute device; None = the compute device)."""
+    The per-seed generators draw on noise_device ('cpu' or the compute device; None = the compute device).
+    denoiser: the run's GuidedDenoiser.from_settings(net, None, gnet, settings), when the caller has built (and
+    so checked) it once for many batches; None = built here."""
     settings = resolve_settings(settings, sampler_kwargs)
+    if denoiser is None:
+        denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     encoder = encoder if encoder is not None else encoder_for(net, None)
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
     label_dim = getattr(net, "label_dim", 0)
     noise, labels, gens = seed_noise_and_labels(seeds, shape, label_dim, class_idx, device, noise_device)
-    den = GuidedDenoiser.from_networks(net, labels, gnet, settings.guidance, settings.guidance_interval, stats)
+    den = denoiser.with_labels(labels, stats)
     # The official generator keeps the ODE state (and so draws the churn noise) in float32: settings.dtype.
     sigmas = settings.sigmas(noise.device)
-    x = sample(settings.solver, den, noise.to(settings.dtype) * sigmas[0], sigmas, noise=seed_noise(gens),
-               dtype=settings.dtype, **settings.options)
+    x = settings.run(den, noise.to(settings.dtype) * sigmas[0], sigmas, noise=seed_noise(gens))
     return encoder.decode(x.to(torch.float32)).cpu()
 
 
@@ -264,18 +286,20 @@ def generate_images(
     progress: bool = True,
     noise_device: torch.device | str | None = None,
     settings: SamplingSettings | None = None,
+    denoiser: GuidedDenoiser | None = None,
     **sampler_kwargs: Any,
 ) -> GenerationSummary:
     """Generate one image per seed, writing PNGs named by seed and/or one grid; works under torchrun.
 
     Each rank takes every world_size-th batch of `seed_batches(seeds, batch_size)`. The grid (rank 0
     writes it) holds the images in the order of `seeds`. The sampler: `settings` or sampler_kwargs, as for
-    generate_batch, checked once before the first image.
+    generate_batch, checked once before the first image; `denoiser` as for generate_batch.
     """
     if outdir is None and grid_path is None:
         raise ValueError("generate_images: nothing to write; give outdir and/or grid_path")
     settings = resolve_settings(settings, sampler_kwargs)
-    check_guiding_network(net, gnet, settings.guidance)
+    if denoiser is None:  # the guidance and the networks, checked once
+        denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
     check_class_index(net, class_idx)
     encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
@@ -292,7 +316,9 @@ def generate_images(
     )
     with bar:
         for batch in my_batches:
-            images = generate_batch(net, batch, gnet, encoder, class_idx, device, stats, noise_device, settings)
+            images = generate_batch(
+                net, batch, gnet, encoder, class_idx, device, stats, noise_device, settings, denoiser
+            )
             for seed, image in zip(batch, images):
                 if outdir is not None:
                     save_png(image_path(outdir, seed, subdirs), image)

@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 __all__ = [
-    "Denoiser", "GuidedDenoiser", "NetworkDenoiser", "SamplerStats", "check_guidance_interval",
-    "check_guiding_network", "is_guided",
+    "Denoiser", "GuidedDenoiser", "NetworkDenoiser", "SamplerStats", "check_guidance", "check_guidance_interval",
+    "check_guide_fits", "check_guiding_network", "is_guided",
 ]
 
 
@@ -69,10 +69,20 @@ def is_guided(sigma: float, guidance: float, guidance_interval: tuple[float, flo
     return lo < sigma <= hi
 
 
-def check_guiding_network(net: torch.nn.Module, gnet: torch.nn.Module | None, guidance: float) -> None:
-    """ValueError when the guiding network is missing or does not fit the main network."""
+def check_guidance(guidance: float, name: str = "guidance") -> float:
+    """The guidance weight w as a float: a finite number (ValueError naming it otherwise)."""
+    try:
+        guidance = float(guidance)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {guidance!r}") from None
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be finite, got {guidance!r}")
+    return guidance
+
+
+def check_guide_fits(net: torch.nn.Module, gnet: torch.nn.Module | None, guidance: float) -> None:
+    """ValueError when the guiding network is missing (guidance != 1) or does not fit the main network; the weight
+    itself is checked where it enters (check_guidance)."""
     if gnet is None:
         if guidance != 1:
             raise ValueError(f"guidance {guidance} needs a guiding network (gnet); guidance 1 means none")
@@ -84,6 +94,11 @@ def check_guiding_network(net: torch.nn.Module, gnet: torch.nn.Module | None, gu
     a, b = getattr(net, "label_dim", 0), getattr(gnet, "label_dim", 0)
     if b not in (0, a):  # 0: unconditional guiding network (classifier-free guidance)
         raise ValueError(f"gnet label_dim ({b}) must be 0 (unconditional) or the main network's ({a})")
+
+
+def check_guiding_network(net: torch.nn.Module, gnet: torch.nn.Module | None, guidance: float) -> None:
+    """ValueError when the weight is not finite or the guiding network is missing or does not fit."""
+    check_guide_fits(net, gnet, check_guidance(guidance))
 
 
 class Denoiser(Protocol):
@@ -128,16 +143,22 @@ class GuidedDenoiser:
         interval: Sequence[float] | None = None,
         stats: SamplerStats | None = None,
     ):
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise ValueError(f"guidance weight must be a number, got {weight!r}") from None
+        weight = check_guidance(weight, "guidance weight")
         # The networks' checks when there are networks; otherwise the attributes are absent on both sides.
-        guide_net = None if guide is None else getattr(guide, "net", guide)
-        check_guiding_network(getattr(main, "net", main), guide_net, weight)
-        self.main, self.guide, self.weight = main, guide, weight
-        self.interval = check_guidance_interval(interval)
+        check_guide_fits(getattr(main, "net", main), None if guide is None else getattr(guide, "net", guide), weight)
+        self._assemble(main, guide, weight, check_guidance_interval(interval), stats)
+
+    def _assemble(
+        self,
+        main: Denoiser,
+        guide: Denoiser | None,
+        weight: float,
+        interval: tuple[float, float] | None,
+        stats: SamplerStats | None,
+    ) -> GuidedDenoiser:
+        self.main, self.guide, self.weight, self.interval = main, guide, weight, interval
         self.stats = stats if stats is not None else SamplerStats()
+        return self
 
     @classmethod
     def from_networks(
@@ -149,11 +170,50 @@ class GuidedDenoiser:
         guidance_interval: Sequence[float] | None = None,
         stats: SamplerStats | None = None,
     ) -> GuidedDenoiser:
-        """The denoiser of edm_sampler's arguments: an unconditional gnet (label_dim 0) gets no labels."""
+        """The denoiser of networks and guidance values (checked here): an unconditional gnet gets no labels."""
+        main, guide = cls._network_denoisers(net, labels, gnet)
+        return cls(main, guide, guidance, guidance_interval, stats)
+
+    @classmethod
+    def from_settings(
+        cls,
+        net: torch.nn.Module,
+        labels: torch.Tensor | None,
+        gnet: torch.nn.Module | None,
+        settings: Any,
+        stats: SamplerStats | None = None,
+    ) -> GuidedDenoiser:
+        """from_networks with the guidance of checked settings (edm2.sampling.SamplingSettings: the weight and the
+        interval were checked when they were made), so only the networks' fit is checked here."""
+        return cls.of_settings(*cls._network_denoisers(net, labels, gnet), settings, stats)
+
+    @classmethod
+    def of_settings(
+        cls, main: Denoiser, guide: Denoiser | None, settings: Any, stats: SamplerStats | None = None
+    ) -> GuidedDenoiser:
+        """Any two denoisers with the weight and interval of checked settings (their `guidance` and
+        `guidance_interval`, not checked again); the networks' fit is checked as in the constructor."""
+        check_guide_fits(getattr(main, "net", main), None if guide is None else getattr(guide, "net", guide),
+                         settings.guidance)
+        return cls.__new__(cls)._assemble(main, guide, settings.guidance, settings.guidance_interval, stats)
+
+    @staticmethod
+    def _network_denoisers(
+        net: torch.nn.Module, labels: torch.Tensor | None, gnet: torch.nn.Module | None
+    ) -> tuple[NetworkDenoiser, NetworkDenoiser | None]:
+        """An unconditional gnet (label_dim 0) gets no labels."""
         guide = None
         if gnet is not None:
             guide = NetworkDenoiser(gnet, labels if getattr(gnet, "label_dim", 0) != 0 else None)
-        return cls(NetworkDenoiser(net, labels), guide, guidance, guidance_interval, stats)
+        return NetworkDenoiser(net, labels), guide
+
+    def with_labels(self, labels: torch.Tensor | None, stats: SamplerStats | None = None) -> GuidedDenoiser:
+        """The same networks and guidance for another batch's labels, without checking them again (generation
+        builds one GuidedDenoiser per run and one of these per batch). Needs network denoisers."""
+        if not isinstance(self.main, NetworkDenoiser) or not isinstance(self.guide, (NetworkDenoiser, type(None))):
+            raise ValueError("with_labels needs a GuidedDenoiser of networks (from_networks / from_settings)")
+        main, guide = self._network_denoisers(self.main.net, labels, None if self.guide is None else self.guide.net)
+        return type(self).__new__(type(self))._assemble(main, guide, self.weight, self.interval, stats)
 
     def guided(self, sigma: torch.Tensor | float) -> bool:
         """Whether an evaluation at sigma calls the guide (the solvers pass floats: no device sync)."""

@@ -40,8 +40,13 @@ import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
+from training.dataset import DatasetError, ImageFolderDataset
 
 from .detectors import METRICS, load_detector
+from .download import resolve_path_or_url
+from .generation import generate_batch, generation_encoder, resolve_settings, seed_batches
+from .guidance import GuidedDenoiser
+from .official_pickle import load_official_pickle
 
 REFERENCE_FORMAT = "edm2-metric-reference"
 REFERENCE_VERSION = 1
@@ -219,8 +224,6 @@ def _official_reference_bytes(stats: dict[str, FeatureStatistics]) -> bytes:
 def load_reference(path_or_url: str | os.PathLike) -> dict[str, FeatureStatistics]:
     """Reference statistics from a file of `save_reference` (.npz) or an official EDM2 reference .pkl
     (local path or http(s) URL, downloaded into the cache)."""
-    from .download import resolve_path_or_url
-
     try:
         path = resolve_path_or_url(path_or_url)
     except (OSError, ValueError) as e:
@@ -273,8 +276,6 @@ def _load_npz_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]:
 
 
 def _load_official_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]:
-    from .official_pickle import load_official_pickle
-
     data = load_official_pickle(path)
     if not isinstance(data, dict) or not any(isinstance(v, dict) and "mu" in v for v in data.values()):
         raise MetricsError(f"{path}: expected a dict {{metric: {{'mu', 'sigma'}}}} of reference statistics")
@@ -365,8 +366,6 @@ def compute_statistics(
 
 def open_image_dataset(path: str | os.PathLike, num: int | None = None):
     """The PNG images of a folder or zip (training.dataset), checked: RGB or grayscale, at least `num` images."""
-    from training.dataset import DatasetError, ImageFolderDataset
-
     try:
         dataset = ImageFolderDataset(os.fspath(path), use_labels=False)
     except DatasetError as e:
@@ -404,8 +403,6 @@ def iterate_dataset_images(
     workers: int = 2,  # DataLoader worker processes decoding PNGs
 ) -> Iterator[torch.Tensor]:
     """uint8 [B, 3, H, W] batches of the given images (mixed sizes raise an error naming the file)."""
-    from training.dataset import DatasetError
-
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, list(indices)),
         batch_size=batch_size,
@@ -433,18 +430,15 @@ def iterate_generated_images(
 ) -> tuple[Iterator[torch.Tensor], int]:
     """(uint8 batches of this process, their image count): the seeds cut into global batches as generate.py
     does (same images for any number of GPUs), every world_size-th batch for this rank. Nothing is written."""
-    from .generation import generate_batch, generation_encoder, resolve_settings, seed_batches
-    from .guidance import check_guiding_network
-
     settings = resolve_settings(sampler_kwargs.pop("settings", None), sampler_kwargs)  # checked once, here
-    check_guiding_network(net, gnet, settings.guidance)
+    denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
     encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
     my_batches = dist.split_for_rank(seed_batches(seeds, batch_size))
 
     def batches() -> Iterator[torch.Tensor]:
         for batch in my_batches:
-            yield generate_batch(net, batch, gnet, encoder, class_idx, device, settings=settings)
+            yield generate_batch(net, batch, gnet, encoder, class_idx, device, settings=settings, denoiser=denoiser)
 
     return batches(), sum(len(b) for b in my_batches)
 

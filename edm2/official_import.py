@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from networks import Precond
+
 # The official StabilityVAEEncoder's defaults are ours; they fill in pickles that recorded no arguments.
 from training.encoders import STABILITY_VAE_DEFAULTS
+from training.model_files import ModelFileError, NetworkFile, build_network
 
-from .model_files import ModelFileError, NetworkFile, build_network
 from .official_pickle import InertObject, load_official_pickle
 
 OFFICIAL_FORMAT = "edm2-official-pickle"
@@ -81,8 +83,6 @@ def official_state_dict(record: InertObject, source: str, prefix: str = "") -> d
 
 def precond_kwargs_from_official(record: InertObject, source: str) -> dict[str, Any]:
     """This project's Precond arguments from the official Precond's recorded constructor arguments."""
-    from networks import Precond
-
     args = record.init_args
     if len(args) > len(PRECOND_POSITIONAL):
         raise ModelFileError(f"{source}: official Precond has {len(args)} positional arguments, expected at most 3")
@@ -191,8 +191,6 @@ def _ema_record(data: Any, source: str) -> InertObject:
 
 def header_from_official(data: Any, path: pathlib.Path) -> dict[str, Any]:
     """The header-like summary of an official file's contents (the same keys as a model file's header)."""
-    from networks import Precond
-
     source = str(path)
     ema = _ema_record(data, source)
     kwargs = precond_kwargs_from_official(ema, source)

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .model_files import ModelFileError
+from training.model_files import ModelFileError
 
 try:
     from numpy._core import multiarray as _multiarray, numeric as _numeric  # numpy >= 2

@@ -21,16 +21,17 @@ from training.phema import (
     solve_posthoc_coefficients,
     std_to_exp,
 )
-from training.phema_reconstruct import (
+from .phema_reconstruct import (
     ReconstructedNetwork,
     SnapshotError,
     SnapshotInfo,
+    StdList,
     parse_std_list,
     reconstruct,
     reconstruct_to_dir,
     scan_snapshots,
 )
-from training.phema_sweep import (
+from .phema_search import (
     SweepResult,
     load_validation_data,
     plot_sweep,
@@ -46,6 +47,7 @@ __all__ = [
     "ReconstructedNetwork",
     "SnapshotError",
     "SnapshotInfo",
+    "StdList",
     "SweepResult",
     "TraditionalEMA",
     "check_std",

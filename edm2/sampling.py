@@ -1,10 +1,10 @@
-"""Sampler settings for generation: a solver, a schedule, guidance and the solver's options, validated once
-(docs/design.md §7), and the command-line options that set them (generate.py, calculate_metrics.py gen,
-sweep_solvers.py).
+"""Sampler settings for generation: a solver, a schedule, guidance and the solver's options, validated once, here,
+where they enter the library (docs/design.md §7). The command-line options that set them are edm2/cli.py's.
 
     settings = sampling_settings('dpmpp_2m_sde', num_steps=20, schedule='log_linear', eta=1.0)
     settings.evals.total_evals      # network evaluations per image, guidance included
     sigmas = settings.sigmas(device)
+    settings.evaluation_sigmas()    # the noise levels at which the solver evaluates the denoiser
 
 Every bad value raises SamplingOptionError (a ValueError) whose `option` is the argument's name, so that a
 command line can name its own option for it.
@@ -13,18 +13,16 @@ command line can name its own option for it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import click
 import torch
 
 from . import schedules
-from .guidance import SamplerStats, check_guidance_interval
-from .solvers import SOLVERS, count_evaluations, get_solver
+from .guidance import Denoiser, GuidedDenoiser, SamplerStats, check_guidance, check_guidance_interval
+from .solvers import NoiseSource, get_solver
 
-__all__ = ["SamplingOptionError", "SamplingSettings", "sampling_settings", "solver_click_options", "settings_from_cli"]
+__all__ = ["CHURN_SOLVERS", "SamplingOptionError", "SamplingSettings", "sampling_settings"]
 
 CHURN_SOLVERS = ("euler", "heun")  # the solvers with EDM's churn (S_churn, S_min, S_max, S_noise)
 _RUN_OPTIONS = ("noise", "dtype", "callback")  # solver arguments that generation itself supplies
@@ -55,14 +53,36 @@ class SamplingSettings:
     evals: SamplerStats
 
     def sigmas(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The schedule in the state's dtype on `device` (karras computed there, as edm_sampler does)."""
-        if isinstance(self.schedule, tuple):
-            return schedules.explicit(self.schedule, dtype=self.dtype, device=device)
+        """The schedule in the state's dtype on `device` (karras computed there, as edm_sampler does). The
+        settings were checked when they were made (sampling_settings), so the schedule is not checked again."""
+        if isinstance(self.schedule, tuple):  # explicit levels, final 0 included, as schedules.explicit made them
+            return torch.tensor(self.schedule, dtype=torch.float64).to(dtype=self.dtype, device=device)
         if self.schedule == "log_linear":
-            return schedules.log_linear(self.num_steps, self.sigma_min, self.sigma_max, dtype=self.dtype, device=device)
-        return schedules.karras(
-            self.num_steps, self.sigma_min, self.sigma_max, self.rho, dtype=self.dtype, device=device
-        )
+            return schedules.log_linear_unchecked(self.num_steps, self.sigma_min, self.sigma_max, self.dtype, device)
+        return schedules.karras_unchecked(self.num_steps, self.sigma_min, self.sigma_max, self.rho, self.dtype, device)
+
+    @property
+    def needs_guide(self) -> bool:
+        """Whether sampling evaluates a guiding network (guidance 1 never does)."""
+        return self.guidance != 1
+
+    def evaluation_sigmas(self) -> list[float]:
+        """The noise levels at which the solver evaluates the main network, in order, as it passes them (in the
+        state's dtype): traced by running it on one pixel, like `evals`."""
+        return _trace(self)[1]
+
+    def run(
+        self,
+        denoiser: Denoiser,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        noise: NoiseSource | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """The solver with these settings' options from x at sigmas[0] (self.sigmas(x.device), x in self.dtype)
+        along sigmas, without checking again what the settings checked when they were made."""
+        return get_solver(self.solver).function.core(denoiser, x, sigmas, noise=noise, dtype=self.dtype,
+                                                     callback=callback, **self.options)
 
     def describe(self) -> str:
         """One line: solver, steps, schedule, options and the evaluations per image."""
@@ -125,135 +145,56 @@ def sampling_settings(
         raise SamplingOptionError("num_steps", f"num_steps must be at least {entry.min_steps} for {solver!r}, "
                                   f"got {num_steps}")
     try:
-        guidance = float(guidance)
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be finite, got {guidance!r}")
-    except (TypeError, ValueError):
-        raise SamplingOptionError("guidance", f"guidance must be a finite number, got {guidance!r}") from None
+        guidance = check_guidance(guidance)
+    except ValueError as e:
+        raise SamplingOptionError("guidance", str(e)) from None
     try:
         interval = check_guidance_interval(guidance_interval)
     except ValueError as e:
         raise SamplingOptionError("guidance_interval", str(e)) from None
-    settings = dict(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=float(sigma_min),
-                    sigma_max=float(sigma_max), rho=float(rho), guidance=guidance, guidance_interval=interval,
-                    options=dict(options), dtype=dtype)
-    try:
-        sigmas = SamplingSettings(**settings, evals=SamplerStats()).sigmas("cpu")
-    except ValueError as e:
-        raise SamplingOptionError(_option_of(e, "schedule"), str(e)) from None
-    try:  # runs the solver on one pixel: checks its options and counts what it evaluates
-        evals = count_evaluations(solver, sigmas, guidance, interval, **options)
+    bounds = {}
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        try:
+            bounds[name] = float(value)
+        except (TypeError, ValueError):
+            raise SamplingOptionError(name, f"{name} must be a number, got {value!r}") from None
+    try:  # the solver's own checks, once: run() then passes the normalised values unchecked
+        options = entry.function.check_options(options)
     except ValueError as e:
         raise SamplingOptionError(_option_of(e, "solver"), str(e)) from None
-    return SamplingSettings(**settings, evals=evals)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command-line options
-
-CLI_NAMES = {
-    "solver": "--sampler", "num_steps": "--steps", "schedule": "--schedule", "sigma_min": "--sigma-min",
-    "sigma_max": "--sigma-max", "rho": "--rho", "S_churn": "--s-churn", "S_min": "--s-min", "S_max": "--s-max",
-    "S_noise": "--s-noise", "s_noise": "--s-noise", "eta": "--eta", "solver_type": "--solver-type",
-    "guidance": "--guidance", "guidance_interval": "--guidance-interval",
-}
-
-
-def _solver_help() -> str:
-    return "Solver: " + "; ".join(f"{name} ({entry.summary})" for name, entry in SOLVERS.items())
-
-
-def solver_click_options(f: Callable) -> Callable:
-    """The sampler options of the command-line tools: --sampler, --steps, --schedule, the schedule's noise
-    levels, churn (euler, heun), --eta, --s-noise, --solver-type. settings_from_cli turns them into settings."""
-    options = [
-        click.option("--sampler", "solver", type=click.Choice(list(SOLVERS)), default="heun", show_default=True,
-                     help=_solver_help()),
-        click.option("--steps", "num_steps", type=int, default=32, show_default=True,
-                     help="Sampling steps N (heun: 2N - 1 evaluations, the others N)"),
-        click.option("--schedule", default="karras", show_default=True, metavar="karras|log_linear|LIST",
-                     help="Noise levels: EDM's (rho), log-linear, or an explicit decreasing list such as 80,10,1,0.1 "
-                     "(then --steps is its length)"),
-        click.option("--sigma-min", "--sigma_min", "sigma_min", type=float, default=0.002, show_default=True,
-                     help="Lowest noise level"),
-        click.option("--sigma-max", "--sigma_max", "sigma_max", type=float, default=80.0, show_default=True,
-                     help="Highest noise level"),
-        click.option("--rho", type=float, default=7.0, show_default=True, help="Time-step exponent (karras)"),
-        click.option("--s-churn", "--S_churn", "S_churn", type=float, default=0.0, show_default=True,
-                     help="euler, heun: churn amount (0 = deterministic ODE)"),
-        click.option("--s-min", "--S_min", "S_min", type=float, default=0.0, show_default=True,
-                     help="euler, heun: churn only for sigma >= this"),
-        click.option("--s-max", "--S_max", "S_max", type=float, default=math.inf, show_default=True,
-                     help="euler, heun: churn only for sigma <= this"),
-        click.option("--s-noise", "--S_noise", "S_noise", type=float, default=1.0, show_default=True,
-                     help="Scale of the injected noise (churn; euler_ancestral and the SDE solvers)"),
-        click.option("--eta", type=float, default=None,
-                     help="euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde: noise amount (0 = ODE)  [default: 1]"),
-        click.option("--solver-type", type=click.Choice(["midpoint", "heun"]), default=None,
-                     help="dpmpp_2m_sde: 2nd-order term  [default: midpoint]"),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-SOLVER_CLI_PARAMS = ("solver", "num_steps", "schedule", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max",
-                     "S_noise", "eta", "solver_type")
-
-
-def _bad(option: str, message: str) -> click.BadParameter:
-    return click.BadParameter(message, param_hint=f"'{CLI_NAMES.get(option, option)}'")
-
-
-def parse_schedule_option(text: str) -> str | list[float]:
-    """--schedule: a schedule's name or comma-separated noise levels (ValueError otherwise)."""
-    if text in schedules.SCHEDULES:
-        return text
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"expected {', '.join(schedules.SCHEDULES)} or a comma-separated list of noise levels, got {text!r}"
-        ) from None
-
-
-def settings_from_cli(
-    params: dict[str, Any],
-    guidance: float = 1,
-    guidance_interval: Sequence[float] | None = None,
-    steps_given: bool = True,
-    dtype: torch.dtype = torch.float32,
-) -> SamplingSettings:
-    """SamplingSettings from the values of solver_click_options (params holds at least SOLVER_CLI_PARAMS);
-    click.BadParameter naming the option otherwise. steps_given: whether --steps was on the command line
-    (with an explicit schedule it must then match the list)."""
-    solver = params["solver"]
-    options: dict[str, Any] = {}
-    if solver in CHURN_SOLVERS:
-        options.update(S_churn=params["S_churn"], S_min=params["S_min"], S_max=params["S_max"],
-                       S_noise=params["S_noise"])
-    else:
-        for name, default in (("S_churn", 0.0), ("S_min", 0.0), ("S_max", math.inf)):
-            if params[name] != default:
-                raise _bad(name, f"churn is for {' and '.join(CHURN_SOLVERS)} only, not --sampler {solver}")
-    takes = get_solver(solver).options
-    for name in ("eta", "solver_type"):
-        if params[name] is not None:
-            if name not in takes:
-                raise _bad(name, f"--sampler {solver} takes no {CLI_NAMES[name]}")
-            options[name] = params[name]
-    if solver not in CHURN_SOLVERS:
-        if "s_noise" in takes:
-            options["s_noise"] = params["S_noise"]
-        elif params["S_noise"] != 1:
-            raise _bad("s_noise", f"--sampler {solver} adds no noise")
-    try:
-        schedule = parse_schedule_option(params["schedule"])
+    settings = dict(solver=solver, schedule=schedule, num_steps=num_steps, **bounds, guidance=guidance,
+                    guidance_interval=interval, options=options, dtype=dtype)
+    if isinstance(schedule, str):  # explicit levels were checked above
+        try:
+            schedules.check_schedule(num_steps, settings["sigma_min"], settings["sigma_max"],
+                                     settings["rho"] if schedule == "karras" else 1.0)  # log_linear has no rho
+        except ValueError as e:
+            raise SamplingOptionError(_option_of(e, "schedule"), str(e)) from None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SamplingOptionError("dtype", f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    unchecked = SamplingSettings(**settings, evals=SamplerStats())
+    try:  # in the state's dtype, explicit levels too close together would merge
+        schedules.check_sigmas(unchecked.sigmas("cpu"))
     except ValueError as e:
-        raise _bad("schedule", str(e)) from None
-    num_steps = params["num_steps"] if steps_given or isinstance(schedule, str) else None
-    try:
-        return sampling_settings(solver, num_steps, schedule, params["sigma_min"], params["sigma_max"], params["rho"],
-                                 guidance, guidance_interval, dtype=dtype, **options)
-    except SamplingOptionError as e:
-        raise _bad(e.option, str(e)) from None
+        raise SamplingOptionError("schedule", str(e)) from None
+    # Every value is checked now: a dry run on one pixel counts what the solver evaluates.
+    return SamplingSettings(**settings, evals=_trace(unchecked)[0])
+
+
+def _trace(settings: SamplingSettings) -> tuple[SamplerStats, list[float]]:
+    """(evaluations per image, noise levels of the main network's evaluations) of a dry run of the settings."""
+    seen: list[float] = []
+
+    def main(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        seen.append(float(sigma))
+        return torch.zeros_like(x)
+
+    def guide(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    def no_noise(x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    den = GuidedDenoiser.of_settings(main, guide if settings.needs_guide else None, settings)
+    settings.run(den, torch.zeros([1, 1, 1, 1], dtype=settings.dtype), settings.sigmas("cpu"), noise=no_noise)
+    return den.stats, seen

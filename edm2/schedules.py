@@ -43,6 +43,13 @@ def karras(
     """The EDM schedule (EDM Eq. 5): sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho for
     i < N, then sigma_N = 0. The defaults are EDM2's sampling schedule. One step: sigma_max only."""
     check_schedule(num_steps, sigma_min, sigma_max, rho)
+    return karras_unchecked(num_steps, sigma_min, sigma_max, rho, dtype, device)
+
+
+def karras_unchecked(
+    num_steps: int, sigma_min: float, sigma_max: float, rho: float, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """karras for arguments already checked (edm2.sampling.SamplingSettings checks them once, when made)."""
     i = torch.arange(num_steps, dtype=dtype, device=device)
     frac = i / (num_steps - 1) if num_steps > 1 else i
     sigmas = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -60,6 +67,13 @@ def log_linear(
     """Noise levels evenly spaced in log sigma from sigma_max to sigma_min (the limit rho -> infinity of the
     EDM schedule), then 0; the ends are exactly sigma_max and sigma_min. One step: sigma_max only."""
     check_schedule(num_steps, sigma_min, sigma_max, 1.0)  # rho plays no part here: 1 always passes
+    return log_linear_unchecked(num_steps, sigma_min, sigma_max, dtype, device)
+
+
+def log_linear_unchecked(
+    num_steps: int, sigma_min: float, sigma_max: float, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """log_linear for arguments already checked (edm2.sampling.SamplingSettings checks them once, when made)."""
     i = torch.arange(num_steps, dtype=torch.float64)
     frac = i / (num_steps - 1) if num_steps > 1 else i
     sigmas = (math.log(sigma_max) + frac * (math.log(sigma_min) - math.log(sigma_max))).exp()

@@ -23,11 +23,14 @@ import torch
 
 from torch_utils.state_io import atomic_write_bytes
 
+from . import metrics as M
 from .generation import generate_batch, generation_encoder, seed_batches
+from .guidance import GuidedDenoiser
 from .sampling import SamplingSettings, sampling_settings
 from .solvers import get_solver
 
-__all__ = ["SweepPoint", "SolverSweep", "image_distance_score", "fd_score", "sweep_solvers"]
+__all__ = ["SweepPlan", "SweepPoint", "SolverSweep", "image_distance_score", "fd_score", "plan_sweep", "run_sweep",
+           "sweep_solvers"]
 
 PROXY = "rms_to_reference"
 
@@ -80,7 +83,8 @@ Score = Callable[[SamplingSettings], float]
 
 
 def _images(net, seeds, settings, gnet, class_idx, batch_size, encoder) -> torch.Tensor:
-    return torch.cat([generate_batch(net, b, gnet, encoder, class_idx, settings=settings)
+    denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
+    return torch.cat([generate_batch(net, b, gnet, encoder, class_idx, settings=settings, denoiser=denoiser)
                       for b in seed_batches(seeds, batch_size)])
 
 
@@ -120,8 +124,6 @@ def fd_score(
 ) -> Score:
     """settings -> FID / FD_DINOv2 of the model's images against the reference statistics (edm2.metrics); the
     reference and the detector are loaded once, here."""
-    from . import metrics as M
-
     reference = M.load_reference(ref)
     detectors = M.load_detectors([metric], weights, device, progress)
 
@@ -134,6 +136,48 @@ def fd_score(
     return score
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """The checked settings of a sweep: Heun at the baseline step count, then every solver at every step count."""
+
+    baseline: SamplingSettings
+    points: tuple[SamplingSettings, ...]
+
+
+def plan_sweep(
+    solvers: Sequence[str], steps: Sequence[int], baseline_steps: int = 32, **settings_kwargs: Any
+) -> SweepPlan:
+    """Every point's settings, checked (SamplingOptionError naming the setting): settings_kwargs go to
+    sampling_settings (schedule, sigmas, guidance, ...); `eta` goes only to the solvers that take it."""
+    points = []
+    for solver in solvers:
+        kwargs = dict(settings_kwargs)
+        if "eta" in kwargs and "eta" not in get_solver(solver).options:
+            kwargs.pop("eta")
+        points += [sampling_settings(solver, n, **kwargs) for n in steps]
+    base_kwargs = {k: v for k, v in settings_kwargs.items() if k != "eta"}
+    return SweepPlan(sampling_settings("heun", baseline_steps, **base_kwargs), tuple(points))
+
+
+def run_sweep(
+    score: Score,
+    plan: SweepPlan,
+    metric: str = PROXY,
+    note: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> SolverSweep:
+    """Score the baseline and every point of the plan."""
+
+    def run(settings: SamplingSettings) -> SweepPoint:
+        value = float(score(settings))
+        if progress is not None:
+            progress(f"{settings.describe()}: {metric} {value:.4g}")
+        return SweepPoint(settings.solver, settings.num_steps, settings.evals.total_evals, value)
+
+    baseline = run(plan.baseline)
+    return SolverSweep(metric, note, baseline, [run(s) for s in plan.points])
+
+
 def sweep_solvers(
     score: Score,
     solvers: Sequence[str],
@@ -144,26 +188,9 @@ def sweep_solvers(
     progress: Callable[[str], None] | None = None,
     **settings_kwargs: Any,
 ) -> SolverSweep:
-    """Score every solver at every step count and Heun at baseline_steps. settings_kwargs go to
-    sampling_settings (schedule, sigmas, guidance, ...); `eta` goes only to the solvers that take it. All
+    """Score every solver at every step count and Heun at baseline_steps (plan_sweep, then run_sweep): all
     settings are checked before the first image is generated."""
-    plan = []
-    for solver in solvers:
-        kwargs = dict(settings_kwargs)
-        if "eta" in kwargs and "eta" not in get_solver(solver).options:
-            kwargs.pop("eta")
-        plan += [sampling_settings(solver, n, **kwargs) for n in steps]
-    base_kwargs = {k: v for k, v in settings_kwargs.items() if k != "eta"}
-    baseline_settings = sampling_settings("heun", baseline_steps, **base_kwargs)
-
-    def run(settings: SamplingSettings) -> SweepPoint:
-        value = float(score(settings))
-        if progress is not None:
-            progress(f"{settings.describe()}: {metric} {value:.4g}")
-        return SweepPoint(settings.solver, settings.num_steps, settings.evals.total_evals, value)
-
-    baseline = run(baseline_settings)
-    return SolverSweep(metric, note, baseline, [run(s) for s in plan])
+    return run_sweep(score, plan_sweep(solvers, steps, baseline_steps, **settings_kwargs), metric, note, progress)
 
 
 def write_sweep(sweep: SolverSweep, outdir: str | os.PathLike, title: str | None = None) -> list[pathlib.Path]:

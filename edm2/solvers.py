@@ -38,11 +38,14 @@ one draw per such step, in step order. `seed_noise(generators)` draws image k's 
 generator, so images depend only on their seeds, not on the batch (what generation has always done for churn);
 the default, noise=None, is torch.randn_like. Options are validated where they enter, with a ValueError that
 names the option; `sample(name, ...)` also checks the solver's name, its options and its minimum step count.
+Each solver function checks its arguments and then runs its steps, `solver.core`, which checks nothing: settings
+checked once when made (edm2.sampling.SamplingSettings.run) run the steps of every batch through `.core`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -60,6 +63,7 @@ __all__ = [
     "churn_gamma",
     "Solver",
     "count_evaluations",
+    "dry_run",
     "sample",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
@@ -107,6 +111,10 @@ def _check_nonnegative(name: str, value: float) -> float:
     return value
 
 
+CHURN_NAMES = ("S_churn", "S_min", "S_max", "S_noise")
+CHURN_DEFAULTS = (0.0, 0.0, math.inf, 1.0)
+
+
 def _check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> tuple[float, float, float, float]:
     S_churn, S_min = _check_nonnegative("S_churn", S_churn), _check_nonnegative("S_min", S_min)
     S_noise = _check_nonnegative("S_noise", S_noise)
@@ -119,12 +127,11 @@ def _check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> 
     return S_churn, S_min, S_max, S_noise
 
 
-def _prepare(
+def _check_run(
     x: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype, noise: NoiseSource | None, callback: Callback | None
-) -> tuple[torch.Tensor, torch.Tensor, list[float], NoiseSource]:
-    """The state and the schedule in `dtype` on x's device, the schedule's values on the host (the sigmas
-    given to the denoiser and to the noise source, and every decision, without device syncs) and the noise
-    source, after checking them."""
+) -> None:
+    """ValueError naming the argument when the state, the schedule (in `dtype` on x's device), the dtype, the noise
+    source or the callback is not usable."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a tensor of shape [N, C, H, W], got {getattr(x, 'shape', x)!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -135,8 +142,55 @@ def _prepare(
         raise ValueError(f"callback must be a callable callback(i, x) or None, got {callback!r}")
     if not isinstance(sigmas, torch.Tensor):
         raise ValueError(f"sigmas must be a tensor (see edm2.schedules), got {sigmas!r}")
-    sigmas = check_sigmas(sigmas.to(dtype=dtype, device=x.device))
+    check_sigmas(sigmas.to(dtype=dtype, device=x.device))
+
+
+def _prepare(
+    x: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype, noise: NoiseSource | None
+) -> tuple[torch.Tensor, torch.Tensor, list[float], NoiseSource]:
+    """The state and the schedule in `dtype` on x's device, the schedule's values on the host (the sigmas
+    given to the denoiser and to the noise source, and every decision, without device syncs) and the noise
+    source (checked by _check_run)."""
+    sigmas = sigmas.to(dtype=dtype, device=x.device)
     return x.to(dtype), sigmas, sigmas.tolist(), noise if noise is not None else _default_noise
+
+
+def _only_given(options: dict[str, Any], checked: dict[str, Any]) -> dict[str, Any]:
+    return {k: checked[k] if k in checked else v for k, v in options.items()}
+
+
+def _churn_options(options: dict[str, Any]) -> dict[str, Any]:
+    values = _check_churn(*(options.get(k, d) for k, d in zip(CHURN_NAMES, CHURN_DEFAULTS)))
+    return _only_given(options, dict(zip(CHURN_NAMES, values)))
+
+
+def _eta_options(options: dict[str, Any]) -> dict[str, Any]:
+    checked = {k: _check_nonnegative(k, options[k]) for k in ("eta", "s_noise") if k in options}
+    if options.get("solver_type", "midpoint") not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {options['solver_type']!r}")
+    return _only_given(options, checked)
+
+
+def _no_options(options: dict[str, Any]) -> dict[str, Any]:
+    return dict(options)
+
+
+def _solver(check_options: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[Callable], Callable]:
+    """A solver from its steps: the public function checks its arguments (the options with check_options: the
+    values normalised, ValueError naming a bad one) and runs the steps; `.core` runs them unchecked, for
+    arguments checked before (edm2.sampling.SamplingSettings.run), and `.check_options` is check_options."""
+
+    def wrap(core: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        @functools.wraps(core)
+        def solver(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options: Any) -> torch.Tensor:
+            checked = check_options(options)
+            _check_run(x, sigmas, options.get("dtype", torch.float64), options.get("noise"), options.get("callback"))
+            return core(denoiser, x, sigmas, **checked)
+
+        solver.core, solver.check_options = core, check_options
+        return solver
+
+    return wrap
 
 
 def _host_sigma_hat(sigma: float, gamma: float, dtype: torch.dtype) -> float:
@@ -148,6 +202,7 @@ def _host_sigma_hat(sigma: float, gamma: float, dtype: torch.dtype) -> float:
     return (s + gamma * s).item()
 
 
+@_solver(_churn_options)
 @torch.no_grad()
 def sample_euler(
     denoiser: Denoiser,
@@ -163,8 +218,7 @@ def sample_euler(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Euler steps along d = (x - D(x; sigma)) / sigma (EDM Alg. 2 without the correction), optional churn."""
-    S_churn, S_min, S_max, S_noise = _check_churn(S_churn, S_min, S_max, S_noise)
-    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
+    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise)
     num_steps = len(values) - 1
     for i in range(num_steps):
         sigma_cur, sigma_next = sigmas[i], sigmas[i + 1]
@@ -179,6 +233,7 @@ def sample_euler(
     return x
 
 
+@_solver(_churn_options)
 @torch.no_grad()
 def sample_heun(
     denoiser: Denoiser,
@@ -194,8 +249,7 @@ def sample_heun(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """EDM's Heun sampler (EDM Alg. 2), with optional churn: the operations of edm_sampler in its order."""
-    S_churn, S_min, S_max, S_noise = _check_churn(S_churn, S_min, S_max, S_noise)
-    x_next, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
+    x_next, sigmas, values, noise = _prepare(x, sigmas, dtype, noise)
     num_steps = len(values) - 1
     for i in range(num_steps):
         sigma_cur, sigma_next = sigmas[i], sigmas[i + 1]
@@ -215,6 +269,7 @@ def sample_heun(
     return x_next
 
 
+@_solver(_eta_options)
 @torch.no_grad()
 def sample_euler_ancestral(
     denoiser: Denoiser,
@@ -228,8 +283,7 @@ def sample_euler_ancestral(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling with Euler steps: step to sigma_down, add noise of std sigma_up (eta 0: no noise)."""
-    eta, s_noise = _check_nonnegative("eta", eta), _check_nonnegative("s_noise", s_noise)
-    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
+    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise)
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = (x - denoiser(x, values[i])) / sigma
@@ -254,6 +308,7 @@ def _phi(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return phi1, phi2, phi2 / H - 0.5
 
 
+@_solver(_no_options)
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoiser: Denoiser,
@@ -268,7 +323,7 @@ def sample_dpmpp_2m(
     h = log(sigma / sigma_next) and D~ = D + (D - D_prev) / (2 r), r = h_prev / h (first order on the first
     step); one evaluation per step. `noise` is accepted (and unused) so that every solver takes the same
     arguments."""
-    x, sigmas, values, _ = _prepare(x, sigmas, dtype, noise, callback)
+    x, sigmas, values, _ = _prepare(x, sigmas, dtype, noise)
     prev = None  # (denoised, h) of the previous step
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -296,6 +351,7 @@ def _sde_noise_scale(sigma_next: torch.Tensor, eta_h: torch.Tensor) -> torch.Ten
     return sigma_next * (-2 * eta_h).expm1().neg().sqrt()
 
 
+@_solver(_eta_options)
 @torch.no_grad()
 def sample_dpmpp_2m_sde(
     denoiser: Denoiser,
@@ -313,10 +369,7 @@ def sample_dpmpp_2m_sde(
     H = (1 + eta) h, x <- e^-H x + phi1 D (e^-H = (sigma_next / sigma) e^(-eta h)), plus the 2nd-order term
     (D - D_prev) / r weighted phi1 / 2 ('midpoint') or phi2 ('heun'), plus noise of std
     s_noise sigma_next sqrt(1 - e^(-2 eta h)). eta 0 is the ODE solver DPM-Solver++(2M)."""
-    eta, s_noise = _check_nonnegative("eta", eta), _check_nonnegative("s_noise", s_noise)
-    if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {solver_type!r}")
-    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
+    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise)
     prev = None  # (denoised, h) of the previous step
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -339,6 +392,7 @@ def sample_dpmpp_2m_sde(
     return x
 
 
+@_solver(_eta_options)
 @torch.no_grad()
 def sample_dpmpp_3m_sde(
     denoiser: Denoiser,
@@ -355,8 +409,7 @@ def sample_dpmpp_3m_sde(
     denoised values, estimates of h D' (at the current point, extrapolated) and of h^2 D'' / 2 (derivatives in
     lambda = -log sigma) enter with weights phi2 and -phi3 of H = (1 + eta) h; 2nd order on the second step,
     1st on the first. Noise as in dpmpp_2m_sde."""
-    eta, s_noise = _check_nonnegative("eta", eta), _check_nonnegative("s_noise", s_noise)
-    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise, callback)
+    x, sigmas, values, noise = _prepare(x, sigmas, dtype, noise)
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (denoised, h) of the previous steps, newest first
     for i in range(len(values) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -433,6 +486,17 @@ def _zero_noise(x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tenso
     return torch.zeros_like(x)
 
 
+def dry_run(name: str, denoiser: Denoiser, sigmas: torch.Tensor, **options: Any) -> None:
+    """Run the solver called `name` along sigmas on one zero pixel with zero noise: what it asks of `denoiser`
+    (how often, at which noise levels) without any cost, so counts taken this way cannot drift from the code."""
+    options = {k: v for k, v in options.items() if k not in ("noise", "callback")}
+    sample(name, denoiser, torch.zeros([1, 1, 1, 1], dtype=sigmas.dtype), sigmas.cpu(), noise=_zero_noise, **options)
+
+
+def _free(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
 def count_evaluations(
     name: str,
     sigmas: torch.Tensor,
@@ -440,14 +504,8 @@ def count_evaluations(
     guidance_interval: tuple[float, float] | None = None,
     **options: Any,
 ) -> SamplerStats:
-    """Network evaluations per image that `sample(name, ...)` makes along sigmas with this guidance: counted
-    by running the solver on one pixel with a free stand-in denoiser, so the count cannot drift from the
-    solver's code."""
-    options = {k: v for k, v in options.items() if k not in ("noise", "callback")}
-
-    def free(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        return torch.zeros_like(x)
-
-    den = GuidedDenoiser(free, free if guidance != 1 else None, guidance, guidance_interval)
-    sample(name, den, torch.zeros([1, 1, 1, 1], dtype=sigmas.dtype), sigmas.cpu(), noise=_zero_noise, **options)
+    """Network evaluations per image that `sample(name, ...)` makes along sigmas with this guidance (a dry_run
+    with a free stand-in denoiser)."""
+    den = GuidedDenoiser(_free, _free if guidance != 1 else None, guidance, guidance_interval)
+    dry_run(name, den, sigmas, **options)
     return den.stats

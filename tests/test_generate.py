@@ -18,7 +18,7 @@ from conftest import ROOT
 
 from edm2.generation import generate_batch, image_path, make_grid, seed_batches
 from edm2.model_files import save_network
-from edm2.sampler import count_evaluations
+from edm2.sampler import count_evaluations, edm_settings
 from networks import Precond
 from torch_utils import distributed as dist
 from training.encoders import encoder_from_config
@@ -131,7 +131,7 @@ def test_pngs_by_seed_grid_and_summary(files, tmp_path):
     np.testing.assert_array_equal(grid, make_grid(images.transpose(0, 3, 1, 2)))
     np.testing.assert_array_equal(grid[16:32, 16:32], images[4])  # seed 9 at row 1, column 1
     assert not grid[16:32, 32:48].any()  # the unused last cell stays black
-    evals = count_evaluations(6, guidance=1.5).total_evals
+    evals = count_evaluations(edm_settings(num_steps=6, guidance=1.5)).total_evals
     assert evals == 22
     assert "Generated 5 images in" in r.output and f"{evals} network evaluations per image" in r.output
     assert "img/s" in r.output

@@ -322,7 +322,7 @@ def test_input_names_are_selected_as_the_official_tool_selects_them():
     .safetensors snapshots follow the same naming)."""
     import pathlib
 
-    from training.phema_reconstruct import filter_snapshot_names
+    from edm2.phema_reconstruct import filter_snapshot_names
 
     ref = json.loads((pathlib.Path(__file__).parent / "data" / "official_parity.json").read_text())["phema"]
     names = [pathlib.Path(n) for n in ref["names"]]

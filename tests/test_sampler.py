@@ -13,6 +13,7 @@ from edm2.sampler import (
     SamplerStats,
     count_evaluations,
     edm_sampler,
+    edm_settings,
     evaluation_sigmas,
     step_sigmas,
 )
@@ -68,17 +69,17 @@ def test_reference_sampler_outputs(ref, ref_nets, dtype):
 
 
 def test_step_sigmas_follow_the_schedule():
-    s = step_sigmas(32, 0.002, 80, 7)
+    s = step_sigmas(edm_settings(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7))
     assert s.shape == (33,) and s.dtype == torch.float64
     assert s[0].item() == pytest.approx(80) and s[31].item() == pytest.approx(0.002) and s[32].item() == 0
     assert bool(torch.all(s[1:] < s[:-1]))
     i = 13
     expected = (80 ** (1 / 7) + i / 31 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert s[i].item() == pytest.approx(expected, rel=1e-12)
-    assert step_sigmas(1, 0.002, 80, 7).tolist() == [80.0, 0.0]
+    assert step_sigmas(edm_settings(num_steps=1, sigma_min=0.002, sigma_max=80, rho=7)).tolist() == [80.0, 0.0]
     for bad in [{"num_steps": 0}, {"sigma_min": 0}, {"sigma_max": 0.001}, {"rho": -1}, {"num_steps": 2.5}]:
         with pytest.raises(ValueError, match=next(iter(bad))):
-            step_sigmas(**{"num_steps": 4, "sigma_min": 0.002, "sigma_max": 80, "rho": 7, **bad})
+            step_sigmas(edm_settings(**{"num_steps": 4, "sigma_min": 0.002, "sigma_max": 80, "rho": 7, **bad}))
 
 
 def test_heun_solves_the_gaussian_ode():
@@ -94,7 +95,7 @@ def test_heun_solves_the_gaussian_ode():
     # The solver evaluates at every sigma_i, twice per step except the last: 2N - 1 evaluations.
     net.calls.clear()
     edm_sampler(net, noise, num_steps=6)
-    assert net.calls == pytest.approx(evaluation_sigmas(6), rel=1e-6)
+    assert net.calls == pytest.approx(evaluation_sigmas(edm_settings(num_steps=6)), rel=1e-6)
     assert len(net.calls) == 11
 
 
@@ -127,13 +128,13 @@ def test_guidance_interval_and_honest_counts(interval):
     noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
     stats = SamplerStats()
     out = edm_sampler(main, noise, gnet=guide, guidance=2.0, num_steps=32, guidance_interval=interval, stats=stats)
-    sigmas = evaluation_sigmas(32)
+    sigmas = evaluation_sigmas(edm_settings(num_steps=32))
     inside = [s for s in sigmas if interval is None or interval[0] < s <= interval[1]]
     # Every evaluation calls the main net; exactly those inside the interval also call the guiding net.
     assert stats.net_evals == len(main.calls) == 63
     assert stats.gnet_evals == len(guide.calls) == len(inside)
     assert guide.calls == pytest.approx(inside, rel=1e-6)
-    assert count_evaluations(32, guidance=2.0, guidance_interval=interval) == stats
+    assert count_evaluations(edm_settings(num_steps=32, guidance=2.0, guidance_interval=interval)) == stats
     assert stats.total_evals == 63 + len(inside)
     plain = edm_sampler(ToyDenoiser(mean=0.3), noise, num_steps=32)
     everywhere = edm_sampler(ToyDenoiser(mean=0.3), noise, gnet=ToyDenoiser(mean=-0.2), guidance=2.0, num_steps=32)
@@ -163,11 +164,11 @@ def test_count_evaluations_matches_the_sampler_with_churn():
         **churn,
     )
     expected = count_evaluations(
-        12, guidance=1.5, guidance_interval=(0.1, 10), **{k: v for k, v in churn.items() if k != "S_noise"}
+        edm_settings(num_steps=12, guidance=1.5, guidance_interval=(0.1, 10), **{k: v for k, v in churn.items()})
     )
     assert stats == expected and stats.net_evals == 23
     # Churn raises the noise level above the schedule where it applies, and only there.
-    plain_sigmas = evaluation_sigmas(12)
+    plain_sigmas = evaluation_sigmas(edm_settings(num_steps=12))
     assert main.calls[0] == pytest.approx(plain_sigmas[0])  # sigma_0 = 80 > S_max: no churn
     gamma = min(20 / 12, math.sqrt(2) - 1)
     assert main.calls[2] == pytest.approx(plain_sigmas[2] * (1 + gamma), rel=1e-6)

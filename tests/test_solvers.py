@@ -14,7 +14,7 @@ from conftest import DATA, reference_meta
 import edm2
 from edm2 import schedules, solvers
 from edm2.guidance import GuidedDenoiser, NetworkDenoiser
-from edm2.sampler import SamplerStats, count_evaluations, edm_sampler, evaluation_sigmas, step_sigmas
+from edm2.sampler import SamplerStats, count_evaluations, edm_sampler, edm_settings, evaluation_sigmas, step_sigmas
 from edm2.seeds import SeedGenerators
 
 KD_NPZ = DATA / "kdiffusion_reference.npz"
@@ -93,7 +93,7 @@ def test_solvers_match_kdiffusion(kd, key):
 def test_schedules(kd):
     for n in (1, 2, 7, 32):
         for dtype in (torch.float64, torch.float32):
-            assert torch.equal(schedules.karras(n, dtype=dtype), step_sigmas(n, dtype=dtype))
+            assert torch.equal(schedules.karras(n, dtype=dtype), step_sigmas(edm_settings(num_steps=n, dtype=dtype)))
     torch.testing.assert_close(schedules.karras(32), torch.from_numpy(kd["karras_32"]), rtol=1e-12, atol=0)
     kd_rho3 = torch.from_numpy(kd["karras_10_rho3"])
     torch.testing.assert_close(schedules.karras(10, 0.01, 20, 3), kd_rho3, rtol=1e-12, atol=0)
@@ -369,11 +369,12 @@ def test_evaluation_counts(name):
     if name == "heun":  # the same counts as edm2.sampler's for edm_sampler, churn and interval included
         churn = {"S_churn": 20, "S_min": 0.05, "S_max": 50}
         for guidance, interval in ((2.0, None), (2.0, (0.28, 5.42)), (1, None)):
-            expected = count_evaluations(32, guidance=guidance, guidance_interval=interval, **churn)
+            settings = edm_settings(num_steps=32, guidance=guidance, guidance_interval=interval, **churn)
+            expected = count_evaluations(settings)
             assert solvers.count_evaluations("heun", schedules.karras(32), guidance, interval, **churn) == expected
         seen.clear()
         solvers.sample("heun", recording, _x(1), schedules.karras(12), noise=lambda x, s, t: x * 0, **churn)
-        assert seen == pytest.approx(evaluation_sigmas(12, **churn), rel=1e-12)
+        assert seen == pytest.approx(evaluation_sigmas(edm_settings(num_steps=12, **churn)), rel=1e-12)
 
 
 def test_callback_and_public_names():

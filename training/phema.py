@@ -4,7 +4,7 @@ A power-function EMA profile with exponent g averages the training weights theta
 weight proportional to tau^g. Its width is expressed as the relative standard deviation std(g) of that
 profile (Eq. 123). Training tracks a few such profiles (`PowerFunctionEMA`) and saves them as snapshots;
 any other std can then be reconstructed after training as a linear combination of the snapshots
-(`solve_posthoc_coefficients`, used by `training.phema_reconstruct`).
+(`solve_posthoc_coefficients`, used by `edm2.phema_reconstruct`).
 
 The math runs on numpy float64 arrays and broadcasts like numpy; scalars in give numpy scalars out.
 """

@@ -30,6 +30,7 @@ from .encoders import encoder_from_config
 from .grad_sync import FlatGradients
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
+from .model_files import save_network
 from .phema import PowerFunctionEMA
 from .progress import LOG_FILE, Progress, RunLog
 from .post_step import PostStep, fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
@@ -632,8 +633,6 @@ def _write_errors(run_dir: str, what: str):
 
 
 def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) -> None:
-    from edm2.model_files import save_network
-
     from .plot_stats import plot_loss_curves
 
     for std, ema_net in ema:

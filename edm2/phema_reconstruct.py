@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import tqdm
 
-from .phema import STD_LIMIT, check_std, solve_posthoc_coefficients
+from training.phema import STD_LIMIT, check_std, solve_posthoc_coefficients
+
+from . import model_files  # module attribute calls: tests may stand in for load_network
 
 # Snapshot files: any PREFIX-KIMG-STD name, as the official reconstruct_phema.py lists them (training's
 # network-snapshot-*, NVIDIA's published raw snapshots edm2-img512-xs-0134217-0.050.pkl, ...). Official .pkl files
@@ -83,9 +85,18 @@ def output_filename(prefix: str, kimg: int, std: float) -> str:
 # Options
 
 
-def parse_std_list(text: str | float | Sequence[float]) -> list[float]:
+class StdList(tuple):
+    """EMA stds as parse_std_list returns them: distinct, each in (0, STD_LIMIT]. Functions that take a std list
+    take this one as it is, so a list is checked once, where it enters (a command line's option, or the first
+    library call)."""
+
+
+def parse_std_list(text: str | float | Sequence[float]) -> StdList:
     """Parse '0.05,0.1' or a range '0.010,0.015,...,0.250' (step from the two values before '...', end
-    included) into a list of stds, each checked to lie in (0, STD_LIMIT]. Lists and numbers pass through."""
+    included) into the stds, each checked to lie in (0, STD_LIMIT]. Numbers and sequences of numbers are checked
+    too; a StdList (already checked) is returned as it is."""
+    if isinstance(text, StdList):
+        return text
     if isinstance(text, (int, float)):
         items: list = [text]
     elif isinstance(text, str):
@@ -117,7 +128,7 @@ def parse_std_list(text: str | float | Sequence[float]) -> list[float]:
         raise ValueError(f"std list {text!r} is empty")
     for value in values:
         check_std(value, "std")
-    return list(dict.fromkeys(values))  # distinct, in order
+    return StdList(dict.fromkeys(values))  # distinct, in order
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,8 +137,6 @@ def parse_std_list(text: str | float | Sequence[float]) -> list[float]:
 
 def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     """Read a snapshot's EMA std, training image count and network config from its header (no weights)."""
-    from edm2 import model_files
-
     path = pathlib.Path(path)
     try:
         header = model_files.read_header(path)
@@ -275,8 +284,6 @@ def _reconstruct_passes(
     progress: bool,
     accumulate_dtype: torch.dtype,
 ) -> Iterator[ReconstructedNetwork]:
-    from edm2 import model_files
-
     passes = math.ceil(len(stds) / batch)
     for first in range(0, len(stds), batch):
         columns = list(range(first, min(first + batch, len(stds))))
@@ -340,8 +347,6 @@ def reconstruct_to_dir(
 ) -> list[pathlib.Path]:
     """Reconstruct and write `{prefix}-{kimg:07d}-{std:.3f}.safetensors` files (atomically, in the model
     file format of training snapshots); returns the paths written (or kept, with skip_existing)."""
-    from edm2 import model_files
-
     if not re.fullmatch(r"[A-Za-z0-9._-]+", prefix):
         raise ValueError(f"prefix must be a plain file-name prefix (letters, digits, . _ -), got {prefix!r}")
     stds = parse_std_list(out_std)
@@ -351,8 +356,8 @@ def reconstruct_to_dir(
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {std: outdir / output_filename(prefix, out_nimg // 1000, std) for std in stds}
     if len(set(paths.values())) != len(paths):
-        raise ValueError(f"out_std {stds}: some stds are equal to 3 decimals and would share an output file name")
-    todo = [std for std in stds if not (skip_existing and paths[std].exists())]
+        raise ValueError(f"out_std {list(stds)}: some stds are equal to 3 decimals and would share an output file name")
+    todo = StdList(std for std in stds if not (skip_existing and paths[std].exists()))  # checked: a part of stds
     if todo:
         for rec in reconstruct(infos, todo, out_kimg=out_kimg, batch=batch, device=device, progress=progress):
             model_files.save_network(
@@ -373,6 +378,7 @@ __all__ = [
     "ReconstructedNetwork",
     "SnapshotError",
     "SnapshotInfo",
+    "StdList",
     "filter_snapshot_names",
     "output_filename",
     "parse_std_list",

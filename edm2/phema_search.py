@@ -25,7 +25,9 @@ import torch
 
 from torch_utils.state_io import atomic_write_bytes
 
-from .loss import EDM2Loss
+from training.dataset import ImageFolderDataset
+from training.loss import EDM2Loss
+
 from .phema_reconstruct import reconstruct
 
 
@@ -129,8 +131,6 @@ def load_validation_data(
             labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
             images = torch.from_numpy(data["images"])
     else:
-        from .dataset import ImageFolderDataset
-
         dataset = ImageFolderDataset(str(path), max_size=max_images)
         items = [dataset[i] for i in range(len(dataset))]
         images = torch.stack([x for x, _ in items])
