@@ -38,7 +38,8 @@ from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 @click.option("--freezing/--no-freezing", "freezing", default=None,
               help="Weights as compile-time constants [default: with --compile on CUDA]")
 def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, kernels: str | None,
-         channels_last: bool | None, compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None, freezing: bool | None) -> None:
+         channels_last: bool | None, compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None,
+         freezing: bool | None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(device)

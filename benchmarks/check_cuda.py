@@ -1,6 +1,7 @@
 """The CUDA paths against the reference fixture: fp32 / fp16 / bf16 forward, torch.compile, the fast speed plan
-(accel: fused attention, channels-last, fast dropout), a compiled training step, the fused post-step. Prints JSON (one line) with every figure, the tolerance it is held to and
-`ok`; exits 1 when a figure is over its tolerance. Run on a GPU machine (python benchmarks/check_cuda.py)."""
+(accel: fused attention, channels-last, fast dropout), a compiled training step, the fused post-step. Prints JSON
+(one line) with every figure, the tolerance it is held to and `ok`; exits 1 when a figure is over its tolerance. Run
+on a GPU machine (python benchmarks/check_cuda.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Exact resume with dropout on CUDA (issue 20): a tiny run with dropout and the fast dropout kernel (the CUDA
-default of the speed plan, accel/dropout.py), trained once straight through and once in two legs, the second a resume in a fresh
-process; the final weights, EMAs, Adam moments and RNG states must agree bit for bit. Prints JSON (one line) and
-exits 1 on a mismatch. Run on a GPU machine from the repository root:
+default of the speed plan, accel/dropout.py), trained once straight through and once in two legs, the second a
+resume in a fresh process; the final weights, EMAs, Adam moments and RNG states must agree bit for bit. Prints
+JSON (one line) and exits 1 on a mismatch. Run on a GPU machine from the repository root:
 
     python benchmarks/check_resume_cuda.py
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from .mp import MPConv, MPFourier
+from .skip_scaling import SkipScalingSettings
 from .unet import UNet
 from .uvit import UViT
 
@@ -125,7 +126,7 @@ class Precond(torch.nn.Module):
         self.precision = _check_precision(precision)
         # Constructor arguments as plain JSON values, for model files.
         self.init_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-        backbone = dict(skip_scaling=skip_scaling, kappa=kappa, ls_reduction=ls_reduction)
+        backbone = dict(skip_scaling=SkipScalingSettings(skip_scaling, kappa, ls_reduction))
         if arch == "uvit":
             uvit = {
                 k: v for k, v in dict(patch_size=patch_size, depth=depth, mlp_ratio=mlp_ratio).items() if v is not None

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from .mp import CosineAttention, Dropout, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
-from .skip_scaling import SkipScaling
+from .skip_scaling import SkipScaling, SkipScalingSettings
 
 
 class Block(torch.nn.Module):
@@ -108,9 +108,7 @@ class UNet(torch.nn.Module):
         res_balance: float = 0.3,  # mp_sum weight of residual branches
         attn_balance: float = 0.3,  # mp_sum weight of attention branches
         clip_act: float | None = 256,  # activation clipping in every block
-        skip_scaling: str = "none",  # ScaleLong mode of the long skips (networks/skip_scaling.py)
-        kappa: float = 0.7,  # CS base: skip i (1 = outermost) is multiplied by kappa^(i-1)
-        ls_reduction: int = 16,  # reduction r of the LS gates (networks/skip_scaling.py)
+        skip_scaling: SkipScalingSettings | str = "none",  # ScaleLong settings, or a mode (networks/skip_scaling.py)
     ):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
@@ -170,8 +168,9 @@ class UNet(torch.nn.Module):
         # Every encoder output is a long skip; the first one (i = 1) meets the last decoder block.
         skip_channels = [b.out_channels for b in self.enc.values()]
         skip_positions = [int(name.split("x")[0]) ** 2 for name in self.enc]  # H * W from the names "{H}x{W}_..."
+        skip = SkipScalingSettings.of(skip_scaling)
         self.skip_scale = SkipScaling(
-            skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, skip_positions=skip_positions
+            skip.mode, skip_channels, kappa=skip.kappa, ls_reduction=skip.ls_reduction, skip_positions=skip_positions
         )
         self._gain_dtype = torch.float32
 

@@ -23,7 +23,7 @@ import math
 import torch
 
 from .mp import CosineAttention, Dropout, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
-from .skip_scaling import SkipScaling
+from .skip_scaling import SkipScaling, SkipScalingSettings
 
 POS_BALANCE = 0.5  # mp_sum weight of the position embedding against the patch content
 
@@ -125,9 +125,7 @@ class UViT(torch.nn.Module):
         attn_balance: float = 0.3,  # mp_sum weight of attention branches
         clip_act: float | None = 256,  # activation clipping in every block
         long_skips: bool = True,  # False: a plain ViT (no skips; then skip_scaling must be 'none')
-        skip_scaling: str = "none",  # ScaleLong mode (networks/skip_scaling.py)
-        kappa: float = 0.7,  # CS base: skip i (1 = outermost) gets kappa^(i-1)
-        ls_reduction: int = 16,  # reduction r of the LS gates (networks/skip_scaling.py)
+        skip_scaling: SkipScalingSettings | str = "none",  # ScaleLong settings, or a mode (networks/skip_scaling.py)
     ):
         super().__init__()
         for name, value in dict(
@@ -177,8 +175,9 @@ class UViT(torch.nn.Module):
         skip_channels = [model_channels] * half if long_skips else []
         # Every skip holds all tokens: the time token, the class token (conditional networks) and the patches.
         skip_positions = [1 + (label_dim > 0) + grid * grid] * len(skip_channels)
+        skip = SkipScalingSettings.of(skip_scaling)
         self.skip_scale = SkipScaling(
-            skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, channel_dim=2,
+            skip.mode, skip_channels, kappa=skip.kappa, ls_reduction=skip.ls_reduction, channel_dim=2,
             skip_positions=skip_positions,
         )
 
