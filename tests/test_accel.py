@@ -55,7 +55,7 @@ def test_bad_values_name_the_option(kwargs, message):
 
 
 def test_training_config_errors_name_the_option():
-    from training.training_loop import TrainingError, default_config, speed_plan
+    from training.training_loop import TrainingError, default_config, speed_plan, validate_config
 
     config = default_config()
     assert config["kernels"] is None and "fused_step" not in config and "ddp_overlap" not in config
@@ -64,6 +64,8 @@ def test_training_config_errors_name_the_option():
     with pytest.raises(TrainingError, match="--grad-sync: grad_sync must be"):
         speed_plan(dict(config, grad_sync="grouped"), torch.device("cpu"), 2)
     assert speed_plan(dict(config, compile=True), torch.device("cpu"), 2).grad_sync == "flat"
+    with pytest.raises(TrainingError, match="--kernels"):  # checked with the rest, before a run directory is made
+        validate_config(dict(config, data="data.zip", kernels="turbo"), 1)
 
 
 def tiny(arch: str = "edm2-unet", dropout: float = 0.0) -> edm2.Precond:
@@ -178,3 +180,19 @@ def test_old_options_resume(tmp_path):
                grad_sync="grouped")
     assert config_differences(old, new) == []
     assert json.loads(json.dumps(new))["kernels"] is None
+
+
+def test_networks_never_import_the_speed_layer():
+    """networks/ is the reference network alone: no import of accel/, Triton or a speed switch by name."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "networks"
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.split(".")[0] in ("accel", "triton")], path
+        text = path.read_text()
+        for switch in ("batched_weights", "fast_dropout", "reference_order", "graph_breaks", "channels_last = "):
+            assert switch not in text, (path, switch)

@@ -146,6 +146,7 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
         raise TrainingError(f"--lr {config['lr']['ref_lr']!r} is too large: Adam's first step overflows float32")
     if config["data"] is None:
         raise TrainingError("--data is required")
+    speed_plan(config, torch.device("cpu"), world_size)  # the speed options' values, before anything is written
     return config
 
 
