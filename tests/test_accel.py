@@ -196,3 +196,12 @@ def test_networks_never_import_the_speed_layer():
         text = path.read_text()
         for switch in ("batched_weights", "fast_dropout", "reference_order", "graph_breaks", "channels_last = "):
             assert switch not in text, (path, switch)
+
+
+def test_accel_is_packaged():
+    """An installed (non-editable) project must ship the speed layer that training and sampling import."""
+    import pathlib
+    import tomllib
+
+    pyproject = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "accel*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
