@@ -205,3 +205,22 @@ def test_accel_is_packaged():
 
     pyproject = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "accel*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+
+
+def test_fused_attention_keeps_the_layout_and_the_reference_values():
+    """FusedCosineAttention: the reference's values and gradients within float rounding, channels-last in and out
+    (the CUDA layout: no transposes into the neighbouring convolutions), contiguous in and out otherwise."""
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 3 * 4 * 8, 6, 5, generator=gen)
+    g = torch.randn(2, 4 * 8, 6, 5, generator=gen)
+    results = []
+    cases = [(CosineAttention(4), torch.contiguous_format), (FusedCosineAttention(4), torch.channels_last),
+             (FusedCosineAttention(4), torch.contiguous_format)]
+    for module, layout in cases:
+        x = qkv.contiguous(memory_format=layout).requires_grad_(True)
+        y = module(x)
+        assert y.is_contiguous(memory_format=layout)
+        (grad,) = torch.autograd.grad(y, x, g)
+        results.append((y.detach(), grad))
+    for y, grad in results[1:]:
+        assert rel_err(y, results[0][0]) < 1e-5 and rel_err(grad, results[0][1]) < 1e-5
