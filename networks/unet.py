@@ -206,7 +206,7 @@ class UNet(torch.nn.Module):
             x = block(x) if isinstance(block, MPConv) else block(x, emb)
             skips.append(x)  # every encoder output is a long skip
         for name, block in self.dec.items():
-            if "block" in name:  # skip i = len(skips) after the pop (1 = outermost, the last one popped)
+            if "block" in name:  # skip i = len(skips) + 1 after the pop (1 = the outermost, popped last)
                 skip = skips.pop()
                 x = mp_cat(x, self.skip_scale(skip, len(skips) + 1), t=self.concat_balance)
             x = block(x, emb)
