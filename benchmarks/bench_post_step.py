@@ -1,5 +1,6 @@
-"""The post-step alone (training/post_step.py: non-finite guard, Adam, forced weight normalization, EMA updates)
-on a preset's parameters, fused kernel against the separate library calls; prints JSON.
+"""The post-step alone (accel/post_step.py: non-finite guard, Adam, forced weight normalization, EMA updates)
+on a preset's parameters laid out as training lays them out (the CUDA speed plan), fused kernel against the separate
+library calls; prints JSON.
 
     python benchmarks/bench_post_step.py --preset edm2-img512-s
 
@@ -9,6 +10,7 @@ parameter, k EMAs) at the device-to-device copy bandwidth measured in the same r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import accel.post_step  # noqa: E402
 import edm2  # noqa: E402
-import training.post_step  # noqa: E402
+from accel import resolve_speed_plan  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
-from training.post_step import PostStep  # noqa: E402
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -47,27 +49,25 @@ def copy_bandwidth_gb_s(nbytes: int = 2 << 30) -> float:
 @click.option("--preset", default="edm2-img512-s", show_default=True)
 @click.option("--emas", type=int, default=2, show_default=True, help="EMA copies (the presets keep 2)")
 @click.option("--repeats", type=int, default=20, show_default=True)
-@click.option("--channels-last/--no-channels-last", "channels_last", default=True, show_default=True,
-              help="Weights stored channels-last, as training does on CUDA")
-@click.option("--sub", default=str(training.post_step.SUB), show_default=True,
+@click.option("--sub", default=str(accel.post_step.SUB), show_default=True,
               help="Elements per chunk of the fused kernel; a comma-separated list times each")
-def main(preset: str, emas: int, repeats: int, channels_last: bool, sub: str) -> None:
+def main(preset: str, emas: int, repeats: int, sub: str) -> None:
     dev = torch.device("cuda")
+    plan = resolve_speed_plan(dev)
     torch.manual_seed(0)
-    net = edm2.Precond(**edm2.preset_network_kwargs(preset)).to(dev).train()
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
+    net = plan.apply(edm2.Precond(**edm2.preset_network_kwargs(preset)).to(dev).train())  # weights as training has them
     for p in net.parameters():
         p.grad = torch.randn_like(p)
     n_params = sum(p.numel() for p in net.parameters())
     result = dict(benchmark="post_step", preset=preset, params_m=round(n_params / 1e6, 1), emas=emas,
-                  channels_last=channels_last)
+                  channels_last=plan.channels_last)
     subs = [int(s) for s in sub.split(",")]
     for fused, chunk in [(False, None)] + [(True, s) for s in subs]:
-        training.post_step.SUB = chunk or training.post_step.SUB
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8, fused=not fused)
+        accel.post_step.SUB = chunk or accel.post_step.SUB
+        variant = dataclasses.replace(plan, fused_step=fused)
+        opt = variant.adam(net, lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
         ema = PowerFunctionEMA(net, [0.05 + 0.05 * k for k in range(emas)])
-        post = PostStep(net, opt, ema, fused=fused)
+        post = variant.post_step(net, opt, ema)
         nimg = iter(range(64, 1 << 40, 64))
         ms = round(time_ms(lambda: post(next(nimg), 64), repeats), 3)
         result.update({"plain_ms": ms} if not fused else {f"fused_ms_sub{chunk}": ms})

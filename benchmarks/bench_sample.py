@@ -28,14 +28,18 @@ from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="!= 1: guide with a second network of the same size")
 @click.option("--repeats", type=int, default=3, show_default=True)
-@click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="[default: on with CUDA]")
+@click.option("--kernels", type=click.Choice(["fast", "reference"]), default=None,
+              help="The speed plan's kernels, as generate.py --kernels  [default: fast on CUDA]")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+              help="[default: with the fast kernels on CUDA]")
 @click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
 @click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None, help="[default: with --compile on CUDA]")
 @click.option("--gnet-preset", default=None, help="Guiding network's preset [default: --preset]")
 @click.option("--freezing/--no-freezing", "freezing", default=None,
               help="Weights as compile-time constants [default: with --compile on CUDA]")
-def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, channels_last: bool | None,
-         compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None, freezing: bool | None) -> None:
+def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, kernels: str | None,
+         channels_last: bool | None, compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None,
+         freezing: bool | None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(device)
@@ -44,7 +48,8 @@ def main(preset: str, batch: int, steps: int, precision: str, guidance: float, r
         gnet = edm2.Precond(**edm2.preset_network_kwargs(gnet_preset or preset, precision=precision)).to(device)
     flops = flops_per_image(net.eval(), train=False)
     gflop_g = flops_per_image(gnet.eval(), train=False) if gnet is not None else 0.0
-    prep = dict(compile=compile_net, channels_last=channels_last, cuda_graphs=cuda_graphs, freezing=freezing)
+    prep = dict(compile=compile_net, channels_last=channels_last, cuda_graphs=cuda_graphs, freezing=freezing,
+                reference=kernels == "reference")
     net = edm2.prepare_for_sampling(net, **prep)  # as generate.py does
     gnet = edm2.prepare_for_sampling(gnet, **prep) if gnet is not None else None
     noise = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -66,7 +71,7 @@ def main(preset: str, batch: int, steps: int, precision: str, guidance: float, r
     peak = matmul_peak_tflops()
     tflops = (flops * stats.net_evals + gflop_g * stats.gnet_evals) * batch / best / 1e12
     print(json.dumps(dict(
-        channels_last=channels_last, compile=compile_net, cuda_graphs=cuda_graphs,
+        kernels=kernels, channels_last=channels_last, compile=compile_net, cuda_graphs=cuda_graphs,
         gnet_preset=gnet_preset if gnet is not None else None,
         freezing=freezing,
         gflop_per_eval_per_img=round(flops / 1e9, 1), evals_per_s=round(evals * batch / best, 1),

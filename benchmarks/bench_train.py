@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import edm2  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training.encoders import STABILITY_VAE_DEFAULTS  # noqa: E402
-from training.training_loop import build_dataset_and_net, default_config, resolve_grad_sync, training_loop  # noqa: E402
+from training.training_loop import build_dataset_and_net, default_config, speed_plan, training_loop  # noqa: E402
 
 from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
 
@@ -107,7 +107,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
             benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
             steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step,
             batched_weights=batched_weights, fast_dropout=fast_dropout, ddp_overlap=ddp_overlap,
-            grad_sync=resolve_grad_sync(c) if world > 1 else None,
+            grad_sync=speed_plan(c, dist.device(), world).grad_sync if world > 1 else None,
             cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
             img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
             tflop_per_s=round(flops * img_s / 1e12, 1),

@@ -1,6 +1,7 @@
-"""The CUDA paths against the reference fixture: fp32 / fp16 / bf16 forward, torch.compile, a compiled
-training step, the fused post-step. Prints JSON (one line) with every figure, the tolerance it is held to and
-`ok`; exits 1 when a figure is over its tolerance. Run on a GPU machine (python benchmarks/check_cuda.py)."""
+"""The CUDA paths against the reference fixture: fp32 / fp16 / bf16 forward, torch.compile, the fast speed plan
+(accel: fused attention, channels-last, fast dropout), a compiled training step, the fused post-step. Prints JSON
+(one line) with every figure, the tolerance it is held to and `ok`; exits 1 when a figure is over its tolerance. Run
+on a GPU machine (python benchmarks/check_cuda.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
+from accel import resolve_speed_plan  # noqa: E402
 from conftest import build_reference_net, load_reference  # noqa: E402
-from networks import MPConv, Precond  # noqa: E402
+from networks import Precond  # noqa: E402
 from training import EDM2Loss  # noqa: E402
 
 
@@ -45,13 +47,6 @@ def main() -> None:
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    if "--batched-only" in sys.argv:  # the batched effective weights alone, compiled in fp32 and bf16 (a minute)
-        state = net.state_dict()
-        state.update({k[len("trainin/"):]: torch.from_numpy(v) for k, v in ref.items() if k.startswith("trainin/")})
-        net.load_state_dict(state)
-        net.normalize_weights_()
-        res.update(check_batched_weights(net, x, sigma, labels, noise, compiled=("fp32", "bf16")))
-        return finish(res)
     if "--dropout-only" in sys.argv:
         return finish(check_dropout())
     if "--post-step-only" in sys.argv:  # the fused post-step kernel (EMA before forced WN) alone, compiled
@@ -68,12 +63,16 @@ def main() -> None:
         res["compiled_fp32_vs_reference"] = rel(compiled(x, sigma, labels), out_D)
         net.precision = "fp16"
         res["compiled_fp16_vs_reference"] = rel(torch.compile(net, fullgraph=True)(x, sigma, labels), out_D)
-        net.channels_last = True  # the training layout: NHWC activations and weights
-        net.to(memory_format=torch.channels_last)
-        res["channels_last_fp16_vs_reference"] = rel(net(x, sigma, labels), out_D)
+        # cuDNN's autotuner held off as in the checks above: its picks would change the rounding from run to run.
+        fast = resolve_speed_plan(dev, cudnn_benchmark=False)
+        reference = resolve_speed_plan(dev, kernels="reference", cudnn_benchmark=False)
+        fast.apply(net)  # the training layout: NHWC activations and weights, fused attention
+        res["fast_plan_fp16_vs_reference"] = rel(net(x, sigma, labels), out_D)
         compiled = torch.compile(net, fullgraph=True)
-        res["compiled_channels_last_fp16_vs_reference"] = rel(compiled(x, sigma, labels), out_D)
-        net.channels_last = False
+        res["compiled_fast_plan_fp16_vs_reference"] = rel(compiled(x, sigma, labels), out_D)
+        net.precision = "fp32"
+        res["fast_plan_fp32_vs_reference"] = rel(net(x, sigma, labels), out_D)
+        reference.apply(net)
         net.to(memory_format=torch.contiguous_format)
     # A compiled training step from the fixture's trainin/* weights: gradients match the reference and eager.
     net.precision = "fp32"
@@ -91,8 +90,8 @@ def main() -> None:
     res["compiled_train_grad_vs_eager"] = rel(grads[1], grads[0])
     grad_ref = torch.cat([torch.from_numpy(ref["grad/" + n]).flatten() for n, _ in net.named_parameters()]).to(dev)
     res["eager_grad_vs_reference"] = rel(grads[0], grad_ref)
+    res.update(check_fast_plan_training(net, x, sigma, labels, noise, grads[0]))
     res.update(check_post_step(net))
-    res.update(check_batched_weights(net, x, sigma, labels, noise))
     res.update(check_dropout())
     # Rows of up to 256 * 2 * 9 = 4608 elements: several SUB-element chunks per program, a ragged last one.
     wide = Precond(img_resolution=16, img_channels=4, label_dim=10, model_channels=128, channel_mult=[1, 2],
@@ -103,8 +102,13 @@ def main() -> None:
         for q in wide.parameters():
             if q.ndim == 0:
                 q.copy_(torch.randn([]))
-    res.update(check_batched_weights(wide, wx, torch.rand([8], device=dev) * 3, torch.randint(0, 10, [8], device=dev),
-                                     torch.randn_like(wx), "wide_"))
+    wide.train()
+    wide_labels = torch.nn.functional.one_hot(torch.randint(0, 10, [8], device=dev), 10).float()
+    wide_sigma, wide_noise = torch.rand([8], device=dev) * 3 + 0.1, torch.randn_like(wx)
+    wide.zero_grad()
+    EDM2Loss()(wide, wx, wide_labels, sigma=wide_sigma, noise=wide_noise).mean().backward()
+    wide_grad = torch.cat([q.grad.flatten() for q in wide.parameters()])
+    res.update(check_fast_plan_training(wide, wx, wide_sigma, wide_labels, wide_noise, wide_grad, "wide_"))
     finish(res)
 
 
@@ -117,10 +121,10 @@ def finish(res: dict) -> None:
 
 
 def check_dropout(p: float = 0.1, shape: tuple = (64, 256, 64, 64)) -> dict:
-    """Fast dropout (networks/dropout.py) at EDM2-M's training size: the keep rate of a mask, and a compiled
+    """Fast dropout (accel/dropout.py) at EDM2-M's training size: the keep rate of a mask, and a compiled
     dropout of exp(x), whose output is zero exactly where the mask drops and whose gradient must be zero exactly
     there too (the same mask forward and backward); the kept values are exp(x) / (1 - p)."""
-    from networks.dropout import dropout, dropout_keep_mask
+    from accel.dropout import dropout, dropout_keep_mask
 
     dev = torch.device("cuda")
     n = math.prod(shape)
@@ -137,57 +141,28 @@ def check_dropout(p: float = 0.1, shape: tuple = (64, 256, 64, 64)) -> dict:
     return res
 
 
-def check_batched_weights(net, x, sigma, labels, noise, prefix: str = "", compiled=("fp32", "fp16", "bf16")) -> dict:
-    """All layers' effective weights in one kernel (networks/batched_weights.py) against the per-layer expressions:
-    the weights themselves in every dtype, and the gradients of a training step, eager and compiled, fp32 and, on
-    channels-last weights and activations, the half-precision training layout."""
+def check_fast_plan_training(net, x, sigma, labels, noise, truth, prefix: str = "") -> dict:
+    """The gradients of a training step through the fast speed plan (fused attention, channels-last weights and
+    activations), eager and compiled, against the reference plan's float32 gradients `truth`; in fp32 held to float32
+    rounding, in fp16 / bf16 reported."""
     import copy
 
-    from networks.batched_weights import effective_weights, effective_weights_reference
-
     out = {}
-    ws = [m.weight for m in net.modules() if isinstance(m, MPConv)]
-    gens = [torch.randn(w.shape, device=w.device) for w in ws]
-    for p in ("fp32", "fp16", "bf16"):
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
-        with torch.no_grad():
-            a, b = effective_weights(ws, dtype), effective_weights_reference(ws, dtype)
-        out[f"{prefix}batched_weights_{p}_vs_per_layer"] = max(rel(y, x) for x, y in zip(b, a))
-        out.setdefault(f"{prefix}batched_weights_elements_differing", {})[p] = float(  # rounding flips: a note
-            sum(int((x != y).sum()) for x, y in zip(a, b)) / sum(w.numel() for w in ws))
-        leaves = [w.detach().requires_grad_(True) for w in ws]
-        ga = torch.autograd.grad(effective_weights(leaves, dtype), leaves, [g.to(dtype) for g in gens])
-        gb = torch.autograd.grad(effective_weights_reference(leaves, dtype), leaves, [g.to(dtype) for g in gens])
-        out[f"{prefix}batched_weights_{p}_backward_vs_autograd"] = max(rel(y, x) for x, y in zip(gb, ga))
     loss_fn = EDM2Loss()
-    truth = None
     for p in ("fp32", "fp16", "bf16"):
-        paths = {"per_layer": (False, False), "batched": (True, False)}
-        if p in compiled:
-            paths["batched_compiled"] = (True, True)
-        grads = {}
-        for path, (batched, compile_net) in paths.items():
-            n = copy.deepcopy(net).train()
+        for compile_net in (False, True):
+            plan = resolve_speed_plan(x.device, compile=compile_net, cudnn_benchmark=False)
+            n = plan.apply(copy.deepcopy(net).train())
             n.zero_grad(set_to_none=True)
             n.precision = p
-            if p != "fp32":
-                n.channels_last = True
-                n.to(memory_format=torch.channels_last)
-            n.backbone.batched_weights = batched
             fn = torch.compile(n, fullgraph=True) if compile_net else n
             loss_fn(fn, x, labels, sigma=sigma, noise=noise).mean().backward()
-            grads[path] = torch.cat([q.grad.flatten() for q in n.parameters()])
-        if p == "fp32":  # held to float32 rounding
-            truth = grads["per_layer"]
-            out[f"{prefix}batched_weights_train_grad_fp32_eager_vs_per_layer"] = rel(grads["batched"], truth)
-            if "batched_compiled" in grads:
-                out[f"{prefix}batched_weights_train_grad_fp32_compiled_vs_per_layer"] = rel(
-                    grads["batched_compiled"], truth
-                )
-        else:  # half precision: each path's distance from the float32 gradients, side by side (a note)
-            out.setdefault(f"{prefix}batched_weights_half_grads_vs_fp32", {})[p] = {
-                k: rel(g, truth) for k, g in grads.items()
-            }
+            err = rel(torch.cat([q.grad.flatten() for q in n.parameters()]), truth)
+            path = "compiled" if compile_net else "eager"
+            if p == "fp32":  # held to float32 rounding
+                out[f"{prefix}fast_plan_train_grad_fp32_{path}_vs_reference"] = err
+            else:  # half precision: the distance from the float32 gradients (a note, as no tolerance applies)
+                out.setdefault(f"{prefix}fast_plan_half_grads_vs_fp32", {}).setdefault(p, {})[path] = err
     return out
 
 
@@ -196,8 +171,8 @@ def check_post_step(net: torch.nn.Module, prefix: str = "") -> dict:
     gradients (NaN / inf included), on a channels-last and a contiguous copy of the network."""
     import copy
 
+    from accel.post_step import PostStep
     from training.phema import PowerFunctionEMA
-    from training.post_step import PostStep
 
     out = {}
     for layout in ("contiguous", "channels_last"):

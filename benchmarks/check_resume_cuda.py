@@ -1,7 +1,7 @@
 """Exact resume with dropout on CUDA (issue 20): a tiny run with dropout and the fast dropout kernel (the CUDA
-default, networks/dropout.py), trained once straight through and once in two legs, the second a resume in a fresh
-process; the final weights, EMAs, Adam moments and RNG states must agree bit for bit. Prints JSON (one line) and
-exits 1 on a mismatch. Run on a GPU machine from the repository root:
+default of the speed plan, accel/dropout.py), trained once straight through and once in two legs, the second a
+resume in a fresh process; the final weights, EMAs, Adam moments and RNG states must agree bit for bit. Prints
+JSON (one line) and exits 1 on a mismatch. Run on a GPU machine from the repository root:
 
     python benchmarks/check_resume_cuda.py
 
@@ -123,17 +123,16 @@ def main(steps, batch, dropout, workers, precision, compile_net, cudnn_benchmark
         sys.exit(2)
     res = dict(device="cpu" if cpu else torch.cuda.get_device_name(), torch=torch.__version__)
     extra = [f"--precision={precision}", "--compile" if compile_net else "--no-compile"]
+    # The children train with the default kernels: 'fast' on CUDA (the fast dropout kernel), 'reference' on the CPU.
     if cpu:
-        extra.append("--no-fast-dropout")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the children train on the CPU
     else:
-        from networks.batched_weights import kernel_available
+        from accel import resolve_speed_plan
 
-        if not kernel_available(torch.device("cuda")):
+        if not resolve_speed_plan(torch.device("cuda")).fast_dropout:
             click.echo("check_resume_cuda.py: the fast dropout kernel cannot run here (no Triton for this GPU)",
                        err=True)
             sys.exit(2)
-        extra.append("--fast-dropout")
     steps -= steps % 2  # two legs of whole status intervals
     status = batch * (steps // 4) if steps % 4 == 0 else batch * (steps // 2)
     opts = dict(batch=batch, status=status, dropout=dropout, workers=workers, cudnn_benchmark=cudnn_benchmark,

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
 from benchmarks.common import matmul_peak_tflops  # noqa: E402
+from accel import resolve_speed_plan  # noqa: E402
 from networks import mp  # noqa: E402
 
 
@@ -125,6 +126,7 @@ def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).cuda().eval()
+    resolve_speed_plan(torch.device("cuda")).apply(net)  # fused (SDPA) attention, channels-last, as training runs
     convs, attns = record_shapes(net, batch)
     del net
     totals = collections.Counter()

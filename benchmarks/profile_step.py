@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py --preset edm2-img512-s --batch 64 --compile
 
 A training step here is what `training_loop` does per optimizer step (forward, EDM2 loss, backward,
-non-finite gradients zeroed, Adam, forced weight normalization, two power-function EMAs: training/post_step.py).
+non-finite gradients zeroed, Adam, forced weight normalization, two power-function EMAs: accel/post_step.py), set up
+by the same speed plan as training (accel.resolve_speed_plan: --kernels, --compile, --grad-sync, --cudnn-benchmark).
 Each part is timed with CUDA events, then torch.profiler sums the kernels of a few steps by kind (convolution, matrix
 product, attention, generated Triton code, other elementwise, optimizer, copies), so one can see how far the
 step is from the matrix-product bound. `--sample` profiles one no-grad network evaluation at the sampling batch.
@@ -16,9 +17,9 @@ comma-separated, are profiled one after the other in the same processes); rank 0
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
-import re
 import sys
 import time
 
@@ -28,12 +29,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
+from accel import resolve_speed_plan  # noqa: E402
 from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
 from training.loss import EDM2Loss, reduce_batch_loss  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
-from torch_utils import distributed as dist  # noqa: E402
-from training.grad_sync import FlatGradients  # noqa: E402
-from training.post_step import PostStep  # noqa: E402
 
 KINDS = [  # first match wins; kernel names are lower-cased
     ("nccl", ("nccl",)),
@@ -99,36 +99,22 @@ def cuda_timer():
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--compile/--no-compile", "compile_net", default=True, show_default=True)
 @click.option("--mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
-@click.option("--channels-last/--no-channels-last", "channels_last", default=True, show_default=True)
+@click.option("--kernels", type=click.Choice(["fast", "reference"]), default=None,
+              help="The speed plan's kernels, as train_edm2.py --kernels  [default: fast on CUDA]")
 @click.option("--cudnn-benchmark/--no-cudnn-benchmark", "cudnn_benchmark", default=True, show_default=True)
 @click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 @click.option("--sample", is_flag=True, help="Profile a no-grad evaluation (sampling) instead of a training step")
 @click.option("--steps", type=int, default=8, show_default=True, help="Timed steps after warm-up")
-@click.option("--post-step", "post_step_kind", type=click.Choice(["fused", "plain"]), default="fused",
-              show_default=True)
-@click.option("--weights-channels-last/--no-weights-channels-last", "weights_channels_last", default=True,
-              show_default=True,
-              help="Store 4-D weights channels-last, as training does on CUDA (their gradients come out so)")
-@click.option("--batched-weights/--no-batched-weights", "batched_weights", default=True, show_default=True,
-              help="All layers' effective weights in one kernel (networks/batched_weights.py), as training on CUDA "
-              "does")
-@click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=True, show_default=True,
-              help="Dropout keep-masks from networks/dropout.py's kernel, as training on CUDA does (presets with "
-              "dropout)")
-@click.option("--graph-breaks", "graph_breaks", type=click.Choice(["none", "overlap"]), default="none",
-              show_default=True,
-              help="overlap: the network compiled in the three pieces of --grad-sync overlap, also on one GPU (what "
-              "cutting costs)")
+@click.option("--post-step", "post_step_kind", type=click.Choice(["plan", "fused", "plain"]), default="plan",
+              show_default=True, help="The plan's post-step, or the fused / plain one in its place (A/B)")
 @click.option("--inductor", multiple=True,
               help="torch._inductor.config KEY=VALUE (Python literal), e.g. combo_kernels=True")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
 @click.option("--grad-sync", "grad_sync", default="flat", show_default=True,
-              help="Under torchrun: gradient averaging, ddp | ddp-view (gradient_as_bucket_view) | flat[N] | "
-                   "grouped[N] (N chunks) | overlap; comma-separated to compare")
-def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
-         post_step_kind, weights_channels_last, batched_weights, fast_dropout, graph_breaks, inductor, trace,
-         grad_sync) -> None:
+              help="Under torchrun: gradient averaging, ddp | flat; comma-separated to compare")
+def main(preset, batch, precision, compile_net, mode, kernels, cudnn_benchmark, benchmark_limit, sample, steps,
+         post_step_kind, inductor, trace, grad_sync) -> None:
     import ast
 
     import torch._inductor.config
@@ -138,9 +124,8 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
         setattr(torch._inductor.config, key, ast.literal_eval(value))
     dist.init()
     for sync in grad_sync.split(",") if dist.get_world_size() > 1 and not sample else [None]:
-        result = profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit,
-                         sample, steps, post_step_kind, weights_channels_last, trace, sync, batched_weights,
-                         graph_breaks, fast_dropout)
+        result = profile(preset, batch, precision, compile_net, mode, kernels, cudnn_benchmark, benchmark_limit,
+                         sample, steps, post_step_kind, trace, sync)
         result["inductor"] = list(inductor)
         if dist.is_main():
             print(json.dumps(result), flush=True)
@@ -148,61 +133,43 @@ def main(preset, batch, precision, compile_net, mode, channels_last, cudnn_bench
     dist.shutdown()
 
 
-def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_benchmark, benchmark_limit, sample, steps,
-            post_step_kind, weights_channels_last, trace, sync, batched_weights=True, graph_breaks="none",
-            fast_dropout=True) -> dict:
-    torch.backends.cudnn.benchmark = cudnn_benchmark
+def profile(preset, batch, precision, compile_net, mode, kernels, cudnn_benchmark, benchmark_limit, sample, steps,
+            post_step_kind, trace, sync) -> dict:
+    dev = dist.device()
+    world = dist.get_world_size()
+    try:
+        plan = resolve_speed_plan(dev, world, compile=compile_net, kernels=kernels, grad_sync=sync,
+                                  cudnn_benchmark=cudnn_benchmark)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if post_step_kind != "plan":
+        plan = dataclasses.replace(plan, fused_step=post_step_kind == "fused")
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit
-    dev = dist.device()
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(dev)
-    if weights_channels_last:
-        net.to(memory_format=torch.channels_last)
-    net.channels_last = channels_last
-    net.backbone.batched_weights = batched_weights
-    net.backbone.fast_dropout = fast_dropout
-    if graph_breaks == "overlap":
-        net.backbone.graph_breaks = net.backbone.overlap_breaks()
-    gflop = flops_per_image(net.train(not sample), train=not sample) / 1e9
+    if sample:
+        net.eval().requires_grad_(False)  # before compiling: freezing needs parameters without gradients
+    # Training: the plan as training_loop applies it. Sampling: as prepare_for_sampling, less the CUDA graphs (the
+    # profiler then sees each kernel).
+    plan.apply(net.train(not sample), weights_channels_last=not sample)
+    gflop = flops_per_image(net, train=not sample) / 1e9
     torch.manual_seed(dist.get_rank())  # each process its own batch
     x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
     labels = torch.randint(0, net.label_dim, [batch], device=dev)
-    wrapped, flat = net, None
-    if sync in ("ddp", "ddp-view"):
-        torch._dynamo.config.optimize_ddp = False  # as training_loop without --ddp-overlap
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[dev], gradient_as_bucket_view=sync == "ddp-view"
-        )
-    # overlap, as training_loop with --grad-sync overlap: three compiled pieces, hooks start the all-reduces
-    elif sync == "overlap":
-        from training.training_loop import overlap_groups
-
-        net.backbone.graph_breaks = net.backbone.overlap_breaks()
-        flat = FlatGradients(net.parameters(), groups=overlap_groups(net))
-    elif sync is not None and re.fullmatch(r"(flat|grouped)\d*", sync):
-        chunks = re.sub(r"^\D+", "", sync)
-        flat = FlatGradients(
-            net.parameters(), gather=sync.startswith("flat"), **(dict(chunks=int(chunks)) if chunks else {})
-        )
-    elif sync is not None:
-        raise click.BadParameter(f"expected ddp, ddp-view, flat[N], grouped[N] (N chunks) or overlap, got {sync!r}",
-                                 param_hint="--grad-sync")
-    # Sampling compiles as prepare_for_sampling does, less the CUDA graphs (the profiler then sees each kernel).
-    kw = dict(mode=mode) if mode else dict(options={"freezing": True}) if sample else {}  # torch takes one of the two
-    model = torch.compile(wrapped, **kw) if compile_net else wrapped
+    wrapped, flat = (net, None) if sample else plan.distribute(net, dev, world)
+    if not compile_net:
+        model = wrapped
+    elif sample:
+        model = plan.compile_for_sampling(wrapped, cuda_graphs=False) if not mode else torch.compile(wrapped, mode=mode)
+    else:
+        model = plan.compile_for_training(wrapped) if not mode else torch.compile(wrapped, mode=mode)
     t_compile = time.perf_counter()
     result = dict(preset=preset, batch=batch, precision=precision, compile=compile_net, mode=mode,
-                  channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
                   cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, sample=sample,
-                  gflop_per_img=round(gflop, 1),
-                  post_step=None if sample else post_step_kind, weights_channels_last=weights_channels_last,
-                  gpus=dist.get_world_size(), grad_sync=sync,
-                  batched_weights=batched_weights, fast_dropout=fast_dropout,
-                  graph_breaks=list(getattr(net.backbone, "graph_breaks", ())))
+                  gflop_per_img=round(gflop, 1), gpus=world, plan=dataclasses.asdict(plan))
 
     if sample:
-        net.eval().requires_grad_(False)  # before the first call: freezing needs parameters without gradients
         sigma = torch.full([batch], 2.5, device=dev)
 
         def work():
@@ -211,10 +178,9 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
 
         names = ["eval"]
     else:
-        fused = post_step_kind == "fused"
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8, fused=not fused)
+        optimizer = plan.adam(net, lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
         ema = PowerFunctionEMA(net, [0.05, 0.10])
-        post_step = PostStep(net, optimizer, ema, fused=fused)
+        post_step = plan.post_step(net, optimizer, ema)
         loss_fn = EDM2Loss()
         nimg = [100 * batch]
 
@@ -222,8 +188,6 @@ def profile(preset, batch, precision, compile_net, mode, channels_last, cudnn_be
             optimizer.zero_grad(set_to_none=True)
             mark()
             loss = loss_fn(model, x, labels)
-            if flat is not None:
-                flat.arm()  # overlap: pieces start their all-reduces during backward (a no-op for flat / grouped)
             reduce_batch_loss(loss, batch).backward()  # with DDP this includes the all-reduces
             if flat is not None:
                 flat.start_average()  # overlaps the post-step, chunk by chunk

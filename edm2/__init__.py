@@ -10,7 +10,6 @@ from networks import (
     MPFourier,
     Precond,
     UNet,
-    effective_weights,
     mp_cat,
     mp_silu,
     mp_sum,
@@ -74,7 +73,7 @@ __all__ = [
     "DownloadError", "ModelFileError", "NetworkFile", "OFFICIAL_PRESETS", "UnsafePickleError", "download",
     "load_network", "phema", "read_header", "register_network_class", "resolve_official_preset",
     "resolve_path_or_url", "save_network",
-    "DATASETS", "EDM2Loss", "MPConv", "MPFourier", "PRESETS", "Precond", "UNet", "__version__", "effective_weights",
+    "DATASETS", "EDM2Loss", "MPConv", "MPFourier", "PRESETS", "Precond", "UNet", "__version__",
     "get_preset", "learning_rate_schedule", "mp_cat", "mp_silu", "mp_sum", "normalize", "pixel_norm",
     "preset_dataset", "preset_network_kwargs", "preset_training_kwargs", "reduce_batch_loss",
 ]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import tqdm
 
+from accel import resolve_speed_plan
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
 from training.encoders import StandardRGBEncoder, encoder_from_config
@@ -165,34 +166,27 @@ def prepare_for_sampling(
     freezing: bool | None = None,
     reference: bool = False,
 ) -> torch.nn.Module:
-    """The network set up for fast sampling: eval mode, no parameter gradients, NHWC activations on CUDA
-    (`channels_last` None = on CUDA), cuDNN picking its fastest algorithms for the fixed shapes, and with
-    `compile` wrapped in torch.compile (tens of seconds once; the elementwise chains then run fused).
-    `cuda_graphs` (None = with `compile` on CUDA) replays each evaluation as one CUDA graph: the sampler's
-    shapes never change, so the launches of hundreds of kernels per evaluation become one. `freezing` (None =
-    with `compile` on CUDA) lets the compiler treat the weights as constants, so the normalized weights are
-    computed once at compile time: load other weights into this module afterwards and the compiled function
-    keeps using the old ones (prepare again). The outputs are the plain network's within float rounding; the
-    module's attributes stay readable. `reference`: the official code's operations in its order and layout instead
-    (attention with explicit scores, per-block modulation products, NCHW, cuDNN's default algorithms; what the
-    CPU always does), for its images per seed on CUDA as far as the kernels allow; slower, and not with `compile`."""
+    """The network set up for sampling by the speed layer (accel.resolve_speed_plan): eval mode, no parameter
+    gradients, and on CUDA the fast kernels (fused attention, NHWC activations: `channels_last` None = on CUDA),
+    cuDNN picking its fastest algorithms for the fixed shapes, and with `compile` torch.compile (tens of seconds
+    once; the elementwise chains then run fused). `cuda_graphs` (None = with `compile` on CUDA) replays each
+    evaluation as one CUDA graph; `freezing` (None = with `compile` on CUDA) lets the compiler treat the weights as
+    constants, so load other weights into this module afterwards and the compiled function keeps using the old
+    ones (prepare again). The outputs are the plain network's within float rounding; the module's attributes stay
+    readable. `reference`: kernels 'reference', the official code's operations in its order and layout (attention
+    with explicit scores, NCHW, cuDNN's default algorithms; what the CPU always does), for its images per seed on
+    CUDA as far as the kernels allow; slower, and not with `compile`."""
     if reference and compile:
         raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
                          "drop compile")
-    net.eval().requires_grad_(False)
-    on_cuda = next(net.parameters()).device.type == "cuda"
-    for module in net.modules():
-        if hasattr(module, "reference_order"):
-            module.reference_order = True if reference else None  # None: the reference order on the CPU only
-    if hasattr(net, "channels_last"):
-        net.channels_last = on_cuda and not reference if channels_last is None else bool(channels_last)
-    if on_cuda:
-        torch.backends.cudnn.benchmark = not reference
-    if not compile:
-        return net
-    graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
-    freeze = on_cuda if freezing is None else bool(freezing)
-    return torch.compile(net, options={"triton.cudagraphs": graphs, "freezing": freeze})
+    device = next(net.parameters()).device
+    plan = resolve_speed_plan(
+        device, compile=bool(compile), kernels="reference" if reference else None, cudnn_benchmark=not reference
+    )
+    if channels_last is not None:
+        plan = dataclasses.replace(plan, channels_last=bool(channels_last))
+    plan.apply(net.eval().requires_grad_(False), weights_channels_last=False)
+    return plan.compile_for_sampling(net, cuda_graphs, freezing)
 
 
 def resolve_settings(settings: SamplingSettings | None, sampler_kwargs: dict[str, Any]) -> SamplingSettings:

@@ -91,13 +91,15 @@ def precond_kwargs_from_official(record: InertObject, source: str) -> dict[str, 
         if key in kwargs:
             raise ModelFileError(f"{source}: official Precond argument {key!r} given twice")
         kwargs[key] = _plain(value)
-    accepted = set(inspect.signature(Precond).parameters) - {"precision"}  # official files say use_fp16
+    accepted = set(inspect.signature(Precond).parameters) - {"precision", "unknown"} | {"use_fp16"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ModelFileError(
             f"{source}: official Precond arguments not supported by this project: {unknown}; "
             f"supported: {sorted(accepted)}"
         )
+    if "use_fp16" in kwargs:  # the official switch; this project names the activation dtype
+        kwargs["precision"] = "fp16" if kwargs.pop("use_fp16") else "fp32"
     missing = [k for k in PRECOND_POSITIONAL if k not in kwargs]
     if missing:
         raise ModelFileError(f"{source}: official Precond record lacks {missing}")

@@ -132,36 +132,29 @@ class MPConv(torch.nn.Module):
     def effective_weight(
         self, gain: float | torch.Tensor = 1, dtype: torch.dtype = torch.float32, channels_last: bool = False
     ) -> torch.Tensor:
-        """normalize(weight) * gain / sqrt(fan_in) in `dtype` (Eq. 47). Without autograd and with a constant
-        gain (sampling), the result is kept until the weight changes, so it is computed once, not per call."""
+        """normalize(weight) * gain / sqrt(fan_in) in `dtype` (Eq. 47). Without autograd and with a constant gain (a
+        number or a parameter; sampling), the result is kept until the weight or gain changes, so it is computed once,
+        not per call."""
         cacheable = (
-            not torch.is_grad_enabled() and not isinstance(gain, torch.Tensor) and not torch.compiler.is_compiling()
+            not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (not isinstance(gain, torch.Tensor) or isinstance(gain, torch.nn.Parameter))
         )
         if cacheable:
             wt = self.weight
-            key = (wt.data_ptr(), wt._version, wt.dtype, wt.device, dtype, float(gain), channels_last)
+            g = (gain.data_ptr(), gain._version, gain.dtype) if isinstance(gain, torch.Tensor) else float(gain)
+            key = (wt.data_ptr(), wt._version, wt.dtype, wt.device, dtype, g, channels_last)
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         w = normalize(self.weight.to(torch.float32))
         w = (w * (gain / math.sqrt(w[0].numel()))).to(dtype)
-        if channels_last and w.ndim == 4:
+        if channels_last and w.ndim == 4:  # laid out like the activations (channels-last on CUDA): no transposes
             w = w.contiguous(memory_format=torch.channels_last)
         if cacheable:
             self._cache = (key, w)
         return w
 
-    def forward(
-        self, x: torch.Tensor, gain: float | torch.Tensor = 1, weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """`weight`: this layer's effective weight already computed (with gain 1, in x's dtype), as UNet does for all
-        layers at once (networks/batched_weights.py); None: computed here."""
-        if weight is None:
-            w = self.effective_weight(gain, x.dtype, is_channels_last(x))
-        else:
-            w = (
-                weight.contiguous(memory_format=torch.channels_last)
-                if weight.ndim == 4 and is_channels_last(x) else weight
-            )
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
+        w = self.effective_weight(gain, x.dtype, is_channels_last(x))
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
@@ -173,26 +166,42 @@ class MPConv(torch.nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"
 
 
-def cosine_attention(qkv: torch.Tensor, num_heads: int, reference: bool = False) -> torch.Tensor:
-    """Self-attention with pixel-normalized queries and keys.
+class CosineAttention(torch.nn.Module):
+    """Self-attention with pixel-normalized queries and keys, in the reference's operations and order (explicit
+    scores and softmax over channel-major views), which give its values to the last bit on the CPU. No parameters:
+    the speed layer (accel/) swaps it for a fused version with the same function.
 
-    qkv: [N, 3C, H, W] laid out as [heads, C/heads, 3] along the channel axis (the reference layout, so
-    that official weights load unchanged). Returns [N, C, H, W]. reference: the reference's operations in its
-    order (channel-major views, explicit scores and softmax), which give its values to the last bit on the CPU;
-    otherwise fused scaled-dot-product attention (the same function, rounded differently; fast on CUDA).
+    Input qkv: [N, 3C, H, W] laid out as [heads, C/heads, 3] along the channel axis (the reference layout, so that
+    official weights load unchanged). Output: [N, C, H, W].
     """
-    n, c3, h, w = qkv.shape
-    if reference:
-        y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        n, c3, h, w = qkv.shape
+        y = qkv.reshape(n, self.num_heads, c3 // (3 * self.num_heads), 3, h * w)
         q, k, v = normalize(y, dim=2).unbind(3)  # each [N, heads, C/heads, HW]
         scores = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2]))
         return torch.einsum("nhqk,nhck->nhcq", scores.softmax(dim=3), v).reshape(n, c3 // 3, h, w)
-    # Token-major view [N, HW, heads, C/heads, 3]: free for channels-last activations (the CUDA layout), so the
-    # gradients flowing back into the qkv and output convolutions come out channels-last too, with no transposes.
-    y = qkv.permute(0, 2, 3, 1).reshape(n, h * w, num_heads, c3 // (3 * num_heads), 3)
-    # SDPA wants [N, heads, tokens, C/heads]; its default scale 1/sqrt(C/heads) is the reference's. Contiguous
-    # channels let it take the flash kernel (the math fallback materializes the [tokens, tokens] scores).
-    q, k, v = normalize(y, dim=3).permute(4, 0, 2, 1, 3).contiguous().unbind(0)  # each [N, heads, HW, C/heads]
-    o = F.scaled_dot_product_attention(q, k, v)
-    o = o.transpose(1, 2).reshape(n, h, w, c3 // 3).permute(0, 3, 1, 2)  # [N, C, H, W], stored channels-last
-    return o if qkv.is_contiguous(memory_format=torch.channels_last) else o.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
+class Dropout(torch.nn.Module):
+    """Dropout with probability p in training mode, the identity otherwise or for p = 0 (no random draw then, as the
+    reference). No parameters: the speed layer (accel/) swaps it for one with a cheaper keep-mask on CUDA."""
+
+    def __init__(self, p: float = 0):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, p=self.p) if self.training and self.p != 0 else x
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

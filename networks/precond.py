@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from .mp import MPConv, MPFourier
+from .skip_scaling import SkipScalingSettings
 from .unet import UNet
 from .uvit import UViT
 
@@ -62,7 +63,6 @@ class Precond(torch.nn.Module):
         sigma_data: float = 0.5,  # expected std of the training data
         logvar_channels: int = 128,  # Fourier features of the log-variance head
         precision: str = "fp32",  # activation dtype of the U-Net: 'fp32', 'fp16' or 'bf16'
-        use_fp16: bool | None = None,  # the reference's switch; True means precision='fp16'
         model_channels: int = 192,  # base width
         channel_mult: Sequence[int] = (1, 2, 3, 4),  # width multiplier per level
         channel_mult_noise: int | None = None,  # noise-embedding width multiplier; None = channel_mult[0]
@@ -93,12 +93,10 @@ class Precond(torch.nn.Module):
         _check_backbone_arguments(locals())
         kwargs = {
             k: v for k, v in locals().items()
-            if k not in ("self", "__class__", "use_fp16", "resample_filter", "unknown")
+            if k not in ("self", "__class__", "resample_filter", "unknown")
         }
         if list(resample_filter) != [1, 1]:
             raise ValueError(f"Precond: resample_filter must be [1, 1] (box / nearest), got {list(resample_filter)}")
-        if use_fp16 is not None:
-            precision = "fp16" if use_fp16 else "fp32"
         for name, value in dict(img_resolution=img_resolution, img_channels=img_channels).items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"Precond: {name} must be a positive integer, got {value!r}")
@@ -126,11 +124,9 @@ class Precond(torch.nn.Module):
         self.label_dim = label_dim
         self.sigma_data = sigma_data
         self.precision = _check_precision(precision)
-        self.channels_last = False  # runtime speed switch (CUDA): NHWC activations; not part of the model
-        kwargs["precision"] = precision
         # Constructor arguments as plain JSON values, for model files.
         self.init_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-        backbone = dict(skip_scaling=skip_scaling, kappa=kappa, ls_reduction=ls_reduction)
+        backbone = dict(skip_scaling=SkipScalingSettings(skip_scaling, kappa, ls_reduction))
         if arch == "uvit":
             uvit = {
                 k: v for k, v in dict(patch_size=patch_size, depth=depth, mlp_ratio=mlp_ratio).items() if v is not None
@@ -235,10 +231,7 @@ class Precond(torch.nn.Module):
         if self.init_kwargs.get("arch") == "uvit":  # its embedding is a token per image
             c_noise = c_noise.expand(n)
 
-        x_in = (c_in * x).to(dtype)
-        if self.channels_last:
-            x_in = x_in.contiguous(memory_format=torch.channels_last)
-        F_x = self.backbone(x_in, c_noise, class_labels)
+        F_x = self.backbone((c_in * x).to(dtype), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x

@@ -48,6 +48,7 @@ weight-normalized layers see a slightly smaller input, which the learned gains a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -69,14 +70,35 @@ MIN_GATE_HIDDEN = 4
 def check_skip_scaling(mode: str, kappa: float, ls_reduction: int, num_skips: int, where: str = "skip_scaling") -> None:
     """Raise a ValueError naming the argument for an unknown mode, kappa outside (0, 1], a bad reduction,
     or a scaling mode on a network without long skips."""
-    if mode not in SKIP_SCALING_MODES:
-        raise ValueError(f"{where}: skip_scaling must be one of {list(SKIP_SCALING_MODES)}, got {mode!r}")
-    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not (0 < kappa <= 1):
-        raise ValueError(f"{where}: kappa must be a number in (0, 1] (the paper uses 0.5 to 0.95), got {kappa!r}")
-    if isinstance(ls_reduction, bool) or not isinstance(ls_reduction, int) or ls_reduction < 1:
-        raise ValueError(f"{where}: ls_reduction must be a positive integer (the gates' r, 16), got {ls_reduction!r}")
+    SkipScalingSettings(mode, kappa, ls_reduction, where=where)
     if mode != "none" and num_skips == 0:
         raise ValueError(f"{where}: skip_scaling={mode!r} needs long skip connections, but this network has none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipScalingSettings:
+    """The ScaleLong settings of a backbone, checked once here: Precond builds them from its flat keyword arguments
+    (the model-file format) and hands them to the U-Net or U-ViT, which build their SkipScaling from them."""
+
+    mode: str = "none"  # one of SKIP_SCALING_MODES
+    kappa: float = 0.7  # CS base: skip i (1 = outermost) is multiplied by kappa^(i-1); in (0, 1]
+    ls_reduction: int = 16  # reduction r of the LS gates (hidden width L // r or C // r)
+    where: dataclasses.InitVar[str] = "skip_scaling"  # the name errors start with
+
+    def __post_init__(self, where: str) -> None:
+        if self.mode not in SKIP_SCALING_MODES:
+            raise ValueError(f"{where}: skip_scaling must be one of {list(SKIP_SCALING_MODES)}, got {self.mode!r}")
+        kappa = self.kappa
+        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not (0 < kappa <= 1):
+            raise ValueError(f"{where}: kappa must be a number in (0, 1] (the paper uses 0.5 to 0.95), got {kappa!r}")
+        r = self.ls_reduction
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{where}: ls_reduction must be a positive integer (the gates' r, 16), got {r!r}")
+
+    @classmethod
+    def of(cls, value: SkipScalingSettings | str) -> SkipScalingSettings:
+        """The settings themselves, or a mode name with the default kappa and reduction."""
+        return value if isinstance(value, SkipScalingSettings) else cls(value)
 
 
 def cs_coefficients(num_skips: int, kappa: float) -> list[float]:

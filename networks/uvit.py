@@ -22,9 +22,8 @@ import math
 
 import torch
 
-from .dropout import dropout
-from .mp import MPConv, MPFourier, cosine_attention, mp_cat, mp_silu, mp_sum, normalize
-from .skip_scaling import SkipScaling
+from .mp import CosineAttention, Dropout, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
+from .skip_scaling import SkipScaling, SkipScalingSettings
 
 POS_BALANCE = 0.5  # mp_sum weight of the position embedding against the patch content
 
@@ -77,7 +76,6 @@ class UViTBlock(torch.nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.concat_balance = concat_balance
-        self.dropout = dropout
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
@@ -86,21 +84,21 @@ class UViTBlock(torch.nn.Module):
         self.attn_proj = MPConv(channels, channels, kernel=[])
         self.mlp0 = MPConv(channels, channels * mlp_ratio, kernel=[])
         self.mlp1 = MPConv(channels * mlp_ratio, channels, kernel=[])
+        # Parameterless, so no state-dict keys: the speed layer (accel/) may swap them for faster equivalents.
+        self.attn = CosineAttention(num_heads)
+        self.drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, fast_dropout: bool = False) -> torch.Tensor:
-        """x: tokens [N, L, C]; skip: the long skip an out-block merges; fast_dropout: the keep-mask from
-        networks/dropout.py's kernel where it runs (CUDA)."""
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """x: tokens [N, L, C]; skip: the long skip an out-block merges."""
         if self.skip_linear is not None:
             x = self.skip_linear(mp_cat(x, skip, dim=2, t=self.concat_balance))
 
-        # cosine_attention takes the U-Net's [N, 3C, H, W] layout: tokens become a column of pixels.
+        # The attention takes the U-Net's [N, 3C, H, W] layout: tokens become a column of pixels.
         qkv = self.attn_qkv(normalize(x, dim=2)).transpose(1, 2).unsqueeze(3)
-        y = cosine_attention(qkv, self.num_heads).squeeze(3).transpose(1, 2)
+        y = self.attn(qkv).squeeze(3).transpose(1, 2)
         x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
 
-        y = mp_silu(self.mlp0(normalize(x, dim=2)))
-        if self.training and self.dropout != 0:
-            y = dropout(y, self.dropout, fast=fast_dropout)
+        y = self.drop(mp_silu(self.mlp0(normalize(x, dim=2))))
         x = mp_sum(x, self.mlp1(y), t=self.res_balance)
 
         if self.clip_act is not None:
@@ -127,9 +125,7 @@ class UViT(torch.nn.Module):
         attn_balance: float = 0.3,  # mp_sum weight of attention branches
         clip_act: float | None = 256,  # activation clipping in every block
         long_skips: bool = True,  # False: a plain ViT (no skips; then skip_scaling must be 'none')
-        skip_scaling: str = "none",  # ScaleLong mode (networks/skip_scaling.py)
-        kappa: float = 0.7,  # CS base: skip i (1 = outermost) gets kappa^(i-1)
-        ls_reduction: int = 16,  # reduction r of the LS gates (networks/skip_scaling.py)
+        skip_scaling: SkipScalingSettings | str = "none",  # ScaleLong settings, or a mode (networks/skip_scaling.py)
     ):
         super().__init__()
         for name, value in dict(
@@ -179,12 +175,11 @@ class UViT(torch.nn.Module):
         skip_channels = [model_channels] * half if long_skips else []
         # Every skip holds all tokens: the time token, the class token (conditional networks) and the patches.
         skip_positions = [1 + (label_dim > 0) + grid * grid] * len(skip_channels)
+        skip = SkipScalingSettings.of(skip_scaling)
         self.skip_scale = SkipScaling(
-            skip_scaling, skip_channels, kappa=kappa, ls_reduction=ls_reduction, channel_dim=2,
+            skip.mode, skip_channels, kappa=skip.kappa, ls_reduction=skip.ls_reduction, channel_dim=2,
             skip_positions=skip_positions,
         )
-        # Runtime speed switch: dropout masks from one Philox call per four elements (networks/dropout.py) on CUDA.
-        self.fast_dropout = False
 
     def stage_modules(self) -> dict[str, torch.nn.Module]:
         """The blocks in order, named for the instruments: in0 .. mid .. out{k-1}."""
@@ -205,17 +200,16 @@ class UViT(torch.nn.Module):
         x = torch.cat([extra, tokens], dim=1)
 
         skips = []
-        fast = self.fast_dropout
         for block in self.in_blocks:
-            x = block(x, fast_dropout=fast)
+            x = block(x)
             skips.append(x)
-        x = self.mid_block(x, fast_dropout=fast)
+        x = self.mid_block(x)
         for block in self.out_blocks:
             if self.long_skips:
                 skip = skips.pop()
-                x = block(x, self.skip_scale(skip, len(skips) + 1), fast_dropout=fast)
+                x = block(x, self.skip_scale(skip, len(skips) + 1))
             else:
-                x = block(x, fast_dropout=fast)
+                x = block(x)
 
         x = self.patch_out(normalize(x[:, extra.shape[1] :], dim=2))
         x = unpatchify(x, self.patch_size, self.img_channels, self.img_resolution)

@@ -1,4 +1,4 @@
-"""networks/dropout.py: the keep-mask kernel (in Triton's interpreter on the CPU), its statistics, layouts and
+"""accel/dropout.py: the keep-mask kernel (in Triton's interpreter on the CPU), its statistics, layouts and
 reproducibility, the operator under torch.compile's tracing, and the network with fast dropout."""
 
 from __future__ import annotations
@@ -8,14 +8,20 @@ import torch
 import torch.nn.functional as F
 from conftest import run_in_triton_interpreter
 
+from accel import resolve_speed_plan
+
 import edm2
-from networks.dropout import dropout
+from accel.dropout import dropout
 
 INTERPRETED = r"""
 import json
 import torch
 import edm2
-from networks.dropout import dropout, dropout_keep_mask
+from accel import resolve_speed_plan
+from accel.dropout import dropout, dropout_keep_mask
+
+fast, reference = resolve_speed_plan("cpu", kernels="fast"), resolve_speed_plan("cpu", kernels="reference")
+assert fast.fast_dropout  # the kernels run in Triton's interpreter
 
 
 def gains_to_one(net):  # away from their zero init, so that the residual branches reach the output
@@ -63,17 +69,17 @@ torch.manual_seed(7)
 b = dropout(x.detach(), 0.25)
 out["reproducible"] = bool(torch.equal(a, b))
 
-# The U-Net: with fast_dropout its masks come from the kernel (not torch's draws), reproducibly from the seed.
+# The U-Net: with the fast plan its masks come from the kernel (not torch's draws), reproducibly from the seed.
 net = gains_to_one(edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2],
                                 num_blocks=1, attn_resolutions=[4], channels_per_head=8, dropout=0.2).train())
-net.backbone.fast_dropout = True
+fast.apply(net)
 x = torch.randn(3, 2, 8, 8)
 sigma = torch.tensor([0.5, 1.0, 2.0])
 torch.manual_seed(1)
 d1 = net(x, sigma)
 torch.manual_seed(1)
 d2 = net(x, sigma)
-net.backbone.fast_dropout = False
+reference.apply(net)
 torch.manual_seed(1)
 d3 = net(x, sigma)
 out["net_reproducible"] = bool(torch.equal(d1, d2))
@@ -83,8 +89,8 @@ out["net_differs_from_torch_masks"] = bool(not torch.equal(d1, d3))
 net = gains_to_one(edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3,
                                 patch_size=2, channels_per_head=8, dropout=0.2).train())
 runs = []
-for fast in (True, True, False):
-    net.backbone.fast_dropout = fast
+for plan in (fast, fast, reference):
+    plan.apply(net)
     torch.manual_seed(1)
     runs.append(net(x, sigma))
 out["uvit_reproducible"] = bool(torch.equal(runs[0], runs[1]))
@@ -149,13 +155,17 @@ def test_keep_mask_traces_under_compile():
     assert m.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_training_config_switch():
+def test_training_config_and_modules():
+    from accel.dropout import FastDropout
+    from networks import Dropout
     from training.training_loop import RESUMABLE_CHANGES, default_config
 
-    assert "fast_dropout" in default_config() and "fast_dropout" in RESUMABLE_CHANGES
-    net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2],
-                       num_blocks=1, attn_resolutions=[], dropout=0.1)  # fmt: skip
-    assert net.backbone.fast_dropout is False  # off unless the training loop (on CUDA) or the user turns it on
-    uvit = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, arch="uvit", model_channels=16, depth=3,
-                        patch_size=2, channels_per_head=8, dropout=0.1)  # fmt: skip
-    assert uvit.backbone.fast_dropout is False
+    assert "kernels" in default_config() and "kernels" in RESUMABLE_CHANGES and "fast_dropout" not in default_config()
+    for kwargs in (dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]),
+                   dict(arch="uvit", model_channels=16, depth=3, patch_size=2, channels_per_head=8)):
+        net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, dropout=0.1, **kwargs)
+        drops = [m for m in net.modules() if isinstance(m, Dropout)]
+        assert drops and all(type(m) is Dropout and m.p == 0.1 for m in drops)  # the reference's until a plan swaps
+        resolve_speed_plan("cpu", kernels="fast").apply(net)  # no kernels on the CPU: torch's dropout stays
+        assert all(type(m) is Dropout for m in net.modules() if isinstance(m, Dropout))
+        assert FastDropout(0.1).p == 0.1

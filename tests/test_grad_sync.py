@@ -1,5 +1,5 @@
-"""training/grad_sync.py: gradients gathered into one buffer in their parameters' layouts, chunks at parameter
-boundaries, accumulation in place. Averaging over processes is covered end to end by
+"""accel/grad_sync.py (grad_sync 'flat'): gradients gathered into one buffer in their parameters' layouts, chunks
+at parameter boundaries, accumulation in place. Averaging over processes is covered end to end by
 tests/test_training.py::test_two_processes_equal_one_process (gloo, two processes)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.grad_sync import FlatGradients, split_growing
+from accel.grad_sync import FlatGradients, split_growing
 
 
 @pytest.mark.parametrize("sizes,chunks,expected", [
@@ -72,56 +72,13 @@ def test_bad_parameters_are_refused():
         FlatGradients([torch.nn.Parameter(torch.zeros(3))], chunks=0)
 
 
-def backward_groups(net) -> list[list[int]]:
-    """make_net's parameters by layer, last layer first: the order backward completes them."""
-    return [[4, 5], [2, 3], [0, 1]]
-
-
-@pytest.mark.parametrize("rounds", [1, 2])
-def test_groups_start_from_gradient_hooks_during_the_last_backward(rounds):
-    net, ref = make_net(), make_net()
-    sync = FlatGradients(net.parameters(), groups=backward_groups(net))
-    assert sync.chunks == [[4, 5], [2, 3], [0, 1]]
-    assert sync.views[4].data_ptr() == sync.buffer.data_ptr()  # the first group to finish is the buffer's start
-    seen = []
-    for step in range(2):
-        net.zero_grad(set_to_none=True)
-        ref.zero_grad(set_to_none=True)
-        xs = [torch.randn(2, 3, 8, 8) for _ in range(rounds)]
-        for r, xi in enumerate(xs):
-            if r == rounds - 1:
-                sync.arm()
-            net(xi).square().sum().backward()
-            seen.append(list(sync._launched))
-            ref(xi).square().sum().backward()
-        sync.average_()
-        for p, v, q in zip(net.parameters(), sync.views, ref.parameters()):
-            assert p.grad is v and torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-6)
-    # Unarmed rounds launch nothing; in the armed one every group but the last starts during backward.
-    assert seen == ([[False] * 3] * (rounds - 1) + [[True, True, False]]) * 2, seen
-
-
-def test_a_gradient_after_its_group_started_is_an_error():
-    lin = torch.nn.Linear(4, 4)
-    other = torch.nn.Linear(4, 4)
-    sync = FlatGradients(list(lin.parameters()) + list(other.parameters()), groups=[[0, 1], [2, 3]])
-    x = torch.randn(2, 4)
-    sync.arm()
-    lin(other(lin(x))).sum().backward()  # lin used twice: autograd hands its gradient over once, after both uses
-    assert sync._launched == [True, False]
-    with pytest.raises(RuntimeError, match="arrived after its group was averaged"):
-        lin(other(lin(x))).sum().backward()  # a second backward without arm(): lin's group has been averaged
-    with pytest.raises(ValueError, match="every parameter index"):
-        FlatGradients(lin.parameters(), groups=[[0]])
-
-
-def _average_worker(rank: int, port: int, gather: bool, out: str) -> None:
+def _average_worker(rank: int, port: int, out: str) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     net = make_net()
-    sync = FlatGradients(net.parameters(), chunks=3, gather=gather)
+    sync = FlatGradients(net.parameters(), chunks=3)
     net(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
     sync.collect_()
     sync.average_()
@@ -129,15 +86,14 @@ def _average_worker(rank: int, port: int, gather: bool, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("gather", [True, False])
-def test_two_processes_get_the_mean_gradient(tmp_path, gather):
+def test_two_processes_get_the_mean_gradient(tmp_path):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "grads")
-    torch.multiprocessing.spawn(_average_worker, args=(port, gather, out), nprocs=2)
+    torch.multiprocessing.spawn(_average_worker, args=(port, out), nprocs=2)
     got = [torch.load(f"{out}.{r}") for r in range(2)]
     expected = []
     for rank in range(2):

@@ -147,18 +147,23 @@ def test_inference_weight_cache_follows_weight_changes(ref):
 
 
 def test_channels_last_gives_the_same_result(ref):
+    import dataclasses
+
+    from accel import resolve_speed_plan
+
+    plans = {cl: dataclasses.replace(resolve_speed_plan("cpu"), channels_last=cl) for cl in (False, True)}
     net = build_reference_net(ref)
     x, sigma, labels, _ = inputs(ref)
     with torch.no_grad():
         plain = net(x, sigma, labels)
-        net.channels_last = True
+        plans[True].apply(net, weights_channels_last=False)
         nhwc = net(x, sigma, labels)
         net.to(memory_format=torch.channels_last)  # weights too, as training on CUDA stores them
         nhwc_weights = net(x, sigma, labels)
     assert rel_err(nhwc, plain) < 1e-5 and rel_err(nhwc_weights, plain) < 1e-5
     grads = []
     for channels_last in (False, True):  # gradients (attention included) do not depend on the layout either
-        net.channels_last = channels_last
+        plans[channels_last].apply(net, weights_channels_last=False)
         net.zero_grad()
         net(x, sigma, labels).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))

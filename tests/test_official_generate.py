@@ -64,10 +64,16 @@ def test_reference_kernels_switch(tmp_path):
 
     import generate
 
+    from accel import FusedCosineAttention
+    from networks import CosineAttention
+
     net = _official_net()
-    assert net.unet.reference_order is None and not net.channels_last  # None: the reference order on the CPU
+    attn = [m for m in net.modules() if isinstance(m, CosineAttention)]
+    assert attn and not any(isinstance(m, FusedCosineAttention) for m in attn)  # the reference on the CPU
     prepare_for_sampling(net, reference=True)
-    assert net.unet.reference_order is True and not net.channels_last
+    attn = [m for m in net.modules() if isinstance(m, CosineAttention)]
+    assert attn and not any(isinstance(m, FusedCosineAttention) for m in attn)
+    assert not net.unet._forward_pre_hooks  # NCHW: no channels-last input
     with pytest.raises(ValueError, match="compile"):
         prepare_for_sampling(net, compile=True, reference=True)
     args = ["--net", str(DATA / "official_generate_tiny.pkl"), "--outdir", str(tmp_path), "--seeds", "0"]

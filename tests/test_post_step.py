@@ -1,4 +1,4 @@
-"""The fused post-step (training/post_step.py) against its definition: nan_to_num, torch.optim.Adam,
+"""The fused post-step (accel/post_step.py) against its definition: nan_to_num, torch.optim.Adam,
 the power-function EMA updates and forced weight normalization, run one after the other; and both paths against
 the official training loop's EMA tensors (tests/data/official_ema_order.npz).
 
@@ -14,17 +14,17 @@ from conftest import run_in_triton_interpreter
 
 import edm2
 from training.phema import PowerFunctionEMA
-from training.post_step import PostStep
+from accel.post_step import PostStep
 
 COMPARE = r"""
 import copy, json, torch
 import edm2
-import training.post_step
+import accel.post_step
 from training.phema import PowerFunctionEMA
-from training.grad_sync import FlatGradients
-from training.post_step import PostStep
+from accel.grad_sync import FlatGradients
+from accel.post_step import PostStep
 
-training.post_step.SUB = 128  # rows of 144..576 elements: several chunks each, and a ragged last chunk
+accel.post_step.SUB = 128  # rows of 144..576 elements: several chunks each, and a ragged last chunk
 
 torch.manual_seed(0)
 net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=[1, 2],
@@ -158,7 +158,7 @@ import numpy as np, torch
 import edm2
 from networks.mp import mp_silu
 from training.phema import PowerFunctionEMA
-from training.post_step import PostStep
+from accel.post_step import PostStep
 
 
 class Tiny(torch.nn.Module):

@@ -72,8 +72,18 @@ def test_init_kwargs_round_trip_through_json():
         assert torch.equal(net.eval()(x, 1.0), twin.eval()(x, 1.0))
 
 
-def test_use_fp16_maps_to_precision():
-    assert edm2.Precond(8, 3, model_channels=8, channel_mult=[1], use_fp16=True).precision == "fp16"
+def test_use_fp16_is_translated_by_the_official_importer_only():
+    import types
+
+    from edm2.official_import import precond_kwargs_from_official
+
+    with pytest.raises(ValueError, match="use_fp16"):  # Precond takes `precision` only
+        edm2.Precond(8, 3, model_channels=8, channel_mult=[1], use_fp16=True)
+    for use_fp16, precision in ((True, "fp16"), (False, "fp32")):
+        record = types.SimpleNamespace(init_args=(8, 3, 0), init_kwargs=dict(use_fp16=use_fp16, model_channels=8))
+        kwargs = precond_kwargs_from_official(record, "official.pkl")
+        assert kwargs["precision"] == precision and "use_fp16" not in kwargs
+        assert edm2.Precond(**kwargs, channel_mult=[1]).precision == precision
 
 
 @pytest.fixture(scope="module")

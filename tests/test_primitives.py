@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from accel import FusedCosineAttention
 from networks import (
-    MPConv, MPFourier, Precond, cosine_attention, mp_cat, mp_silu, mp_sum, normalize, pixel_norm, resample
+    CosineAttention, MPConv, MPFourier, Precond, mp_cat, mp_silu, mp_sum, normalize, pixel_norm, resample
 )
 
 
@@ -128,10 +129,11 @@ def test_resample(gen):
         resample(x, "sideways")
 
 
-def test_cosine_attention_matches_explicit_softmax(gen):
+@pytest.mark.parametrize("kind", [CosineAttention, FusedCosineAttention])
+def test_cosine_attention_matches_explicit_softmax(gen, kind):
     heads, c, hw = 2, 8, 5
     qkv = torch.randn(3, 3 * heads * c, hw, 1, generator=gen)
-    y = cosine_attention(qkv, heads)
+    y = kind(heads)(qkv)
     v = qkv.reshape(3, heads, c, 3, hw)
     q, k, val = [normalize(t, dim=2) for t in v.unbind(3)]
     w = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / math.sqrt(c), dim=3)

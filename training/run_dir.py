@@ -34,10 +34,12 @@ DAMAGED_SUFFIX = ".damaged"
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
 # Options that may change between a run and its resumption without changing what is computed. The dataset is
 # compared by its identity ("data_identity"), not by its path, so a run directory can move to another disk.
+# The last five are removed options (issue 23) that old options files still hold: they never changed what is
+# computed, so a run that has them resumes.
 RESUMABLE_CHANGES = (
-    "data", "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last",
-    "instruments", "fused_step", "batched_weights", "fast_dropout", "ddp_overlap", "grad_sync", "max_nonfinite_status",
-    "cudnn_benchmark",
+    "data", "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "kernels",
+    "instruments", "grad_sync", "max_nonfinite_status", "cudnn_benchmark",
+    "channels_last", "fused_step", "batched_weights", "fast_dropout", "ddp_overlap",
 )
 
 

@@ -20,20 +20,19 @@ from typing import Any
 
 import torch
 
+from accel import PostStep, SpeedPlan, resolve_speed_plan  # noqa: F401 (PostStep re-exported)
+from accel.post_step import fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from networks import Precond
-from networks.batched_weights import kernel_available as triton_kernels_available
 from torch_utils import distributed as dist
 from torch_utils.state_io import load_state, save_state
 
 from .dataset import DatasetError, ImageFolderDataset, InfiniteSampler
 from .encoders import encoder_from_config
-from .grad_sync import FlatGradients
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .model_files import save_network
 from .phema import PowerFunctionEMA
 from .progress import LOG_FILE, Progress, RunLog
-from .post_step import PostStep, fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from .run_dir import (  # noqa: F401 (list_checkpoints, SNAPSHOT_PATTERN, ... re-exported)
     CHECKPOINT_PATTERN, KEEP_CHECKPOINTS, OPTIONS_FILE, RESUMABLE_CHANGES, SNAPSHOT_PATTERN, STATS_FILE, RunDirError,
     RunLock, check_config, checkpoint_path, dataset_identity, list_checkpoints, load_latest_checkpoint,
@@ -68,25 +67,17 @@ def default_config() -> dict[str, Any]:
         seed=0,
         workers=2,  # DataLoader workers per GPU
         compile=False,  # torch.compile the network for training (minutes of compilation, then faster steps)
-        channels_last=None,  # NHWC activations; None = on CUDA
+        # "fast" (fused attention, fast dropout, channels-last, the fused post-step: accel/) or "reference" (plain
+        # PyTorch in the reference order); None = fast on CUDA, reference elsewhere
+        kernels=None,
         instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
-        fused_step=None,  # Adam + forced weight normalization + EMA updates in one Triton kernel; None = on CUDA
-        # all layers' effective weights (and their gradients) in one Triton kernel; None = on CUDA
-        batched_weights=None,
-        # dropout keep-masks from one Philox call per four elements (networks/dropout.py); None = on CUDA
-        fast_dropout=None,
         # cuDNN's autotuner on CUDA: faster convolutions, but its choice can differ between processes, so CUDA runs
         # (and resumes) repeat bit for bit only with it off
         cudnn_benchmark=True,
-        ddp_overlap=False,  # compiled multi-GPU: split the graph at DDP buckets so all-reduces overlap the backward
-        # multi-GPU gradient averaging: "ddp", "flat", "grouped" or "overlap" (training/grad_sync.py); None = flat if
-        # compiled
+        # multi-GPU gradient averaging: "ddp" or "flat" (accel/grad_sync.py); None = flat if compiled, else ddp
         grad_sync=None,
         max_nonfinite_status=MAX_NONFINITE_STATUS,  # status intervals of non-finite loss in a row that stop the run
     )
-
-
-GRAD_SYNCS = ("ddp", "flat", "grouped", "overlap")  # multi-GPU gradient averaging (resolve_grad_sync)
 
 
 class TrainingError(ValueError):
@@ -103,36 +94,19 @@ class TrainingStopped(Exception):
         self.nimg, self.signum, self.exit_code = nimg, signum, 128 + signum
 
 
-def resolve_grad_sync(config: dict[str, Any]) -> str:
-    """How several processes average gradients: "ddp" (DistributedDataParallel: in eager runs its buckets are
-    reduced while backward goes on), "flat" (gradients gathered into one buffer, all-reduced in chunks that overlap
-    the post-step: the better choice when a compiled backward hands every gradient over at its end), "grouped"
-    (the same chunks as NCCL groups of per-tensor all-reduces, without the gathering copy) or "overlap" (the
-    network compiled in three pieces, each piece's gradients all-reduced while backward runs through the pieces
-    before it). None picks flat when compiled."""
-    choice = config.get("grad_sync")
-    if choice is None:
-        return "flat" if config.get("compile") and not config.get("ddp_overlap") else "ddp"
-    if choice not in GRAD_SYNCS:
-        raise TrainingError(f"--grad-sync: expected one of {', '.join(GRAD_SYNCS)}, got {choice!r}")
-    if choice != "ddp" and config.get("ddp_overlap"):
-        raise TrainingError(
-            f"--grad-sync {choice} cannot be combined with --ddp-overlap (which splits the graph at DDP buckets)"
-        )
-    return choice
-
-
 # --- setup -----------------------------------------------------------------------------------------------
 
 
-def overlap_groups(net: Precond) -> list[list[int]]:
-    """Indices into net.parameters() of each compiled piece's parameters, in the order backward completes them;
-    the preconditioner's own (the log-variance head, run after the backbone) come first."""
-    index = {id(p): i for i, p in enumerate(net.parameters())}
-    groups = [[index[id(p)] for p in group] for group in net.backbone.part_parameters()]
-    grouped = {i for group in groups for i in group}
-    groups[0] = [i for i in range(len(index)) if i not in grouped] + groups[0]
-    return groups
+def speed_plan(config: dict[str, Any], device: torch.device, world_size: int) -> SpeedPlan:
+    """The configuration's speed options resolved (accel.resolve_speed_plan); a bad value is a TrainingError naming
+    the option."""
+    try:
+        return resolve_speed_plan(
+            device, world_size, compile=bool(config.get("compile")), kernels=config.get("kernels"),
+            grad_sync=config.get("grad_sync"), cudnn_benchmark=bool(config.get("cudnn_benchmark", True)),
+        )
+    except ValueError as e:
+        raise TrainingError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
 
 
 def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -173,6 +147,7 @@ def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
         raise TrainingError(f"--lr {config['lr']['ref_lr']!r} is too large: Adam's first step overflows float32")
     if config["data"] is None:
         raise TrainingError("--data is required")
+    speed_plan(config, torch.device("cpu"), world_size)  # the speed options' values, before anything is written
     return config
 
 
@@ -352,8 +327,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         if removed:
             log(f"Removed {len(removed)} temp file(s) of an interrupted save: {', '.join(removed)}")
 
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(config.get("cudnn_benchmark", True))  # fixed shapes: tune once
+    plan = speed_plan(config, device, world)
     torch.manual_seed(config["seed"])  # the same initial weights on every rank
     dataset, encoder, net = build_dataset_and_net(config)
     config["data_identity"] = dataset_identity(dataset)
@@ -361,26 +335,13 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         check_config(run_dir, config, read_options(run_dir), os.path.join(run_dir, OPTIONS_FILE))
     dist.barrier()
     torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
-    net.to(device).train()
-    net.channels_last = device.type == "cuda" if config.get("channels_last") is None else bool(config["channels_last"])
-    if net.channels_last:  # weights laid out like their gradients: no transposes in backward or into .grad
-        net.to(memory_format=torch.channels_last)
-    for switch in ("batched_weights", "fast_dropout"):  # the backbone's Triton speed switches; None = on CUDA
-        on = config.get(switch)
-        on = device.type == "cuda" and triton_kernels_available(device) if on is None else bool(on)
-        if hasattr(net.backbone, switch):
-            setattr(net.backbone, switch, on)
-    fused_step = config.get("fused_step")
-    fused_step = device.type == "cuda" and fused_available(device) if fused_step is None else bool(fused_step)
-    optimizer = torch.optim.Adam(
-        net.parameters(), lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"],
-        fused=device.type == "cuda" and not fused_step,  # torch's one-kernel Adam when ours is off
-    )
+    plan.apply(net.to(device).train())  # attention / dropout modules, layouts, cuDNN's autotuner (fixed shapes)
+    optimizer = plan.adam(net, lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"])
     ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
     try:
-        post_step = PostStep(net, optimizer, ema, fused=fused_step)
+        post_step = plan.post_step(net, optimizer, ema)
     except ValueError as e:
-        raise TrainingError(f"--fused-step: {e}") from e
+        raise TrainingError(f"--kernels {plan.kernels}: {e}") from e
     use_instruments = config.get("instruments")
     use_instruments = not config.get("compile") if use_instruments is None else bool(use_instruments)
     instruments = SkipInstruments(net)  # ScaleLong figures per skip and stage on status steps
@@ -422,31 +383,9 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
 
-    grad_sync = resolve_grad_sync(config)
-    if world > 1 and grad_sync != "ddp":
-        for t in list(net.parameters()) + list(net.buffers()):  # what DDP does at construction: rank 0's values
-            torch.distributed.broadcast(t.data, 0)
-    ddp = (
-        torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-        if world > 1 and grad_sync == "ddp" else net
-    )
-    averager = None
-    if world > 1 and grad_sync == "overlap":
-        if not hasattr(net.backbone, "part_parameters"):
-            raise TrainingError(
-                f"--grad-sync overlap: the {net.init_kwargs.get('arch')} backbone cannot be cut into pieces; use flat"
-            )
-        net.backbone.graph_breaks = net.backbone.overlap_breaks()  # before torch.compile traces the network
-        averager = FlatGradients(net.parameters(), groups=overlap_groups(net))
-    elif world > 1 and grad_sync != "ddp":
-        averager = FlatGradients(net.parameters(), gather=grad_sync == "flat")
-    if config.get("compile") and world > 1:
-        # Overlap splits the compiled graph at every gradient bucket; without it the graph stays whole and the
-        # all-reduces follow the backward, with no NCCL kernels competing with the convolutions for the SMs,
-        # which measured faster (the README's Speed section; benchmarks/bench_train.py --ddp-overlap).
-        torch._dynamo.config.optimize_ddp = bool(config.get("ddp_overlap", False))
+    ddp, averager = plan.distribute(net, device, world)  # DDP, or the flat buffer's all-reduces ('flat')
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
-    compiled = torch.compile(ddp) if config.get("compile") else ddp
+    compiled = plan.compile_for_training(ddp)
     step = cur_nimg // batch
     sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, config["seed"], start_step=step)
     loader = torch.utils.data.DataLoader(
@@ -513,8 +452,6 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 # non_blocking: a blocking copy drains the GPU
                 labels = labels.to(device, non_blocking=True) if net.label_dim else None
                 sync = contextlib.nullcontext() if (ddp is net or rnd == rounds - 1) else ddp.no_sync()
-                if averager is not None and rnd == rounds - 1:
-                    averager.arm()  # --grad-sync overlap: pieces start their all-reduces during this backward
                 with sync:
                     loss = loss_fn(
                         ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl]

@@ -11,7 +11,8 @@ and backward, as before.
 The mask is a different random draw from torch's, with the same distribution: keep each element with probability
 1 - p (uniform u >= p), scale kept ones by 1 / (1 - p), as `F.dropout` does. The seed of each call is drawn from
 torch's generator on the device, so `torch.manual_seed` (and a resumed training run's restored RNG state) makes
-the masks reproducible. Off CUDA (or without Triton) `dropout` is `F.dropout`.
+the masks reproducible. Off CUDA (or without Triton) `dropout` is `F.dropout`. `FastDropout` is the module that
+accel.SpeedPlan puts in place of the network's `networks.mp.Dropout`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .batched_weights import kernel_available
-from .mp import is_channels_last
+from networks.mp import Dropout, is_channels_last
+
+from .kernels import kernels_available
 
 try:  # Triton comes with CUDA builds of PyTorch; the plain path needs nothing beyond torch
     import triton
@@ -84,8 +86,16 @@ def dropout(x: torch.Tensor, p: float, fast: bool = True) -> torch.Tensor:
         raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
     if p == 0:
         return x
-    if not (fast and kernel_available(x.device)):
+    if not (fast and kernels_available(x.device)):
         return F.dropout(x, p=p)
     seed = torch.randint(0, 2**62, (1,), device=x.device)
     keep = dropout_keep_mask(seed, list(x.shape), is_channels_last(x), p)
     return torch.where(keep, x * (1 / (1 - p)), 0)
+
+
+class FastDropout(Dropout):
+    """networks.mp.Dropout with the keep-mask from `dropout_keep_mask` where the kernel runs (the same distribution,
+    different draws); elsewhere the same as the module it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p) if self.training and self.p != 0 else x

@@ -30,6 +30,8 @@ import torch
 
 from networks.mp import NORM_EPS, MPConv
 
+from .kernels import kernels_available
+
 try:  # Triton comes with CUDA builds of PyTorch; the plain path needs nothing beyond torch
     import triton
     import triton.language as tl
@@ -43,12 +45,8 @@ P, G, M, V, E0 = 0, 1, 2, 3, 4  # rows of the pointer table: weight, gradient, A
 
 
 def fused_available(device: torch.device | str) -> bool:
-    """Whether the fused path runs for parameters on `device`: CUDA with Triton. (With TRITON_INTERPRET=1 set
-    before Triton is imported it also runs on the CPU, in Triton's interpreter: that is for tests.)"""
-    import os
-
-    kind = torch.device(device).type
-    return triton is not None and (kind == "cuda" or (kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+    """Whether the fused path runs for parameters on `device` (accel.kernels.kernels_available)."""
+    return kernels_available(device)
 
 
 def zero_nonfinite_grads_(net: torch.nn.Module) -> None:
@@ -186,7 +184,7 @@ class PostStep:
             self._row_buckets[(whole,)] = [self._build_rows(whole)]
 
     def __call__(self, cur_nimg: int, batch: int, ready: Any = None) -> None:
-        """`ready`: gradients still being averaged (training/grad_sync.FlatGradients after `start_average()`); the
+        """`ready`: gradients still being averaged (accel/grad_sync.FlatGradients after `start_average()`); the
         parameters of each of its chunks are updated as soon as that chunk's all-reduce is done."""
         betas = self.ema.betas(cur_nimg, batch) if self.ema is not None else []
         chunks = [list(range(len(self.params)))]

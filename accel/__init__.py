@@ -1,0 +1,174 @@
+"""The speed layer: everything that makes training and sampling fast, applied from outside the reference network
+(networks/), which never imports it (docs/design.md).
+
+One `SpeedPlan`, resolved once by `resolve_speed_plan` from the training / sampling options, says what runs:
+
+- kernels 'fast' (the default on CUDA): cosine attention through fused scaled-dot-product attention
+  (accel/attention.py), dropout keep-masks from one Philox call per four elements (accel/dropout.py), NHWC
+  (channels-last) activations and weights on CUDA, and Adam + power-function EMA + forced weight normalization in
+  one Triton kernel (accel/post_step.py). Same functions as the reference, rounded differently (other random draws
+  for dropout);
+- kernels 'reference' (the default elsewhere): plain PyTorch in the reference's order and layout, the official
+  values to the last bit on the CPU;
+- compile: torch.compile (training: the whole step's network; sampling: with CUDA graphs and frozen weights);
+- grad_sync (several processes): 'ddp' (torch's DistributedDataParallel, whose buckets overlap an eager backward)
+  or 'flat' (accel/grad_sync.py: one buffer, chunked all-reduces that overlap the post-step; for compiled steps);
+- cudnn_benchmark: cuDNN's autotuner (faster convolutions; CUDA runs repeat bit for bit only without it).
+
+    plan = resolve_speed_plan(device, world_size, compile=True)
+    plan.apply(net)                                   # swaps modules, sets layouts and the cuDNN flag
+    post_step = plan.post_step(net, optimizer, ema)   # after every backward
+    ddp, averager = plan.distribute(net, device, world_size)
+    step_net = plan.compile_for_training(ddp)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from networks.mp import CosineAttention, Dropout
+
+from .attention import FusedCosineAttention
+from .dropout import FastDropout
+from .grad_sync import FlatGradients
+from .kernels import kernels_available
+from .post_step import PostStep
+
+KERNELS = ("fast", "reference")
+GRAD_SYNCS = ("ddp", "flat")
+
+__all__ = [
+    "GRAD_SYNCS", "KERNELS", "FastDropout", "FlatGradients", "FusedCosineAttention", "PostStep", "SpeedPlan",
+    "kernels_available", "resolve_speed_plan",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedPlan:
+    """What runs, resolved (see the module docstring); make it with `resolve_speed_plan`."""
+
+    compile: bool  # torch.compile
+    kernels: str  # 'fast' or 'reference'
+    channels_last: bool  # NHWC activations (and, for training, weights)
+    fused_step: bool  # the Triton post-step (Adam + EMA + forced weight normalization)
+    fast_dropout: bool  # FastDropout in place of the network's Dropout modules
+    fused_attention: bool  # FusedCosineAttention in place of CosineAttention
+    grad_sync: str  # 'ddp' or 'flat' (several processes)
+    cudnn_benchmark: bool  # cuDNN's autotuner (CUDA)
+    cuda: bool  # the device is a CUDA device
+
+    def apply(self, net: torch.nn.Module, weights_channels_last: bool = True) -> torch.nn.Module:
+        """Put the plan's modules and layouts into `net` (in place; returned for chaining): attention and dropout
+        modules swapped either way (so a network can go back to the reference), the backbone's input made
+        channels-last (or not), the weights too with `weights_channels_last` (training: laid out like their
+        gradients, so no transposes into .grad), and cuDNN's autotuner flag on CUDA. Parameters and state-dict keys
+        are unchanged."""
+        for module in list(net.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, CosineAttention):
+                    kind = FusedCosineAttention if self.fused_attention else CosineAttention
+                    if type(child) is not kind:
+                        setattr(module, name, kind(child.num_heads))
+                elif isinstance(child, Dropout):
+                    kind = FastDropout if self.fast_dropout else Dropout
+                    if type(child) is not kind:
+                        replacement = kind(child.p)
+                        replacement.train(child.training)
+                        setattr(module, name, replacement)
+        backbone = getattr(net, "backbone", net)
+        for key, hook in list(backbone._forward_pre_hooks.items()):
+            if hook is _channels_last_input:
+                del backbone._forward_pre_hooks[key]
+        if self.channels_last:
+            backbone.register_forward_pre_hook(_channels_last_input)
+            if weights_channels_last:
+                net.to(memory_format=torch.channels_last)
+        if self.cuda:
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        return net
+
+    def adam(self, net: torch.nn.Module, **kwargs: Any) -> torch.optim.Adam:
+        """torch.optim.Adam over net's parameters; torch's one-kernel Adam on CUDA when the fused post-step is off."""
+        return torch.optim.Adam(net.parameters(), fused=self.cuda and not self.fused_step, **kwargs)
+
+    def post_step(self, net: torch.nn.Module, optimizer: torch.optim.Adam, ema: Any = None) -> PostStep:
+        """Everything between backward and the next forward (accel/post_step.py), fused or the library calls."""
+        return PostStep(net, optimizer, ema, fused=self.fused_step)
+
+    def distribute(
+        self, net: torch.nn.Module, device: torch.device, world_size: int
+    ) -> tuple[torch.nn.Module, FlatGradients | None]:
+        """(the module to run forward / backward through, the gradient averager or None). One process: (net, None).
+        'ddp': (DistributedDataParallel(net), None). 'flat': every rank takes rank 0's parameters and buffers (what
+        DDP does at construction), then (net, FlatGradients): call its start_average() after the last backward of
+        a step and hand it to the post-step as `ready`."""
+        if world_size <= 1:
+            return net, None
+        if self.compile:
+            # Splitting the compiled graph at DDP's buckets (so the all-reduces overlap the backward) measured
+            # slower than one whole graph (the shared brief of issue 23: 1271.7 against 1304.3 img/s on two H200).
+            torch._dynamo.config.optimize_ddp = False
+        if self.grad_sync == "ddp":
+            ids = [device] if device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids), None
+        for t in list(net.parameters()) + list(net.buffers()):
+            torch.distributed.broadcast(t.data, 0)
+        return net, FlatGradients(net.parameters())
+
+    def compile_for_training(self, module: torch.nn.Module) -> torch.nn.Module:
+        """torch.compile(module) with `compile`, else the module itself."""
+        return torch.compile(module) if self.compile else module
+
+    def compile_for_sampling(
+        self, net: torch.nn.Module, cuda_graphs: bool | None = None, freezing: bool | None = None
+    ) -> torch.nn.Module:
+        """torch.compile for the sampler's fixed shapes with `compile`, else net. `cuda_graphs` (None = on CUDA)
+        replays each evaluation as one CUDA graph; `freezing` (None = on CUDA) treats the weights as constants, so
+        the normalized weights are computed once at compile time (weights loaded afterwards are not seen)."""
+        if not self.compile:
+            return net
+        graphs = self.cuda if cuda_graphs is None else bool(cuda_graphs)
+        freeze = self.cuda if freezing is None else bool(freezing)
+        return torch.compile(net, options={"triton.cudagraphs": graphs, "freezing": freeze})
+
+
+def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the backbone: its image input NHWC, so that every activation after it stays NHWC."""
+    x = args[0]
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:]) if x.ndim == 4 else args
+
+
+def resolve_speed_plan(
+    device: torch.device | str,
+    world_size: int = 1,
+    compile: bool = False,
+    kernels: str | None = None,
+    grad_sync: str | None = None,
+    cudnn_benchmark: bool = True,
+) -> SpeedPlan:
+    """The one place that decides what the defaults mean. kernels None = 'fast' on CUDA, 'reference' elsewhere;
+    'fast' = fused attention everywhere, and where the Triton kernels run (CUDA with Triton) the fused post-step
+    and the fast dropout, plus channels-last on CUDA. grad_sync None = 'flat' when compiled, else 'ddp'.
+    A bad value raises ValueError naming the option."""
+    if kernels is not None and kernels not in KERNELS:
+        raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
+    if grad_sync is not None and grad_sync not in GRAD_SYNCS:
+        raise ValueError(f"grad_sync must be 'ddp' or 'flat', got {grad_sync!r}")
+    for name, value in dict(compile=compile, cudnn_benchmark=cudnn_benchmark).items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    kernels = kernels or ("fast" if cuda else "reference")
+    fast = kernels == "fast"
+    triton_kernels = fast and kernels_available(device)
+    return SpeedPlan(
+        compile=compile, kernels=kernels, channels_last=fast and cuda, fused_step=triton_kernels,
+        fast_dropout=triton_kernels, fused_attention=fast, grad_sync=grad_sync or ("flat" if compile else "ddp"),
+        cudnn_benchmark=cudnn_benchmark, cuda=cuda,
+    )
