@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from torch_utils.state_io import StateFileError, atomic_write, load_state
 
+from .config import LEGACY_KEYS, RESUMABLE_CHANGES  # noqa: F401 (RESUMABLE_CHANGES re-exported)
 from .encoders import LEGACY_VAE_PIXEL_RANGE
 
 CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
@@ -32,15 +33,9 @@ STATS_FILE = "stats.jsonl"
 LOCK_FILE = ".lock"
 DAMAGED_SUFFIX = ".damaged"
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
-# Options that may change between a run and its resumption without changing what is computed. The dataset is
-# compared by its identity ("data_identity"), not by its path, so a run directory can move to another disk.
-RESUMABLE_CHANGES = (
-    "data", "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "channels_last",
-    "instruments", "fused_step", "batched_weights", "fast_dropout", "ddp_overlap", "grad_sync", "max_nonfinite_status",
-    "cudnn_benchmark",
-)
-
-
+# RESUMABLE_CHANGES: the options that may change between a run and its resumption without changing what is
+# computed, from TrainingConfig's field flags. The dataset is compared by its identity ("data_identity"), not by its
+# path, so a run directory can move to another disk. LEGACY_KEYS (speed switches of earlier versions) are ignored.
 class RunDirError(ValueError):
     """A run directory that cannot be trained into; the message names the directory or file."""
 
@@ -158,7 +153,7 @@ def dataset_identity(dataset: Any) -> dict[str, Any]:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: old there, new now' for every option that a resume may not change. A run recorded before the
     dataset identity existed is compared without it."""
-    keys = {k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES}
+    keys = {k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and k not in LEGACY_KEYS}
     if "data_identity" not in old:
         keys.discard("data_identity")
     old, new = dict(old), dict(new)
