@@ -150,9 +150,9 @@ def test_keep_mask_traces_under_compile():
 
 
 def test_training_config_switch():
-    from training.training_loop import RESUMABLE_CHANGES, default_config
+    from training.config import RESUMABLE_CHANGES, TrainingConfig
 
-    assert "fast_dropout" in default_config() and "fast_dropout" in RESUMABLE_CHANGES
+    assert TrainingConfig().kernels is None and "kernels" in RESUMABLE_CHANGES  # --kernels fast: the fast dropout
     net = edm2.Precond(img_resolution=8, img_channels=2, label_dim=0, model_channels=8, channel_mult=[1, 2],
                        num_blocks=1, attn_resolutions=[], dropout=0.1)  # fmt: skip
     assert net.backbone.fast_dropout is False  # off unless the training loop (on CUDA) or the user turns it on

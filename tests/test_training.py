@@ -144,10 +144,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("grad_sync,batch_gpu,layout", [
-    ("ddp", 4, "4 x 2 x 1"), ("flat", 2, "2 x 2 x 2"), ("grouped", 4, "4 x 2 x 1"),
-    ("overlap", 2, "2 x 2 x 2"),  # eager here: the pieces' gradient hooks start the all-reduces during backward
-])
+@pytest.mark.parametrize("grad_sync,batch_gpu,layout", [("ddp", 4, "4 x 2 x 1"), ("flat", 2, "2 x 2 x 2")])
 def test_two_processes_equal_one_process(tmp_path, data, grad_sync, batch_gpu, layout):
     one = run_cli(train_args(tmp_path / "one", data, duration=128, batch=8))
     assert one.returncode == 0, one.stderr
@@ -171,24 +168,19 @@ def test_accumulation_rounds_equal_one_round(tmp_path, data):
     assert_states_equal(final_state(tmp_path / "one")[1], final_state(tmp_path / "acc")[1], atol=1e-5)
 
 
-def test_batched_weights_train_like_per_layer_weights(tmp_path, data):
-    plain = run_cli(train_args(tmp_path / "plain", data, duration=64, batch=8) + ["--no-batched-weights"])
-    batched = run_cli(train_args(tmp_path / "batched", data, duration=64, batch=8) + ["--batched-weights"])
-    assert plain.returncode == 0 and batched.returncode == 0, batched.stderr
-    assert json.load(open(tmp_path / "batched" / "training_options.json"))["batched_weights"] is True
-    assert_states_equal(final_state(tmp_path / "plain")[1], final_state(tmp_path / "batched")[1], atol=1e-5)
-
-
-def test_channels_last_weights_train_like_contiguous_ones_and_resume_across_layouts(tmp_path, data):
-    plain = run_cli(train_args(tmp_path / "plain", data, duration=96, batch=8))
+def test_fast_kernels_train_like_reference_ones_and_resume_across_them(tmp_path, data):
+    plain = run_cli(train_args(tmp_path / "plain", data, duration=96, batch=8, kernels="reference"))
     assert plain.returncode == 0, plain.stderr
-    nhwc = tmp_path / "nhwc"  # weights and activations channels-last (the CUDA default) for 64 images, then not
-    first = run_cli(train_args(nhwc, data, duration=64, batch=8, checkpoint=64) + ["--channels-last"])
+    # --kernels fast (the CUDA default; on the CPU: channels-last weights and activations, batched effective
+    # weights, the fast dropout) for 64 images, then the reference path
+    fast = tmp_path / "fast"
+    first = run_cli(train_args(fast, data, duration=64, batch=8, checkpoint=64, kernels="fast"))
     assert first.returncode == 0, first.stderr
-    second = run_cli(train_args(nhwc, data, duration=96, batch=8) + ["--no-channels-last"])
+    assert json.load(open(fast / "training_options.json"))["kernels"] == "fast"
+    second = run_cli(train_args(fast, data, duration=96, batch=8, kernels="reference"))
     assert second.returncode == 0, second.stderr
     assert "Resuming from 64 images" in second.stdout
-    assert_states_equal(final_state(tmp_path / "plain")[1], final_state(nhwc)[1], atol=1e-5)
+    assert_states_equal(final_state(tmp_path / "plain")[1], final_state(fast)[1], atol=1e-5)
 
 
 # --- command line and bad input (in process) -------------------------------------------------------------
@@ -213,10 +205,16 @@ def test_dry_run_prints_resolved_config(tmp_path, data):
     assert config["network"]["model_channels"] == 8 and config["network"]["channel_mult"] == [1, 2]
     assert config["duration"] == 320 and config["batch"] == 16  # the options override the preset
     assert config["lr"]["ref_lr"] == 0.01 and config["ema_stds"] == [0.05, 0.07]
-    assert config["ddp_overlap"] is False  # the default: the compiled graph stays whole on several GPUs
+    assert config["kernels"] is None and config["grad_sync"] is None  # resolved for the device by the loop
+    assert config["network"]["precision"] == "fp32"  # --precision fp32 (train_args)
     assert not (tmp_path / "x" / "training_options.json").exists()
-    result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", "--ddp-overlap"])
-    assert result.exit_code == 0 and json.loads(result.stdout)["ddp_overlap"] is True
+    result = invoke(train_args(tmp_path / "x", data, precision="auto") + ["--dry-run", "--kernels=reference"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["kernels"] == "reference"
+    # auto: fp16 on CUDA, fp32 elsewhere, resolved where the device is chosen
+    assert json.loads(result.stdout)["network"]["precision"] == ("fp16" if torch.cuda.is_available() else "fp32")
+    for removed in ("--ddp-overlap", "--channels-last", "--fused-step", "--batched-weights", "--fast-dropout"):
+        result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", removed])
+        assert result.exit_code == 2 and "No such option" in result.output
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,8 @@ class TrainingConfig:
         for option, value in numbers.items():  # nan and inf pass range checks (every comparison with nan is false)
             values = value if isinstance(value, (list, tuple)) else [value]
             if not all(_is_number(v) and math.isfinite(v) for v in values):
-                raise TrainingError(f"--{option} must be finite, got {value!r}")
+                name = "ema-stds" if option == "ema_stds" else option  # the command line's spelling
+                raise TrainingError(f"--{name} must be finite, got {value!r}")
         if len(c.betas) != 2:
             raise TrainingError(f"--betas must be two numbers, got {c.betas!r}")
         if not all(0 <= b < 1 for b in c.betas):
