@@ -124,7 +124,7 @@ def main(steps, batch, dropout, workers, precision, compile_net, cudnn_benchmark
     res = dict(device="cpu" if cpu else torch.cuda.get_device_name(), torch=torch.__version__)
     extra = [f"--precision={precision}", "--compile" if compile_net else "--no-compile"]
     if cpu:
-        extra.append("--no-fast-dropout")
+        extra.append("--kernels=reference")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the children train on the CPU
     else:
         from networks.batched_weights import kernel_available
@@ -133,7 +133,7 @@ def main(steps, batch, dropout, workers, precision, compile_net, cudnn_benchmark
             click.echo("check_resume_cuda.py: the fast dropout kernel cannot run here (no Triton for this GPU)",
                        err=True)
             sys.exit(2)
-        extra.append("--fast-dropout")
+        extra.append("--kernels=fast")  # the fast dropout kernel
     steps -= steps % 2  # two legs of whole status intervals
     status = batch * (steps // 4) if steps % 4 == 0 else batch * (steps // 2)
     opts = dict(batch=batch, status=status, dropout=dropout, workers=workers, cudnn_benchmark=cudnn_benchmark,
