@@ -165,3 +165,43 @@ def test_the_images_and_the_noise_of_each_process_agree(world, batch_gpu, batch)
     covered = sorted(i for rnd in range(rounds) for rank in range(world)
                      for i in range(batch)[batch_chunk(rnd, rank, world, batch_gpu)])
     assert covered == list(range(batch))
+
+
+def test_a_dict_is_taken_once_at_the_entry():
+    legacy = dict(LEGACY_OPTIONS)
+    assert TrainingConfig.coerce(legacy) == TrainingConfig.from_dict(legacy) and legacy == LEGACY_OPTIONS
+    config = TrainingConfig(data="d.zip")
+    copy = TrainingConfig.coerce(config)
+    copy.network["x"] = 1
+    assert copy is not config and config.network == {}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_recorded_with_the_removed_speed_switches_resumes(tmp_path):
+    """A run directory of the code before --kernels: its options file and checkpoint hold channels_last, fused_step,
+    batched_weights, fast_dropout, ddp_overlap and grad_sync 'grouped'; the resume goes on without a complaint."""
+    from torch_utils.state_io import load_state, save_state
+    from training.demo_data import write_demo_dataset
+    from training.run_dir import list_checkpoints
+    from training.training_loop import training_loop
+
+    network = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], precision="fp32")
+    c = dict(
+        data=write_demo_dataset(str(tmp_path / "demo.zip"), num_images=16, resolution=8), network=network,
+        duration=8, batch=4, status=4, snapshot=0, checkpoint=4, workers=0,
+    )
+    run = tmp_path / "run"
+    training_loop(str(run), c)
+    old = dict(channels_last=None, fused_step=None, batched_weights=True, fast_dropout=None, ddp_overlap=False,
+               grad_sync="grouped")
+    options = json.loads((run / "training_options.json").read_text())
+    (run / "training_options.json").write_text(json.dumps(dict(options, **old)))
+    (_, path), *_ = list_checkpoints(str(run))
+    state = load_state(path)
+    state["config"] = dict(state["config"], **old)
+    save_state(path, state)
+    summary = training_loop(str(run), dict(c, duration=12, kernels="reference"))
+    assert summary["cur_nimg"] == 12 and summary["images_this_run"] == 4
+    rewritten = json.loads((run / "training_options.json").read_text())
+    assert not (set(old) - {"grad_sync"}) & set(rewritten) and rewritten["kernels"] == "reference"
+    assert rewritten["grad_sync"] is None
