@@ -70,9 +70,7 @@ def set_skip_scaling(net: dict, mode: str | None, kappa: float | None) -> None:
     if mode is not None:
         net["skip_scaling"] = mode
     if kappa is not None:
-        if net.get("skip_scaling", "none") != "cs":
-            raise click.BadParameter("--kappa applies to --skip-scaling cs only", param_hint="--kappa")
-        net["kappa"] = kappa
+        net["kappa"] = kappa  # TrainingConfig.validate: for --skip-scaling cs only
 
 
 def build_config(opts: dict) -> TrainingConfig:

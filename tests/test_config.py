@@ -102,6 +102,7 @@ def test_unreadable_options_file_is_named(tmp_path):
     (dict(lr=LrConfig(ref_lr=1e38), betas=[0.9, 0.99]), "is too large: Adam's first step overflows float32"),
     (dict(kernels="x"), "--kernels must be 'fast' or 'reference', got 'x'"),
     (dict(grad_sync="grouped"), "--grad-sync: expected one of ddp, flat, got 'grouped'"),
+    (dict(network=dict(kappa=0.5)), "--kappa applies to --skip-scaling cs only"),
     (dict(network=dict(precision="fp8")), "--precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
     (dict(data=None), "--data is required"),
 ])

@@ -179,6 +179,8 @@ class TrainingConfig:
             raise TrainingError(f"--kernels must be 'fast' or 'reference', got {c.kernels!r}")
         if c.grad_sync is not None and c.grad_sync not in GRAD_SYNCS:
             raise TrainingError(f"--grad-sync: expected one of {', '.join(GRAD_SYNCS)}, got {c.grad_sync!r}")
+        if "kappa" in c.network and c.network.get("skip_scaling", "none") != "cs":  # it would be ignored
+            raise TrainingError("--kappa applies to --skip-scaling cs only")
         precision = c.network.get("precision", "fp32")
         if precision not in PRECISIONS:
             raise TrainingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
