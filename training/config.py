@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-MAX_NONFINITE_STATUS = 3  # status intervals of non-finite loss in a row that stop a run (training_loop.py)
+# Images of non-finite loss in a row a run survives, counted in status intervals (a rare fp16 overflow zeroes one
+# step's gradients; a diverged run stays non-finite): then it stops without saving, its last good checkpoint kept.
+MAX_NONFINITE_STATUS = 3
 KERNELS = ("fast", "reference")
 GRAD_SYNCS = ("ddp", "flat")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
