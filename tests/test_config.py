@@ -206,3 +206,18 @@ def test_a_run_recorded_with_the_removed_speed_switches_resumes(tmp_path):
     rewritten = json.loads((run / "training_options.json").read_text())
     assert not (set(old) - {"grad_sync"}) & set(rewritten) and rewritten["kernels"] == "reference"
     assert rewritten["grad_sync"] is None
+
+
+def test_a_recorded_configuration_is_read_as_a_training_config():
+    """check_config reads the run's options (or checkpoint) through TrainingConfig: a key it does not know or a value
+    of the wrong type is named with the file, a legacy file compares equal to the same run today."""
+    from training.run_dir import RunDirError, check_config
+
+    now = TrainingConfig.from_dict(LEGACY_OPTIONS).to_dict()
+    check_config("run", now, dict(LEGACY_OPTIONS), "run/training_options.json")
+    with pytest.raises(RunDirError, match=r"^run/training_options\.json: unknown key 'speedy'.*another --outdir$"):
+        check_config("run", now, dict(LEGACY_OPTIONS, speedy=True), "run/training_options.json")
+    with pytest.raises(RunDirError, match=r"^run/x\.safetensors: key 'seed' must be an integer, got 'zero'"):
+        check_config("run", now, dict(LEGACY_OPTIONS, seed="zero"), "run/x.safetensors")
+    with pytest.raises(RunDirError, match=r"different configuration \(seed: 1 there, 0 now"):
+        check_config("run", now, dict(LEGACY_OPTIONS, seed=1), "run/training_options.json")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from torch_utils.state_io import StateFileError, atomic_write, load_state
 
-from .config import LEGACY_KEYS, RESUMABLE_CHANGES  # noqa: F401 (RESUMABLE_CHANGES re-exported)
+from .config import LEGACY_KEYS, RESUMABLE_CHANGES, TrainingConfig, TrainingError
 from .encoders import LEGACY_VAE_PIXEL_RANGE
 
 CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
@@ -189,6 +189,10 @@ def check_config(run_dir: str, config: dict[str, Any], recorded: dict[str, Any] 
         return
     if not isinstance(recorded, dict):
         raise RunDirError(f"{source}: holds no configuration object; move the directory away or pick another --outdir")
+    try:  # an earlier version's keys read as they are meant now (the removed speed switches dropped)
+        recorded = TrainingConfig.from_dict(recorded, source).to_dict()
+    except TrainingError as e:
+        raise RunDirError(f"{e}; move the directory away or pick another --outdir") from None
     differ = config_differences(recorded, config)
     if differ:
         raise RunDirError(
