@@ -105,6 +105,9 @@ def test_unreadable_options_file_is_named(tmp_path):
     (dict(network=dict(kappa=0.5)), "--kappa applies to --skip-scaling cs only"),
     (dict(network=dict(precision="fp8")), "--precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
     (dict(data=None), "--data is required"),
+    (dict(compile="yes"), "the configuration: key 'compile' must be true or false, got 'yes'"),
+    (dict(kernels=None, instruments=1), "key 'instruments' must be true or false or null, got 1"),
+    (dict(batch=16.0), "--batch must be a positive number of images, got 16.0"),
 ])
 def test_validation_names_the_option(change, message):
     config = dataclasses.replace(TrainingConfig(data="d.zip", batch=16), **change)

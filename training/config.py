@@ -188,6 +188,7 @@ class TrainingConfig:
             raise TrainingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if c.data is None:
             raise TrainingError("--data is required")
+        _from_dict(TrainingConfig, dataclasses.asdict(c), "the configuration", "")  # every other field's type
         return c
 
     def for_device(self, device: torch.device) -> "TrainingConfig":
