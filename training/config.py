@@ -112,10 +112,10 @@ class TrainingConfig:
         return _from_dict(cls, values, source, "")
 
     def to_json(self, path: str) -> None:
-        from torch_utils.state_io import atomic_write
+        """Write the options file atomically (no temp file left behind, the previous version kept on a failure)."""
+        from .run_dir import write_json  # run_dir reads its resumable fields from this module
 
-        text = json.dumps(self.to_dict(), indent=2)
-        atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str) -> "TrainingConfig":

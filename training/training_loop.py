@@ -317,7 +317,7 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
     if rank == 0:
         with _write_errors(run_dir, "the run's options and status lines"):
             truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
-            write_json(os.path.join(run_dir, OPTIONS_FILE), config.to_dict())
+            config.to_json(os.path.join(run_dir, OPTIONS_FILE))
         log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2), file_only=True)
         log(f"Options in {os.path.join(run_dir, OPTIONS_FILE)}; dataset and network details and this output in "
             f"{os.path.join(run_dir, LOG_FILE)}.")
