@@ -20,11 +20,11 @@ import click
 
 import edm2
 from networks.skip_scaling import SKIP_SCALING_MODES
+from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write
+from training.config import TrainingConfig
 from training.dataset import DatasetError, ImageFolderDataset
 from training.encoders import STABILITY_VAE_DEFAULTS, VAE_PIXEL_RANGES
-from torch_utils import distributed as dist
-from training.config import TrainingConfig
 from training.training_loop import TrainingError, TrainingStopped, check_dataset_and_network, training_loop
 
 DEMO_DATA = "demo-data.zip"  # --data demo: written into the run directory once the options are checked
