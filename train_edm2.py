@@ -8,6 +8,8 @@ Rerunning the same command resumes from the newest checkpoint in --outdir.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import re
@@ -15,16 +17,15 @@ import shutil
 import tempfile
 
 import click
-import torch
 
 import edm2
 from networks.skip_scaling import SKIP_SCALING_MODES
+from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write
+from training.config import TrainingConfig
 from training.dataset import DatasetError, ImageFolderDataset
 from training.encoders import STABILITY_VAE_DEFAULTS, VAE_PIXEL_RANGES
-from training.training_loop import (
-    TrainingError, TrainingStopped, check_dataset_and_network, default_config, training_loop, validate_config,
-)
+from training.training_loop import TrainingError, TrainingStopped, check_dataset_and_network, training_loop
 
 DEMO_DATA = "demo-data.zip"  # --data demo: written into the run directory once the options are checked
 SUFFIXES = {"": 1, "K": 2**10, "KI": 2**10, "M": 2**20, "MI": 2**20, "G": 2**30, "GI": 2**30}
@@ -69,25 +70,23 @@ def set_skip_scaling(net: dict, mode: str | None, kappa: float | None) -> None:
     if mode is not None:
         net["skip_scaling"] = mode
     if kappa is not None:
-        if net.get("skip_scaling", "none") != "cs":
-            raise click.BadParameter("--kappa applies to --skip-scaling cs only", param_hint="--kappa")
-        net["kappa"] = kappa
+        net["kappa"] = kappa  # TrainingConfig.validate: for --skip-scaling cs only
 
 
-def build_config(opts: dict) -> dict:
-    """The training configuration (JSON) from the command-line options."""
-    c = default_config()
+def build_config(opts: dict) -> TrainingConfig:
+    """The training configuration from the command-line options (parsed here, checked by TrainingConfig.validate)."""
+    c = TrainingConfig()
     if opts["preset"] is not None:
         try:
             train = edm2.preset_training_kwargs(opts["preset"])
-            c["network"] = edm2.preset_network_kwargs(opts["preset"])
+            c.network = edm2.preset_network_kwargs(opts["preset"])
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--preset") from None
         for key in ("duration", "batch", "status", "snapshot", "checkpoint"):
-            c[key] = train[key]
-        c["loss"].update(train["loss"])
-        c["lr"].update(train["lr"])
-    net = c["network"] = select_arch(c["network"], opts["arch"], opts["preset"])
+            setattr(c, key, train[key])
+        c.loss = dataclasses.replace(c.loss, **train["loss"])
+        c.lr = dataclasses.replace(c.lr, **train["lr"])
+    net = c.network = select_arch(c.network, opts["arch"], opts["preset"])
     if opts["network_kwargs"]:
         try:
             extra = json.loads(opts["network_kwargs"])
@@ -104,47 +103,44 @@ def build_config(opts: dict) -> dict:
         ("P_mean", "loss", "P_mean"), ("P_std", "loss", "P_std"), ("lr", "lr", "ref_lr"), ("decay", "lr", "ref_batches")
     ):
         if opts[opt] is not None:
-            c[group][key] = opts[opt]
-    for opt, key in (
-        ("duration", "duration"), ("batch", "batch"), ("status", "status"), ("snapshot", "snapshot"),
-        ("checkpoint", "checkpoint"),
-    ):
+            setattr(getattr(c, group), key, opts[opt])
+    for opt in ("duration", "batch", "status", "snapshot", "checkpoint"):
         if opts[opt] is not None:
-            c[key] = parse_nimg(opts[opt], f"--{opt}")
+            setattr(c, opt, parse_nimg(opts[opt], f"--{opt}"))
     set_skip_scaling(net, opts["skip_scaling"], opts["kappa"])
     if opts["rampup"] is not None:
-        c["lr"]["rampup_img"] = parse_nimg(opts["rampup"], "--rampup")
+        c.lr.rampup_img = parse_nimg(opts["rampup"], "--rampup")
     if opts["batch_gpu"] is not None:
-        c["batch_gpu"] = parse_nimg(opts["batch_gpu"], "--batch-gpu")
-    cuda = torch.cuda.is_available()
-    net["precision"] = opts["precision"] if opts["precision"] != "auto" else ("fp16" if cuda else "fp32")
-    c["ema_stds"] = parse_float_list(opts["ema_stds"], "--ema-stds")
-    c.update(cond=opts["cond"], xflip=opts["xflip"], seed=opts["seed"], workers=opts["workers"])
-    c["max_nonfinite_status"] = opts["max_nonfinite_status"]
-    c.update(compile=opts["compile_net"], channels_last=opts["channels_last"], instruments=opts["instruments"])
-    c.update(cudnn_benchmark=opts["cudnn_benchmark"])
-    c.update(fused_step=opts["fused_step"], batched_weights=opts["batched_weights"], fast_dropout=opts["fast_dropout"],
-             ddp_overlap=opts["ddp_overlap"], grad_sync=opts["grad_sync"])
+        c.batch_gpu = parse_nimg(opts["batch_gpu"], "--batch-gpu")
+    net["precision"] = opts["precision"]  # 'auto' is resolved for the device by the training loop
+    c.ema_stds = parse_float_list(opts["ema_stds"], "--ema-stds")
+    c.cond, c.xflip, c.seed, c.workers = opts["cond"], opts["xflip"], opts["seed"], opts["workers"]
+    c.max_nonfinite_status = opts["max_nonfinite_status"]
+    c.compile, c.kernels, c.grad_sync = opts["compile_net"], opts["kernels"], opts["grad_sync"]
+    c.instruments, c.cudnn_benchmark = opts["instruments"], opts["cudnn_benchmark"]
 
-    if not c["cond"] and "label_dim" in net:
+    if not c.cond and "label_dim" in net:
         net["label_dim"] = 0  # --uncond whatever the preset's network (the demo's has 10 classes)
     data = opts["data"]
-    c["data"] = os.path.abspath(os.path.join(opts["outdir"], DEMO_DATA) if data == "demo" else data)
+    c.data = os.path.abspath(os.path.join(opts["outdir"], DEMO_DATA) if data == "demo" else data)
     return c
 
 
-def check_data_and_network(config: dict, data_path: str, vae: str | None, vae_pixel_range: str = "0,1") -> dict:
+def check_data_and_network(
+    config: TrainingConfig, data_path: str, vae: str | None, vae_pixel_range: str = "0,1"
+) -> TrainingConfig:
     """The dataset at data_path (the demo's may lie in a temp folder until this passes) and the network arguments
-    checked without side effects; the encoder settings of a latent dataset filled in. One-line errors."""
-    config = dict(config)
+    checked without side effects (for the device this process trains on); the encoder settings of a latent dataset
+    filled in. One-line errors."""
+    config = copy.deepcopy(config)
     try:
-        dataset = ImageFolderDataset(data_path, use_labels=config["cond"])
+        dataset = ImageFolderDataset(data_path, use_labels=config.cond)
         if dataset.is_latent:
-            config["encoder"] = dict(
+            config.encoder = dict(
                 STABILITY_VAE_DEFAULTS, vae_name=vae or STABILITY_VAE_DEFAULTS["vae_name"], pixel_range=vae_pixel_range
             )
-            config["encoder"]["class"] = "stability_vae"
-        check_dataset_and_network(dict(config, data=data_path))
+            config.encoder["class"] = "stability_vae"
+        check_dataset_and_network(dataclasses.replace(config.for_device(dist.device()), data=data_path))
     except DatasetError as e:
         raise click.BadParameter(str(e), param_hint="--data") from None
     except TrainingError as e:
@@ -152,13 +148,13 @@ def check_data_and_network(config: dict, data_path: str, vae: str | None, vae_pi
     return config
 
 
-def describe_default_recipe(config: dict) -> str:
+def describe_default_recipe(config: TrainingConfig) -> str:
     """The start-up line of a run without --preset: the paper's full recipe is long, so say so."""
-    n = config["duration"]
+    n = config.duration
     size = f"{n // 2**30}Gi" if n % 2**30 == 0 else f"{n // 2**20}Mi" if n % 2**20 == 0 else str(n)
     return (
         f"No --preset: training the default recipe (edm2-img512-s's network width and learning rate, batch "
-        f"{config['batch']}) for {size} images; give --preset (e.g. demo) for a shorter run."
+        f"{config.batch}) for {size} images; give --preset (e.g. demo) for a shorter run."
     )
 
 
@@ -213,26 +209,16 @@ def describe_default_recipe(config: dict) -> str:
               help="VAE for latent datasets: a hub name or a local directory [default: stabilityai/sd-vae-ft-mse]")
 @click.option("--compile/--no-compile", "compile_net", default=False,
               help="torch.compile the network (GPU speed; compiles for minutes first)")
-@click.option("--channels-last/--no-channels-last", "channels_last", default=None,
-              help="NHWC activations [default: on with CUDA]")
-@click.option("--fused-step/--no-fused-step", "fused_step", default=None,
-              help="Adam, forced weight normalization and EMA updates in one Triton kernel [default: on with CUDA]")
-@click.option("--batched-weights/--no-batched-weights", "batched_weights", default=None,
-              help="All layers' normalized weights (and their gradients) in one Triton kernel per step instead of per "
-              "layer [default: on with CUDA]")
-@click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=None,
-              help="Dropout masks from one Philox call per four elements in a Triton kernel instead of one per element "
-              "[default: on with CUDA]")
+@click.option("--kernels", type=click.Choice(["fast", "reference"]), default=None,
+              help="fast: Triton kernels for the optimizer step (Adam, forced weight normalization, EMAs) and "
+              "dropout, channels-last activations and fused attention (same results, faster on CUDA); reference: "
+              "plain PyTorch in the reference order [default: fast with CUDA, else reference]")
 @click.option("--cudnn-benchmark/--no-cudnn-benchmark", "cudnn_benchmark", default=True,
               help="cuDNN's autotuner on CUDA: faster, but CUDA runs and their resumes repeat bit for bit only "
               "without it")
-@click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False,
-              help="With --compile on several GPUs: split the compiled graph at gradient buckets so all-reduces "
-              "overlap the backward (measured slower on 2 H200s)")
-@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped", "overlap"]), default=None,
-              help="Several GPUs: average gradients with DDP, with chunked all-reduces of one buffer (flat) or of NCCL "
-              "groups of the gradients themselves (grouped), or with the network compiled in three pieces whose "
-              "all-reduces overlap backward (overlap) [default: flat with --compile, else ddp]")
+@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat"]), default=None,
+              help="Several GPUs: average gradients with DDP or with chunked all-reduces of one flat buffer that "
+              "overlap the optimizer step (flat) [default: flat with --compile, else ddp]")
 @click.option("--instruments/--no-instruments", default=None,
               help="Per-skip and per-stage feature/gradient figures on status steps "
               "[default: on unless --compile, as they run eagerly]")
@@ -271,27 +257,25 @@ def run(opts: dict) -> None:
         raise click.BadParameter(f"{opts['outdir']} is a file; expected a directory", param_hint="--outdir")
     config = build_config(opts)
     try:
-        resolved = validate_config(config, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        resolved = config.validate(int(os.environ.get("WORLD_SIZE", "1") or 1))
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
-    demo_missing = opts["data"] == "demo" and not os.path.isfile(config["data"])
+    demo_missing = opts["data"] == "demo" and not os.path.isfile(config.data)
     with tempfile.TemporaryDirectory(prefix="edm2-demo-") as tmp:
-        data_path = config["data"]
+        data_path = config.data
         if demo_missing:  # made aside, moved into the run directory only once everything passed
             from training.demo_data import write_demo_dataset
 
             data_path = write_demo_dataset(os.path.join(tmp, DEMO_DATA))
         config = check_data_and_network(config, data_path, opts["vae"], opts["vae_pixel_range"])
-        resolved["encoder"] = config["encoder"]
+        resolved.encoder = config.encoder
         if is_rank0() and opts["preset"] is None:
             click.echo(describe_default_recipe(resolved), err=opts["dry_run"])
         if opts["dry_run"]:
-            click.echo(json.dumps(resolved, indent=2))
+            click.echo(json.dumps(resolved.for_device(dist.device()).to_dict(), indent=2))
             return
         if demo_missing:  # every process under torchrun: each renames its own complete copy into place
-            atomic_write(config["data"], lambda path: shutil.copyfile(data_path, path))
-    from torch_utils import distributed as dist
-
+            atomic_write(config.data, lambda path: shutil.copyfile(data_path, path))
     try:
         summary = training_loop(opts["outdir"], config)
     except (TrainingError, DatasetError) as e:

@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import edm2  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training.encoders import STABILITY_VAE_DEFAULTS  # noqa: E402
-from training.training_loop import build_dataset_and_net, default_config, speed_plan, training_loop  # noqa: E402
+from training.config import LossConfig, LrConfig, TrainingConfig  # noqa: E402
+from training.training_loop import build_dataset_and_net, speed_plan, training_loop  # noqa: E402
 
 from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
 
@@ -55,22 +56,16 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True)
 @click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
-@click.option("--channels-last/--no-channels-last", "channels_last", default=None, help="[default: on with CUDA]")
-@click.option("--fused-step/--no-fused-step", "fused_step", default=None, help="[default: on with CUDA]")
-@click.option("--batched-weights/--no-batched-weights", "batched_weights", default=None, help="[default: on with CUDA]")
-@click.option("--fast-dropout/--no-fast-dropout", "fast_dropout", default=None, help="[default: on with CUDA]")
-@click.option("--ddp-overlap/--no-ddp-overlap", "ddp_overlap", default=False, show_default=True,
-              help="Compiled multi-GPU: all-reduces overlap the backward (graph split at buckets)")
-@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat", "grouped", "overlap"]), default=None,
+@click.option("--kernels", type=click.Choice(["fast", "reference"]), default=None,
+              help="Triton kernels, channels-last, fused attention (fast) or plain PyTorch [default: fast with CUDA]")
+@click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat"]), default=None,
               help="Several GPUs: gradient averaging [default: flat when compiled, else ddp]")
 @click.option("--sync-debug", "sync_debug", is_flag=True,
               help="Warn where the loop waits for the GPU (EDM2_SYNC_DEBUG=1)")
 @click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool,
-         channels_last: bool | None, fused_step: bool | None, batched_weights: bool | None, fast_dropout: bool | None,
-         ddp_overlap: bool, grad_sync: str | None,
-         sync_debug: bool, benchmark_limit: int | None) -> None:
+         kernels: str | None, grad_sync: str | None, sync_debug: bool, benchmark_limit: int | None) -> None:
     if sync_debug:
         os.environ["EDM2_SYNC_DEBUG"] = "1"
     if benchmark_limit is not None:
@@ -83,17 +78,13 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
     if dist.is_main():
         random_latent_zip(data, 512, 64, 1000)
     dist.barrier()
-    c = default_config()
     t = edm2.preset_training_kwargs(preset)
-    c.update(
+    c = TrainingConfig(
         data=data, encoder=dict(STABILITY_VAE_DEFAULTS, **{"class": "stability_vae"}),
-        network=edm2.preset_network_kwargs(preset, precision=precision), duration=batch * steps, batch=batch,
-        batch_gpu=batch_gpu, status=batch * interval, snapshot=0, checkpoint=0, workers=workers,
-        compile=compile_net, channels_last=channels_last, fused_step=fused_step, batched_weights=batched_weights,
-        fast_dropout=fast_dropout, ddp_overlap=ddp_overlap, grad_sync=grad_sync,
+        network=edm2.preset_network_kwargs(preset, precision=precision), loss=LossConfig(**t["loss"]),
+        lr=LrConfig(**t["lr"]), duration=batch * steps, batch=batch, batch_gpu=batch_gpu, status=batch * interval,
+        snapshot=0, checkpoint=0, workers=workers, compile=compile_net, kernels=kernels, grad_sync=grad_sync,
     )
-    c["loss"].update(t["loss"])
-    c["lr"].update(t["lr"])
     run_dir = os.path.join(tmp, "run")
     training_loop(run_dir, c)
     if dist.is_main():
@@ -105,8 +96,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         img_s = sum(s["img_per_s"] for s in steady) / len(steady)
         print(json.dumps(dict(
             benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
-            steps=steps, compile=compile_net, channels_last=channels_last, fused_step=fused_step,
-            batched_weights=batched_weights, fast_dropout=fast_dropout, ddp_overlap=ddp_overlap,
+            steps=steps, compile=compile_net, kernels=kernels,
             grad_sync=speed_plan(c, dist.device(), world).grad_sync if world > 1 else None,
             cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
             img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),

@@ -1,6 +1,6 @@
 """Does the fast path train like the plain one? The same 2,000-step run (same seed, so the same images, noise
-levels and noise at every step) on the demo data, once plain (float32, eager, TF32 off) and once fast
-(fp16 or bf16, torch.compile, channels-last); then a plot of both loss curves and JSON figures.
+levels and noise at every step) on the demo data, once plain (float32, eager, TF32 off, kernels 'reference') and
+once fast (fp16 or bf16, torch.compile, kernels 'fast'); then a plot of both loss curves and JSON figures.
 
     python benchmarks/loss_curves.py run --outdir runs/curves --path plain          # on one GPU
     python benchmarks/loss_curves.py run --outdir runs/curves --path fp16           # on another, at once
@@ -28,12 +28,13 @@ import edm2  # noqa: E402
 from torch_utils.state_io import atomic_write_bytes  # noqa: E402
 from training.demo_data import write_demo_dataset  # noqa: E402
 from training.plot_stats import read_stats  # noqa: E402
-from training.training_loop import default_config, training_loop  # noqa: E402
+from training.config import LossConfig, LrConfig, TrainingConfig  # noqa: E402
+from training.training_loop import training_loop  # noqa: E402
 
-PATHS = {  # name: (precision, compile, channels_last, fused post-step)
-    "plain": ("fp32", False, False, False),
-    "fp16": ("fp16", True, True, None),  # None: the training default (the fused kernel on CUDA)
-    "bf16": ("bf16", True, True, None),
+PATHS = {  # name: (precision, compile, kernels)
+    "plain": ("fp32", False, "reference"),
+    "fp16": ("fp16", True, "fast"),
+    "bf16": ("bf16", True, "fast"),
 }
 # A U-Net of the EDM2 architecture sized for 32x32 data: four levels, attention at 16x16 and 8x8 (~21M parameters).
 NETWORK = dict(
@@ -41,19 +42,15 @@ NETWORK = dict(
 )
 
 
-def curve_config(outdir: str, path: str, steps: int, batch: int) -> dict:
-    precision, compile_net, channels_last, fused_step = PATHS[path]
+def curve_config(outdir: str, path: str, steps: int, batch: int) -> TrainingConfig:
+    precision, compile_net, kernels = PATHS[path]
     t = edm2.preset_training_kwargs("demo")
-    c = default_config()
-    c.update(
+    return TrainingConfig(
         data=write_demo_dataset(os.path.join(outdir, "demo-data.zip")),
-        network=dict(NETWORK, precision=precision), duration=steps * batch, batch=batch, status=20 * batch,
-        snapshot=0, checkpoint=0, workers=4, compile=compile_net, channels_last=channels_last, fused_step=fused_step,
-        instruments=False,
+        network=dict(NETWORK, precision=precision), loss=LossConfig(**t["loss"]), lr=LrConfig(**t["lr"]),
+        duration=steps * batch, batch=batch, status=20 * batch, snapshot=0, checkpoint=0, workers=4,
+        compile=compile_net, kernels=kernels, instruments=False,
     )
-    c["loss"].update(t["loss"])
-    c["lr"].update(t["lr"])
-    return c
 
 
 @click.group()

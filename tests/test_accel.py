@@ -55,17 +55,20 @@ def test_bad_values_name_the_option(kwargs, message):
 
 
 def test_training_config_errors_name_the_option():
-    from training.training_loop import TrainingError, default_config, speed_plan, validate_config
+    import dataclasses
 
-    config = default_config()
-    assert config["kernels"] is None and "fused_step" not in config and "ddp_overlap" not in config
+    from training.config import TrainingConfig
+    from training.training_loop import TrainingError, speed_plan
+
+    config = TrainingConfig()
+    assert config.kernels is None and "fused_step" not in config.to_dict() and "ddp_overlap" not in config.to_dict()
     with pytest.raises(TrainingError, match="--kernels: kernels must be 'fast' or 'reference', got 'x'"):
-        speed_plan(dict(config, kernels="x"), torch.device("cpu"), 1)
+        speed_plan(dataclasses.replace(config, kernels="x"), torch.device("cpu"), 1)
     with pytest.raises(TrainingError, match="--grad-sync: grad_sync must be"):
-        speed_plan(dict(config, grad_sync="grouped"), torch.device("cpu"), 2)
-    assert speed_plan(dict(config, compile=True), torch.device("cpu"), 2).grad_sync == "flat"
+        speed_plan(dataclasses.replace(config, grad_sync="grouped"), torch.device("cpu"), 2)
+    assert speed_plan(dataclasses.replace(config, compile=True), torch.device("cpu"), 2).grad_sync == "flat"
     with pytest.raises(TrainingError, match="--kernels"):  # checked with the rest, before a run directory is made
-        validate_config(dict(config, data="data.zip", kernels="turbo"), 1)
+        dataclasses.replace(config, data="data.zip", kernels="turbo").validate(1)
 
 
 def tiny(arch: str = "edm2-unet", dropout: float = 0.0) -> edm2.Precond:
@@ -172,9 +175,9 @@ def test_prepare_for_sampling_goes_through_the_plan():
 def test_old_options_resume(tmp_path):
     """An options file written before issue 23 (with the removed speed keys) does not block a resume."""
     from training.run_dir import config_differences
-    from training.training_loop import default_config
+    from training.config import TrainingConfig
 
-    new = default_config()
+    new = TrainingConfig().to_dict()
     old = {k: v for k, v in new.items() if k != "kernels"}
     old.update(channels_last=None, fused_step=None, batched_weights=True, fast_dropout=None, ddp_overlap=False,
                grad_sync="grouped")

@@ -450,12 +450,12 @@ def test_worker_init_asks_for_sigkill_when_the_parent_dies():
 
 
 def test_adam_betas_outside_their_range_are_refused():
-    from training.training_loop import TrainingError, default_config, validate_config
+    from training.config import TrainingConfig
+    from training.training_loop import TrainingError
 
-    config = dict(default_config(), data="x")
     for betas in ([1.0, 0.99], [0.9, -0.1]):
         with pytest.raises(TrainingError, match=r"--betas must lie in \[0, 1\)"):
-            validate_config(dict(config, betas=betas), 1)
+            TrainingConfig(data="x", betas=betas).validate(1)
 
 
 def test_nonfinite_optimizer_moments_count_as_a_diverged_state():

@@ -317,13 +317,13 @@ def test_train_edm2_options(tmp_path):
 def test_instruments_in_stats_jsonl(tmp_path, arch):
     from training.demo_data import write_demo_dataset
     from training.instruments import instrument_keys, read_stats
-    from training.training_loop import default_config, training_loop
+    from training.config import TrainingConfig
+    from training.training_loop import training_loop
 
-    c = default_config()
-    c["data"] = write_demo_dataset(str(tmp_path / "demo.zip"), num_images=64, resolution=16)
-    c["network"] = (dict(TINY_UNET) if arch == "edm2-unet" else dict(TINY_UVIT)) | dict(skip_scaling="cs", kappa=0.5)
-    c.update(duration=48, batch=8, batch_gpu=4, status=16, snapshot=0, checkpoint=0, workers=0)
-    c["lr"].update(rampup_img=8)
+    c = TrainingConfig(duration=48, batch=8, batch_gpu=4, status=16, snapshot=0, checkpoint=0, workers=0)
+    c.data = write_demo_dataset(str(tmp_path / "demo.zip"), num_images=64, resolution=16)
+    c.network = (dict(TINY_UNET) if arch == "edm2-unet" else dict(TINY_UVIT)) | dict(skip_scaling="cs", kappa=0.5)
+    c.lr.rampup_img = 8
     torch.set_num_threads(1)
     training_loop(str(tmp_path / "run"), c)
     entries = read_stats(str(tmp_path / "run"))

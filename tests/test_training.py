@@ -205,10 +205,16 @@ def test_dry_run_prints_resolved_config(tmp_path, data):
     assert config["network"]["model_channels"] == 8 and config["network"]["channel_mult"] == [1, 2]
     assert config["duration"] == 320 and config["batch"] == 16  # the options override the preset
     assert config["lr"]["ref_lr"] == 0.01 and config["ema_stds"] == [0.05, 0.07]
-    assert config["ddp_overlap"] is False  # the default: the compiled graph stays whole on several GPUs
+    assert config["kernels"] is None and config["grad_sync"] is None  # resolved for the device by the loop
+    assert config["network"]["precision"] == "fp32"  # --precision fp32 (train_args)
     assert not (tmp_path / "x" / "training_options.json").exists()
-    result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", "--ddp-overlap"])
-    assert result.exit_code == 0 and json.loads(result.stdout)["ddp_overlap"] is True
+    result = invoke(train_args(tmp_path / "x", data, precision="auto") + ["--dry-run", "--kernels=reference"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["kernels"] == "reference"
+    # auto: fp16 on CUDA, fp32 elsewhere, resolved where the device is chosen
+    assert json.loads(result.stdout)["network"]["precision"] == ("fp16" if torch.cuda.is_available() else "fp32")
+    for removed in ("--ddp-overlap", "--channels-last", "--fused-step", "--batched-weights", "--fast-dropout"):
+        result = invoke(train_args(tmp_path / "x", data) + ["--dry-run", removed])
+        assert result.exit_code == 2 and "No such option" in result.output
 
 
 @pytest.mark.parametrize(

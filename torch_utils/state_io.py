@@ -162,6 +162,12 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         raise
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """obj as indented JSON, written atomically."""
+    text = json.dumps(obj, indent=2)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes to path atomically (see atomic_write)."""
 

@@ -193,6 +193,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         )
 
 
+def batch_chunk(rnd: int, rank: int, world_size: int, batch_gpu: int) -> slice:
+    """The images of accumulation round `rnd` on process `rank` within a step's global batch: chunk
+    (round * world_size + rank) of batch_gpu. The sampler picks that chunk's images and the training loop its
+    noise levels and noise from it, so the two always agree."""
+    start = (rnd * world_size + rank) * batch_gpu
+    return slice(start, start + batch_gpu)
+
+
 class InfiniteSampler(torch.utils.data.Sampler):
     """Endless, reproducible order of dataset indices that can resume at any step.
 
@@ -232,8 +240,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
         step = self.start_step
         while True:
             for rnd in range(self.rounds):
-                first = step * self.batch_size + (rnd * self.world_size + self.rank) * self.batch_gpu
-                for pos in range(first, first + self.batch_gpu):
+                chunk = batch_chunk(rnd, self.rank, self.world_size, self.batch_gpu)
+                for pos in range(step * self.batch_size + chunk.start, step * self.batch_size + chunk.stop):
                     if pos // self.size != epoch:
                         epoch = pos // self.size
                         perm = self._permutation(epoch)

@@ -21,8 +21,9 @@ import re
 import socket
 from typing import Any, Callable
 
-from torch_utils.state_io import StateFileError, atomic_write, load_state
+from torch_utils.state_io import StateFileError, atomic_write, load_state, write_json  # noqa: F401 (re-exported)
 
+from .config import LEGACY_KEYS, RESUMABLE_CHANGES, TrainingConfig, TrainingError
 from .encoders import LEGACY_VAE_PIXEL_RANGE
 
 CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
@@ -32,17 +33,9 @@ STATS_FILE = "stats.jsonl"
 LOCK_FILE = ".lock"
 DAMAGED_SUFFIX = ".damaged"
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
-# Options that may change between a run and its resumption without changing what is computed. The dataset is
-# compared by its identity ("data_identity"), not by its path, so a run directory can move to another disk.
-# The last five are removed options (issue 23) that old options files still hold: they never changed what is
-# computed, so a run that has them resumes.
-RESUMABLE_CHANGES = (
-    "data", "duration", "status", "snapshot", "checkpoint", "workers", "batch_gpu", "compile", "kernels",
-    "instruments", "grad_sync", "max_nonfinite_status", "cudnn_benchmark",
-    "channels_last", "fused_step", "batched_weights", "fast_dropout", "ddp_overlap",
-)
-
-
+# RESUMABLE_CHANGES: the options that may change between a run and its resumption without changing what is
+# computed, from TrainingConfig's field flags. The dataset is compared by its identity ("data_identity"), not by its
+# path, so a run directory can move to another disk. LEGACY_KEYS (speed switches of earlier versions) are ignored.
 class RunDirError(ValueError):
     """A run directory that cannot be trained into; the message names the directory or file."""
 
@@ -160,7 +153,7 @@ def dataset_identity(dataset: Any) -> dict[str, Any]:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: old there, new now' for every option that a resume may not change. A run recorded before the
     dataset identity existed is compared without it."""
-    keys = {k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES}
+    keys = {k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and k not in LEGACY_KEYS}
     if "data_identity" not in old:
         keys.discard("data_identity")
     old, new = dict(old), dict(new)
@@ -196,6 +189,10 @@ def check_config(run_dir: str, config: dict[str, Any], recorded: dict[str, Any] 
         return
     if not isinstance(recorded, dict):
         raise RunDirError(f"{source}: holds no configuration object; move the directory away or pick another --outdir")
+    try:  # an earlier version's keys read as they are meant now (the removed speed switches dropped)
+        recorded = TrainingConfig.from_dict(recorded, source).to_dict()
+    except TrainingError as e:
+        raise RunDirError(f"{e}; move the directory away or pick another --outdir") from None
     differ = config_differences(recorded, config)
     if differ:
         raise RunDirError(
@@ -214,11 +211,6 @@ def read_options(run_dir: str) -> dict[str, Any] | None:
             return json.load(f)
     except (OSError, ValueError, RecursionError) as e:
         raise RunDirError(f"{path}: unreadable ({e}); move the directory away or pick another --outdir") from None
-
-
-def write_json(path: str, obj: Any) -> None:
-    text = json.dumps(obj, indent=2)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
 # --- crash debris ----------------------------------------------------------------------------------------

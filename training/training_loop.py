@@ -9,8 +9,8 @@ N processes with the same total batch compute the same update, and a resumed run
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +26,8 @@ from networks import Precond
 from torch_utils import distributed as dist
 from torch_utils.state_io import load_state, save_state
 
-from .dataset import DatasetError, ImageFolderDataset, InfiniteSampler
+from .config import MAX_NONFINITE_STATUS, TrainingConfig, TrainingError  # noqa: F401 (re-exported)
+from .dataset import DatasetError, ImageFolderDataset, InfiniteSampler, batch_chunk
 from .encoders import encoder_from_config
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
@@ -39,50 +40,6 @@ from .run_dir import (  # noqa: F401 (list_checkpoints, SNAPSHOT_PATTERN, ... re
     prune_checkpoints, read_options, remove_temp_files, truncate_stats, write_json,
 )
 from .schedule import learning_rate_schedule
-
-# Images of non-finite loss in a row a run survives, counted in status intervals (a rare fp16 overflow zeroes one
-# step's gradients; a diverged run stays non-finite): then it stops without saving, its last good checkpoint kept.
-MAX_NONFINITE_STATUS = 3
-
-
-def default_config() -> dict[str, Any]:
-    """A complete training configuration (plain JSON values); train_edm2.py fills it from its options."""
-    return dict(
-        data=None,  # dataset folder or zip
-        cond=True,  # class-conditional (needs dataset.json labels)
-        xflip=False,  # x-flip augmentation
-        encoder=dict({"class": "standard_rgb"}),  # encoder settings (training/encoders.py)
-        network=dict(),  # Precond keyword arguments; dataset shape and label width are added
-        loss=dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5),
-        lr=dict(ref_lr=0.0100, ref_batches=70000, rampup_img=10_000_000),
-        betas=[0.9, 0.99],  # Adam
-        eps=1e-8,  # Adam
-        duration=2048 * 2**20,  # training images
-        batch=2048,  # images per optimizer step, all GPUs
-        batch_gpu=None,  # images per GPU per accumulation round; None = batch / GPUs
-        ema_stds=[0.050, 0.100],  # power-function EMA profiles (relative std)
-        status=128 * 2**10,  # images between status lines
-        snapshot=8 * 2**20,  # images between EMA snapshots; 0 = only at the end
-        checkpoint=128 * 2**20,  # images between training checkpoints; 0 = only at the end and on signals
-        seed=0,
-        workers=2,  # DataLoader workers per GPU
-        compile=False,  # torch.compile the network for training (minutes of compilation, then faster steps)
-        # "fast" (fused attention, fast dropout, channels-last, the fused post-step: accel/) or "reference" (plain
-        # PyTorch in the reference order); None = fast on CUDA, reference elsewhere
-        kernels=None,
-        instruments=None,  # per-skip / per-stage figures on status steps; None = on unless compiled (they run eagerly)
-        # cuDNN's autotuner on CUDA: faster convolutions, but its choice can differ between processes, so CUDA runs
-        # (and resumes) repeat bit for bit only with it off
-        cudnn_benchmark=True,
-        # multi-GPU gradient averaging: "ddp" or "flat" (accel/grad_sync.py); None = flat if compiled, else ddp
-        grad_sync=None,
-        max_nonfinite_status=MAX_NONFINITE_STATUS,  # status intervals of non-finite loss in a row that stop the run
-    )
-
-
-class TrainingError(ValueError):
-    """A configuration or run directory that cannot be trained; the message names the option or file."""
-
 
 class TrainingStopped(Exception):
     """SIGINT / SIGTERM stopped the run after its checkpoint was saved; `exit_code` is the shell's 128 + signal."""
@@ -97,81 +54,39 @@ class TrainingStopped(Exception):
 # --- setup -----------------------------------------------------------------------------------------------
 
 
-def speed_plan(config: dict[str, Any], device: torch.device, world_size: int) -> SpeedPlan:
+def speed_plan(config: TrainingConfig, device: torch.device, world_size: int) -> SpeedPlan:
     """The configuration's speed options resolved (accel.resolve_speed_plan); a bad value is a TrainingError naming
     the option."""
     try:
         return resolve_speed_plan(
-            device, world_size, compile=bool(config.get("compile")), kernels=config.get("kernels"),
-            grad_sync=config.get("grad_sync"), cudnn_benchmark=bool(config.get("cudnn_benchmark", True)),
+            device, world_size, compile=config.compile, kernels=config.kernels, grad_sync=config.grad_sync,
+            cudnn_benchmark=config.cudnn_benchmark,
         )
     except ValueError as e:
         raise TrainingError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
 
 
-def validate_config(config: dict[str, Any], world_size: int) -> dict[str, Any]:
-    config = copy.deepcopy(config)
-    for key in ("duration", "batch"):
-        if not isinstance(config[key], int) or config[key] <= 0:
-            raise TrainingError(f"--{key} must be a positive number of images, got {config[key]!r}")
-    batch, batch_gpu = config["batch"], config["batch_gpu"] or config["batch"] // world_size
-    if batch_gpu <= 0 or batch % (batch_gpu * world_size) != 0:
-        if not config["batch_gpu"]:  # name only what the user gave, not the per-GPU share derived from it
-            raise TrainingError(f"--batch {batch} must be divisible by the number of processes, {world_size}")
-        raise TrainingError(
-            f"--batch {batch} must be divisible by --batch-gpu {batch_gpu} x {world_size} process(es) "
-            "(the accumulation rounds must be whole)"
-        )
-    config["batch_gpu"] = batch_gpu
-    for key in ("status", "snapshot", "checkpoint"):
-        if not isinstance(config[key], int) or config[key] < 0:
-            raise TrainingError(f"--{key} must be a non-negative number of images, got {config[key]!r}")
-    if not isinstance(config.get("max_nonfinite_status"), int) or config["max_nonfinite_status"] < 1:
-        raise TrainingError(
-            f"--max-nonfinite-status must be a positive integer, got {config.get('max_nonfinite_status')!r}"
-        )
-    numbers = dict(
-        lr=config["lr"]["ref_lr"], decay=config["lr"]["ref_batches"], rampup=config["lr"]["rampup_img"],
-        P_mean=config["loss"]["P_mean"], P_std=config["loss"]["P_std"], sigma_data=config["loss"]["sigma_data"],
-        eps=config["eps"], betas=config["betas"], ema_stds=config["ema_stds"],
-        dropout=config["network"].get("dropout", 0.0),
-    )
-    for option, value in numbers.items():  # nan and inf pass range checks (every comparison with nan is false)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise TrainingError(f"--{option} must be finite, got {value!r}")
-    if not all(0 <= b < 1 for b in config["betas"]):
-        raise TrainingError(f"--betas must lie in [0, 1), got {config['betas']!r}")
-    if config["lr"]["ref_lr"] / (1 - config["betas"][0]) > torch.finfo(torch.float32).max:
-        # Adam's first step is lr / (1 - beta1) in float32: beyond its range the optimizer fails mid-run.
-        raise TrainingError(f"--lr {config['lr']['ref_lr']!r} is too large: Adam's first step overflows float32")
-    if config["data"] is None:
-        raise TrainingError("--data is required")
-    speed_plan(config, torch.device("cpu"), world_size)  # the speed options' values, before anything is written
-    return config
-
-
-def _dataset_and_network_kwargs(config: dict[str, Any]) -> tuple[ImageFolderDataset, dict[str, Any]]:
+def _dataset_and_network_kwargs(config: TrainingConfig) -> tuple[ImageFolderDataset, dict[str, Any]]:
     """The dataset (checked against the configuration) and the network's constructor arguments."""
-    dataset = ImageFolderDataset(config["data"], use_labels=config["cond"], xflip=config["xflip"])
-    if config["cond"] and dataset.labels is None:
+    dataset = ImageFolderDataset(config.data, use_labels=config.cond, xflip=config.xflip)
+    if config.cond and dataset.labels is None:
         raise TrainingError(
-            f"--cond needs labels, but {config['data']} has no dataset.json with 'labels' (or train with --uncond)"
+            f"--cond needs labels, but {config.data} has no dataset.json with 'labels' (or train with --uncond)"
         )
-    is_vae = config["encoder"]["class"] != "standard_rgb"
+    is_vae = config.encoder["class"] != "standard_rgb"
     if dataset.is_latent != is_vae:
         kind = "latent .npy" if dataset.is_latent else "image .png"
         raise TrainingError(
-            f"--data {config['data']} holds {kind} files, which the {config['encoder']['class']} encoder cannot take"
+            f"--data {config.data} holds {kind} files, which the {config.encoder['class']} encoder cannot take"
         )
     channels = dataset.num_channels // 2 if is_vae else dataset.num_channels  # raw latents hold mean and std
-    kwargs = dict(config["network"])
+    kwargs = dict(config.network)
     for key, value in dict(
         img_resolution=dataset.resolution, img_channels=channels, label_dim=dataset.label_dim
     ).items():
         if kwargs.setdefault(key, value) != value:
             raise TrainingError(
-                f"--data {config['data']}: the dataset gives {key} {value}, but the network expects {kwargs[key]} "
+                f"--data {config.data}: the dataset gives {key} {value}, but the network expects {kwargs[key]} "
                 "(pick a preset that fits the data)"
             )
     return dataset, kwargs
@@ -189,7 +104,7 @@ def _make_network(kwargs: dict[str, Any], meta: bool = False) -> Precond:
         raise TrainingError(f"network arguments (--channels, --network-kwargs or the preset): {e}") from None
 
 
-def check_dataset_and_network(config: dict[str, Any]) -> ImageFolderDataset:
+def check_dataset_and_network(config: TrainingConfig) -> ImageFolderDataset:
     """Everything build_dataset_and_net checks, without side effects: no file written, no VAE loaded, and the network
     built on the meta device (no memory, however large). Raises TrainingError or DatasetError."""
     dataset, kwargs = _dataset_and_network_kwargs(config)
@@ -197,9 +112,9 @@ def check_dataset_and_network(config: dict[str, Any]) -> ImageFolderDataset:
     return dataset
 
 
-def build_dataset_and_net(config: dict[str, Any]) -> tuple[ImageFolderDataset, Any, Precond]:
+def build_dataset_and_net(config: TrainingConfig) -> tuple[ImageFolderDataset, Any, Precond]:
     dataset, kwargs = _dataset_and_network_kwargs(config)
-    encoder = encoder_from_config(config["encoder"])
+    encoder = encoder_from_config(config.encoder)
     return dataset, encoder, _make_network(kwargs)
 
 
@@ -292,7 +207,9 @@ class _StopVote:
 # --- the loop --------------------------------------------------------------------------------------------
 
 
-def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+def training_loop(
+    run_dir: str, config: TrainingConfig | dict[str, Any], device: torch.device | None = None
+) -> dict[str, Any]:
     """Train (or resume) in run_dir; returns a summary. Call under torchrun for several GPUs.
 
     Raises TrainingError (a bad configuration, dataset file or run directory, a failed write, a diverged run:
@@ -301,7 +218,8 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
     dist.init()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device or dist.device()
-    config = validate_config(config, world)
+    # precision 'auto' is resolved here, where the device is known
+    config = TrainingConfig.coerce(config).for_device(device).validate(world)
     check_dataset_and_network(config)  # before the run directory is made
     lock = RunLock(run_dir)
     if rank == 0:
@@ -320,7 +238,7 @@ def training_loop(run_dir: str, config: dict[str, Any], device: torch.device | N
         lock.release()
 
 
-def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int, world: int) -> dict[str, Any]:
+def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int, world: int) -> dict[str, Any]:
     log = RunLog(run_dir, rank)  # the terminal and RUN/log.txt
     if rank == 0:
         removed = remove_temp_files(run_dir)
@@ -328,25 +246,25 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
             log(f"Removed {len(removed)} temp file(s) of an interrupted save: {', '.join(removed)}")
 
     plan = speed_plan(config, device, world)
-    torch.manual_seed(config["seed"])  # the same initial weights on every rank
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     dataset, encoder, net = build_dataset_and_net(config)
-    config["data_identity"] = dataset_identity(dataset)
+    config.data_identity = dataset_identity(dataset)
     if rank == 0:
-        check_config(run_dir, config, read_options(run_dir), os.path.join(run_dir, OPTIONS_FILE))
+        check_config(run_dir, config.to_dict(), read_options(run_dir), os.path.join(run_dir, OPTIONS_FILE))
     dist.barrier()
-    torch.manual_seed(config["seed"] * world + rank)  # dropout; restored on resume
+    torch.manual_seed(config.seed * world + rank)  # dropout; restored on resume
     plan.apply(net.to(device).train())  # attention / dropout modules, layouts, cuDNN's autotuner (fixed shapes)
-    optimizer = plan.adam(net, lr=config["lr"]["ref_lr"], betas=tuple(config["betas"]), eps=config["eps"])
-    ema = PowerFunctionEMA(net, config["ema_stds"]) if rank == 0 else None
+    optimizer = plan.adam(net, lr=config.lr.ref_lr, betas=tuple(config.betas), eps=config.eps)
+    ema = PowerFunctionEMA(net, config.ema_stds) if rank == 0 else None
     try:
         post_step = plan.post_step(net, optimizer, ema)
     except ValueError as e:
         raise TrainingError(f"--kernels {plan.kernels}: {e}") from e
-    use_instruments = config.get("instruments")
-    use_instruments = not config.get("compile") if use_instruments is None else bool(use_instruments)
+    use_instruments = config.instruments
+    use_instruments = not config.compile if use_instruments is None else bool(use_instruments)
     instruments = SkipInstruments(net)  # ScaleLong figures per skip and stage on status steps
-    loss_fn = EDM2Loss(**config["loss"])
-    batch, batch_gpu = config["batch"], config["batch_gpu"]
+    loss_fn = EDM2Loss(**dataclasses.asdict(config.loss))
+    batch, batch_gpu = config.batch, config.batch_gpu
     rounds = batch // (batch_gpu * world)
 
     cur_nimg, training_time = 0, 0.0
@@ -356,7 +274,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
     if rank != 0 and resume_path is not None:
         state = load_state(resume_path)
     if state is not None:
-        check_config(run_dir, config, state.get("config"), resume_path)
+        check_config(run_dir, config.to_dict(), state.get("config"), resume_path)
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         for p in net.parameters():  # checkpoints hold contiguous moments: lay them out like the weights again
@@ -376,7 +294,7 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
     if rank == 0:
         with _write_errors(run_dir, "the run's options and status lines"):
             truncate_stats(run_dir, cur_nimg)  # the status lines written after that checkpoint come again
-            write_json(os.path.join(run_dir, OPTIONS_FILE), config)
+            config.to_json(os.path.join(run_dir, OPTIONS_FILE))
         log(json.dumps(dict(dataset=dataset.describe(), network=net.init_kwargs), indent=2), file_only=True)
         log(f"Options in {os.path.join(run_dir, OPTIONS_FILE)}; dataset and network details and this output in "
             f"{os.path.join(run_dir, LOG_FILE)}.")
@@ -387,14 +305,14 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
     compiled = plan.compile_for_training(ddp)
     step = cur_nimg // batch
-    sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, config["seed"], start_step=step)
+    sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, config.seed, start_step=step)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_gpu, sampler=sampler, num_workers=config["workers"],
-        pin_memory=device.type == "cuda", prefetch_factor=4 if config["workers"] else None,
+        dataset, batch_size=batch_gpu, sampler=sampler, num_workers=config.workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if config.workers else None,
         worker_init_fn=_init_worker,
         # Its own generator for the workers' base seed: drawn from the global one, it would shift the dropout
         # stream of a resumed run (restored from the checkpoint before this draw) against an uninterrupted one.
-        generator=torch.Generator().manual_seed(config["seed"]),
+        generator=torch.Generator().manual_seed(config.seed),
     )
     batches = iter(loader)
     stop, vote = _StopFlag(), _StopVote(device)
@@ -413,28 +331,28 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
         return interval > 0 and after // interval > before // interval
 
     def next_status(nimg: int) -> int:
-        interval = config["status"]
-        return min((nimg // interval + 1) * interval if interval > 0 else config["duration"], config["duration"])
+        interval = config.status
+        return min((nimg // interval + 1) * interval if interval > 0 else config.duration, config.duration)
 
-    if cur_nimg < config["duration"]:
-        log(f"Training from {cur_nimg} to {config['duration']} images; a status line every {config['status']} images.")
+    if cur_nimg < config.duration:
+        log(f"Training from {cur_nimg} to {config.duration} images; a status line every {config.status} images.")
     progress = Progress(rank)  # a bar up to the next status line, on a terminal only
     log.progress = progress
     progress.start(cur_nimg, next_status(cur_nimg))
 
     try:
-        while cur_nimg < config["duration"]:
+        while cur_nimg < config.duration:
             if step == sync_debug_from:
                 torch.cuda.set_sync_debug_mode("warn")
-            lr = learning_rate_schedule(cur_nimg, batch, **config["lr"])
+            lr = learning_rate_schedule(cur_nimg, batch, **dataclasses.asdict(config.lr))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             status_step = (
-                crossed(config["status"], cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config["duration"]
+                crossed(config.status, cur_nimg, cur_nimg + batch) or cur_nimg + batch >= config.duration
             )
             instruments.arm(use_instruments and status_step)
-            gen = _step_generator(config["seed"], step, device)
+            gen = _step_generator(config.seed, step, device)
             sigma_all = loss_fn.sample_sigma(batch, device, gen)
             noise_all = torch.randn(
                 [batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=gen
@@ -444,17 +362,17 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                     images, labels = next(batches)
                 except DatasetError as e:
                     raise TrainingError(_worker_error(e)) from None
-                chunk = (rnd * world + rank) * batch_gpu
-                sl = slice(chunk, chunk + batch_gpu)
+                chunk = batch_chunk(rnd, rank, world, batch_gpu)  # the sampler's images of this round
                 images = images.to(device, non_blocking=True)
-                latent_gen = _step_generator(config["seed"] + 1, step * batch + chunk, device)
+                latent_gen = _step_generator(config.seed + 1, step * batch + chunk.start, device)
                 images = encoder.encode_latents(images, generator=latent_gen)
                 # non_blocking: a blocking copy drains the GPU
                 labels = labels.to(device, non_blocking=True) if net.label_dim else None
                 sync = contextlib.nullcontext() if (ddp is net or rnd == rounds - 1) else ddp.no_sync()
                 with sync:
                     loss = loss_fn(
-                        ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[sl], noise=noise_all[sl]
+                        ddp if instruments.armed else compiled, images, labels, sigma=sigma_all[chunk],
+                        noise=noise_all[chunk],
                     )
                     reduce_batch_loss(loss, batch // world).backward()
                 loss_sum += loss.detach().sum(dtype=torch.float64)
@@ -468,8 +386,8 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
             progress.update(batch)
 
             stopping = vote(step, stop.raised)  # all processes stop at the same step
-            done = cur_nimg >= config["duration"]
-            if crossed(config["status"], before, cur_nimg) or done or stopping:
+            done = cur_nimg >= config.duration
+            if crossed(config.status, before, cur_nimg) or done or stopping:
                 now = time.time()
                 training_time += now - tick_time
                 total_loss = dist.all_reduce_sum(float(loss_sum)) / max(dist.all_reduce_sum(loss_count), 1)
@@ -490,15 +408,15 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 loss_count = 0
                 tick_nimg, tick_time = cur_nimg, time.time()
                 nonfinite_streak = 0 if math.isfinite(total_loss) else nonfinite_streak + 1
-                if nonfinite_streak >= config["max_nonfinite_status"]:
+                if nonfinite_streak >= config.max_nonfinite_status:
                     raise TrainingError(
                         f"the loss has been non-finite for {nonfinite_streak} status interval(s) in a row, up to "
                         f"{cur_nimg} images: the run diverged (try a lower --lr) or the data holds nan/inf; "
                         "stopped without saving, "
-                        f"the last good checkpoint is kept (--max-nonfinite-status {config['max_nonfinite_status']})"
+                        f"the last good checkpoint is kept (--max-nonfinite-status {config.max_nonfinite_status})"
                     )
-            snapshot_due = crossed(config["snapshot"], before, cur_nimg) or done
-            checkpoint_due = crossed(config["checkpoint"], before, cur_nimg) or done or stopping
+            snapshot_due = crossed(config.snapshot, before, cur_nimg) or done
+            checkpoint_due = crossed(config.checkpoint, before, cur_nimg) or done or stopping
             if snapshot_due or checkpoint_due:
                 check_finite(net, ema, cur_nimg, optimizer)  # a diverged state is never saved, nor counted as good
             if rank == 0 and ema is not None and snapshot_due:
@@ -508,7 +426,9 @@ def _train(run_dir: str, config: dict[str, Any], device: torch.device, rank: int
                 training_time += time.time() - tick_time
                 tick_time = time.time()
                 with _write_errors(run_dir, "a training checkpoint"):
-                    save_checkpoint(run_dir, net, optimizer, ema, cur_nimg, training_time, config, device, rank)
+                    save_checkpoint(
+                        run_dir, net, optimizer, ema, cur_nimg, training_time, config.to_dict(), device, rank
+                    )
             if stopping and not done:
                 raise TrainingStopped(cur_nimg, stop.signum)
     finally:
