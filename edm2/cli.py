@@ -252,6 +252,12 @@ def sampling_settings_from_cli(
     ctx = click.get_current_context()
     steps_given = ctx.get_parameter_source("num_steps") != click.core.ParameterSource.DEFAULT
     settings = settings_from_cli(params, guidance, guidance_interval, steps_given)
+    # Options the schedule would ignore: an explicit list sets every noise level, log-linear spacing has no rho.
+    explicit = not isinstance(settings.schedule, str)
+    for name, used in (("sigma_min", not explicit), ("sigma_max", not explicit), ("rho", settings.schedule == "karras")):
+        if not used and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            kind = "an explicit list" if explicit else f"--schedule {settings.schedule}"
+            raise bad_option(name, f"{CLI_NAMES[name]} does not apply to {kind}")
     if settings.needs_guide and gnet_path is None:
         raise bad_option("guidance", f"guidance {settings.guidance} needs a guiding network: give --gnet (or use "
                          "--guidance 1)")

@@ -119,6 +119,9 @@ def test_bad_settings_name_the_option(kwargs, option):
         (["--schedule", "80,10,20"], "'--schedule'"),
         (["--schedule", "80,x"], "'--schedule'"),
         (["--schedule", "80,10,1", "--steps", "7"], "'--steps'"),
+        (["--schedule", "80,10,1", "--sigma-min", "0.01"], "'--sigma-min'"),  # the list sets every level
+        (["--schedule", "80,10,1", "--sigma-max", "40"], "'--sigma-max'"),
+        (["--schedule", "log_linear", "--rho", "5"], "'--rho'"),
         (["--steps", "0"], "'--steps'"),
         (["--s-churn", "-2"], "'--s-churn'"),
     ],
