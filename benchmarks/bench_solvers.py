@@ -32,14 +32,20 @@ PARITY_CASES = {
 }
 
 
-def parse_runs(text: str) -> list[tuple[str, int]]:
+def parse_runs(text: str) -> list[tuple[str, int, dict[str, float]]]:
+    """NAME:STEPS[:ETA] items, e.g. heun:32,dpmpp_3m_sde:32:0 (eta 0: the 3M ODE solver)."""
     runs = []
     for item in text.split(","):
-        name, _, steps = item.strip().partition(":")
+        name, _, rest = item.strip().partition(":")
+        steps, _, eta = rest.partition(":")
         solvers.get_solver(name)
         if not steps.isdigit() or int(steps) < solvers.SOLVERS[name].min_steps:
-            raise click.BadParameter(f"{item!r}: expected NAME:STEPS with STEPS >= {solvers.SOLVERS[name].min_steps}")
-        runs.append((name, int(steps)))
+            raise click.BadParameter(f"{item!r}: expected NAME:STEPS[:ETA] with STEPS >= {solvers.SOLVERS[name].min_steps}")
+        try:
+            options = {"eta": float(eta)} if eta else {}
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: ETA must be a number") from None
+        runs.append((name, int(steps), options))
     return runs
 
 
@@ -67,7 +73,7 @@ def parity(net, gnet, device, seeds: list[int], steps: int) -> dict[str, float]:
 @click.option("--preset", default="edm2-img512-s", show_default=True)
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--runs", default="heun:32,euler:32,euler_ancestral:32,dpmpp_2m:32,dpmpp_2m_sde:32,dpmpp_3m_sde:32",
-              show_default=True, help="NAME:STEPS pairs")
+              show_default=True, help="NAME:STEPS[:ETA] items")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--guidance", type=float, default=1.0, show_default=True, help="!= 1: guide with a second network")
 @click.option("--dtype", "state_dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
@@ -94,7 +100,7 @@ def main(preset: str, batch: int, runs: str, precision: str, guidance: float, st
     rows = []
     with torch.no_grad():
         noise, labels, gens = edm2.seed_noise_and_labels(range(batch), shape, net.label_dim, None, device)
-        for name, steps in todo:
+        for name, steps, options in todo:
             sigmas = schedules.karras(steps, dtype=dtype, device=device)
             times = []
             for i in range(repeats + 1):
@@ -105,13 +111,13 @@ def main(preset: str, batch: int, runs: str, precision: str, guidance: float, st
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 solvers.sample(name, den, noise.to(dtype) * sigmas[0], sigmas, dtype=dtype,
-                               noise=solvers.seed_noise(gens))
+                               noise=solvers.seed_noise(gens), **options)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if i > 0:  # the first run warms up
                     times.append(time.perf_counter() - t0)
             best = min(times)
-            rows.append(dict(solver=name, steps=steps, net_evals=stats.net_evals, gnet_evals=stats.gnet_evals,
+            rows.append(dict(solver=name, steps=steps, **options, net_evals=stats.net_evals, gnet_evals=stats.gnet_evals,
                              seconds=round(best, 3), img_per_s=round(batch / best, 2)))
     result.update(preset=preset, batch=batch, precision=precision, guidance=guidance, dtype=state_dtype,
                   compile=compile_net, runs=rows, torch=torch.__version__,
