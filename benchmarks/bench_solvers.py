@@ -40,7 +40,8 @@ def parse_runs(text: str) -> list[tuple[str, int, dict[str, float]]]:
         steps, _, eta = rest.partition(":")
         solvers.get_solver(name)
         if not steps.isdigit() or int(steps) < solvers.SOLVERS[name].min_steps:
-            raise click.BadParameter(f"{item!r}: expected NAME:STEPS[:ETA] with STEPS >= {solvers.SOLVERS[name].min_steps}")
+            minimum = solvers.SOLVERS[name].min_steps
+            raise click.BadParameter(f"{item!r}: expected NAME:STEPS[:ETA] with STEPS >= {minimum}")
         try:
             options = {"eta": float(eta)} if eta else {}
         except ValueError:
@@ -117,7 +118,8 @@ def main(preset: str, batch: int, runs: str, precision: str, guidance: float, st
                 if i > 0:  # the first run warms up
                     times.append(time.perf_counter() - t0)
             best = min(times)
-            rows.append(dict(solver=name, steps=steps, **options, net_evals=stats.net_evals, gnet_evals=stats.gnet_evals,
+            rows.append(dict(solver=name, steps=steps, **options, net_evals=stats.net_evals,
+                             gnet_evals=stats.gnet_evals,
                              seconds=round(best, 3), img_per_s=round(batch / best, 2)))
     result.update(preset=preset, batch=batch, precision=precision, guidance=guidance, dtype=state_dtype,
                   compile=compile_net, runs=rows, torch=torch.__version__,
