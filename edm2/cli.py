@@ -254,7 +254,8 @@ def sampling_settings_from_cli(
     settings = settings_from_cli(params, guidance, guidance_interval, steps_given)
     # Options the schedule would ignore: an explicit list sets every noise level, log-linear spacing has no rho.
     explicit = not isinstance(settings.schedule, str)
-    for name, used in (("sigma_min", not explicit), ("sigma_max", not explicit), ("rho", settings.schedule == "karras")):
+    uses = dict(sigma_min=not explicit, sigma_max=not explicit, rho=settings.schedule == "karras")
+    for name, used in uses.items():
         if not used and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
             kind = "an explicit list" if explicit else f"--schedule {settings.schedule}"
             raise bad_option(name, f"{CLI_NAMES[name]} does not apply to {kind}")
