@@ -51,6 +51,8 @@ class LossConfig:
     P_mean: float = -0.4
     P_std: float = 1.0
     sigma_data: float = 0.5
+    # False: the EDM loss weighting lambda(sigma) alone, no learned uncertainty u(sigma) (ablation config A)
+    learned_weighting: bool = True
 
 
 @dataclass
@@ -78,6 +80,8 @@ class TrainingConfig:
     duration: int = _resumable(2048 * 2**20)  # training images
     batch: int = 2048  # images per optimizer step, all GPUs
     batch_gpu: int | None = _resumable(None)  # images per GPU per accumulation round; None = batch / GPUs
+    # Forced weight normalization of the MPConv weights after every step (Eq. 66); off in ablation configs A-D
+    force_weight_norm: bool = True
     ema_stds: list[float] = field(default_factory=lambda: [0.050, 0.100])  # power-function EMA profiles
     status: int = _resumable(128 * 2**10)  # images between status lines
     snapshot: int = _resumable(8 * 2**20)  # images between EMA snapshots; 0 = only at the end
