@@ -31,7 +31,9 @@ GROUPS = 32  # group normalization: at most this many groups, as in ADM
 
 def _flags(config: str) -> dict[str, bool]:
     if config not in CONFIGS:
-        raise ValueError(f"AblationUNet: config must be one of {list(CONFIGS)} ('g' is arch 'edm2-unet'), got {config!r}")
+        raise ValueError(
+            f"AblationUNet: config must be one of {list(CONFIGS)} ('g' is arch 'edm2-unet'), got {config!r}"
+        )
     rank = CONFIGS.index(config)
     return dict(
         adm=rank <= 1,  # biases, scale-shift modulation, two embedding paths, positional embedding, plain attention
@@ -49,7 +51,8 @@ class Conv(torch.nn.Module):
         fan_in = in_channels * math.prod(kernel)
         # Unit-variance output for unit-variance input (He-style without the ReLU factor), optionally scaled down;
         # init_scale 0 zero-initializes, as ADM does with the last layer of each residual branch.
-        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel) * init_scale / math.sqrt(fan_in))
+        init = torch.randn(out_channels, in_channels, *kernel) * (init_scale / math.sqrt(fan_in))
+        self.weight = torch.nn.Parameter(init)
         self.bias = torch.nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:

@@ -35,7 +35,7 @@ def _check_backbone_arguments(args: dict[str, Any]) -> None:
     if arch not in ARCHS:
         raise ValueError(f"Precond: arch must be one of {list(ARCHS)}, got {arch!r}")
     if (args["config"] is not None) != (arch == "ablation"):
-        raise ValueError(f"Precond: config (a letter of the ablation ladder) goes with arch 'ablation' only, not {arch!r}")
+        raise ValueError(f"Precond: config (an ablation ladder letter) goes with arch 'ablation' only, not {arch!r}")
     if arch == "ablation" and args["skip_scaling"] != "none":
         raise ValueError("Precond: skip_scaling applies to arch 'edm2-unet' and 'uvit' only")
     if arch == "uvit":

@@ -104,10 +104,16 @@ class TrainingConfig:
     # --- JSON -----------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values under today's keys; data_identity only once the loop has recorded it."""
+        """Plain JSON values under today's keys; data_identity only once the loop has recorded it, the ablation
+        switches (force_weight_norm, loss.learned_weighting) only when they are off."""
         out = dataclasses.asdict(self)
         if out["data_identity"] is None:
             del out["data_identity"]
+        # The ablation ladder's switches appear only when off, so that other runs' files keep their keys.
+        if out["force_weight_norm"]:
+            del out["force_weight_norm"]
+        if out["loss"]["learned_weighting"]:
+            del out["loss"]["learned_weighting"]
         return out
 
     @classmethod
