@@ -4,9 +4,11 @@ in process, and the defining magnitude property of the configurations."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import edm2.presets as presets
 from networks import MPConv, Precond
@@ -15,6 +17,8 @@ from training.config import TrainingConfig
 from training.demo_data import write_demo_dataset
 from training.instruments import read_stats
 from training.loss import EDM2Loss
+from training.plot_stats import magnitude_series
+from training.plot_stats import main as plot_main
 from training.model_files import load_model_file, save_network
 from training.run_dir import load_state
 from training.training_loop import list_checkpoints, training_loop
@@ -159,6 +163,21 @@ def test_trains_resumes_exactly_and_keeps_its_magnitude_property(tmp_path, data,
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     entries = read_stats(str(tmp_path / "straight"))
     assert [e["nimg"] for e in entries] == [16, 32, 48] and all(math.isfinite(e["loss"]) for e in entries)
+    # The magnitude instruments: every stage's activation RMS and weight norm on every status line.
+    feats, norms = magnitude_series(entries, "feat_rms"), magnitude_series(entries, "weight_norm")
+    stages = ["enc.16x16", "enc.8x8", "dec.8x8", "dec.16x16"]
+    assert sorted(feats) == sorted(norms) == sorted(stages) and all(len(v) == 3 for v in [*feats.values(), *norms.values()])
+    if letter in "efg":
+        assert all(v == pytest.approx([v[0]] * 3, rel=1e-5) for v in norms.values())
+    if letter == "a":
+        assert all(v[2] > v[0] for v in norms.values())
+        r = CliRunner().invoke(plot_main, [str(tmp_path / "straight"), "--magnitudes"])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / "straight" / "magnitudes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        both = str(tmp_path / "both.png")
+        r = CliRunner().invoke(plot_main, [str(tmp_path / "straight"), str(tmp_path / "resumed"), "--magnitudes",
+                                           "--out", both])  # fmt: skip
+        assert r.exit_code == 0 and os.path.getsize(both) > 1000, r.output
 
     # The defining property against the initial weights (the loop seeds the construction with config.seed).
     torch.manual_seed(straight.seed)
