@@ -3,8 +3,10 @@ in process, and the defining magnitude property of the configurations."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pathlib
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from training.model_files import load_model_file, save_network
 from training.run_dir import load_state
 from training.training_loop import list_checkpoints, training_loop
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 LETTERS = "abcdefg"
 TINY = dict(img_resolution=16, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
             channels_per_head=8, logvar_channels=8)  # fmt: skip
@@ -208,3 +211,23 @@ def test_ablation_unet_takes_g_topology():
     for letter in "abcdef":
         net = Precond(**tiny_kwargs(letter)).backbone
         assert isinstance(net, AblationUNet) and list(net.enc) == list(g.enc) and list(net.dec) == list(g.dec)
+
+
+def test_experiment_table_and_plot(tmp_path, data):
+    """experiments/ablation.py's analysis on two short runs: A's weights drift, G's do not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_experiment", ROOT / "experiments" / "ablation.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    torch.set_num_threads(1)
+    for letter in "ag":
+        training_loop(str(tmp_path / "runs" / letter), tiny_config(letter, data, duration=48))
+    results = experiment.analyze(str(tmp_path / "out"), str(tmp_path / "runs"))
+    assert results["common_images"] == 48 and list(results["configs"]) == ["a", "g"]
+    a, g = results["configs"]["a"], results["configs"]["g"]
+    assert a["weight_drift"] > 1 and g["weight_drift"] == pytest.approx(1, abs=1e-5)
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| A | " in table and "| G | " in table and "EDM weighting" in table
+    assert (tmp_path / "out" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["configs"]["g"]["images"] == 48
