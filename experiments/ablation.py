@@ -77,7 +77,11 @@ def train_all(rundir: str, letters: list[str], s: dict[str, Any], seed: int) -> 
             for letter, (proc, start, log) in list(active.items()):
                 if proc.poll() is None and time.time() - start > s["time_limit"]:
                     proc.send_signal(signal.SIGTERM)  # the loop checkpoints and stops after its step
-                    proc.wait()
+                    try:
+                        proc.wait(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
                 if proc.poll() is not None:
                     log.close()
                     if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
