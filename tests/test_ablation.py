@@ -213,13 +213,26 @@ def test_ablation_unet_takes_g_topology():
         assert isinstance(net, AblationUNet) and list(net.enc) == list(g.enc) and list(net.dec) == list(g.dec)
 
 
-def test_experiment_table_and_plot(tmp_path, data):
-    """experiments/ablation.py's analysis on two short runs: A's weights drift, G's do not."""
+def load_experiment():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("ablation_experiment", ROOT / "experiments" / "ablation.py")
     experiment = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_experiment_bad_input(tmp_path):
+    experiment = load_experiment()
+    r = CliRunner().invoke(experiment.cli, ["run", "--outdir", str(tmp_path / "x"), "--configs", "az"])
+    assert r.exit_code != 0 and "--configs" in r.output and "'az'" in r.output
+    r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path)])
+    assert r.exit_code != 0 and "no run folder" in r.output
+
+
+def test_experiment_table_and_plot(tmp_path, data):
+    """experiments/ablation.py's analysis on two short runs: A's weights drift, G's do not."""
+    experiment = load_experiment()
     torch.set_num_threads(1)
     for letter in "ag":
         training_loop(str(tmp_path / "runs" / letter), tiny_config(letter, data, duration=48))
