@@ -157,16 +157,17 @@ def plot(path: str, cut: dict[str, list[dict[str, Any]]]) -> None:
     ax_loss, ax_act, ax_w = fig.subplots(1, 3)
     for letter, entries in cut.items():
         kimg = [e["nimg"] / 1000 for e in entries]
+        color = f"C{ABLATION_CONFIGS.index(letter)}"  # one color per configuration in all three panels
         if letter != "a":  # A's loss has another weighting (see the module docstring)
-            ax_loss.plot(kimg, [e["loss"] for e in entries], label=letter.upper())
+            ax_loss.plot(kimg, [e["loss"] for e in entries], label=letter.upper(), color=color)
         for ax, what in ((ax_act, "feat_rms"), (ax_w, "weight_norm")):
             series = list(magnitude_series(entries, what).values())
             n = min(len(v) for v in series)
             rel = [float(np.exp(np.mean([math.log(v[i] / v[0]) for v in series]))) for i in range(n)]
-            ax.plot(kimg[:n], rel, label=letter.upper())
+            ax.plot(kimg[:n], rel, label=letter.upper(), color=color)
     ax_loss.set(xlabel="training images (thousands)", ylabel="loss (learned weighting)", title="loss, B-G")
     ax_act.set(xlabel="training images (thousands)", ylabel="activation RMS / first", title="activations")
-    ax_w.set(xlabel="training images (thousands)", ylabel="weight norm / first", title="weights", yscale="log")
+    ax_w.set(xlabel="training images (thousands)", ylabel="weight norm / first", title="weights")
     for ax in (ax_loss, ax_act, ax_w):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
