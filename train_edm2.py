@@ -86,6 +86,7 @@ def build_config(opts: dict) -> TrainingConfig:
             setattr(c, key, train[key])
         c.loss = dataclasses.replace(c.loss, **train["loss"])
         c.lr = dataclasses.replace(c.lr, **train["lr"])
+        c.force_weight_norm = train.get("force_weight_norm", True)  # off in the ablation ladder's A-D
     net = c.network = select_arch(c.network, opts["arch"], opts["preset"])
     if opts["network_kwargs"]:
         try:

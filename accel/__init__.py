@@ -94,9 +94,12 @@ class SpeedPlan:
         """torch.optim.Adam over net's parameters; torch's one-kernel Adam on CUDA when the fused post-step is off."""
         return torch.optim.Adam(net.parameters(), fused=self.cuda and not self.fused_step, **kwargs)
 
-    def post_step(self, net: torch.nn.Module, optimizer: torch.optim.Adam, ema: Any = None) -> PostStep:
-        """Everything between backward and the next forward (accel/post_step.py), fused or the library calls."""
-        return PostStep(net, optimizer, ema, fused=self.fused_step)
+    def post_step(
+        self, net: torch.nn.Module, optimizer: torch.optim.Adam, ema: Any = None, normalize: bool = True
+    ) -> PostStep:
+        """Everything between backward and the next forward (accel/post_step.py), fused or the library calls;
+        `normalize`: forced weight normalization (off for the ablation ladder's configs A-D)."""
+        return PostStep(net, optimizer, ema, fused=self.fused_step, normalize=normalize)
 
     def distribute(
         self, net: torch.nn.Module, device: torch.device, world_size: int

@@ -165,8 +165,10 @@ class PostStep:
         optimizer: torch.optim.Adam,  # holds lr, betas, eps and the moments; one parameter group, no weight decay
         ema: Any = None,  # PowerFunctionEMA (or None on ranks that keep no EMA)
         fused: bool = False,  # the Triton kernel (CUDA) instead of the separate library calls
+        normalize: bool = True,  # forced weight normalization (Eq. 66); off for ablation configs A-D
     ):
         self.net, self.optimizer, self.ema = net, optimizer, ema
+        self.normalize = normalize
         self.params = list(net.parameters())
         groups = optimizer.param_groups
         if len(groups) != 1 or [id(p) for p in groups[0]["params"]] != [id(p) for p in self.params]:
@@ -199,7 +201,8 @@ class PostStep:
             self.optimizer.step()
             if self.ema is not None:  # before the normalization, as the official loop does
                 self.ema.update(self.net, cur_nimg, batch)
-            self.net.normalize_weights_()  # Eq. 66
+            if self.normalize:
+                self.net.normalize_weights_()  # Eq. 66
             return
         self._fused_step(betas, chunks, ready)
 
@@ -208,7 +211,7 @@ class PostStep:
     def _build_rows(self, indices: Sequence[int]) -> list:
         """Rows of the parameters with the given indices, grouped by padded length (a power of two up to SUB, else a
         multiple of SUB) and by whether forced weight normalization applies to them: one launch per group."""
-        normalized = {id(m.weight) for m in self.net.modules() if isinstance(m, MPConv)}
+        normalized = {id(m.weight) for m in self.net.modules() if isinstance(m, MPConv) and self.normalize}
         buckets: dict[tuple[int, bool], tuple[list, list, list, list]] = {}
         for index in indices:
             p = self.params[index]

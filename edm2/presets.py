@@ -57,6 +57,36 @@ REPORTING = {"demo": dict(status=4 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)}
 DEFAULT_REPORTING = dict(status=128 * Ki, snapshot=8 * Mi, checkpoint=128 * Mi)
 
 
+# The EDM2 paper's ablation ladder (Table 1, configurations A-G; docs/design.md "Ablation ladder"), at two sizes:
+# 'xs' (ImageNet-512 latents, edm2-img512-xs's width and schedule) and 'demo' (the demo data, for tests and CPU runs).
+# Per letter: ref_lr at xs, ref_lr at demo, inverse-square-root decay, EDM's sigma distribution (else the size's),
+# learned loss weighting u(sigma), forced weight normalization. A-D train at a constant learning rate (the decay
+# comes with E); A-C have no weight normalization, so their learning rates are Adam's usual small ones.
+ABLATION_CONFIGS = "abcdefg"
+ABLATION_SIZES = {"xs": "edm2-img512-xs", "demo": "demo"}
+_ABLATION = {
+    "a": (1e-4, 1e-3, False, True, False, False),
+    "b": (2e-4, 2e-3, False, False, True, False),
+    "c": (2e-4, 2e-3, False, False, True, False),
+    "d": (0.0120, 0.0300, False, False, True, False),
+    "e": (0.0120, 0.0300, True, False, True, True),
+    "f": (0.0120, 0.0300, True, False, True, True),
+    "g": (0.0120, 0.0300, True, False, True, True),
+}
+EDM_SIGMA = dict(P_mean=-1.2, P_std=1.2)  # the EDM paper's training noise distribution (config A)
+for _letter, (_lr_xs, _lr_demo, _decay, _edm_sigma, _, _) in _ABLATION.items():
+    for _size, _base in ABLATION_SIZES.items():
+        PRESETS[f"ablation-{_letter}-{_size}"] = dict(
+            PRESETS[_base], lr=_lr_xs if _size == "xs" else _lr_demo,
+            decay=PRESETS[_base]["decay"] if _decay else 0, **(EDM_SIGMA if _edm_sigma else {}),
+        )
+
+
+def _base_preset(name: str) -> str:
+    """The preset whose dataset, network size and reporting an ablation preset takes; the name itself otherwise."""
+    return ABLATION_SIZES[name.split("-")[2]] if name.startswith("ablation-") else name
+
+
 def get_preset(name: str) -> dict[str, Any]:
     """The training hyperparameters of a preset (a copy), e.g. get_preset('edm2-img512-s')['lr']."""
     if name not in PRESETS:
@@ -67,14 +97,18 @@ def get_preset(name: str) -> dict[str, Any]:
 def preset_dataset(name: str) -> str:
     """'img512', 'img64' or 'demo' for a preset name."""
     get_preset(name)
+    name = _base_preset(name)
     return "demo" if name == "demo" else name.split("-")[1]
 
 
 def preset_network_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     """Precond constructor arguments for a preset; `overrides` replace or add arguments."""
     p = get_preset(name)
-    base = copy.deepcopy(DEMO_NETWORK) if name == "demo" else dict(DATASETS[preset_dataset(name)])
+    base = copy.deepcopy(DEMO_NETWORK) if _base_preset(name) == "demo" else dict(DATASETS[preset_dataset(name)])
     kwargs = dict(base, model_channels=p["channels"], dropout=p["dropout"])
+    letter = name.split("-")[1] if name.startswith("ablation-") else "g"
+    if letter != "g":  # G is the reference network itself (arch 'edm2-unet')
+        kwargs.update(arch="ablation", config=letter)
     kwargs.update(overrides)
     return kwargs
 
@@ -82,13 +116,19 @@ def preset_network_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
 def preset_training_kwargs(name: str) -> dict[str, Any]:
     """Loss and optimizer settings of a preset, named as EDM2Loss and learning_rate_schedule take them."""
     p = get_preset(name)
-    return dict(
+    base = _base_preset(name)
+    out = dict(
         duration=p["duration"],
         batch=p["batch"],
         loss=dict(P_mean=p["P_mean"], P_std=p["P_std"]),
-        lr=dict(ref_lr=p["lr"], ref_batches=p["decay"], rampup_img=RAMPUP_IMG.get(name, 10_000_000)),
-        **REPORTING.get(name, DEFAULT_REPORTING),
+        lr=dict(ref_lr=p["lr"], ref_batches=p["decay"], rampup_img=RAMPUP_IMG.get(base, 10_000_000)),
+        **REPORTING.get(base, DEFAULT_REPORTING),
     )
+    if name != base:  # an ablation preset: its training differences (TrainingConfig fields)
+        _, _, _, _, learned, forced = _ABLATION[name.split("-")[1]]
+        out["loss"]["learned_weighting"] = learned
+        out["force_weight_norm"] = forced
+    return out
 
 
 # U-ViT backbones (arch='uvit', networks/uvit.py) sized for the demo data (32x32 RGB, 10 classes); not from a

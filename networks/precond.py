@@ -7,13 +7,14 @@ from typing import Any, Sequence
 
 import torch
 
+from .ablation import AblationUNet
 from .mp import MPConv, MPFourier
 from .skip_scaling import SkipScalingSettings
 from .unet import UNet
 from .uvit import UViT
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ARCHS = ("edm2-unet", "uvit")  # backbones F that Precond can wrap
+ARCHS = ("edm2-unet", "uvit", "ablation")  # backbones F that Precond can wrap; ablation: networks/ablation.py
 # Arguments that only the EDM2 U-Net reads (a U-ViT must leave them at their defaults) and the U-ViT's own
 # (None = the U-ViT default; an EDM2 U-Net must leave them None).
 UNET_ONLY = (
@@ -33,6 +34,10 @@ def _check_backbone_arguments(args: dict[str, Any]) -> None:
     arch = args["arch"]
     if arch not in ARCHS:
         raise ValueError(f"Precond: arch must be one of {list(ARCHS)}, got {arch!r}")
+    if (args["config"] is not None) != (arch == "ablation"):
+        raise ValueError(f"Precond: config (an ablation ladder letter) goes with arch 'ablation' only, not {arch!r}")
+    if arch == "ablation" and args["skip_scaling"] != "none":
+        raise ValueError("Precond: skip_scaling applies to arch 'edm2-unet' and 'uvit' only")
     if arch == "uvit":
         defaults = inspect.signature(Precond.__init__).parameters
         changed = [k for k in UNET_ONLY if _plain(args[k]) != _plain(defaults[k].default)]
@@ -84,6 +89,7 @@ class Precond(torch.nn.Module):
         patch_size: int | None = None,  # U-ViT only: patch side (None: 2)
         depth: int | None = None,  # U-ViT only: transformer blocks, odd (None: 7)
         mlp_ratio: int | None = None,  # U-ViT only: MLP width / model_channels (None: 4)
+        config: str | None = None,  # arch 'ablation' only: configuration 'a'..'f' of the paper's Table 1
         **unknown: Any,  # rejected with a ValueError that names them
     ):
         super().__init__()
@@ -127,7 +133,14 @@ class Precond(torch.nn.Module):
         # Constructor arguments as plain JSON values, for model files.
         self.init_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
         backbone = dict(skip_scaling=SkipScalingSettings(skip_scaling, kappa, ls_reduction))
-        if arch == "uvit":
+        if arch == "ablation":
+            self.ablation = AblationUNet(
+                config, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                model_channels=model_channels, channel_mult=channel_mult, channel_mult_noise=channel_mult_noise,
+                channel_mult_emb=channel_mult_emb, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
+                channels_per_head=channels_per_head, dropout=dropout,
+            )  # fmt: skip
+        elif arch == "uvit":
             uvit = {
                 k: v for k, v in dict(patch_size=patch_size, depth=depth, mlp_ratio=mlp_ratio).items() if v is not None
             }
@@ -164,7 +177,8 @@ class Precond(torch.nn.Module):
     @property
     def backbone(self) -> torch.nn.Module:
         """F: the EDM2 U-Net (`self.unet`, the reference's state-dict names) or the U-ViT (`self.uvit`)."""
-        return self.uvit if self.init_kwargs.get("arch") == "uvit" else self.unet
+        arch = self.init_kwargs.get("arch")
+        return self.uvit if arch == "uvit" else self.ablation if arch == "ablation" else self.unet
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:

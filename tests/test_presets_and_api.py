@@ -27,7 +27,7 @@ def test_presets_hold_the_spec_table():
         duration=2048 << 20, batch=2048, channels=256, lr=0.0090, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0
     )
     assert edm2.get_preset("edm2-img64-xl")["duration"] == 640 << 20
-    assert len(edm2.PRESETS) == 13  # the paper's 12 and the CPU demo
+    assert len(edm2.PRESETS) == 13 + 14  # the paper's 12, the CPU demo, the ablation ladder A-G at two sizes
     kw = edm2.preset_network_kwargs("edm2-img64-s")
     assert (kw["img_channels"] == 3 and kw["img_resolution"] == 64
             and kw["label_dim"] == 1000 and kw["model_channels"] == 192)

@@ -51,6 +51,8 @@ class LossConfig:
     P_mean: float = -0.4
     P_std: float = 1.0
     sigma_data: float = 0.5
+    # False: the EDM loss weighting lambda(sigma) alone, no learned uncertainty u(sigma) (ablation config A)
+    learned_weighting: bool = True
 
 
 @dataclass
@@ -78,6 +80,8 @@ class TrainingConfig:
     duration: int = _resumable(2048 * 2**20)  # training images
     batch: int = 2048  # images per optimizer step, all GPUs
     batch_gpu: int | None = _resumable(None)  # images per GPU per accumulation round; None = batch / GPUs
+    # Forced weight normalization of the MPConv weights after every step (Eq. 66); off in ablation configs A-D
+    force_weight_norm: bool = True
     ema_stds: list[float] = field(default_factory=lambda: [0.050, 0.100])  # power-function EMA profiles
     status: int = _resumable(128 * 2**10)  # images between status lines
     snapshot: int = _resumable(8 * 2**20)  # images between EMA snapshots; 0 = only at the end
@@ -100,10 +104,16 @@ class TrainingConfig:
     # --- JSON -----------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values under today's keys; data_identity only once the loop has recorded it."""
+        """Plain JSON values under today's keys; data_identity only once the loop has recorded it, the ablation
+        switches (force_weight_norm, loss.learned_weighting) only when they are off."""
         out = dataclasses.asdict(self)
         if out["data_identity"] is None:
             del out["data_identity"]
+        # The ablation ladder's switches appear only when off, so that other runs' files keep their keys.
+        if out["force_weight_norm"]:
+            del out["force_weight_norm"]
+        if out["loss"]["learned_weighting"]:
+            del out["loss"]["learned_weighting"]
         return out
 
     @classmethod

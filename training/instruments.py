@@ -7,7 +7,9 @@ What is measured on an armed step (all accumulation rounds and all processes tog
 - `skips/NN/grad_norm`: norm of d(loss)/d(feature) at that encoder feature (the whole batch);
 - `stages/NAME/feat_rms`, `stages/NAME/feat_grad_norm`: the same for the output of each stage (EDM2 U-Net:
   the encoder and decoder levels `enc.32x32`, `dec.16x16`, ...; U-ViT: the blocks `in0` .. `mid` .. `outK`);
-- `stages/NAME/param_grad_norm`: norm of the gradient of the stage's parameters; `grad_norm`: of all.
+- `stages/NAME/param_grad_norm`: norm of the gradient of the stage's parameters; `grad_norm`: of all;
+- `stages/NAME/weight_norm`: RMS of the norms of the stage's weight vectors (one per output unit), after the step:
+  the weight magnitude of the ablation ladder (docs/design.md "Ablation ladder"); `feat_rms` is its activations'.
 Comparing these across the status lines of a run shows the oscillation the ScaleLong paper speaks of.
 
 The training loop uses it in four lines:
@@ -152,8 +154,16 @@ class SkipInstruments:
         # Parameter gradients are the same on every process after DistributedDataParallel's all-reduce.
         for name, params in self.stage_params.items():
             out[f"stages/{name}/param_grad_norm"] = _grad_norm(params)
+            out[f"stages/{name}/weight_norm"] = _weight_norm(params)
         out["grad_norm"] = _grad_norm(self.params)
         return out
+
+
+def _weight_norm(params: list[torch.nn.Parameter]) -> float:
+    """RMS over the output units of the stage's weight tensors (2-D and up) of the units' norms ||w_i||: the weight
+    magnitude of the EDM2 paper's figures, constant under forced weight normalization (Eq. 66), drifting without."""
+    norms = [p.detach().to(torch.float32).flatten(1).square().sum(dim=1) for p in params if p.ndim >= 2]
+    return math.sqrt(float(torch.cat(norms).mean())) if norms else 0.0
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:

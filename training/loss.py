@@ -18,6 +18,7 @@ class EDM2Loss:
         P_mean: float = -0.4,  # mean of ln(sigma) during training
         P_std: float = 1.0,  # std of ln(sigma) during training
         sigma_data: float = 0.5,  # expected std of the training data
+        learned_weighting: bool = True,  # False: lambda(sigma) only, no u(sigma) (the EDM loss, ablation config A)
     ):
         if not P_std > 0:
             raise ValueError(f"EDM2Loss: P_std must be positive, got {P_std!r}")
@@ -26,6 +27,7 @@ class EDM2Loss:
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
+        self.learned_weighting = learned_weighting
 
     def sample_sigma(
         self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
@@ -55,6 +57,8 @@ class EDM2Loss:
             )
         sd = self.sigma_data
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2  # lambda(sigma): unit loss at init (Eq. 21)
+        if not self.learned_weighting:
+            return weight * (net(images + noise * sigma, sigma, labels) - images) ** 2
         denoised, logvar = net(images + noise * sigma, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * (denoised - images) ** 2 + logvar
 

@@ -257,7 +257,7 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
     optimizer = plan.adam(net, lr=config.lr.ref_lr, betas=tuple(config.betas), eps=config.eps)
     ema = PowerFunctionEMA(net, config.ema_stds) if rank == 0 else None
     try:
-        post_step = plan.post_step(net, optimizer, ema)
+        post_step = plan.post_step(net, optimizer, ema, normalize=config.force_weight_norm)
     except ValueError as e:
         raise TrainingError(f"--kernels {plan.kernels}: {e}") from e
     use_instruments = config.instruments

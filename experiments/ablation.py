@@ -1,0 +1,218 @@
+"""The EDM2 paper's ablation ladder at small scale: train configurations A-G (presets ablation-{a..g}-demo, the demo
+data) side by side, then compare the loss and the drift of activation and weight magnitudes (docs/design.md §13).
+
+    python experiments/ablation.py run --outdir runs/ablation --setting cpu            # CPU, one run at a time
+    python experiments/ablation.py run --outdir out/ablation --rundir /tmp/abl --setting gpu   # one GPU, 7 at once
+    python experiments/ablation.py analyze --outdir runs/ablation                      # the figures again
+
+Every run is a plain `train_edm2.py --preset ablation-X-demo` training (same seed, data and batch) whose status lines
+carry the per-stage magnitudes of training/instruments.py. Runs past --time-limit are stopped with SIGTERM (they
+checkpoint and stop cleanly); the comparison then uses the image range that every run reached. Outputs in --outdir:
+ablation.json (settings and figures), ablation.md (the table), ablation.png (loss and magnitudes).
+
+The loss: A trains with the EDM loss weighting (no learned u(sigma)), so its loss is on another scale than B-G's
+(which can go negative); A is compared with the rest through its magnitudes, and the losses from B on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from edm2.presets import ABLATION_CONFIGS, Ki
+from training.instruments import read_stats
+from training.plot_stats import magnitude_series
+from torch_utils.state_io import atomic_write_bytes, write_json
+
+# Images per run and per step, images between status lines, runs at once, demo images, seconds per run, and the
+# activation dtype: bf16 on the GPU, since A-F have no activation clipping and A-D's magnitudes grow (fp16's range).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "cpu": dict(duration=4 * Ki, batch=32, status=256, parallel=1, num_images=512, time_limit=600, precision="fp32"),
+    "gpu": dict(
+        duration=4096 * Ki, batch=256, status=32 * 256, parallel=7, num_images=2000, time_limit=420, precision="bf16"
+    ),
+}
+
+
+def train_command(run_dir: str, data: str, letter: str, s: dict[str, Any], seed: int) -> list[str]:
+    return [
+        sys.executable, os.path.join(ROOT, "train_edm2.py"), "--outdir", run_dir, "--data", data,
+        "--preset", f"ablation-{letter}-demo", "--duration", str(s["duration"]), "--batch", str(s["batch"]),
+        "--status", str(s["status"]), "--snapshot", "0", "--checkpoint", "0", "--workers", "0", "--seed", str(seed),
+        "--precision", s["precision"],
+    ]  # fmt: skip
+
+
+def train_all(rundir: str, letters: list[str], s: dict[str, Any], seed: int) -> None:
+    """Train the configurations, `parallel` at a time, each stopped (SIGTERM) after `time_limit` seconds."""
+    from training.demo_data import write_demo_dataset
+
+    data = os.path.join(rundir, "demo-data.zip")
+    if not os.path.isfile(data):
+        write_demo_dataset(data, num_images=s["num_images"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    pending, active = list(letters), {}
+    with click.progressbar(length=len(letters), label="ablation runs") as bar:
+        while pending or active:
+            while pending and len(active) < s["parallel"]:
+                letter = pending.pop(0)
+                run_dir = os.path.join(rundir, letter)
+                os.makedirs(run_dir, exist_ok=True)
+                log = open(os.path.join(run_dir, "console.txt"), "a")  # noqa: SIM115 (open while the run lasts)
+                proc = subprocess.Popen(train_command(run_dir, data, letter, s, seed), stdout=log,
+                                        stderr=subprocess.STDOUT, env=env, cwd=ROOT)  # fmt: skip
+                active[letter] = (proc, time.time(), log)
+            time.sleep(0.5)
+            for letter, (proc, start, log) in list(active.items()):
+                if proc.poll() is None and time.time() - start > s["time_limit"]:
+                    proc.send_signal(signal.SIGTERM)  # the loop checkpoints and stops after its step
+                    try:
+                        proc.wait(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                if proc.poll() is not None:
+                    log.close()
+                    if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
+                        click.echo(f"\n{letter}: exit code {proc.returncode}; see {log.name}", err=True)
+                    del active[letter]
+                    bar.update(1)
+
+
+def drift(values: list[float]) -> float:
+    """Last reading / first reading, averaged in log space over the stages: 1 = no drift."""
+    return float(np.exp(np.mean([math.log(v[-1] / v[0]) for v in values if v[0] > 0 and v[-1] > 0])))
+
+
+def run_figures(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(entries)
+    tail = entries[n - max(n // 10, 1):]
+    return dict(
+        images=int(entries[-1]["nimg"]),
+        readings=n,
+        final_loss=float(np.mean([e["loss"] for e in tail])),
+        activation_drift=drift(list(magnitude_series(entries, "feat_rms").values())),
+        weight_drift=drift(list(magnitude_series(entries, "weight_norm").values())),
+        final_activation_rms=float(np.mean([v[-1] for v in magnitude_series(entries, "feat_rms").values()])),
+    )
+
+
+def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Figures per configuration from the runs in rundir (default: outdir), cut to the common image range; writes
+    ablation.json / .md / .png to outdir."""
+    rundir = rundir or outdir
+    runs = {}
+    for letter in ABLATION_CONFIGS:
+        if os.path.isfile(os.path.join(rundir, letter, "stats.jsonl")):
+            entries = [e for e in read_stats(os.path.join(rundir, letter)) if "loss" in e]
+            if entries:
+                runs[letter] = entries
+    if not runs:
+        raise click.ClickException(f"{rundir}: no run folder with a stats.jsonl (a..g)")
+    common = min(e[-1]["nimg"] for e in runs.values())
+    cut = {k: [e for e in v if e["nimg"] <= common] for k, v in runs.items()}
+    results = dict(settings=settings, common_images=common, configs={k: run_figures(v) for k, v in cut.items()})
+    os.makedirs(outdir, exist_ok=True)
+    write_json(os.path.join(outdir, "ablation.json"), results)
+    atomic_write_bytes(os.path.join(outdir, "ablation.md"), markdown_table(results).encode())
+    plot(os.path.join(outdir, "ablation.png"), cut)
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"Compared over the first {results['common_images']} images that every run reached.",
+        "",
+        "| config | final loss | activation drift (last / first) | weight drift (last / first) "
+        "| final activation RMS |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for letter, f in results["configs"].items():
+        loss = f"{f['final_loss']:.4f}" + (" (EDM weighting)" if letter == "a" else "")
+        lines.append(f"| {letter.upper()} | {loss} | {f['activation_drift']:.4f} | {f['weight_drift']:.4f} | "
+                     f"{f['final_activation_rms']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, cut: dict[str, list[dict[str, Any]]]) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6), dpi=110)
+    ax_loss, ax_act, ax_w = fig.subplots(1, 3)
+    for letter, entries in cut.items():
+        kimg = [e["nimg"] / 1000 for e in entries]
+        color = f"C{ABLATION_CONFIGS.index(letter)}"  # one color per configuration in all three panels
+        if letter != "a":  # A's loss has another weighting (see the module docstring)
+            ax_loss.plot(kimg, [e["loss"] for e in entries], label=letter.upper(), color=color)
+        for ax, what in ((ax_act, "feat_rms"), (ax_w, "weight_norm")):
+            series = list(magnitude_series(entries, what).values())
+            n = min(len(v) for v in series)
+            rel = [float(np.exp(np.mean([math.log(v[i] / v[0]) for v in series]))) for i in range(n)]
+            ax.plot(kimg[:n], rel, label=letter.upper(), color=color)
+    ax_loss.set(xlabel="training images (thousands)", ylabel="loss (learned weighting)", title="loss, B-G")
+    ax_act.set(xlabel="training images (thousands)", ylabel="activation RMS / first", title="activations")
+    ax_w.set(xlabel="training images (thousands)", ylabel="weight norm / first", title="weights")
+    for ax in (ax_loss, ax_act, ax_w):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@click.group()
+def cli() -> None:
+    """The EDM2 ablation ladder (configs A-G) at small scale."""
+
+
+@cli.command()
+@click.option("--outdir", required=True, help="Experiment directory (table, figures; run folders a..g)")
+@click.option("--setting", type=click.Choice(list(SETTINGS)), default="cpu", show_default=True, help="Budget")
+@click.option("--configs", default=ABLATION_CONFIGS, show_default=True, help="Letters of the configurations to run")
+@click.option("--duration", type=click.IntRange(min=1), default=None, help="Images per run [default: the setting's]")
+@click.option("--time-limit", type=click.IntRange(min=1), default=None, help="Seconds per run [the setting's]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the same for every run)")
+@click.option("--rundir", default=None, help="Folder of the run folders and data [default: --outdir]")
+def run(outdir: str, setting: str, configs: str, duration: int | None, time_limit: int | None, seed: int,
+        rundir: str | None) -> None:  # fmt: skip
+    """Train the configurations, then write the table and the plot."""
+    letters = sorted(set(configs.lower()))
+    bad = [c for c in letters if c not in ABLATION_CONFIGS]
+    if bad or not letters:
+        raise click.BadParameter(f"expected letters of {ABLATION_CONFIGS}, got {configs!r}", param_hint="--configs")
+    s = dict(SETTINGS[setting], setting=setting, seed=seed)
+    s.update({k: v for k, v in dict(duration=duration, time_limit=time_limit).items() if v is not None})
+    rundir = rundir or outdir
+    os.makedirs(rundir, exist_ok=True)
+    train_all(rundir, letters, s, seed)
+    results = analyze(outdir, rundir, s)
+    click.echo(markdown_table(results))
+
+
+@cli.command(name="analyze")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Experiment directory")
+@click.option("--rundir", default=None, type=click.Path(exists=True, file_okay=False), help="Run folders [--outdir]")
+def analyze_cmd(outdir: str, rundir: str | None) -> None:
+    """The table and the plot again from finished runs."""
+    click.echo(markdown_table(analyze(outdir, rundir)))
+
+
+if __name__ == "__main__":
+    cli()

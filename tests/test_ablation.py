@@ -1,0 +1,246 @@
+"""The ablation ladder (configs A-G of the EDM2 paper's Table 1): presets, model files, training and exact resumption
+in process, and the defining magnitude property of the configurations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import edm2.presets as presets
+from networks import MPConv, Precond
+from networks.ablation import AblationUNet, Conv
+from training.config import TrainingConfig
+from training.demo_data import write_demo_dataset
+from training.instruments import read_stats
+from training.loss import EDM2Loss
+from training.plot_stats import magnitude_series
+from training.plot_stats import main as plot_main
+from training.model_files import load_model_file, save_network
+from training.run_dir import load_state
+from training.training_loop import list_checkpoints, training_loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LETTERS = "abcdefg"
+TINY = dict(img_resolution=16, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+            channels_per_head=8, logvar_channels=8)  # fmt: skip
+
+
+def tiny_kwargs(letter: str) -> dict:
+    return presets.preset_network_kwargs(f"ablation-{letter}-demo", **TINY)
+
+
+def tiny_config(letter: str, data: str, duration: int) -> TrainingConfig:
+    """The demo ablation preset's training settings on a tiny network: 8 images a step, a checkpoint every 16."""
+    train = presets.preset_training_kwargs(f"ablation-{letter}-demo")
+    c = TrainingConfig(data=data, duration=duration, batch=8, status=16, snapshot=0, checkpoint=16, workers=0)
+    c.network = dict(tiny_kwargs(letter), precision="fp32")
+    c.loss.__dict__.update(train["loss"])
+    c.lr.__dict__.update(train["lr"], rampup_img=8)
+    c.force_weight_norm = train["force_weight_norm"]
+    c.ema_stds = [0.1]
+    return c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16.zip"), num_images=32, resolution=16)
+
+
+def hidden_weights(net: Precond, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The backbone's convolution / linear weights by name; without `names`, all but the zero-initialized ones (the
+    last layers of A-C's branches), whose growth from zero would say nothing."""
+    out = {}
+    for name, m in net.backbone.named_modules():
+        if isinstance(m, (Conv, MPConv)) and (m.weight.abs().sum() > 0 if names is None else name in names):
+            out[name] = m.weight.detach().clone()
+    return out
+
+
+def unit_norms(w: torch.Tensor) -> torch.Tensor:
+    """Per output unit: ||w_i|| / sqrt(fan_in), 1 for a forced-normalized MPConv weight (Eq. 66)."""
+    return w.flatten(1).norm(dim=1) / math.sqrt(w[0].numel())
+
+
+# --- presets and model files ---------------------------------------------------------------------------------
+
+
+def test_presets_select_the_ladder():
+    for letter in LETTERS:
+        for size in ("xs", "demo"):
+            kwargs = presets.preset_network_kwargs(f"ablation-{letter}-{size}")
+            train = presets.preset_training_kwargs(f"ablation-{letter}-{size}")
+            if letter == "g":  # the reference network and today's training, nothing else
+                assert "arch" not in kwargs and "config" not in kwargs
+                base = "demo" if size == "demo" else "edm2-img512-xs"
+                assert kwargs == presets.preset_network_kwargs(base)
+                assert {k: v for k, v in train.items() if k != "force_weight_norm"} | {"loss": train["loss"]} == (
+                    presets.preset_training_kwargs(base) | {"loss": train["loss"]}
+                )
+            else:
+                assert kwargs["arch"] == "ablation" and kwargs["config"] == letter
+            assert train["loss"]["learned_weighting"] == (letter != "a")
+            assert train["force_weight_norm"] == (letter in "efg")
+            assert (train["lr"]["ref_batches"] > 0) == (letter in "efg")  # the decay comes with E
+    assert presets.preset_training_kwargs("ablation-a-xs")["loss"]["P_mean"] == -1.2  # EDM's distribution
+    assert presets.preset_dataset("ablation-c-xs") == "img512"
+
+
+@pytest.mark.parametrize("letter", LETTERS)
+def test_model_file_round_trip(tmp_path, letter):
+    torch.manual_seed(0)
+    net = Precond(**tiny_kwargs(letter))
+    with torch.no_grad():
+        for p in net.parameters():  # non-zero everywhere, so that the zero-initialized layers count too
+            p.add_(0.01 * torch.randn_like(p))
+    save_network(tmp_path / "net.safetensors", net)
+    loaded = load_model_file(tmp_path / "net.safetensors").net
+    assert type(loaded.backbone) is type(net.backbone)
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 3.0])
+    torch.testing.assert_close(loaded(x, sigma, torch.arange(2)), net.eval()(x, sigma, torch.arange(2)), rtol=0,
+                               atol=0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="config must be one of"):
+        Precond(**dict(tiny_kwargs("a"), config="g"))
+    with pytest.raises(ValueError, match="goes with arch 'ablation' only"):
+        Precond(**dict(tiny_kwargs("g"), config="a"))
+    with pytest.raises(ValueError, match="skip_scaling"):
+        Precond(**tiny_kwargs("c"), skip_scaling="cs")
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.get_preset("ablation-h-demo")
+
+
+def test_edm_loss_weighting_without_uncertainty():
+    """Config A's loss: lambda(sigma) (D - y)^2 with no learned u(sigma) (the EDM loss)."""
+    torch.manual_seed(0)
+    net = Precond(**tiny_kwargs("a"))
+    images, noise, sigma = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    loss = EDM2Loss(learned_weighting=False)(net, images, torch.arange(2), sigma=sigma, noise=noise)
+    s = sigma.reshape(-1, 1, 1, 1)
+    expected = (s**2 + 0.25) / (s * 0.5) ** 2 * (net(images + noise * s, sigma, torch.arange(2)) - images) ** 2
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    learned = EDM2Loss()(net, images, torch.arange(2), sigma=sigma, noise=noise)
+    assert not torch.equal(learned, loss)  # the logvar term is there otherwise
+
+
+# --- magnitudes ----------------------------------------------------------------------------------------------
+
+
+def test_g_activations_near_unit_magnitude_at_initialization():
+    torch.manual_seed(0)
+    net = Precond(**presets.preset_network_kwargs("ablation-g-demo"))
+    rms = {}
+    hooks = [b.register_forward_hook(lambda m, a, o, k=k: rms.__setitem__(k, float(o.square().mean().sqrt())))
+             for k, b in enumerate(net.backbone.blocks())]  # fmt: skip
+    x = torch.randn(8, 3, 32, 32) * 0.5
+    with torch.no_grad():
+        net(x, torch.full([8], 1.0), torch.arange(8) % 10)
+    for h in hooks:
+        h.remove()
+    assert len(rms) == len(net.backbone.blocks()) and all(0.6 < v < 1.6 for v in rms.values()), rms
+
+
+# --- training in process ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("letter", LETTERS)
+def test_trains_resumes_exactly_and_keeps_its_magnitude_property(tmp_path, data, letter):
+    torch.set_num_threads(1)
+    straight = tiny_config(letter, data, duration=48)
+    training_loop(str(tmp_path / "straight"), straight)
+    training_loop(str(tmp_path / "resumed"), tiny_config(letter, data, duration=24))
+    training_loop(str(tmp_path / "resumed"), straight)  # resumes from the checkpoint at 24 images
+    (na, pa), *_ = list_checkpoints(str(tmp_path / "straight"))
+    (nb, pb), *_ = list_checkpoints(str(tmp_path / "resumed"))
+    assert na == nb == 48
+    a, b = load_state(pa), load_state(pb)
+    for key in ("net", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    entries = read_stats(str(tmp_path / "straight"))
+    assert [e["nimg"] for e in entries] == [16, 32, 48] and all(math.isfinite(e["loss"]) for e in entries)
+    # The magnitude instruments: every stage's activation RMS and weight norm on every status line.
+    feats, norms = magnitude_series(entries, "feat_rms"), magnitude_series(entries, "weight_norm")
+    stages = ["enc.16x16", "enc.8x8", "dec.8x8", "dec.16x16"]
+    assert sorted(feats) == sorted(norms) == sorted(stages)
+    assert all(len(v) == 3 for v in [*feats.values(), *norms.values()])
+    if letter in "efg":
+        assert all(v == pytest.approx([v[0]] * 3, rel=1e-5) for v in norms.values())
+    if letter == "a":
+        assert all(v[2] > v[0] for v in norms.values())
+        r = CliRunner().invoke(plot_main, [str(tmp_path / "straight"), "--magnitudes"])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / "straight" / "magnitudes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        both = str(tmp_path / "both.png")
+        r = CliRunner().invoke(plot_main, [str(tmp_path / "straight"), str(tmp_path / "resumed"), "--magnitudes",
+                                           "--out", both])  # fmt: skip
+        assert r.exit_code == 0 and os.path.getsize(both) > 1000, r.output
+
+    # The defining property against the initial weights (the loop seeds the construction with config.seed).
+    torch.manual_seed(straight.seed)
+    init = Precond(**straight.network)
+    trained = Precond(**straight.network)
+    trained.load_state_dict(a["net"])
+    before = hidden_weights(init)
+    after = hidden_weights(trained, list(before))
+    assert after.keys() == before.keys()
+    def total(weights: dict[str, torch.Tensor]) -> float:
+        return sum(float(w.square().sum()) for w in weights.values())
+
+    growth = total(after) / total(before)
+    if letter in "abcd":  # no forced normalization: Adam's updates, orthogonal on average, make the weights grow
+        assert growth > 1.0001, growth
+    if letter in "efg":  # forced weight normalization: unit norm per output unit after every step
+        for w in after.values():
+            torch.testing.assert_close(unit_norms(w), torch.ones(w.shape[0]), rtol=0, atol=3e-4)  # eps of Eq. 66
+    if letter == "d":  # the same layers as E, not normalized: the stored norms drift away from 1
+        assert max(float((unit_norms(w) - 1).abs().max()) for w in after.values()) > 1e-3
+
+
+def test_ablation_unet_takes_g_topology():
+    """Same block names as the reference network, so that per-stage instruments and plots line up across configs."""
+    g = Precond(**tiny_kwargs("g")).backbone
+    for letter in "abcdef":
+        net = Precond(**tiny_kwargs(letter)).backbone
+        assert isinstance(net, AblationUNet) and list(net.enc) == list(g.enc) and list(net.dec) == list(g.dec)
+
+
+def load_experiment():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_experiment", ROOT / "experiments" / "ablation.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_experiment_bad_input(tmp_path):
+    experiment = load_experiment()
+    r = CliRunner().invoke(experiment.cli, ["run", "--outdir", str(tmp_path / "x"), "--configs", "az"])
+    assert r.exit_code != 0 and "--configs" in r.output and "'az'" in r.output
+    r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path)])
+    assert r.exit_code != 0 and "no run folder" in r.output
+
+
+def test_experiment_table_and_plot(tmp_path, data):
+    """experiments/ablation.py's analysis on two short runs: A's weights drift, G's do not."""
+    experiment = load_experiment()
+    torch.set_num_threads(1)
+    for letter in "ag":
+        training_loop(str(tmp_path / "runs" / letter), tiny_config(letter, data, duration=48))
+    results = experiment.analyze(str(tmp_path / "out"), str(tmp_path / "runs"))
+    assert results["common_images"] == 48 and list(results["configs"]) == ["a", "g"]
+    a, g = results["configs"]["a"], results["configs"]["g"]
+    assert a["weight_drift"] > 1 and g["weight_drift"] == pytest.approx(1, abs=1e-5)
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| A | " in table and "| G | " in table and "EDM weighting" in table
+    assert (tmp_path / "out" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["configs"]["g"]["images"] == 48
