@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import shutil
 import tempfile
 import zipfile
 
@@ -86,26 +87,31 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         snapshot=0, checkpoint=0, workers=workers, compile=compile_net, kernels=kernels, grad_sync=grad_sync,
     )
     run_dir = os.path.join(tmp, "run")
-    training_loop(run_dir, c)
-    if dist.is_main():
-        _, _, net = build_dataset_and_net(c)
-        flops = flops_per_image(net.to(dist.device()).train(), train=True)
-        peak = matmul_peak_tflops()
-        stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
-        steady = stats[1:] or stats
-        img_s = sum(s["img_per_s"] for s in steady) / len(steady)
-        print(json.dumps(dict(
-            benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
-            steps=steps, compile=compile_net, kernels=kernels,
-            grad_sync=speed_plan(c, dist.device(), world).grad_sync if world > 1 else None,
-            cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
-            img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
-            tflop_per_s=round(flops * img_s / 1e12, 1),
-            matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
-            fraction_of_peak=None if peak is None else round(flops * img_s / world / 1e12 / peak, 3),
-            peak_mem_gib=round(max(s.get("peak_mem_gib", 0) for s in stats), 2), final_loss=stats[-1]["loss"],
-            device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
-        )))
+    try:
+        training_loop(run_dir, c)
+        if dist.is_main():
+            _, _, net = build_dataset_and_net(c)
+            flops = flops_per_image(net.to(dist.device()).train(), train=True)
+            peak = matmul_peak_tflops()
+            stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
+            steady = stats[1:] or stats
+            img_s = sum(s["img_per_s"] for s in steady) / len(steady)
+            print(json.dumps(dict(
+                benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
+                steps=steps, compile=compile_net, kernels=kernels,
+                grad_sync=speed_plan(c, dist.device(), world).grad_sync if world > 1 else None,
+                cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
+                img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
+                tflop_per_s=round(flops * img_s / 1e12, 1),
+                matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
+                fraction_of_peak=None if peak is None else round(flops * img_s / world / 1e12 / peak, 3),
+                peak_mem_gib=round(max(s.get("peak_mem_gib", 0) for s in stats), 2), final_loss=stats[-1]["loss"],
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
+            )))
+    finally:  # the run directory holds checkpoints of gigabytes (Adam state): never leave them in /tmp
+        dist.barrier()
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
     dist.shutdown()
 
 
