@@ -13,7 +13,6 @@ status points over the second half of the run; the differences fast - plain are 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -25,9 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
-from torch_utils.state_io import atomic_write_bytes  # noqa: E402
 from training.demo_data import write_demo_dataset  # noqa: E402
-from training.plot_stats import read_stats  # noqa: E402
+from training.plot_stats import read_stats, save_figure  # noqa: E402
 from training.config import LossConfig, LrConfig, TrainingConfig  # noqa: E402
 from training.training_loop import training_loop  # noqa: E402
 
@@ -127,9 +125,7 @@ def compare(outdir: str, out: str | None) -> None:
         a.grid(alpha=0.3)
         a.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(out or os.path.join(outdir, "loss_curves.png"), buf.getvalue())
+    save_figure(fig, out or os.path.join(outdir, "loss_curves.png"))
     print(json.dumps(dict(benchmark="loss_curves", network=NETWORK, **result)))
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 from edm2.presets import ABLATION_CONFIGS, Ki
 from training.instruments import read_stats
-from training.plot_stats import magnitude_series
+from training.plot_stats import magnitude_series, save_figure
 from torch_utils.state_io import atomic_write_bytes, write_json
 
 # Images per run and per step, images between status lines, runs at once, demo images, seconds per run, and the
@@ -172,9 +172,7 @@ def plot(path: str, cut: dict[str, list[dict[str, Any]]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 @click.group()

@@ -10,11 +10,19 @@ from __future__ import annotations
 import io
 import json
 import os
+from typing import Any
 
 import click
 
 from torch_utils.state_io import atomic_write_bytes
 
+
+
+def save_figure(fig: Any, path: str) -> None:
+    """A matplotlib figure as a PNG file, written atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 def read_stats(run_dir: str) -> list[dict]:
     """The status entries of a run (one per status line), oldest first."""
@@ -48,9 +56,7 @@ def plot_loss_curves(run_dirs: list[str], path: str) -> str:
     if len(run_dirs) > 1:
         ax_loss.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return path
 
 
@@ -97,9 +103,7 @@ def plot_magnitudes(run_dirs: list[str], path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return path
 
 
