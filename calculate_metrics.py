@@ -26,8 +26,8 @@ import click
 
 from edm2 import metrics as M
 from edm2.cli import (
-    load_option, model_click_options, resolve_model_options, sampling_settings_from_cli, seeds_option,
-    solver_click_options,
+    check_speed_options, load_option, model_click_options, prepare_option, resolve_model_options,
+    sampling_settings_from_cli, seeds_option, solver_click_options, speed_click_options,
 )
 from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.generation import prepare_encoder
@@ -221,6 +221,7 @@ def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, incepti
 @click.option("--vae", metavar="NAME|DIR", default=None,
               help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
 @click.option("--out", metavar="FILE.json", type=click.Path(dir_okay=False), help="Also write the results as JSON")
+@speed_click_options
 @common_options
 def gen(
     preset,
@@ -236,6 +237,8 @@ def gen(
     precision,
     vae,
     out,
+    kernels,
+    compile_net,
     metrics,
     batch_size,
     inception_weights,
@@ -251,11 +254,14 @@ def gen(
         first = first_seed or 0
         seeds = list(range(first, first + (num_images or len(seeds))))
     settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
+    check_speed_options(kernels, compile_net)
 
     def task():
         device = dist.device()  # the sampling precision follows it (load_option), as in generate.py
         loaded = load_option("--net", net_path, device, precision)
         gnet = load_option("--gnet", gnet_path, device, precision).net if settings.needs_guide else None
+        net = prepare_option(loaded.net, kernels, compile_net, seeds, batch_size)  # as generate.py
+        gnet = prepare_option(gnet, kernels, compile_net, seeds, batch_size) if gnet is not None else None
         try:
             encoder_settings = prepare_encoder(loaded.net, loaded.encoder, vae, device)
         except ValueError as e:
@@ -264,7 +270,7 @@ def gen(
             raise click.ClickException(str(e)) from None
         try:
             results = M.calc_metrics_for_model(
-                loaded.net,
+                net,
                 ref_path,
                 metrics,
                 seeds,

@@ -22,10 +22,10 @@ from __future__ import annotations
 import click
 
 from edm2.cli import (
-    load_option, model_click_options, resolve_model_options, sampling_settings_from_cli, seeds_option,
-    solver_click_options,
+    check_speed_options, load_option, model_click_options, prepare_option, resolve_model_options,
+    sampling_settings_from_cli, seeds_option, solver_click_options, speed_click_options,
 )
-from edm2.generation import check_class_index, generate_images, prepare_encoder, prepare_for_sampling
+from edm2.generation import check_class_index, generate_images, prepare_encoder
 from edm2.guidance import GuidedDenoiser
 from edm2.seeds import check_noise_device
 from torch_utils import distributed as dist
@@ -57,21 +57,10 @@ from training.encoders import VAELoadError
     default=None,
     help="Where each seed's generator draws noise and class  [default: the compute device, as the official code]",
 )
-@click.option(
-    "--kernels",
-    type=click.Choice(["fast", "reference"]),
-    default="fast",
-    help="CUDA only: fast (fused attention, channels-last, cuDNN autotuning) or reference (the official code's "
-    "operations in its order: its images per seed to the last level as far as the GPU allows; slower, no --compile). "
-    "The CPU always computes in the reference order",
-)
+@speed_click_options
 @click.option("--vae", metavar="NAME|DIR", default=None,
               help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar")
-@click.option(
-    "--compile/--no-compile", "compile_net", default=False,
-    help="torch.compile the network(s): faster sampling after tens of seconds of compiling (GPU)",
-)  # fmt: skip
 def main(
     preset,
     net_path,
@@ -100,10 +89,7 @@ def main(
     if outdir is None and grid_path is None:
         raise click.UsageError("nothing to write: give --outdir and/or --grid")
     settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
-    if kernels == "reference" and compile_net:
-        raise click.BadParameter(
-            "reference kernels run the network uncompiled; drop --compile", param_hint="'--kernels'"
-        )
+    check_speed_options(kernels, compile_net)
 
     dist.init()
     try:
@@ -127,9 +113,8 @@ def main(
             raise click.ClickException(str(e)) from None
         # w = 1 never evaluates the guiding network
         gnet = load_option("--gnet", gnet_path, device, precision).net if settings.needs_guide else None
-        reference = kernels == "reference"
-        net = prepare_for_sampling(net, compile=compile_net, reference=reference)
-        gnet = prepare_for_sampling(gnet, compile=compile_net, reference=reference) if gnet is not None else None
+        net = prepare_option(net, kernels, compile_net, seeds, batch_size)
+        gnet = prepare_option(gnet, kernels, compile_net, seeds, batch_size) if gnet is not None else None
         try:  # the guidance of the settings with these networks, checked once for the whole run
             denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
         except ValueError as e:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import click
 import torch
 
-from edm2.cli import bad_option, guidance_interval_option, load_option, seeds_option
+from edm2.cli import (
+    bad_option, check_speed_options, guidance_interval_option, load_option, seeds_option, speed_click_options,
+)
 from edm2.detectors import DetectorWeightsError
+from edm2.generation import prepare_for_sampling
 from edm2.guidance import check_guide_fits
 from edm2.sampling import SamplingOptionError, sampling_settings
 from edm2.solver_sweep import PROXY, fd_score, image_distance_score, plan_sweep, run_sweep, write_sweep
@@ -75,8 +78,10 @@ def _seeds(ctx, param, value: str) -> list[int]:
 @click.option("--outdir", type=click.Path(file_okay=False), required=True, help="Where the table and plot go")
 @click.option("--inception-weights", metavar="PATH|URL", default=None, help="fid: Inception weights")
 @click.option("--dinov2-weights", metavar="PATH|URL", default=None, help="fd_dinov2: DINOv2 weights")
+@speed_click_options
 def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, baseline_steps, schedule, eta, metric,
-         reference_steps, ref_path, seeds, class_idx, batch_size, outdir, inception_weights, dinov2_weights):
+         reference_steps, ref_path, seeds, class_idx, batch_size, outdir, inception_weights, dinov2_weights,
+         kernels, compile_net):
     """Sweep solvers and step counts on one model; write the table and the plot of score against evaluations."""
     if metric != PROXY and ref_path is None:
         raise click.BadParameter(f"--metric {metric} needs reference statistics", param_hint="'--ref'")
@@ -91,17 +96,22 @@ def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, basel
         raise bad_option(e.option, str(e), _CLI) from None
     if plan.baseline.needs_guide and gnet_path is None:
         raise bad_option("guidance", f"guidance {guidance} needs a guiding network: give --gnet")
+    check_speed_options(kernels, compile_net)
 
     device = dist.device() if torch.cuda.is_available() else torch.device("cpu")
     loaded = load_option("--net", net_path, device)
-    net = loaded.net.eval().requires_grad_(False)
+    net = loaded.net
     gnet = None
     if plan.baseline.needs_guide:
-        gnet = load_option("--gnet", gnet_path, device).net.eval().requires_grad_(False)
+        gnet = load_option("--gnet", gnet_path, device).net
         try:
             check_guide_fits(net, gnet, guidance)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--gnet'") from None
+    # every point samples all seeds, and so does the baseline (and the proxy metric's target)
+    speed = dict(compile=compile_net, reference=kernels == "reference", num_images=len(seeds) * (len(plan.points) + 2))
+    net = prepare_for_sampling(net, **speed)
+    gnet = prepare_for_sampling(gnet, **speed) if gnet is not None else None
     common = dict(gnet=gnet, class_idx=class_idx, batch_size=batch_size, encoder_settings=loaded.encoder)
     try:
         if metric == PROXY:

@@ -10,12 +10,14 @@ One `SpeedPlan`, resolved once by `resolve_speed_plan` from the training / sampl
   for dropout);
 - kernels 'reference' (the default elsewhere): plain PyTorch in the reference's order and layout, the official
   values to the last bit on the CPU;
-- compile: torch.compile (training: the whole step's network; sampling: with CUDA graphs and frozen weights);
+- compile (the default where the Triton kernels run, i.e. CUDA): torch.compile (training: the whole step's
+  network; sampling: with CUDA graphs and frozen weights). Its results are cached on disk (`compile_cache_dir`),
+  so a second process with the same network and shapes starts in seconds instead of minutes;
 - grad_sync (several processes): 'ddp' (torch's DistributedDataParallel, whose buckets overlap an eager backward)
   or 'flat' (accel/grad_sync.py: one buffer, chunked all-reduces that overlap the post-step; for compiled steps);
 - cudnn_benchmark: cuDNN's autotuner (faster convolutions; CUDA runs repeat bit for bit only without it).
 
-    plan = resolve_speed_plan(device, world_size, compile=True)
+    plan = resolve_speed_plan(device, world_size)     # compiled on CUDA by default
     plan.apply(net)                                   # swaps modules, sets layouts and the cuDNN flag
     post_step = plan.post_step(net, optimizer, ema)   # after every backward
     ddp, averager = plan.distribute(net, device, world_size)
@@ -25,6 +27,7 @@ One `SpeedPlan`, resolved once by `resolve_speed_plan` from the training / sampl
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -42,7 +45,7 @@ GRAD_SYNCS = ("ddp", "flat")
 
 __all__ = [
     "GRAD_SYNCS", "KERNELS", "FastDropout", "FlatGradients", "FusedCosineAttention", "PostStep", "SpeedPlan",
-    "kernels_available", "resolve_speed_plan",
+    "compile_cache_dir", "kernels_available", "resolve_speed_plan",
 ]
 
 
@@ -122,20 +125,37 @@ class SpeedPlan:
         return net, FlatGradients(net.parameters())
 
     def compile_for_training(self, module: torch.nn.Module) -> torch.nn.Module:
-        """torch.compile(module) with `compile`, else the module itself."""
-        return torch.compile(module) if self.compile else module
+        """torch.compile(module) with `compile` (caches in `compile_cache_dir()`), else the module itself."""
+        if not self.compile:
+            return module
+        compile_cache_dir()
+        return torch.compile(module)
 
     def compile_for_sampling(
         self, net: torch.nn.Module, cuda_graphs: bool | None = None, freezing: bool | None = None
     ) -> torch.nn.Module:
         """torch.compile for the sampler's fixed shapes with `compile`, else net. `cuda_graphs` (None = on CUDA)
         replays each evaluation as one CUDA graph; `freezing` (None = on CUDA) treats the weights as constants, so
-        the normalized weights are computed once at compile time (weights loaded afterwards are not seen)."""
+        the normalized weights are computed once at compile time (weights loaded afterwards are not seen). Shapes
+        are static: a last, smaller batch gets its own compiled graph rather than one for every batch size."""
         if not self.compile:
             return net
+        compile_cache_dir()
         graphs = self.cuda if cuda_graphs is None else bool(cuda_graphs)
         freeze = self.cuda if freezing is None else bool(freezing)
-        return torch.compile(net, options={"triton.cudagraphs": graphs, "freezing": freeze})
+        return torch.compile(net, dynamic=False, options={"triton.cudagraphs": graphs, "freezing": freeze})
+
+
+def compile_cache_dir() -> str:
+    """Where torch.compile keeps what it compiled, so that the next process (a resumed run, a second generate.py)
+    loads the kernels instead of compiling them again: $TORCHINDUCTOR_CACHE_DIR when set (e.g. a disk that every
+    node of a cluster sees), else ~/.cache/edm2/torchinductor ($XDG_CACHE_HOME respected), which, unlike
+    torch's default in /tmp, outlives a reboot. Triton's own kernel cache stays where Triton keeps it (~/.triton).
+    Set before the first compilation; returns the directory."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "edm2", "torchinductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -147,21 +167,23 @@ def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
 def resolve_speed_plan(
     device: torch.device | str,
     world_size: int = 1,
-    compile: bool = False,
+    compile: bool | None = None,
     kernels: str | None = None,
     grad_sync: str | None = None,
     cudnn_benchmark: bool = True,
 ) -> SpeedPlan:
     """The one place that decides what the defaults mean. kernels None = 'fast' on CUDA, 'reference' elsewhere;
     'fast' = fused attention everywhere, and where the Triton kernels run (CUDA with Triton) the fused post-step
-    and the fast dropout, plus channels-last on CUDA. grad_sync None = 'flat' when compiled, else 'ddp'.
+    and the fast dropout, plus channels-last on CUDA. compile None = on where the fast kernels run on CUDA with
+    Triton (torch.compile's GPU code generator), off for the reference kernels and elsewhere. grad_sync None =
+    'flat' when compiled, else 'ddp'.
     A bad value raises ValueError naming the option."""
     if kernels is not None and kernels not in KERNELS:
         raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
     if grad_sync is not None and grad_sync not in GRAD_SYNCS:
         raise ValueError(f"grad_sync must be 'ddp' or 'flat', got {grad_sync!r}")
     for name, value in dict(compile=compile, cudnn_benchmark=cudnn_benchmark).items():
-        if not isinstance(value, bool):
+        if not isinstance(value, bool) and not (name == "compile" and value is None):
             raise ValueError(f"{name} must be true or false, got {value!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -170,6 +192,8 @@ def resolve_speed_plan(
     kernels = kernels or ("fast" if cuda else "reference")
     fast = kernels == "fast"
     triton_kernels = fast and kernels_available(device)
+    if compile is None:
+        compile = triton_kernels and cuda
     return SpeedPlan(
         compile=compile, kernels=kernels, channels_last=fast and cuda, fused_step=triton_kernels,
         fast_dropout=triton_kernels, fused_attention=fast, grad_sync=grad_sync or ("flat" if compile else "ddp"),

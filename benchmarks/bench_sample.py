@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
-from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
+from benchmarks.common import flops_per_image, matmul_peak_tflops, set_inductor_options  # noqa: E402
 from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
 
 
@@ -32,14 +32,21 @@ from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
               help="The speed plan's kernels, as generate.py --kernels  [default: fast on CUDA]")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="[default: with the fast kernels on CUDA]")
-@click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
+@click.option("--compile/--no-compile", "compile_net", default=None,
+              help="[default: on with CUDA and fast kernels]")
 @click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None, help="[default: with --compile on CUDA]")
 @click.option("--gnet-preset", default=None, help="Guiding network's preset [default: --preset]")
 @click.option("--freezing/--no-freezing", "freezing", default=None,
               help="Weights as compile-time constants [default: with --compile on CUDA]")
+@click.option("--inductor", "inductor", multiple=True, metavar="KEY=VALUE",
+              help="A torch._inductor.config setting to try, e.g. conv_1x1_as_mm=true (repeatable)")
 def main(preset: str, batch: int, steps: int, precision: str, guidance: float, repeats: int, kernels: str | None,
-         channels_last: bool | None, compile_net: bool, cuda_graphs: bool | None, gnet_preset: str | None,
-         freezing: bool | None) -> None:
+         channels_last: bool | None, compile_net: bool | None, cuda_graphs: bool | None, gnet_preset: str | None,
+         freezing: bool | None, inductor: tuple[str, ...]) -> None:
+    try:
+        inductor_options = set_inductor_options(inductor)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--inductor'") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).to(device)
@@ -71,9 +78,9 @@ def main(preset: str, batch: int, steps: int, precision: str, guidance: float, r
     peak = matmul_peak_tflops()
     tflops = (flops * stats.net_evals + gflop_g * stats.gnet_evals) * batch / best / 1e12
     print(json.dumps(dict(
-        kernels=kernels, channels_last=channels_last, compile=compile_net, cuda_graphs=cuda_graphs,
+        kernels=kernels, channels_last=channels_last, compile=hasattr(net, "_orig_mod"), cuda_graphs=cuda_graphs,
         gnet_preset=gnet_preset if gnet is not None else None,
-        freezing=freezing,
+        freezing=freezing, inductor=inductor_options or None,
         gflop_per_eval_per_img=round(flops / 1e9, 1), evals_per_s=round(evals * batch / best, 1),
         tflop_per_s=round(tflops, 1), matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
         fraction_of_peak=None if peak is None else round(tflops / peak, 3),

@@ -56,7 +56,8 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--interval", type=int, default=10, show_default=True, help="Steps per status interval")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True)
-@click.option("--compile/--no-compile", "compile_net", default=False, show_default=True)
+@click.option("--compile/--no-compile", "compile_net", default=None,
+              help="[default: on with CUDA, as train_edm2.py]")
 @click.option("--kernels", type=click.Choice(["fast", "reference"]), default=None,
               help="Triton kernels, channels-last, fused attention (fast) or plain PyTorch [default: fast with CUDA]")
 @click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat"]), default=None,
@@ -65,8 +66,9 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
               help="Warn where the loop waits for the GPU (EDM2_SYNC_DEBUG=1)")
 @click.option("--cudnn-benchmark-limit", "benchmark_limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
-def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int, compile_net: bool,
-         kernels: str | None, grad_sync: str | None, sync_debug: bool, benchmark_limit: int | None) -> None:
+def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str, workers: int,
+         compile_net: bool | None, kernels: str | None, grad_sync: str | None, sync_debug: bool,
+         benchmark_limit: int | None) -> None:
     if sync_debug:
         os.environ["EDM2_SYNC_DEBUG"] = "1"
     if benchmark_limit is not None:
@@ -90,6 +92,7 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
     try:
         training_loop(run_dir, c)
         if dist.is_main():
+            plan = speed_plan(c, dist.device(), world)
             _, _, net = build_dataset_and_net(c)
             flops = flops_per_image(net.to(dist.device()).train(), train=True)
             peak = matmul_peak_tflops()
@@ -98,8 +101,8 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
             img_s = sum(s["img_per_s"] for s in steady) / len(steady)
             print(json.dumps(dict(
                 benchmark="train", preset=preset, precision=precision, gpus=world, batch_gpu=batch_gpu, batch=batch,
-                steps=steps, compile=compile_net, kernels=kernels,
-                grad_sync=speed_plan(c, dist.device(), world).grad_sync if world > 1 else None,
+                steps=steps, compile=plan.compile, kernels=kernels,
+                grad_sync=plan.grad_sync if world > 1 else None,
                 cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit, img_per_s=round(img_s, 1),
                 img_per_s_per_gpu=round(img_s / world, 1), gflop_per_img=round(flops / 1e9, 1),
                 tflop_per_s=round(flops * img_s / 1e12, 1),

@@ -41,3 +41,24 @@ def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float | None:
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def set_inductor_options(options: tuple[str, ...]) -> dict[str, object]:
+    """KEY=VALUE settings of torch._inductor.config (VALUE as JSON, else a string), for trying compiler options
+    before any of them becomes a default; returns them as a dict for the benchmark's JSON."""
+    import json
+
+    import torch._inductor.config as inductor_config
+
+    applied: dict[str, object] = {}
+    for option in options:
+        key, sep, text = option.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            raise ValueError(f"expected KEY=VALUE with a torch._inductor.config key, got {option!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        setattr(inductor_config, key, value)
+        applied[key] = value
+    return applied

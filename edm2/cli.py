@@ -25,7 +25,7 @@ import torch
 from torch_utils import distributed as dist
 
 from . import official  # official.resolve_official_preset looked up at call time: tests stand in for it
-from .generation import load_for_sampling
+from .generation import COMPILE_MIN_IMAGES, images_per_process, load_for_sampling, prepare_for_sampling
 from .model_files import NetworkFile
 from .phema_reconstruct import StdList, parse_std_list
 from .sampling import CHURN_SOLVERS, SamplingOptionError, SamplingSettings, sampling_settings
@@ -142,6 +142,46 @@ def load_option(option: str, path_or_url: str, device: torch.device, precision: 
     finally:
         if dist.is_main():
             dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# How the networks run: --kernels, --compile
+
+
+def speed_click_options(f: Callable) -> Callable:
+    """--kernels and --compile/--no-compile of the sampling tools (check_speed_options, then prepare_option)."""
+    options = [
+        click.option(
+            "--kernels", type=click.Choice(["fast", "reference"]), default="fast",
+            help="CUDA only: fast (fused attention, channels-last, cuDNN autotuning) or reference (the official "
+            "code's operations in its order: its images per seed to the last level as far as the GPU allows; "
+            "slower, never compiled). The CPU always computes in the reference order",
+        ),
+        click.option(
+            "--compile/--no-compile", "compile_net", default=None,
+            help="torch.compile the network(s) for the sampler: faster sampling on a GPU after a minute of "
+            "compiling, seconds when this machine compiled the same network before  [default: on with CUDA "
+            f"and fast kernels when a process samples {COMPILE_MIN_IMAGES} images or more]",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def check_speed_options(kernels: str, compile_net: bool | None) -> None:
+    """Before anything is loaded: --compile with --kernels reference is refused."""
+    if kernels == "reference" and compile_net:
+        raise click.BadParameter("reference kernels run the network uncompiled; drop --compile",
+                                 param_hint="'--kernels'")
+
+
+def prepare_option(
+    net: torch.nn.Module, kernels: str, compile_net: bool | None, seeds: list[int], batch_size: int
+) -> torch.nn.Module:
+    """edm2.generation.prepare_for_sampling for these options and this process's share of the seeds."""
+    return prepare_for_sampling(net, compile=compile_net, reference=kernels == "reference",
+                                num_images=images_per_process(seeds, batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -158,30 +158,44 @@ def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
     return [seeds[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def images_per_process(seeds: Sequence[int], batch_size: int) -> int:
+    """How many of `seeds` this process samples (whole batches are dealt to ranks, as generate_images does)."""
+    return sum(len(b) for b in dist.split_for_rank(seed_batches(seeds, batch_size)))
+
+
+# Below this many images per process, compiling for sampling costs more time than it saves, even with the
+# compiler's cache warm (figures in docs/design.md §14).
+COMPILE_MIN_IMAGES = 1024
+
+
 def prepare_for_sampling(
     net: torch.nn.Module,
-    compile: bool = False,
+    compile: bool | None = None,
     channels_last: bool | None = None,
     cuda_graphs: bool | None = None,
     freezing: bool | None = None,
     reference: bool = False,
+    num_images: int | None = None,
 ) -> torch.nn.Module:
     """The network set up for sampling by the speed layer (accel.resolve_speed_plan): eval mode, no parameter
     gradients, and on CUDA the fast kernels (fused attention, NHWC activations: `channels_last` None = on CUDA),
-    cuDNN picking its fastest algorithms for the fixed shapes, and with `compile` torch.compile (tens of seconds
-    once; the elementwise chains then run fused). `cuda_graphs` (None = with `compile` on CUDA) replays each
-    evaluation as one CUDA graph; `freezing` (None = with `compile` on CUDA) lets the compiler treat the weights as
-    constants, so load other weights into this module afterwards and the compiled function keeps using the old
-    ones (prepare again). The outputs are the plain network's within float rounding; the module's attributes stay
-    readable. `reference`: kernels 'reference', the official code's operations in its order and layout (attention
-    with explicit scores, NCHW, cuDNN's default algorithms; what the CPU always does), for its images per seed on
-    CUDA as far as the kernels allow; slower, and not with `compile`."""
+    cuDNN picking its fastest algorithms for the fixed shapes, and with `compile` torch.compile (a minute once,
+    seconds when cached; the elementwise chains then run fused). `compile` None = on CUDA unless `num_images`, the
+    images this process will sample, is below COMPILE_MIN_IMAGES. `cuda_graphs` (None = with `compile` on CUDA)
+    replays each evaluation as one CUDA graph; `freezing` (None = with `compile` on CUDA) lets the compiler treat
+    the weights as constants, so load other weights into this module afterwards and the compiled function keeps
+    using the old ones (prepare again). The outputs are the plain network's within float rounding; the module's
+    attributes stay readable. `reference`: kernels 'reference', the official code's operations in its order and
+    layout (attention with explicit scores, NCHW, cuDNN's default algorithms; what the CPU always does), for its
+    images per seed on CUDA as far as the kernels allow; slower, and not with `compile`."""
     if reference and compile:
         raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
                          "drop compile")
+    if compile is None and num_images is not None and num_images < COMPILE_MIN_IMAGES:
+        compile = False
     device = next(net.parameters()).device
     plan = resolve_speed_plan(
-        device, compile=bool(compile), kernels="reference" if reference else None, cudnn_benchmark=not reference
+        device, compile=compile, kernels="reference" if reference else None, cudnn_benchmark=not reference
     )
     if channels_last is not None:
         plan = dataclasses.replace(plan, channels_last=bool(channels_last))

@@ -41,11 +41,50 @@ def test_cuda_defaults_to_the_fast_kernels():
     assert not any(getattr(ref, k) for k in BOOLS) and not ref.cudnn_benchmark
 
 
+def test_compiled_by_default_where_the_fast_kernels_run(monkeypatch):
+    import accel
+
+    assert not resolve_speed_plan("cpu").compile and not resolve_speed_plan("cpu", kernels="fast").compile
+    monkeypatch.setattr(accel, "kernels_available", lambda device: torch.device(device).type == "cuda")
+    assert resolve_speed_plan("cuda").compile  # fast kernels on CUDA with Triton: compiled
+    assert not resolve_speed_plan("cuda", kernels="reference").compile  # the reference runs eagerly
+    assert not resolve_speed_plan("cuda", compile=False).compile  # --no-compile
+    assert resolve_speed_plan("cpu", compile=True).compile  # asked for: honoured
+    monkeypatch.setattr(accel, "kernels_available", lambda device: False)  # CUDA without Triton
+    assert not resolve_speed_plan("cuda").compile
+
+
+def test_compile_cache_outlives_tmp(monkeypatch, tmp_path):
+    from accel import compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert compile_cache_dir() == str(tmp_path / "cache" / "edm2" / "torchinductor")
+    assert compile_cache_dir() == str(tmp_path / "cache" / "edm2" / "torchinductor")  # set once, kept
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared"))  # the user's choice wins
+    assert compile_cache_dir() == str(tmp_path / "shared")
+
+
+def test_sampling_compiles_only_where_it_pays(monkeypatch):
+    import edm2.generation as generation
+
+    seen = []
+    real = generation.resolve_speed_plan
+    monkeypatch.setattr(generation, "resolve_speed_plan", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
+    few, many = generation.COMPILE_MIN_IMAGES - 1, generation.COMPILE_MIN_IMAGES
+    for kwargs in (dict(num_images=few), dict(num_images=many), dict(), dict(compile=True, num_images=few),
+                   dict(compile=False, num_images=many)):
+        generation.prepare_for_sampling(tiny(), **kwargs)
+    assert seen == [False, None, None, True, False]  # None: the plan's default (compiled on CUDA)
+    assert generation.images_per_process(range(100), 32) == 100  # one process samples every batch
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(kernels="x"), "kernels must be 'fast' or 'reference', got 'x'"),
     (dict(grad_sync="grouped"), "grad_sync must be 'ddp' or 'flat', got 'grouped'"),
     (dict(grad_sync="overlap"), "grad_sync must be 'ddp' or 'flat', got 'overlap'"),
     (dict(compile="yes"), "compile must be true or false"),
+    (dict(compile=1), "compile must be true or false"),
     (dict(cudnn_benchmark=None), "cudnn_benchmark must be true or false"),
     (dict(world_size=0), "world_size must be a positive integer"),
 ])  # fmt: skip

@@ -63,7 +63,7 @@ def test_legacy_options_file_loads_without_the_removed_speed_keys(tmp_path):
     (dict(lr=dict(LEGACY_OPTIONS["lr"], ref_rl=0.1)), "unknown key 'lr.ref_rl'"),
     (dict(batch="256"), "key 'batch' must be an integer, got '256'"),
     (dict(batch=256.0), "key 'batch' must be an integer, got 256.0"),
-    (dict(compile=1), "key 'compile' must be true or false, got 1"),
+    (dict(compile=1), "key 'compile' must be true or false or null, got 1"),
     (dict(batch_gpu="x"), "key 'batch_gpu' must be an integer or null, got 'x'"),
     (dict(loss=dict(P_mean="low")), "key 'loss.P_mean' must be a number, got 'low'"),
     (dict(loss=[1]), "key 'loss' must be an object, got list"),
@@ -105,7 +105,7 @@ def test_unreadable_options_file_is_named(tmp_path):
     (dict(network=dict(kappa=0.5)), "--kappa applies to --skip-scaling cs only"),
     (dict(network=dict(precision="fp8")), "--precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
     (dict(data=None), "--data is required"),
-    (dict(compile="yes"), "the configuration: key 'compile' must be true or false, got 'yes'"),
+    (dict(compile="yes"), "the configuration: key 'compile' must be true or false or null, got 'yes'"),
     (dict(kernels=None, instruments=1), "key 'instruments' must be true or false or null, got 1"),
     (dict(batch=16.0), "--batch must be a positive number of images, got 16.0"),
 ])

@@ -89,7 +89,7 @@ class TrainingConfig:
     seed: int = 0
     workers: int = _resumable(2)  # DataLoader workers per GPU
     # --- speed: how, never what, is computed (the shared contract of accel.resolve_speed_plan) ---
-    compile: bool = _resumable(False)  # torch.compile the network for training
+    compile: bool | None = _resumable(None)  # torch.compile the network for training; None = on CUDA (accel)
     kernels: str | None = _resumable(None)  # 'fast' or 'reference'; None = fast on CUDA, reference elsewhere
     # multi-GPU gradient averaging: 'ddp' or 'flat' (accel/grad_sync.py); None = flat when compiled, else ddp
     grad_sync: str | None = _resumable(None)

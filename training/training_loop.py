@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from accel import PostStep, SpeedPlan, resolve_speed_plan  # noqa: F401 (PostStep re-exported)
+from accel import PostStep, SpeedPlan, compile_cache_dir, resolve_speed_plan  # noqa: F401 (PostStep re-exported)
 from accel.post_step import fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from networks import Precond
 from torch_utils import distributed as dist
@@ -261,7 +261,7 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
     except ValueError as e:
         raise TrainingError(f"--kernels {plan.kernels}: {e}") from e
     use_instruments = config.instruments
-    use_instruments = not config.compile if use_instruments is None else bool(use_instruments)
+    use_instruments = not plan.compile if use_instruments is None else bool(use_instruments)
     instruments = SkipInstruments(net)  # ScaleLong figures per skip and stage on status steps
     loss_fn = EDM2Loss(**dataclasses.asdict(config.loss))
     batch, batch_gpu = config.batch, config.batch_gpu
@@ -300,6 +300,9 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
             f"{os.path.join(run_dir, LOG_FILE)}.")
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
+        log(f"Speed: kernels {plan.kernels}, " + (
+            f"compiled (cache in {compile_cache_dir()}; the first steps wait for the compiler)" if plan.compile
+            else "not compiled") + ".")
 
     ddp, averager = plan.distribute(net, device, world)  # DDP, or the flat buffer's all-reduces ('flat')
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
