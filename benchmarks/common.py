@@ -44,8 +44,9 @@ def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float | None:
 
 
 def set_inductor_options(options: tuple[str, ...]) -> dict[str, object]:
-    """KEY=VALUE settings of torch._inductor.config (VALUE as JSON, else a string), for trying compiler options
-    before any of them becomes a default; returns them as a dict for the benchmark's JSON."""
+    """KEY=VALUE settings of torch._inductor.config (VALUE as JSON or a Python literal, else a string), for trying
+    compiler options before any of them becomes a default; returns them as a dict for the benchmark's JSON."""
+    import ast
     import json
 
     import torch._inductor.config as inductor_config
@@ -58,7 +59,10 @@ def set_inductor_options(options: tuple[str, ...]) -> dict[str, object]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            value = text
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
         setattr(inductor_config, key, value)
         applied[key] = value
     return applied

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
 from accel import resolve_speed_plan  # noqa: E402
-from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
+from benchmarks.common import flops_per_image, matmul_peak_tflops, set_inductor_options  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training.loss import EDM2Loss, reduce_batch_loss  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
@@ -109,19 +109,16 @@ def cuda_timer():
 @click.option("--post-step", "post_step_kind", type=click.Choice(["plan", "fused", "plain"]), default="plan",
               show_default=True, help="The plan's post-step, or the fused / plain one in its place (A/B)")
 @click.option("--inductor", multiple=True,
-              help="torch._inductor.config KEY=VALUE (Python literal), e.g. combo_kernels=True")
+              help="torch._inductor.config KEY=VALUE (JSON or Python literal), e.g. combo_kernels=True")
 @click.option("--trace", default=None, help="Write a chrome trace (CPU + CUDA) of one step here (.json.gz)")
 @click.option("--grad-sync", "grad_sync", default="flat", show_default=True,
               help="Under torchrun: gradient averaging, ddp | flat; comma-separated to compare")
 def main(preset, batch, precision, compile_net, mode, kernels, cudnn_benchmark, benchmark_limit, sample, steps,
          post_step_kind, inductor, trace, grad_sync) -> None:
-    import ast
-
-    import torch._inductor.config
-
-    for item in inductor:
-        key, _, value = item.partition("=")
-        setattr(torch._inductor.config, key, ast.literal_eval(value))
+    try:
+        set_inductor_options(inductor)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--inductor'") from None
     dist.init()
     for sync in grad_sync.split(",") if dist.get_world_size() > 1 and not sample else [None]:
         result = profile(preset, batch, precision, compile_net, mode, kernels, cudnn_benchmark, benchmark_limit,

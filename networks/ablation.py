@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .mp import CosineAttention, Dropout, MPConv, MPFourier, pixel_norm, resample
+from .unet import level_widths
 
 CONFIGS = ("a", "b", "c", "d", "e", "f")  # 'g' is the reference network, arch 'edm2-unet'
 GROUPS = 32  # group normalization: at most this many groups, as in ADM
@@ -181,14 +182,9 @@ class AblationUNet(torch.nn.Module):
         super().__init__()
         self.config = config
         self.flags = flags = _flags(config)
-        cblock = [model_channels * m for m in channel_mult]
-        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
-        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
-        if img_resolution % (1 << (len(cblock) - 1)) != 0:
-            raise ValueError(
-                f"AblationUNet: img_resolution {img_resolution} must be divisible by 2^(levels-1) = "
-                f"{1 << (len(cblock) - 1)}"
-            )
+        cblock, cnoise, cemb = level_widths(
+            "AblationUNet", img_resolution, model_channels, channel_mult, channel_mult_noise, channel_mult_emb
+        )
         self.img_resolution = img_resolution
         self.label_dim = label_dim
         self.cnoise = cnoise

@@ -87,6 +87,26 @@ def _gain(gain: torch.nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
     return gain if gain.dtype == dtype else gain.to(dtype)
 
 
+def level_widths(
+    who: str,
+    img_resolution: int,
+    model_channels: int,
+    channel_mult: Sequence[int],
+    channel_mult_noise: int | None,
+    channel_mult_emb: int | None,
+) -> tuple[list[int], int, int]:
+    """(width per resolution level, noise-embedding width, embedding width) of a U-Net (Fig. 21), with the check
+    that every level's resolution is whole; `who` names the network in the error."""
+    cblock = [model_channels * m for m in channel_mult]
+    cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
+    cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+    if img_resolution % (1 << (len(cblock) - 1)) != 0:
+        raise ValueError(
+            f"{who}: img_resolution {img_resolution} must be divisible by 2^(levels-1) = {1 << (len(cblock) - 1)}"
+        )
+    return cblock, cnoise, cemb
+
+
 class UNet(torch.nn.Module):
     """The magnitude-preserving U-Net F(x; c_noise, y) that the preconditioner wraps."""
 
@@ -111,13 +131,9 @@ class UNet(torch.nn.Module):
         skip_scaling: SkipScalingSettings | str = "none",  # ScaleLong settings, or a mode (networks/skip_scaling.py)
     ):
         super().__init__()
-        cblock = [model_channels * m for m in channel_mult]
-        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
-        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
-        if img_resolution % (1 << (len(cblock) - 1)) != 0:
-            raise ValueError(
-                f"UNet: img_resolution {img_resolution} must be divisible by 2^(levels-1) = {1 << (len(cblock) - 1)}"
-            )
+        cblock, cnoise, cemb = level_widths(
+            "UNet", img_resolution, model_channels, channel_mult, channel_mult_noise, channel_mult_emb
+        )
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
