@@ -28,6 +28,7 @@ import edm2  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training.encoders import STABILITY_VAE_DEFAULTS  # noqa: E402
 from training.config import LossConfig, LrConfig, TrainingConfig  # noqa: E402
+from accel import resolve_speed_plan  # noqa: E402
 from training.training_loop import build_dataset_and_net, speed_plan, training_loop  # noqa: E402
 
 from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
@@ -57,7 +58,7 @@ def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> s
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True)
 @click.option("--compile/--no-compile", "compile_net", default=None,
-              help="[default: on with CUDA, as train_edm2.py]")
+              help="[default: on with CUDA, as train_edm2.py for runs of 2000 steps or more]")
 @click.option("--kernels", type=click.Choice(["fast", "reference"]), default=None,
               help="Triton kernels, channels-last, fused attention (fast) or plain PyTorch [default: fast with CUDA]")
 @click.option("--grad-sync", "grad_sync", type=click.Choice(["ddp", "flat"]), default=None,
@@ -75,6 +76,8 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
         torch.backends.cudnn.benchmark_limit = benchmark_limit
     dist.init()
     world = dist.get_world_size()
+    if compile_net is None:  # what a long run gets on this device (train_edm2.py leaves short runs uncompiled)
+        compile_net = resolve_speed_plan(dist.device()).compile
     batch = batch_gpu * world
     tmp = dist.all_gather_objects(tempfile.mkdtemp(prefix="bench_train_") if dist.is_main() else None)[0]  # rank 0's
     data = os.path.join(tmp, "latents.zip")

@@ -54,6 +54,21 @@ def test_compiled_by_default_where_the_fast_kernels_run(monkeypatch):
     assert not resolve_speed_plan("cuda").compile
 
 
+def test_training_compiles_runs_long_enough_to_pay(monkeypatch):
+    import accel
+    from training.config import TrainingConfig
+    from training.training_loop import COMPILE_MIN_STEPS, speed_plan
+
+    monkeypatch.setattr(accel, "kernels_available", lambda device: torch.device(device).type == "cuda")
+    cuda = torch.device("cuda")
+    long_run = TrainingConfig(duration=COMPILE_MIN_STEPS * 64, batch=64)
+    short_run = dataclasses.replace(long_run, duration=(COMPILE_MIN_STEPS - 1) * 64)
+    assert speed_plan(long_run, cuda, 1).compile and not speed_plan(short_run, cuda, 1).compile
+    assert speed_plan(dataclasses.replace(short_run, compile=True), cuda, 1).compile  # asked for
+    assert not speed_plan(dataclasses.replace(long_run, compile=False), cuda, 1).compile
+    assert not speed_plan(long_run, torch.device("cpu"), 1).compile
+
+
 def test_compile_cache_outlives_tmp(monkeypatch, tmp_path):
     from accel import compile_cache_dir
 

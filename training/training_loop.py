@@ -54,12 +54,20 @@ class TrainingStopped(Exception):
 # --- setup -----------------------------------------------------------------------------------------------
 
 
+# Runs shorter than this many optimizer steps (the demo: 512) train uncompiled by default: the minute of compiling
+# would cost more than the compiled steps save (docs/design.md §14).
+COMPILE_MIN_STEPS = 2000
+
+
 def speed_plan(config: TrainingConfig, device: torch.device, world_size: int) -> SpeedPlan:
-    """The configuration's speed options resolved (accel.resolve_speed_plan); a bad value is a TrainingError naming
-    the option."""
+    """The configuration's speed options resolved (accel.resolve_speed_plan; compile None = its default, except for
+    runs of fewer than COMPILE_MIN_STEPS steps); a bad value is a TrainingError naming the option."""
+    compile = config.compile
+    if compile is None and isinstance(config.duration, int) and isinstance(config.batch, int) and config.batch > 0:
+        compile = None if config.duration // config.batch >= COMPILE_MIN_STEPS else False
     try:
         return resolve_speed_plan(
-            device, world_size, compile=config.compile, kernels=config.kernels, grad_sync=config.grad_sync,
+            device, world_size, compile=compile, kernels=config.kernels, grad_sync=config.grad_sync,
             cudnn_benchmark=config.cudnn_benchmark,
         )
     except ValueError as e:
@@ -300,9 +308,13 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
             f"{os.path.join(run_dir, LOG_FILE)}.")
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
-        log(f"Speed: kernels {plan.kernels}, " + (
-            f"compiled (cache in {compile_cache_dir()}; the first steps wait for the compiler)" if plan.compile
-            else "not compiled") + ".")
+        if plan.compile:
+            compiled = f"compiled (cache in {compile_cache_dir()}; the first steps wait for the compiler)"
+        elif config.compile is None and resolve_speed_plan(device, world, kernels=config.kernels).compile:
+            compiled = f"not compiled: fewer than {COMPILE_MIN_STEPS} steps (--compile compiles)"
+        else:
+            compiled = "not compiled"
+        log(f"Speed: kernels {plan.kernels}, {compiled}.")
 
     ddp, averager = plan.distribute(net, device, world)  # DDP, or the flat buffer's all-reduces ('flat')
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
