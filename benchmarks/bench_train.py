@@ -111,7 +111,8 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
                 tflop_per_s=round(flops * img_s / 1e12, 1),
                 matmul_peak_tflop_per_s=None if peak is None else round(peak, 1),
                 fraction_of_peak=None if peak is None else round(flops * img_s / world / 1e12 / peak, 3),
-                peak_mem_gib=round(max(s.get("peak_mem_gib", 0) for s in stats), 2), final_loss=stats[-1]["loss"],
+                peak_mem_gib=round(max(s.get("peak_mem_gib", 0) for s in steady), 2),
+                first_interval_peak_mem_gib=round(stats[0].get("peak_mem_gib", 0), 2), final_loss=stats[-1]["loss"],
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
             )))
     finally:  # the run directory holds checkpoints of gigabytes (Adam state): never leave them in /tmp

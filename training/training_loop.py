@@ -411,8 +411,9 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
                     img_per_s=(cur_nimg - tick_nimg) / max(now - tick_time, 1e-9), time_s=training_time,
                 )
                 entry.update(instruments.collect())
-                if device.type == "cuda":
+                if device.type == "cuda":  # this interval's peak (the first one's includes compiling)
                     entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    torch.cuda.reset_peak_memory_stats(device)
                 if rank == 0:
                     with _write_errors(run_dir, "a status line"), open(stats_path, "a") as f:
                         f.write(json.dumps(entry) + "\n")
