@@ -10,16 +10,13 @@ status every `--interval` steps; the first interval is warm-up and is left out o
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
 import shutil
 import tempfile
-import zipfile
 
 import click
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,23 +28,7 @@ from training.config import LossConfig, LrConfig, TrainingConfig  # noqa: E402
 from accel import resolve_speed_plan  # noqa: E402
 from training.training_loop import build_dataset_and_net, speed_plan, training_loop  # noqa: E402
 
-from benchmarks.common import flops_per_image, matmul_peak_tflops  # noqa: E402
-
-
-def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> str:
-    rng = np.random.default_rng(0)
-    labels = []
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        for i in range(num):
-            raw = np.concatenate(
-                [rng.normal(size=(4, resolution, resolution)) * 4, np.full((4, resolution, resolution), 0.1)]
-            )
-            buf = io.BytesIO()
-            np.save(buf, raw.astype(np.float32))
-            z.writestr(f"{i:08d}.npy", buf.getvalue())
-            labels.append([f"{i:08d}.npy", i % label_dim])
-        z.writestr("dataset.json", json.dumps({"labels": labels, "num_classes": label_dim}))
-    return path
+from benchmarks.common import flops_per_image, matmul_peak_tflops, random_latent_zip  # noqa: E402
 
 
 @click.command()

@@ -3,8 +3,13 @@ peak of the GPU in the same run, so achieved TFLOP/s can be stated as a fraction
 
 from __future__ import annotations
 
+import ast
+import io
+import json
 import time
+import zipfile
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -46,9 +51,6 @@ def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float | None:
 def set_inductor_options(options: tuple[str, ...]) -> dict[str, object]:
     """KEY=VALUE settings of torch._inductor.config (VALUE as JSON or a Python literal, else a string), for trying
     compiler options before any of them becomes a default; returns them as a dict for the benchmark's JSON."""
-    import ast
-    import json
-
     import torch._inductor.config as inductor_config
 
     applied: dict[str, object] = {}
@@ -66,3 +68,21 @@ def set_inductor_options(options: tuple[str, ...]) -> dict[str, object]:
         setattr(inductor_config, key, value)
         applied[key] = value
     return applied
+
+
+def random_latent_zip(path: str, num: int, resolution: int, label_dim: int) -> str:
+    """An uncompressed zip of `num` random raw latents (8 x resolution^2: mean and std, like `dataset_tool.py encode`
+    output) with labels, readable by this project and by the official code."""
+    rng = np.random.default_rng(0)
+    labels = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for i in range(num):
+            raw = np.concatenate(
+                [rng.normal(size=(4, resolution, resolution)) * 4, np.full((4, resolution, resolution), 0.1)]
+            )
+            buf = io.BytesIO()
+            np.save(buf, raw.astype(np.float32))
+            z.writestr(f"{i:08d}.npy", buf.getvalue())
+            labels.append([f"{i:08d}.npy", i % label_dim])
+        z.writestr("dataset.json", json.dumps({"labels": labels, "num_classes": label_dim}))
+    return path
