@@ -172,7 +172,9 @@ if triton is not None:
             a = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=ok[:, None], other=0.0)
             b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + (k0 + offs_k)[:, None], mask=n_ok[None, :],
                         other=0.0)
-            acc = tl.dot(a, b, acc)
+            # Hopper's FP8 tensor cores add in reduced precision; promoting every BLOCK_K products into the float32
+            # accumulator keeps the sum as exact as the emulation's, at a small cost.
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
         y = (acc * scale[None, :]).to(tl.bfloat16, fp_downcast_rounding="rtne")
         out = out_ptr + offs_m[:, None].to(tl.int64) * O + offs_n[None, :]
@@ -187,25 +189,36 @@ def _conv3x3_blocks(c: int, o: int) -> tuple[int, int, int]:
     return 128, block_n, block_k
 
 
-@torch.library.custom_op("edm2::fp8_conv3x3", mutates_args=())
-def fp8_conv3x3(xq: torch.Tensor, wq: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-    """3x3 convolution (stride 1, padding 1) of xq [N, C, H, W] (e4m3, channels-last storage) by wq [O, 9*C] (e4m3,
-    K ordered (ky, kx, c)), times out_scale [O] (float32): bf16 [N, O, H, W], channels-last. The Triton
-    implicit-GEMM kernel; C must be a multiple of 32."""
+def conv3x3_triton(
+    xq: torch.Tensor, wq: torch.Tensor, out_scale: torch.Tensor, blocks: tuple[int, int, int] | None = None,
+    num_warps: int | None = None, num_stages: int = 3,
+) -> torch.Tensor:
+    """fp8_conv3x3's computation with a chosen tiling (BLOCK_M, BLOCK_N, BLOCK_K; None = _conv3x3_blocks), for
+    benchmarks/bench_fp8.py to try others; BLOCK_K must divide C."""
     n, c, h, w = xq.shape
     o = wq.shape[0]
     if c % 32 != 0 or wq.shape[1] != 9 * c:
         raise ValueError(f"fp8_conv3x3: expected C a multiple of 32 and a weight [O, 9*C], got C={c}, "
                          f"weight {list(wq.shape)}")
+    block_m, block_n, block_k = blocks or _conv3x3_blocks(c, o)
+    if c % block_k != 0:
+        raise ValueError(f"fp8_conv3x3: BLOCK_K {block_k} does not divide C={c}")
     x = xq.permute(0, 2, 3, 1).contiguous()
     out = torch.empty([n, h, w, o], dtype=torch.bfloat16, device=xq.device)
     m = n * h * w
-    block_m, block_n, block_k = _conv3x3_blocks(c, o)
     grid = (triton.cdiv(m, block_m), triton.cdiv(o, block_n))
-    _conv3x3_kernel[grid](x, wq.contiguous(), out_scale.contiguous(), out, h, w, c, o, m,
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 128 else 4,
-                          num_stages=3)
+    warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
+    _conv3x3_kernel[grid](x, wq.contiguous(), out_scale.contiguous(), out, h, w, c, o, m, BLOCK_M=block_m,
+                          BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=num_stages)
     return out.permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("edm2::fp8_conv3x3", mutates_args=())
+def fp8_conv3x3(xq: torch.Tensor, wq: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+    """3x3 convolution (stride 1, padding 1) of xq [N, C, H, W] (e4m3, channels-last storage) by wq [O, 9*C] (e4m3,
+    K ordered (ky, kx, c)), times out_scale [O] (float32): bf16 [N, O, H, W], channels-last. The Triton
+    implicit-GEMM kernel; C must be a multiple of 32."""
+    return conv3x3_triton(xq, wq, out_scale)
 
 
 @fp8_conv3x3.register_fake
