@@ -1,5 +1,5 @@
 """FP8 sampling: the network's 1x1 and 3x3 convolutions as float8 (e4m3) matrix products, for Ada / Hopper GPUs
-(docs/design.md, "FP8 sampling"). Sampling only (no gradients); the rest of the network runs in bf16.
+(docs/design.md §15). Sampling only (no gradients); the rest of the network runs in bf16.
 
 What is quantized (`FP8Conv`, swapped in for MPConv by accel.SpeedPlan with fp8 'on' or 'emulate'):
 
