@@ -192,13 +192,29 @@ xq = fp8.quantize_activation(torch.randn(2, 32, 4, 4).contiguous(memory_format=t
 torch.library.opcheck(fp8.fp8_conv3x3, (xq, torch.randn(16, 288).to(torch.float8_e4m3fn), torch.rand(16)),
                       test_utils=("test_faketensor",))
 out["opcheck"] = True
+# torch.compile traces the FP8 modules in one graph (the custom op through its fake implementation, _scaled_mm)
+# and, run by aot_eager, gives the eager values; then a whole network with FP8 convolutions.
+for k in (1, 3):
+    m = FP8Conv(MPConv(64, 32, kernel=[k, k]))
+    x = torch.randn(2, 64, 6, 6).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    g = torch.nn.Parameter(torch.tensor(0.5))
+    with torch.no_grad():
+        out[f"compiled_{k}x{k}"] = torch.equal(m(x, g), torch.compile(m, backend="aot_eager", fullgraph=True)(x, g))
+from test_fp8 import _net
+net = _net()
+net.precision = "bf16"
+out["swapped"] = fp8.swap_fp8(net, "on")
+x, sigma, labels = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 5.0]), torch.eye(10)[:2]
+with torch.no_grad():
+    out["compiled_net"] = torch.equal(net(x, sigma, labels), torch.compile(net, backend="aot_eager")(x, sigma, labels))
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_triton_conv3x3_in_the_interpreter_matches_the_emulation():
+def test_triton_conv3x3_in_the_interpreter_matches_the_emulation_and_compiles():
     result = run_in_triton_interpreter(TRITON_CHECK)
     assert result.pop("opcheck") is True
+    assert [result.pop(k) for k in ("compiled_1x1", "compiled_3x3", "swapped", "compiled_net")] == [True, True, 33, True]
     assert len(result) == 3
     for name, r in result.items():
         assert r == dict(ok=True, cl=True, shape=r["shape"], dtype="torch.bfloat16"), name
