@@ -53,6 +53,9 @@ def check_fp8_device(device: torch.device | str) -> None:
     if device.type != "cuda":
         raise ValueError(f"fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper), not {device.type}; "
                          "use bf16 here")
+    if not torch.cuda.is_available():
+        raise ValueError("fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); CUDA is not "
+                         "available here")
     capability = torch.cuda.get_device_capability(device)
     if tuple(capability) < MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)

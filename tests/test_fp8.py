@@ -227,6 +227,10 @@ def test_fp8_errors_name_the_option(monkeypatch):
         resolve_speed_plan("cpu", kernels="reference", fp8="emulate")
     with pytest.raises(ValueError, match="^fp8 must be one of off, on, emulate, got 'yes'"):
         resolve_speed_plan("cpu", fp8="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^fp8 needs a CUDA GPU .*CUDA is not available here"):
+            resolve_speed_plan("cuda", fp8="on")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
     with pytest.raises(ValueError, match=r"^fp8 needs a GPU of compute capability 8.9 .*NVIDIA A10 is 8.6"):
