@@ -20,13 +20,15 @@ Parts (--parts, any subset, run in this order):
 - accuracy: final latents of each variant against bf16 and against float32 (uncompiled) on the same noise and
   labels: relative L2 error and max abs. Random weights with every gain set to --gain (at initialization the
   gains are zero and the network's output would not depend on its convolutions); --net loads a model file
-  instead. No VAE here (the GPU machine reaches no network): decoded-image PSNR is left to generate.py runs.
+  instead. With --vae (a hub name or local folder of the Stable Diffusion VAE) also the PSNR of the decoded uint8
+  images against bf16's and float32's.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -41,6 +43,7 @@ import edm2  # noqa: E402
 from accel import fp8, resolve_speed_plan  # noqa: E402
 from benchmarks.conv_ceiling import record_shapes, time_ms  # noqa: E402
 from edm2.sampler import SamplerStats, edm_sampler  # noqa: E402
+from training.encoders import StabilityVAEEncoder  # noqa: E402
 
 PARTS = ("check", "shapes", "sampler", "accuracy")
 VARIANTS = {  # name -> (fp8 mode, act_scale, conv3x3)
@@ -150,6 +153,12 @@ def prepared(net: torch.nn.Module, variant: str, compile_net: bool) -> torch.nn.
     return plan.compile_for_sampling(net)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """PSNR in dB of uint8 images a against b over the whole batch (None where they are equal)."""
+    mse = float((a.float() - b.float()).square().mean())
+    return None if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -176,8 +185,9 @@ def sample(net, noise, labels, steps: int) -> tuple[torch.Tensor, float]:
 @click.option("--gain", type=float, default=1.0, show_default=True, help="Every gain of the random-weight network")
 @click.option("--compile/--no-compile", "compile_net", default=True, show_default=True,
               help="sampler: torch.compile with CUDA graphs, as generate.py")
+@click.option("--vae", metavar="NAME|DIR", default=None, help="accuracy: PSNR of the images this VAE decodes")
 def main(preset: str, net_path: str | None, parts: str, variants: str, batch: int, check_batch: int, steps: int,
-         repeats: int, gain: float, compile_net: bool) -> None:
+         repeats: int, gain: float, compile_net: bool, vae: str | None) -> None:
     chosen = [p for p in parts.split(",") if p]
     bad = [p for p in chosen if p not in PARTS]
     if bad:
@@ -238,6 +248,10 @@ def main(preset: str, net_path: str | None, parts: str, variants: str, batch: in
             resolve_speed_plan(torch.device(DEVICE), compile=False).apply(f32, weights_channels_last=False)
             ref32 = sample(f32, noise, labels, steps)[0]
             ref = finals.get("bf16")
+            images = {}
+            if vae is not None:
+                encoder = StabilityVAEEncoder(vae_name=vae)
+                images = {v: encoder.decode(x) for v, x in [("fp32", ref32), *finals.items()]}
             for v, x in finals.items():
                 row = dict(part="accuracy", variant=v, finite=bool(torch.isfinite(x).all()),
                            rel_l2_vs_fp32=float((x - ref32).norm() / ref32.norm()),
@@ -245,6 +259,9 @@ def main(preset: str, net_path: str | None, parts: str, variants: str, batch: in
                 if ref is not None and v != "bf16":
                     row.update(rel_l2_vs_bf16=float((x - ref).norm() / ref.norm()),
                                max_abs_vs_bf16=float((x - ref).abs().max()))
+                if images:
+                    row.update(psnr_vs_fp32_db=psnr(images[v], images["fp32"]),
+                               psnr_vs_bf16_db=psnr(images[v], images["bf16"]) if "bf16" in images else None)
                 emit(**row, latent_rms=float(ref32.square().mean().sqrt()))
     emit(part="done", seconds=round(time.perf_counter() - t_start, 1), check_failed=failed)
     if failed:
