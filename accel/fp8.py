@@ -147,7 +147,7 @@ if triton is not None:
     @triton.jit
     def _conv3x3_kernel(
         x_ptr, w_ptr, scale_ptr, out_ptr, H, W, C, O, M,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr,
     ):
         # out[m, o] = scale[o] * sum over (tap, c) of x[pixel m shifted by tap, c] * w[o, tap, c]; rows m are the
         # N*H*W output pixels (NHWC), K runs over the 9 taps times C channels in BLOCK_K steps (C % BLOCK_K == 0,
@@ -176,8 +176,11 @@ if triton is not None:
             b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + (k0 + offs_k)[:, None], mask=n_ok[None, :],
                         other=0.0)
             # Hopper's FP8 tensor cores add in reduced precision; promoting every BLOCK_K products into the float32
-            # accumulator keeps the sum as exact as the emulation's, at a small cost.
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+            # accumulator keeps the sum as exact as the emulation's (PRECISE; the benchmark times both).
+            if PRECISE:
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(a, b, acc)
         scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
         y = (acc * scale[None, :]).to(tl.bfloat16, fp_downcast_rounding="rtne")
         out = out_ptr + offs_m[:, None].to(tl.int64) * O + offs_n[None, :]
@@ -194,10 +197,11 @@ def _conv3x3_blocks(c: int, o: int) -> tuple[int, int, int]:
 
 def conv3x3_triton(
     xq: torch.Tensor, wq: torch.Tensor, out_scale: torch.Tensor, blocks: tuple[int, int, int] | None = None,
-    num_warps: int | None = None, num_stages: int = 3,
+    num_warps: int | None = None, num_stages: int = 3, precise: bool = True,
 ) -> torch.Tensor:
     """fp8_conv3x3's computation with a chosen tiling (BLOCK_M, BLOCK_N, BLOCK_K; None = _conv3x3_blocks), for
-    benchmarks/bench_fp8.py to try others; BLOCK_K must divide C."""
+    benchmarks/bench_fp8.py to try others; BLOCK_K must divide C. precise=False leaves Hopper's reduced-precision
+    accumulation of FP8 products unpromoted (faster, less exact)."""
     n, c, h, w = xq.shape
     o = wq.shape[0]
     if c % 32 != 0 or wq.shape[1] != 9 * c:
@@ -212,7 +216,7 @@ def conv3x3_triton(
     grid = (triton.cdiv(m, block_m), triton.cdiv(o, block_n))
     warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
     _conv3x3_kernel[grid](x, wq.contiguous(), out_scale.contiguous(), out, h, w, c, o, m, BLOCK_M=block_m,
-                          BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=num_stages)
+                          BLOCK_N=block_n, BLOCK_K=block_k, PRECISE=precise, num_warps=warps, num_stages=num_stages)
     return out.permute(0, 3, 1, 2)
 
 
