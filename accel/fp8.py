@@ -152,8 +152,12 @@ if triton is not None:
         # out[m, o] = scale[o] * sum over (tap, c) of x[pixel m shifted by tap, c] * w[o, tap, c]; rows m are the
         # N*H*W output pixels (NHWC), K runs over the 9 taps times C channels in BLOCK_K steps (C % BLOCK_K == 0,
         # so a step never straddles two taps). Out-of-image taps read zeros (the padding).
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # One flat grid, output-channel tiles varying fastest: the tiles that read the same pixels run together, so
+        # the activations come from HBM about once (the weights, at most a few MB, stay in L2).
+        pid = tl.program_id(0)
+        tiles_n = tl.cdiv(O, BLOCK_N)
+        pid_m = pid // tiles_n
+        pid_n = pid % tiles_n
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -213,7 +217,7 @@ def conv3x3_triton(
     x = xq.permute(0, 2, 3, 1).contiguous()
     out = torch.empty([n, h, w, o], dtype=torch.bfloat16, device=xq.device)
     m = n * h * w
-    grid = (triton.cdiv(m, block_m), triton.cdiv(o, block_n))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(o, block_n),)
     warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
     _conv3x3_kernel[grid](x, wq.contiguous(), out_scale.contiguous(), out, h, w, c, o, m, BLOCK_M=block_m,
                           BLOCK_N=block_n, BLOCK_K=block_k, PRECISE=precise, num_warps=warps, num_stages=num_stages)
