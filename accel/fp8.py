@@ -42,7 +42,8 @@ MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer
 
 __all__ = [
     "ACT_SCALES", "CONV3X3_IMPLS", "E4M3_MAX", "FP8Conv", "FP8_MODES", "activation_scale", "check_fp8_device",
-    "fp8_conv3x3", "fp8_conv_emulated", "fp8_eligible", "quantize_activation", "quantize_weight", "swap_fp8",
+    "conv3x3_triton", "fp8_conv1x1_scaled_mm", "fp8_conv3x3", "fp8_conv3x3_im2col", "fp8_conv_emulated",
+    "fp8_eligible", "quantize_activation", "quantize_weight", "swap_fp8",
 ]
 
 
