@@ -214,9 +214,10 @@ def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, incepti
 @solver_click_options
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
     default=None,
-    help="Network activation precision  [default: the model file's]",
+    help="Network activation precision; fp8: bf16 with FP8 (e4m3) convolutions (compute capability 8.9+, as "
+    "generate.py)  [default: the model file's]",
 )
 @click.option("--vae", metavar="NAME|DIR", default=None,
               help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")
@@ -254,14 +255,14 @@ def gen(
         first = first_seed or 0
         seeds = list(range(first, first + (num_images or len(seeds))))
     settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
-    check_speed_options(kernels, compile_net)
+    check_speed_options(kernels, compile_net, precision)
 
     def task():
         device = dist.device()  # the sampling precision follows it (load_option), as in generate.py
         loaded = load_option("--net", net_path, device, precision)
         gnet = load_option("--gnet", gnet_path, device, precision).net if settings.needs_guide else None
-        net = prepare_option(loaded.net, kernels, compile_net, seeds, batch_size)  # as generate.py
-        gnet = prepare_option(gnet, kernels, compile_net, seeds, batch_size) if gnet is not None else None
+        net = prepare_option(loaded.net, kernels, compile_net, seeds, batch_size, precision)  # as generate.py
+        gnet = prepare_option(gnet, kernels, compile_net, seeds, batch_size, precision) if gnet is not None else None
         try:
             encoder_settings = prepare_encoder(loaded.net, loaded.encoder, vae, device)
         except ValueError as e:

@@ -47,9 +47,11 @@ from training.encoders import VAELoadError
 @solver_click_options
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
     default=None,
-    help="Network activation precision  [default: the model file's; fp16 only on CUDA, as the official code]",
+    help="Network activation precision; fp8: bf16 with the 1x1 and 3x3 convolutions as FP8 (e4m3) matrix "
+    "products (GPUs of compute capability 8.9+: Ada, Hopper; faster, less exact: see the README)  [default: the "
+    "model file's; fp16 only on CUDA, as the official code]",
 )
 @click.option(
     "--noise-device",
@@ -89,7 +91,7 @@ def main(
     if outdir is None and grid_path is None:
         raise click.UsageError("nothing to write: give --outdir and/or --grid")
     settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
-    check_speed_options(kernels, compile_net)
+    check_speed_options(kernels, compile_net, precision)
 
     dist.init()
     try:
@@ -113,8 +115,8 @@ def main(
             raise click.ClickException(str(e)) from None
         # w = 1 never evaluates the guiding network
         gnet = load_option("--gnet", gnet_path, device, precision).net if settings.needs_guide else None
-        net = prepare_option(net, kernels, compile_net, seeds, batch_size)
-        gnet = prepare_option(gnet, kernels, compile_net, seeds, batch_size) if gnet is not None else None
+        net = prepare_option(net, kernels, compile_net, seeds, batch_size, precision)
+        gnet = prepare_option(gnet, kernels, compile_net, seeds, batch_size, precision) if gnet is not None else None
         try:  # the guidance of the settings with these networks, checked once for the whole run
             denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
         except ValueError as e:

@@ -15,7 +15,10 @@ One `SpeedPlan`, resolved once by `resolve_speed_plan` from the training / sampl
   so a second process with the same network and shapes starts in seconds instead of minutes;
 - grad_sync (several processes): 'ddp' (torch's DistributedDataParallel, whose buckets overlap an eager backward)
   or 'flat' (accel/grad_sync.py: one buffer, chunked all-reduces that overlap the post-step; for compiled steps);
-- cudnn_benchmark: cuDNN's autotuner (faster convolutions; CUDA runs repeat bit for bit only without it).
+- cudnn_benchmark: cuDNN's autotuner (faster convolutions; CUDA runs repeat bit for bit only without it);
+- fp8 (sampling, off by default): 'on' runs the 1x1 and 3x3 convolutions as FP8 (e4m3) matrix products on Ada /
+  Hopper GPUs (accel/fp8.py), 'emulate' the same quantization in plain PyTorch on any device (tests). Never with
+  the reference kernels.
 
     plan = resolve_speed_plan(device, world_size)     # compiled on CUDA by default
     plan.apply(net)                                   # swaps modules, sets layouts and the cuDNN flag
@@ -36,6 +39,7 @@ from networks.mp import CosineAttention, Dropout
 
 from .attention import FusedCosineAttention
 from .dropout import FastDropout
+from .fp8 import FP8_MODES, FP8Conv, check_fp8_device, swap_fp8
 from .grad_sync import FlatGradients
 from .kernels import kernels_available
 from .post_step import PostStep
@@ -44,8 +48,8 @@ KERNELS = ("fast", "reference")
 GRAD_SYNCS = ("ddp", "flat")
 
 __all__ = [
-    "GRAD_SYNCS", "KERNELS", "FastDropout", "FlatGradients", "FusedCosineAttention", "PostStep", "SpeedPlan",
-    "compile_cache_dir", "kernels_available", "resolve_speed_plan",
+    "FP8_MODES", "GRAD_SYNCS", "KERNELS", "FP8Conv", "FastDropout", "FlatGradients", "FusedCosineAttention",
+    "PostStep", "SpeedPlan", "compile_cache_dir", "kernels_available", "resolve_speed_plan",
 ]
 
 
@@ -62,13 +66,16 @@ class SpeedPlan:
     grad_sync: str  # 'ddp' or 'flat' (several processes)
     cudnn_benchmark: bool  # cuDNN's autotuner (CUDA)
     cuda: bool  # the device is a CUDA device
+    fp8: str = "off"  # sampling: FP8 convolutions, 'off', 'on' (the kernels) or 'emulate' (accel/fp8.py)
 
     def apply(self, net: torch.nn.Module, weights_channels_last: bool = True) -> torch.nn.Module:
         """Put the plan's modules and layouts into `net` (in place; returned for chaining): attention and dropout
         modules swapped either way (so a network can go back to the reference), the backbone's input made
         channels-last (or not), the weights too with `weights_channels_last` (training: laid out like their
-        gradients, so no transposes into .grad), and cuDNN's autotuner flag on CUDA. Parameters and state-dict keys
-        are unchanged."""
+        gradients, so no transposes into .grad), and cuDNN's autotuner flag on CUDA. With fp8 'on' / 'emulate' the
+        eligible convolutions become FP8Conv (for sampling: their weights are quantized now), with 'off' MPConv
+        again. Parameters and state-dict keys are unchanged."""
+        swap_fp8(net, self.fp8)
         for module in list(net.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, CosineAttention):
@@ -171,12 +178,14 @@ def resolve_speed_plan(
     kernels: str | None = None,
     grad_sync: str | None = None,
     cudnn_benchmark: bool = True,
+    fp8: str = "off",
 ) -> SpeedPlan:
     """The one place that decides what the defaults mean. kernels None = 'fast' on CUDA, 'reference' elsewhere;
     'fast' = fused attention everywhere, and where the Triton kernels run (CUDA with Triton) the fused post-step
     and the fast dropout, plus channels-last on CUDA. compile None = on where the fast kernels run on CUDA with
     Triton (torch.compile's GPU code generator), off for the reference kernels and elsewhere. grad_sync None =
-    'flat' when compiled, else 'ddp'.
+    'flat' when compiled, else 'ddp'. fp8 'on' needs the fast kernels on a CUDA GPU of compute capability 8.9 or
+    newer (accel.fp8.check_fp8_device); 'emulate' runs anywhere, with the fast kernels.
     A bad value raises ValueError naming the option."""
     if kernels is not None and kernels not in KERNELS:
         raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
@@ -187,9 +196,15 @@ def resolve_speed_plan(
             raise ValueError(f"{name} must be true or false, got {value!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}, got {fp8!r}")
     device = torch.device(device)
     cuda = device.type == "cuda"
-    kernels = kernels or ("fast" if cuda else "reference")
+    if fp8 != "off" and kernels == "reference":
+        raise ValueError("fp8: the reference kernels never use FP8; use the fast kernels")
+    if fp8 == "on":
+        check_fp8_device(device)
+    kernels = kernels or ("fast" if cuda or fp8 != "off" else "reference")
     fast = kernels == "fast"
     triton_kernels = fast and kernels_available(device)
     if compile is None:
@@ -197,5 +212,5 @@ def resolve_speed_plan(
     return SpeedPlan(
         compile=compile, kernels=kernels, channels_last=fast and cuda, fused_step=triton_kernels,
         fast_dropout=triton_kernels, fused_attention=fast, grad_sync=grad_sync or ("flat" if compile else "ddp"),
-        cudnn_benchmark=cudnn_benchmark, cuda=cuda,
+        cudnn_benchmark=cudnn_benchmark, cuda=cuda, fp8=fp8,
     )

@@ -131,8 +131,9 @@ def resolve_model_options(
 
 
 def load_option(option: str, path_or_url: str, device: torch.device, precision: str | None = None) -> NetworkFile:
-    """edm2.generation.load_for_sampling with errors that name the option; under torchrun rank 0 downloads first,
-    the others then read the cache."""
+    """edm2.generation.load_for_sampling with errors that name the option (--precision fp8 is checked against the
+    device first); under torchrun rank 0 downloads first, the others then read the cache."""
+    check_fp8_option(precision, device)
     if not dist.is_main():
         dist.barrier()
     try:
@@ -169,19 +170,39 @@ def speed_click_options(f: Callable) -> Callable:
     return f
 
 
-def check_speed_options(kernels: str, compile_net: bool | None) -> None:
-    """Before anything is loaded: --compile with --kernels reference is refused."""
+def check_speed_options(kernels: str, compile_net: bool | None, precision: str | None = None) -> None:
+    """Before anything is loaded: --compile or --precision fp8 with --kernels reference is refused."""
     if kernels == "reference" and compile_net:
         raise click.BadParameter("reference kernels run the network uncompiled; drop --compile",
                                  param_hint="'--kernels'")
+    if kernels == "reference" and precision == "fp8":
+        raise click.BadParameter("fp8: the reference kernels never use FP8; use --kernels fast or another precision",
+                                 param_hint="'--precision'")
+
+
+def check_fp8_option(precision: str | None, device: torch.device) -> None:
+    """--precision fp8 on a device without FP8 matrix units: click error naming the option (before loading)."""
+    if precision != "fp8":
+        return
+    from accel import check_fp8_device
+
+    try:
+        check_fp8_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--precision'") from None
 
 
 def prepare_option(
-    net: torch.nn.Module, kernels: str, compile_net: bool | None, seeds: list[int], batch_size: int
+    net: torch.nn.Module, kernels: str, compile_net: bool | None, seeds: list[int], batch_size: int,
+    precision: str | None = None,
 ) -> torch.nn.Module:
-    """edm2.generation.prepare_for_sampling for these options and this process's share of the seeds."""
+    """edm2.generation.prepare_for_sampling for these options and this process's share of the seeds (with the FP8
+    convolutions for --precision fp8)."""
+    fp8 = precision == "fp8"
+    if fp8:  # the device and kernels (check_fp8_option, check_speed_options) were checked: this is a last guard
+        check_fp8_option(precision, next(net.parameters()).device)
     return prepare_for_sampling(net, compile=compile_net, reference=kernels == "reference",
-                                num_images=images_per_process(seeds, batch_size))
+                                num_images=images_per_process(seeds, batch_size), fp8=fp8)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -118,7 +118,10 @@ def check_class_index(net: torch.nn.Module, class_idx: int | None) -> None:
 def sampling_precision(net_precision: str, device: torch.device | str, requested: str | None = None) -> str:
     """The activation precision to sample with: `requested` if given, else the network's, except that fp16
     runs only on CUDA. That is the official rule (its Precond ignores use_fp16 off CUDA, and official pickles
-    say use_fp16=True), so an official pickle on the CPU gives the official CPU images, and in fp32 time."""
+    say use_fp16=True), so an official pickle on the CPU gives the official CPU images, and in fp32 time.
+    'fp8' runs the network in bf16 apart from its FP8 convolutions (prepare_for_sampling's fp8): 'bf16'."""
+    if requested == "fp8":
+        return "bf16"
     if requested is not None:
         return requested
     if net_precision == "fp16" and torch.device(device).type != "cuda":
@@ -126,14 +129,15 @@ def sampling_precision(net_precision: str, device: torch.device | str, requested
     return net_precision
 
 
-SAMPLING_PRECISIONS = (None, "auto", "fp32", "fp16", "bf16")
+SAMPLING_PRECISIONS = (None, "auto", "fp32", "fp16", "bf16", "fp8")
 
 
 def load_for_sampling(
     path_or_url: str | os.PathLike, device: torch.device | str, precision: str | None = None
 ) -> NetworkFile:
     """load_network onto the device that samples, with the activation precision for that device: `precision`
-    ('fp32', 'fp16', 'bf16'), or None / 'auto' for sampling_precision's choice (the file's, fp16 only on CUDA)."""
+    ('fp32', 'fp16', 'bf16'; 'fp8': bf16, the FP8 convolutions come with prepare_for_sampling(fp8=True)), or
+    None / 'auto' for sampling_precision's choice (the file's, fp16 only on CUDA)."""
     if precision not in SAMPLING_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(str, SAMPLING_PRECISIONS))}, got {precision!r}")
     loaded = load_network(path_or_url, device=device)
@@ -176,6 +180,7 @@ def prepare_for_sampling(
     freezing: bool | None = None,
     reference: bool = False,
     num_images: int | None = None,
+    fp8: bool = False,
 ) -> torch.nn.Module:
     """The network set up for sampling by the speed layer (accel.resolve_speed_plan): eval mode, no parameter
     gradients, and on CUDA the fast kernels (fused attention, NHWC activations: `channels_last` None = on CUDA),
@@ -187,7 +192,9 @@ def prepare_for_sampling(
     using the old ones (prepare again). The outputs are the plain network's within float rounding; the module's
     attributes stay readable. `reference`: kernels 'reference', the official code's operations in its order and
     layout (attention with explicit scores, NCHW, cuDNN's default algorithms; what the CPU always does), for its
-    images per seed on CUDA as far as the kernels allow; slower, and not with `compile`."""
+    images per seed on CUDA as far as the kernels allow; slower, and not with `compile`. `fp8`: the 1x1 and 3x3
+    convolutions as FP8 matrix products (accel/fp8.py; a CUDA GPU of compute capability 8.9 or newer, not with
+    `reference`; ValueError otherwise), the rest of the network in its precision (bf16 for --precision fp8)."""
     if reference and compile:
         raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
                          "drop compile")
@@ -195,7 +202,8 @@ def prepare_for_sampling(
         compile = False
     device = next(net.parameters()).device
     plan = resolve_speed_plan(
-        device, compile=compile, kernels="reference" if reference else None, cudnn_benchmark=not reference
+        device, compile=compile, kernels="reference" if reference else None, cudnn_benchmark=not reference,
+        fp8="on" if fp8 else "off",
     )
     if channels_last is not None:
         plan = dataclasses.replace(plan, channels_last=bool(channels_last))

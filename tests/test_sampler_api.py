@@ -224,8 +224,9 @@ def test_sampling_precision_is_chosen_with_the_device(files):
     assert load_for_sampling(files["fp16"], "cpu", "bf16").net.precision == "bf16"
     assert load_for_sampling(files["fp16"], "cpu", "auto").net.precision == "fp32"
     assert load_for_sampling(files["net"], "cpu").net.precision == "fp32"
+    assert load_for_sampling(files["net"], "cpu", "fp8").net.precision == "bf16"  # FP8 convolutions, bf16 around
     with pytest.raises(ValueError, match="precision must be one of"):
-        load_for_sampling(files["net"], "cpu", "fp8")
+        load_for_sampling(files["net"], "cpu", "fp64")
 
 
 def test_cli_options_only_parse_and_name_the_option():
