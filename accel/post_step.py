@@ -163,7 +163,7 @@ class PostStep:
         self,
         net: torch.nn.Module,  # the trained network (Precond); its MPConv weights are normalized after the step
         optimizer: torch.optim.Adam,  # holds lr, betas, eps and the moments; one parameter group, no weight decay
-        ema: Any = None,  # PowerFunctionEMA (or None on ranks that keep no EMA)
+        ema: Any = None,  # PowerFunctionEMA or TraditionalEMA (None on ranks that keep no EMA)
         fused: bool = False,  # the Triton kernel (CUDA) instead of the separate library calls
         normalize: bool = True,  # forced weight normalization (Eq. 66); off for ablation configs A-D
     ):

@@ -44,6 +44,7 @@ def tiny_config(letter: str, data: str, duration: int) -> TrainingConfig:
     c.lr.__dict__.update(train["lr"], rampup_img=8)
     c.force_weight_norm = train["force_weight_norm"]
     c.ema_stds = [0.1]
+    c.ema_halflife, c.ema_rampup = train.get("ema_halflife"), train.get("ema_rampup")  # A-B: the traditional EMA
     return c
 
 
