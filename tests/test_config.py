@@ -61,7 +61,8 @@ def test_traditional_ema_keys_only_when_set(tmp_path):
     no_ramp = TrainingConfig(data="d.zip", ema_halflife=655).to_dict()
     assert no_ramp["ema_halflife"] == 655 and "ema_rampup" not in no_ramp
     assert TrainingConfig.from_dict(no_ramp).ema_rampup is None
-    assert config_differences(default, written) == ["ema_halflife: None there, 655 now", "ema_rampup: None there, 0.05 now"]
+    differ = config_differences(default, written)
+    assert differ == ["ema_halflife: None there, 655 now", "ema_rampup: None there, 0.05 now"]
     assert not {"ema_halflife", "ema_rampup"} & set(RESUMABLE_CHANGES)
 
 
@@ -132,7 +133,7 @@ def test_unreadable_options_file_is_named(tmp_path):
     (dict(batch=16.0), "--batch must be a positive number of images, got 16.0"),
     (dict(ema_halflife=-1), "--ema-halflife must be a non-negative number of images, got -1"),
     (dict(ema_halflife=math.inf), "--ema-halflife must be finite, got inf"),
-    (dict(ema_halflife=655, ema_rampup=1.5), "--ema-rampup must lie in [0, 1] (a fraction of the images seen), got 1.5"),
+    (dict(ema_halflife=655, ema_rampup=1.5), "--ema-rampup must lie in [0, 1] (a fraction of the images seen)"),
     (dict(ema_halflife=655, ema_rampup=-0.05), "--ema-rampup must lie in [0, 1]"),
     (dict(ema_halflife=655, ema_rampup=math.nan), "--ema-rampup must be finite, got nan"),
     (dict(ema_rampup=0.05), "--ema-rampup applies to the traditional EMA only: give --ema-halflife too"),

@@ -296,7 +296,8 @@ def test_traditional_ema_has_the_trackers_interface_and_checks_its_state():
     net = _Tiny()
     tracker = phema.TraditionalEMA(net, halflife_nimg=500, rampup_ratio=0.05, count_before_step=True)
     assert tracker.emas == [tracker.ema] and len(tracker) == 1
-    assert tracker.describe() == dict(kind="traditional", halflife_nimg=500.0, rampup_ratio=0.05, count_before_step=True)
+    described = dict(kind="traditional", halflife_nimg=500.0, rampup_ratio=0.05, count_before_step=True)
+    assert tracker.describe() == described
     assert phema.TraditionalEMA(net).describe()["halflife_nimg"] is None  # infinite: no JSON number
     with torch.no_grad():
         net.w.fill_(2.0)
