@@ -307,3 +307,39 @@ def test_traditional_ema_in_training_snapshots_and_tools(tmp_path, data):
     assert "traditional EMA snapshots" in r.output and "Traceback" not in r.output
     with pytest.raises(SnapshotError, match="a traditional EMA snapshot .half-life 16.0 images"):
         scan_snapshots([path])
+
+
+def test_command_line_ema_options(tmp_path, data):
+    """train_edm2.py: ablation-a/b take the preset's traditional EMA; --ema-halflife / --ema-rampup change it (or
+    'none'), with one-line errors for bad values."""
+    from train_edm2 import main as train_main
+
+    tiny = json.dumps(dict(TINY, img_resolution=16))
+
+    def dry_run(preset: str, *extra: str):
+        args = ["--outdir", str(tmp_path / "x"), "--data", data, "--preset", preset, f"--network-kwargs={tiny}",
+                "--precision", "fp32", "--dry-run", *extra]  # fmt: skip
+        return CliRunner().invoke(train_main, args)
+
+    def config(preset: str, *extra: str) -> dict:
+        r = dry_run(preset, *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    a = config("ablation-a-demo")
+    assert a["ema_halflife"] == 655 and a["ema_rampup"] == 0.05
+    b = config("ablation-b-demo", "--ema-halflife", "4Ki", "--ema-rampup", "none")
+    assert b["ema_halflife"] == 4096 and "ema_rampup" not in b
+    power = config("ablation-a-demo", "--ema-halflife", "none")
+    assert "ema_halflife" not in power and "ema_rampup" not in power
+    c = config("ablation-c-demo", "--ema-halflife", "1000", "--ema-rampup", "0.1")
+    assert c["ema_halflife"] == 1000 and c["ema_rampup"] == 0.1
+    for extra, message in [
+        (["--ema-rampup", "2"], "--ema-rampup must lie in [0, 1]"),
+        (["--ema-rampup", "x"], "expected a number or 'none', got 'x'"),
+        (["--ema-halflife", "-5"], "--ema-halflife"),
+        (["--ema-halflife", "none", "--ema-rampup", "0.1"], "--ema-rampup applies to the traditional EMA only"),
+    ]:
+        r = dry_run("ablation-a-demo", *extra)
+        assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (extra, r.output)
+    assert not (tmp_path / "x").exists()
