@@ -266,7 +266,21 @@ def test_experiment_table_and_plot(tmp_path, data):
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert "| A | " in table and "| G | " in table and "EDM weighting" in table
     assert (tmp_path / "out" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["configs"]["g"]["images"] == 48
+    saved = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert saved["configs"]["g"]["images"] == 48
+    # The EMA snapshots: A's traditional EMA and G's power-function EMA, scored on one scale (EDM weighting).
+    ema = results["ema"]
+    assert ema["a"]["best"]["file"] == "network-snapshot-0000000-ema.safetensors"
+    assert ema["a"]["best"]["ema"] == "traditional, half-life 655 images" and ema["a"]["best"]["images"] == 48
+    assert ema["g"]["best"]["ema"] == "power-function std 0.100"
+    assert all(math.isfinite(e["best"]["loss"]) and e["best"]["loss"] > 0 for e in ema.values())
+    assert ema["a"]["best"]["loss"] != ema["g"]["best"]["loss"] and saved["ema"] == ema
+    assert "| traditional, half-life 655 images (48) | " in table
+    # The runs the experiment starts: A-B with the traditional EMA's half-life scaled to their duration.
+    settings = dict(experiment.SETTINGS["gpu"])
+    command = experiment.train_command("r", "d.zip", "b", settings, 0)
+    assert command[command.index("--ema-halflife") + 1] == str(round(4096 * 1024 / 50))
+    assert "--ema-halflife" not in experiment.train_command("r", "d.zip", "c", settings, 0)
 
 
 def test_traditional_ema_in_training_snapshots_and_tools(tmp_path, data):
