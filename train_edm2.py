@@ -205,7 +205,8 @@ def describe_default_recipe(config: TrainingConfig) -> str:
 @click.option("--decay", type=click.FloatRange(min=0), default=None,
               help="Learning-rate decay start t_ref, in batches (0 = none)")
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
-@click.option("--ema-stds", "ema_stds", default="0.050,0.100", help="Power-function EMA stds to track and snapshot")
+@click.option("--ema-stds", "ema_stds", default="0.050,0.100",
+              help="Power-function EMA stds to track and snapshot (unused with the traditional EMA, --ema-halflife)")
 @click.option("--ema-halflife", "ema_halflife", default=None,
               help="A traditional EMA (EDM) with this half-life in images instead of the power-function EMAs, e.g. "
               "40Mi; 'none' = the power-function EMAs [default: the preset's, none but for ablation-a/b]")

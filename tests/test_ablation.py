@@ -357,3 +357,17 @@ def test_command_line_ema_options(tmp_path, data):
         r = dry_run("ablation-a-demo", *extra)
         assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (extra, r.output)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_diverged_traditional_ema_is_named():
+    """The check before saving names a non-finite traditional EMA (it has no std to print)."""
+    from training.phema import TraditionalEMA
+    from training.training_loop import TrainingError, check_finite
+
+    net = Precond(**tiny_kwargs("a"))
+    ema = TraditionalEMA(net, halflife_nimg=655, rampup_ratio=0.05)
+    check_finite(net, ema, 64)
+    with torch.no_grad():
+        next(ema.ema.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(TrainingError, match=r"non-finite by 64 images \(1 tensor\(s\), e.g. ema traditional: "):
+        check_finite(net, ema, 64)
