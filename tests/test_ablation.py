@@ -371,3 +371,26 @@ def test_a_diverged_traditional_ema_is_named():
         next(ema.ema.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(TrainingError, match=r"non-finite by 64 images \(1 tensor\(s\), e.g. ema traditional: "):
         check_finite(net, ema, 64)
+
+
+def test_validation_loss_in_edm_weighting():
+    """The experiment's EMA score: validation_loss_metric(learned_weighting=False) is the mean EDM loss (no u(sigma))
+    with the metric's fixed sigma and noise, whatever the network's learned u(sigma)."""
+    from edm2.phema_search import validation_loss_metric
+
+    torch.manual_seed(0)
+    net = Precond(**tiny_kwargs("g")).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a non-zero u(sigma) too
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.nn.functional.one_hot(torch.arange(6) % 10, 10).float()
+    edm = validation_loss_metric(images, labels, P_mean=-0.8, P_std=1.6, seed=3, learned_weighting=False)(net)
+    learned = validation_loss_metric(images, labels, P_mean=-0.8, P_std=1.6, seed=3)(net)
+    gen = torch.Generator().manual_seed(3)
+    loss_fn = EDM2Loss(P_mean=-0.8, P_std=1.6, learned_weighting=False)
+    sigma = loss_fn.sample_sigma(6, generator=gen)
+    noise = torch.randn(images.shape, generator=gen)
+    with torch.no_grad():
+        expected = loss_fn(net, images.float() / 127.5 - 1, labels, sigma=sigma, noise=noise).double().mean()
+    assert edm == pytest.approx(float(expected), rel=1e-6) and edm != pytest.approx(learned, rel=1e-3)
