@@ -51,6 +51,16 @@ def parse_float_list(value: str, option: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=option) from None
 
 
+def parse_optional_float(value: str, option: str) -> float | None:
+    """A number, or 'none'."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or 'none', got {value!r}", param_hint=option) from None
+
+
 def select_arch(net: dict, arch: str | None, preset: str | None) -> dict:
     """--arch: keep the preset's network, or swap in a U-ViT (the demo preset has one: uvit-demo)."""
     if arch is None or arch == net.get("arch", "edm2-unet"):
@@ -87,6 +97,7 @@ def build_config(opts: dict) -> TrainingConfig:
         c.loss = dataclasses.replace(c.loss, **train["loss"])
         c.lr = dataclasses.replace(c.lr, **train["lr"])
         c.force_weight_norm = train.get("force_weight_norm", True)  # off in the ablation ladder's A-D
+        c.ema_halflife, c.ema_rampup = train.get("ema_halflife"), train.get("ema_rampup")  # A-B: traditional EMA
     net = c.network = select_arch(c.network, opts["arch"], opts["preset"])
     if opts["network_kwargs"]:
         try:
@@ -115,6 +126,13 @@ def build_config(opts: dict) -> TrainingConfig:
         c.batch_gpu = parse_nimg(opts["batch_gpu"], "--batch-gpu")
     net["precision"] = opts["precision"]  # 'auto' is resolved for the device by the training loop
     c.ema_stds = parse_float_list(opts["ema_stds"], "--ema-stds")
+    if opts["ema_halflife"] is not None:
+        value = opts["ema_halflife"]
+        c.ema_halflife = None if value.strip().lower() == "none" else parse_nimg(value, "--ema-halflife")
+        if c.ema_halflife is None:
+            c.ema_rampup = None  # the power-function EMAs have no ramp-up
+    if opts["ema_rampup"] is not None:
+        c.ema_rampup = parse_optional_float(opts["ema_rampup"], "--ema-rampup")
     c.cond, c.xflip, c.seed, c.workers = opts["cond"], opts["xflip"], opts["seed"], opts["workers"]
     c.max_nonfinite_status = opts["max_nonfinite_status"]
     c.compile, c.kernels, c.grad_sync = opts["compile_net"], opts["kernels"], opts["grad_sync"]
@@ -187,7 +205,14 @@ def describe_default_recipe(config: TrainingConfig) -> str:
 @click.option("--decay", type=click.FloatRange(min=0), default=None,
               help="Learning-rate decay start t_ref, in batches (0 = none)")
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
-@click.option("--ema-stds", "ema_stds", default="0.050,0.100", help="Power-function EMA stds to track and snapshot")
+@click.option("--ema-stds", "ema_stds", default="0.050,0.100",
+              help="Power-function EMA stds to track and snapshot (unused with the traditional EMA, --ema-halflife)")
+@click.option("--ema-halflife", "ema_halflife", default=None,
+              help="A traditional EMA (EDM) with this half-life in images instead of the power-function EMAs, e.g. "
+              "40Mi; 'none' = the power-function EMAs [default: the preset's, none but for ablation-a/b]")
+@click.option("--ema-rampup", "ema_rampup", default=None,
+              help="Traditional EMA: half-life at most this fraction of the images seen, in [0, 1]; 'none' = no "
+              "ramp-up [default: the preset's]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               help="Forward precision (auto: fp16 on GPU, fp32 on CPU)")
 @click.option("--fp16", type=click.BOOL, default=None, metavar="BOOL",

@@ -1,5 +1,6 @@
 """Everything between the backward pass and the next forward (docs/design.md §5, §6): non-finite gradient elements
-set to zero, Adam, the power-function EMA updates (Eq. 127) and forced weight normalization (Eq. 66), in that order.
+set to zero, Adam, the power-function EMA updates (Eq. 127; or the traditional EMA of ablation configs A-B, §13, one
+more copy with its own beta) and forced weight normalization (Eq. 66), in that order.
 
 The order is the official training loop's: its EMAs average the weights right after Adam, before they are
 re-normalized (it normalizes them at the next training forward), so the EMA tensors of a run, and its snapshots,
@@ -163,7 +164,7 @@ class PostStep:
         self,
         net: torch.nn.Module,  # the trained network (Precond); its MPConv weights are normalized after the step
         optimizer: torch.optim.Adam,  # holds lr, betas, eps and the moments; one parameter group, no weight decay
-        ema: Any = None,  # PowerFunctionEMA (or None on ranks that keep no EMA)
+        ema: Any = None,  # PowerFunctionEMA or TraditionalEMA (None on ranks that keep no EMA)
         fused: bool = False,  # the Triton kernel (CUDA) instead of the separate library calls
         normalize: bool = True,  # forced weight normalization (Eq. 66); off for ablation configs A-D
     ):

@@ -168,37 +168,44 @@ def check_fast_plan_training(net, x, sigma, labels, noise, truth, prefix: str = 
 
 def check_post_step(net: torch.nn.Module, prefix: str = "") -> dict:
     """The fused post-step kernel (compiled for the GPU) against the library calls, 5 steps from the same
-    gradients (NaN / inf included), on a channels-last and a contiguous copy of the network."""
+    gradients (NaN / inf included), on a channels-last and a contiguous copy of the network; with the power-function
+    EMAs and forced weight normalization (G), and with the traditional EMA and none (ablation config A)."""
     import copy
 
     from accel.post_step import PostStep
-    from training.phema import PowerFunctionEMA
+    from training.phema import PowerFunctionEMA, TraditionalEMA
 
     out = {}
-    for layout in ("contiguous", "channels_last"):
-        runs = []
-        for fused in (False, True):
-            n = copy.deepcopy(net)
-            if layout == "channels_last":
-                n.to(memory_format=torch.channels_last)
-            opt = torch.optim.Adam(n.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8, fused=not fused)
-            ema = PowerFunctionEMA(n, [0.05, 0.10])
-            runs.append((n, ema, PostStep(n, opt, ema, fused=fused)))
-        for step in range(5):
-            gen = torch.Generator(device="cuda").manual_seed(step)
-            grads = [torch.randn(p.shape, device="cuda", generator=gen) for p in net.parameters()]
-            grads[-1].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
-            for n, _, post in runs:
-                for p, g in zip(n.parameters(), grads):
-                    p.grad = g.clone().to(memory_format=torch.preserve_format) if g.ndim != 4 else g.clone().contiguous(
-                        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-                post((step + 1) * 64, 64)
-        (a, ea, _), (b, eb, pb) = runs
-        out[f"{prefix}post_step_fused_{layout}_params_vs_plain"] = max(
-            rel(y, x) for x, y in zip(a.parameters(), b.parameters())
-        )
-        out[f"{prefix}post_step_fused_{layout}_ema_vs_plain"] = max(
-            rel(y, x) for e, f in zip(ea.emas, eb.emas) for x, y in zip(e.parameters(), f.parameters()))
+    for kind in ("power", "traditional"):
+        for layout in ("contiguous", "channels_last"):
+            runs = []
+            for fused in (False, True):
+                n = copy.deepcopy(net)
+                if layout == "channels_last":
+                    n.to(memory_format=torch.channels_last)
+                opt = torch.optim.Adam(n.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8, fused=not fused)
+                if kind == "power":
+                    ema = PowerFunctionEMA(n, [0.05, 0.10])
+                else:
+                    ema = TraditionalEMA(n, halflife_nimg=256, rampup_ratio=0.25, count_before_step=True)
+                runs.append((n, ema, PostStep(n, opt, ema, fused=fused, normalize=kind == "power")))
+            for step in range(5):
+                gen = torch.Generator(device="cuda").manual_seed(step)
+                grads = [torch.randn(p.shape, device="cuda", generator=gen) for p in net.parameters()]
+                grads[-1].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+                for n, _, post in runs:
+                    for p, g in zip(n.parameters(), grads):
+                        p.grad = g.clone().to(memory_format=torch.preserve_format) if g.ndim != 4 else g.clone(
+                        ).contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                     torch.contiguous_format)  # fmt: skip
+                    post((step + 1) * 64, 64)
+            (a, ea, _), (b, eb, pb) = runs
+            name = f"{prefix}post_step_fused_{layout}" + ("_traditional" if kind == "traditional" else "")
+            if not pb.fused:
+                raise RuntimeError(f"{name}: the fused post-step fell back to the library calls")
+            out[f"{name}_params_vs_plain"] = max(rel(y, x) for x, y in zip(a.parameters(), b.parameters()))
+            out[f"{name}_ema_vs_plain"] = max(
+                rel(y, x) for e, f in zip(ea.emas, eb.emas) for x, y in zip(e.parameters(), f.parameters()))
     return out
 
 

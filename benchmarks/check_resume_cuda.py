@@ -9,7 +9,8 @@ A second straight run is compared too ("repeat_*"): if it also differs, the proc
 (an autotuner's choice, atomics), not the resume. For that reason cuDNN's autotuner, which the training loop turns
 on and which may pick differently rounding convolution algorithms in different processes, is held off here unless
 --cudnn-benchmark. Without CUDA this exits 2 with a message (the CPU resume is tested by tests/test_hardening.py);
---cpu runs the same check on the CPU (plain dropout), to try the harness without a GPU.
+--cpu runs the same check on the CPU (plain dropout), to try the harness without a GPU. --ema-halflife N (and
+--ema-rampup R) trains with the traditional EMA of ablation configs A-B, updated by the fused post-step on CUDA.
 
 Seen on one H200 (torch 2.11.0+cu130, Triton 3.6.0; the same runs and comparison as here, inline, on main at
 76f3450): with the autotuner held off, the resumed run and a second straight run both equal the first bit for
@@ -115,7 +116,13 @@ def compare(dir_a: str, dir_b: str) -> dict:
 @click.option("--cpu", is_flag=True, help="Run the check on the CPU (plain dropout), to try the harness")
 @click.option("--workdir", default=None, help="Where the runs go [default: a temporary folder, removed]")
 @click.option("--timeout", type=int, default=900, show_default=True, help="Seconds one training run may take")
-def main(steps, batch, dropout, workers, precision, compile_net, cudnn_benchmark, cpu, workdir, timeout) -> None:
+@click.option("--ema-halflife", "ema_halflife", type=click.IntRange(min=0), default=None,
+              help="Train with the traditional EMA of ablation configs A-B (half-life in images) instead of the "
+              "power-function EMAs")
+@click.option("--ema-rampup", "ema_rampup", type=click.FloatRange(0, 1), default=None,
+              help="The traditional EMA's ramp-up ratio [default: none]")
+def main(steps, batch, dropout, workers, precision, compile_net, cudnn_benchmark, cpu, workdir, timeout, ema_halflife,
+         ema_rampup) -> None:  # fmt: skip
     """Straight vs resumed training with dropout on CUDA, bit for bit."""
     if not cpu and not torch.cuda.is_available():
         click.echo("check_resume_cuda.py: no CUDA device (torch.cuda.is_available() is False); the CPU resume is "
@@ -123,6 +130,11 @@ def main(steps, batch, dropout, workers, precision, compile_net, cudnn_benchmark
         sys.exit(2)
     res = dict(device="cpu" if cpu else torch.cuda.get_device_name(), torch=torch.__version__)
     extra = [f"--precision={precision}", "--compile" if compile_net else "--no-compile"]
+    if ema_halflife is not None:
+        extra += [f"--ema-halflife={ema_halflife}"] + ([f"--ema-rampup={ema_rampup}"] if ema_rampup is not None else [])
+    elif ema_rampup is not None:
+        raise click.BadParameter("applies to the traditional EMA only: give --ema-halflife too",
+                                 param_hint="--ema-rampup")
     # The children train with the default kernels: 'fast' on CUDA (the fast dropout kernel), 'reference' on the CPU.
     if cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the children train on the CPU
@@ -139,7 +151,8 @@ def main(steps, batch, dropout, workers, precision, compile_net, cudnn_benchmark
                 timeout=timeout)
     duration, half = batch * steps, batch * (steps // 2)
     res.update(steps=steps, batch=batch, dropout=dropout, fast_dropout=not cpu, precision=precision,
-               compile=compile_net, cudnn_benchmark=cudnn_benchmark, resumed_at=half)
+               compile=compile_net, cudnn_benchmark=cudnn_benchmark, resumed_at=half, ema_halflife=ema_halflife,
+               ema_rampup=ema_rampup)
     with tempfile.TemporaryDirectory(prefix="check-resume-") as tmp:
         work = workdir or tmp
         os.makedirs(work, exist_ok=True)

@@ -35,6 +35,9 @@ from . import model_files  # module attribute calls: tests may stand in for load
 # carry their time only in the name, read back by edm2.official_import.kimg_to_nimg; .safetensors in the header.
 SNAPSHOT_PATTERNS = ("*.safetensors", "*.pkl")
 SNAPSHOT_NAME = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.(?:pkl|safetensors)")
+# The traditional EMA's snapshots (training/run_dir.TRADITIONAL_SNAPSHOT_PATTERN, ablation configs A-B): no profile
+# to combine, so never inputs; named in the error when a folder holds nothing else.
+TRADITIONAL_NAME = re.compile(r".*-\d+-ema\.safetensors")
 OUTPUT_PREFIX = "phema"  # reconstructed files: {prefix}-{kimg:07d}-{std:.3f}.safetensors
 
 
@@ -143,6 +146,14 @@ def read_snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
     except model_files.ModelFileError as error:
         raise SnapshotError(str(error)) from None
     std, nimg = header.get("ema_std"), header.get("training_nimg")
+    extra = header.get("extra")
+    ema = extra.get("ema") if isinstance(extra, dict) else None
+    if isinstance(ema, dict) and ema.get("kind") == "traditional":
+        raise SnapshotError(
+            f"{path}: a traditional EMA snapshot (half-life {ema.get('halflife_nimg')} images, ramp-up "
+            f"{ema.get('rampup_ratio')}; docs/design.md §13), not a power-function one: post-hoc reconstruction "
+            "cannot combine it; use it as it is (generate.py --net)"
+        )
     if std is None or nimg is None:
         raise SnapshotError(
             f"{path}: not a power-function EMA snapshot (its header needs ema_std and training_nimg, "
@@ -182,6 +193,7 @@ def scan_snapshots(
     Raises SnapshotError when there are none, when they hold different network shapes, or when two files
     claim the same (nimg, std).
     """
+    folder = None
     if isinstance(snapshots, (str, os.PathLike)):
         folder = pathlib.Path(snapshots)
         if not folder.is_dir():
@@ -198,6 +210,13 @@ def scan_snapshots(
         where += f" with prefix {in_prefix!r}" if in_prefix is not None else ""
         where += f" with std in {sorted(in_std)}" if in_std is not None else ""
     if not paths:
+        names = [] if folder is None else [p.name for p in folder.iterdir()]
+        traditional = sorted(n for n in names if TRADITIONAL_NAME.fullmatch(n))
+        if traditional:
+            where += (
+                f"; it holds traditional EMA snapshots ({traditional[-1]}, ...), which post-hoc reconstruction cannot "
+                "combine: that run trained with --ema-halflife (docs/design.md §13)"
+            )
         raise SnapshotError(f"no snapshots found in {where}")
     infos = sorted((read_snapshot_info(p) for p in paths), key=lambda s: (s.nimg, s.std))
     first = infos[0]

@@ -67,6 +67,7 @@ def validation_loss_metric(
     P_std: float = 1.0,
     sigma_data: float = 0.5,
     seed: int = 0,  # fixes sigma and noise for every image
+    learned_weighting: bool = True,  # False: the EDM loss lambda(sigma) (D - y)^2, without the network's u(sigma)
     repeats: int = 1,  # noise draws per image (averages out the variance of a single draw)
     batch_size: int = 64,  # images per forward pass
     device: torch.device | str = "cpu",
@@ -94,7 +95,7 @@ def validation_loss_metric(
             )
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    loss_fn = EDM2Loss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+    loss_fn = EDM2Loss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data, learned_weighting=learned_weighting)
     n = images.shape[0]
     sigmas = [loss_fn.sample_sigma(n, generator=generator) for _ in range(repeats)]
     noises = [torch.randn(images.shape, generator=generator) for _ in range(repeats)]

@@ -60,21 +60,27 @@ DEFAULT_REPORTING = dict(status=128 * Ki, snapshot=8 * Mi, checkpoint=128 * Mi)
 # The EDM2 paper's ablation ladder (Table 1, configurations A-G; docs/design.md "Ablation ladder"), at two sizes:
 # 'xs' (ImageNet-512 latents, edm2-img512-xs's width and schedule) and 'demo' (the demo data, for tests and CPU runs).
 # Per letter: ref_lr at xs, ref_lr at demo, inverse-square-root decay, EDM's sigma distribution (else the size's),
-# learned loss weighting u(sigma), forced weight normalization. A-D train at a constant learning rate (the decay
-# comes with E); A-C have no weight normalization, so their learning rates are Adam's usual small ones.
+# learned loss weighting u(sigma), forced weight normalization, EDM's traditional EMA (else the power-function EMAs).
+# A-D train at a constant learning rate (the decay comes with E); A-C have no weight normalization, so their learning
+# rates are Adam's usual small ones.
 ABLATION_CONFIGS = "abcdefg"
 ABLATION_SIZES = {"xs": "edm2-img512-xs", "demo": "demo"}
 _ABLATION = {
-    "a": (1e-4, 1e-3, False, True, False, False),
-    "b": (2e-4, 2e-3, False, False, True, False),
-    "c": (2e-4, 2e-3, False, False, True, False),
-    "d": (0.0120, 0.0300, False, False, True, False),
-    "e": (0.0120, 0.0300, True, False, True, True),
-    "f": (0.0120, 0.0300, True, False, True, True),
-    "g": (0.0120, 0.0300, True, False, True, True),
+    "a": (1e-4, 1e-3, False, True, False, False, True),
+    "b": (2e-4, 2e-3, False, False, True, False, True),
+    "c": (2e-4, 2e-3, False, False, True, False, False),
+    "d": (0.0120, 0.0300, False, False, True, False, False),
+    "e": (0.0120, 0.0300, True, False, True, True, False),
+    "f": (0.0120, 0.0300, True, False, True, True, False),
+    "g": (0.0120, 0.0300, True, False, True, True, False),
 }
 EDM_SIGMA = dict(P_mean=-1.2, P_std=1.2)  # the EDM paper's training noise distribution (config A)
-for _letter, (_lr_xs, _lr_demo, _decay, _edm_sigma, _, _) in _ABLATION.items():
+# EDM's traditional EMA as it trained ImageNet-64 (configs A-B; the EDM repository's README command for ImageNet,
+# --duration=2500 --ema=50 in Mimg, and its training loop's default ema_rampup_ratio=0.05): a half-life of 50 Mimg
+# over 2500 Mimg of training. The presets keep the ratio, a half-life of 2% of their duration (docs/design.md §13).
+EDM_EMA_HALFLIFE_FRACTION = 50 / 2500
+EDM_EMA_RAMPUP = 0.05
+for _letter, (_lr_xs, _lr_demo, _decay, _edm_sigma, *_) in _ABLATION.items():
     for _size, _base in ABLATION_SIZES.items():
         PRESETS[f"ablation-{_letter}-{_size}"] = dict(
             PRESETS[_base], lr=_lr_xs if _size == "xs" else _lr_demo,
@@ -125,9 +131,12 @@ def preset_training_kwargs(name: str) -> dict[str, Any]:
         **REPORTING.get(base, DEFAULT_REPORTING),
     )
     if name != base:  # an ablation preset: its training differences (TrainingConfig fields)
-        _, _, _, _, learned, forced = _ABLATION[name.split("-")[1]]
+        _, _, _, _, learned, forced, traditional_ema = _ABLATION[name.split("-")[1]]
         out["loss"]["learned_weighting"] = learned
         out["force_weight_norm"] = forced
+        if traditional_ema:
+            out["ema_halflife"] = round(p["duration"] * EDM_EMA_HALFLIFE_FRACTION)
+            out["ema_rampup"] = EDM_EMA_RAMPUP
     return out
 
 

@@ -12,10 +12,15 @@ ablation.json (settings and figures), ablation.md (the table), ablation.png (los
 
 The loss: A trains with the EDM loss weighting (no learned u(sigma)), so its loss is on another scale than B-G's
 (which can go negative); A is compared with the rest through its magnitudes, and the losses from B on.
+
+The EMA: runs that finish write their EMA snapshots at the end: A-B the traditional EMA (its half-life scaled to
+the run's duration as the presets scale it, docs/design.md §13), C-G the power-function EMAs. Each snapshot is scored
+by the EDM-weighted loss (no u(sigma): one scale for all seven) on held-out demo images with fixed sigma and noise.
 """
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import signal
@@ -30,7 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from edm2.presets import ABLATION_CONFIGS, Ki
+from edm2.presets import ABLATION_CONFIGS, EDM_EMA_HALFLIFE_FRACTION, Ki, get_preset, preset_training_kwargs
 from training.instruments import read_stats
 from training.plot_stats import magnitude_series, save_figure
 from torch_utils.state_io import atomic_write_bytes, write_json
@@ -45,13 +50,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Held-out images for the EMA snapshots' loss: demo images the runs never saw (their data is drawn with seed 0).
+HELD_OUT = dict(num_images=256, seed=1)
+
+
 def train_command(run_dir: str, data: str, letter: str, s: dict[str, Any], seed: int) -> list[str]:
-    return [
+    command = [
         sys.executable, os.path.join(ROOT, "train_edm2.py"), "--outdir", run_dir, "--data", data,
         "--preset", f"ablation-{letter}-demo", "--duration", str(s["duration"]), "--batch", str(s["batch"]),
         "--status", str(s["status"]), "--snapshot", "0", "--checkpoint", "0", "--workers", "0", "--seed", str(seed),
         "--precision", s["precision"],
     ]  # fmt: skip
+    if "ema_halflife" in preset_training_kwargs(f"ablation-{letter}-demo"):
+        # The traditional EMA's half-life follows this run's duration, as the preset's follows the preset's.
+        command += ["--ema-halflife", str(round(s["duration"] * EDM_EMA_HALFLIFE_FRACTION))]
+    return command
 
 
 def train_all(rundir: str, letters: list[str], s: dict[str, Any], seed: int) -> None:
@@ -108,6 +121,53 @@ def run_figures(entries: list[dict[str, Any]]) -> dict[str, Any]:
     )
 
 
+def final_ema_snapshots(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path, header) of the run's EMA snapshots of its last snapshot time; none if it wrote none."""
+    from training.model_files import read_file_header
+
+    found = [(p, read_file_header(p)) for p in sorted(glob.glob(os.path.join(glob.escape(run_dir),
+                                                                              "network-snapshot-*.safetensors")))]
+    if not found:
+        return []
+    last = max(h.get("training_nimg") or 0 for _, h in found)
+    return [(p, h) for p, h in found if (h.get("training_nimg") or 0) == last]
+
+
+def ema_label(header: dict[str, Any]) -> str:
+    """What a snapshot averages, from its header."""
+    if header.get("ema_std") is not None:
+        return f"power-function std {header['ema_std']:.3f}"
+    ema = (header.get("extra") or {}).get("ema")
+    if isinstance(ema, dict) and ema.get("kind") == "traditional":
+        halflife = ema.get("halflife_nimg")
+        return f"traditional, half-life {'inf' if halflife is None else f'{halflife:g}'} images"
+    return "unknown"
+
+
+def ema_figures(rundir: str, letters: list[str]) -> dict[str, dict[str, Any]]:
+    """Per configuration: the held-out EDM-weighted loss of each final EMA snapshot, and the lowest."""
+    from edm2.phema_search import load_validation_data, validation_loss_metric
+    from training.demo_data import write_demo_dataset
+    from training.model_files import load_model_file
+
+    snapshots = {letter: final_ema_snapshots(os.path.join(rundir, letter)) for letter in letters}
+    snapshots = {k: v for k, v in snapshots.items() if v}
+    if not snapshots:
+        return {}
+    resolution = next(iter(snapshots.values()))[0][1]["init_kwargs"]["img_resolution"]
+    data = write_demo_dataset(os.path.join(rundir, f"held-out-{resolution}.zip"), resolution=resolution, **HELD_OUT)
+    images, labels = load_validation_data(data)
+    demo = get_preset("demo")
+    metric = validation_loss_metric(images, labels, P_mean=demo["P_mean"], P_std=demo["P_std"],
+                                    learned_weighting=False)  # fmt: skip
+    out = {}
+    for letter, found in snapshots.items():
+        scored = [dict(file=os.path.basename(p), ema=ema_label(h), images=h.get("training_nimg"),
+                       loss=metric(load_model_file(p).net)) for p, h in found]  # fmt: skip
+        out[letter] = dict(snapshots=scored, best=min(scored, key=lambda e: e["loss"]))
+    return out
+
+
 def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Figures per configuration from the runs in rundir (default: outdir), cut to the common image range; writes
     ablation.json / .md / .png to outdir."""
@@ -123,6 +183,7 @@ def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | N
     common = min(e[-1]["nimg"] for e in runs.values())
     cut = {k: [e for e in v if e["nimg"] <= common] for k, v in runs.items()}
     results = dict(settings=settings, common_images=common, configs={k: run_figures(v) for k, v in cut.items()})
+    results["ema"] = ema_figures(rundir, list(runs))
     os.makedirs(outdir, exist_ok=True)
     write_json(os.path.join(outdir, "ablation.json"), results)
     atomic_write_bytes(os.path.join(outdir, "ablation.md"), markdown_table(results).encode())
@@ -132,16 +193,20 @@ def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | N
 
 def markdown_table(results: dict[str, Any]) -> str:
     lines = [
-        f"Compared over the first {results['common_images']} images that every run reached.",
+        f"Compared over the first {results['common_images']} images that every run reached; the EMA columns: each "
+        "run's final EMA snapshot with the lowest held-out loss in EDM weighting (runs stopped early wrote none).",
         "",
         "| config | final loss | activation drift (last / first) | weight drift (last / first) "
-        "| final activation RMS |",
-        "| --- | --- | --- | --- | --- |",
+        "| final activation RMS | EMA (images) | EMA loss (EDM weighting, held out) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    emas = results.get("ema") or {}
     for letter, f in results["configs"].items():
         loss = f"{f['final_loss']:.4f}" + (" (EDM weighting)" if letter == "a" else "")
+        best = emas.get(letter, {}).get("best")
+        ema = f"{best['ema']} ({best['images']}) | {best['loss']:.4f}" if best else "— | —"
         lines.append(f"| {letter.upper()} | {loss} | {f['activation_drift']:.4f} | {f['weight_drift']:.4f} | "
-                     f"{f['final_activation_rms']:.3f} |")  # fmt: skip
+                     f"{f['final_activation_rms']:.3f} | {ema} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

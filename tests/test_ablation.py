@@ -44,6 +44,7 @@ def tiny_config(letter: str, data: str, duration: int) -> TrainingConfig:
     c.lr.__dict__.update(train["lr"], rampup_img=8)
     c.force_weight_norm = train["force_weight_norm"]
     c.ema_stds = [0.1]
+    c.ema_halflife, c.ema_rampup = train.get("ema_halflife"), train.get("ema_rampup")  # A-B: the traditional EMA
     return c
 
 
@@ -87,6 +88,11 @@ def test_presets_select_the_ladder():
             assert train["loss"]["learned_weighting"] == (letter != "a")
             assert train["force_weight_norm"] == (letter in "efg")
             assert (train["lr"]["ref_batches"] > 0) == (letter in "efg")  # the decay comes with E
+            if letter in "ab":  # EDM's ImageNet-64 EMA (half-life 50 of 2500 Mimg, ramp-up 0.05) scaled to the duration
+                assert train["ema_halflife"] == {"xs": 42949673, "demo": 655}[size] == round(train["duration"] / 50)
+                assert train["ema_rampup"] == 0.05
+            else:
+                assert "ema_halflife" not in train and "ema_rampup" not in train
     assert presets.preset_training_kwargs("ablation-a-xs")["loss"]["P_mean"] == -1.2  # EDM's distribution
     assert presets.preset_dataset("ablation-c-xs") == "img512"
 
@@ -167,6 +173,23 @@ def test_trains_resumes_exactly_and_keeps_its_magnitude_property(tmp_path, data,
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     entries = read_stats(str(tmp_path / "straight"))
     assert [e["nimg"] for e in entries] == [16, 32, 48] and all(math.isfinite(e["loss"]) for e in entries)
+    # A-B average the weights with EDM's traditional EMA, C-G with the power-function EMAs, whose runs' files keep
+    # their keys (no EMA settings in training_options.json).
+    options = json.loads((tmp_path / "straight" / "training_options.json").read_text())
+    snapshots = sorted(p.name for p in (tmp_path / "straight").glob("network-snapshot-*"))
+    if letter in "ab":
+        assert options["ema_halflife"] == 655 and options["ema_rampup"] == 0.05
+        assert snapshots == ["network-snapshot-0000000-ema.safetensors"]
+        assert a["ema"]["halflife_nimg"].item() == 655 and "stds" not in a["ema"]
+    else:
+        assert snapshots == ["network-snapshot-0000000-0.100.safetensors"]
+        switches = {"force_weight_norm"} if letter in "cd" else set()  # off: written
+        assert set(options) == set(TrainingConfig().to_dict()) | {"data_identity"} | switches
+        assert "learned_weighting" not in options["loss"]
+    snapshot = load_model_file(tmp_path / "straight" / snapshots[0])
+    assert snapshot.training_nimg == 48
+    for k, v in snapshot.net.state_dict().items():  # the snapshot is the checkpoint's EMA
+        assert torch.equal(v, a["ema"][f"ema.{k}" if letter in "ab" else f"ema.0.{k}"]), k
     # The magnitude instruments: every stage's activation RMS and weight norm on every status line.
     feats, norms = magnitude_series(entries, "feat_rms"), magnitude_series(entries, "weight_norm")
     stages = ["enc.16x16", "enc.8x8", "dec.8x8", "dec.16x16"]
@@ -243,4 +266,131 @@ def test_experiment_table_and_plot(tmp_path, data):
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert "| A | " in table and "| G | " in table and "EDM weighting" in table
     assert (tmp_path / "out" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["configs"]["g"]["images"] == 48
+    saved = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert saved["configs"]["g"]["images"] == 48
+    # The EMA snapshots: A's traditional EMA and G's power-function EMA, scored on one scale (EDM weighting).
+    ema = results["ema"]
+    assert ema["a"]["best"]["file"] == "network-snapshot-0000000-ema.safetensors"
+    assert ema["a"]["best"]["ema"] == "traditional, half-life 655 images" and ema["a"]["best"]["images"] == 48
+    assert ema["g"]["best"]["ema"] == "power-function std 0.100"
+    assert all(math.isfinite(e["best"]["loss"]) and e["best"]["loss"] > 0 for e in ema.values())
+    assert ema["a"]["best"]["loss"] != ema["g"]["best"]["loss"] and saved["ema"] == ema
+    assert "| traditional, half-life 655 images (48) | " in table
+    # The runs the experiment starts: A-B with the traditional EMA's half-life scaled to their duration.
+    settings = dict(experiment.SETTINGS["gpu"])
+    command = experiment.train_command("r", "d.zip", "b", settings, 0)
+    assert command[command.index("--ema-halflife") + 1] == str(round(4096 * 1024 / 50))
+    assert "--ema-halflife" not in experiment.train_command("r", "d.zip", "c", settings, 0)
+
+
+def test_traditional_ema_in_training_snapshots_and_tools(tmp_path, data):
+    """Config A's traditional EMA in the loop: EDM's update after Adam (the ramp-up counting the images before the
+    step), its snapshot network-snapshot-KIMG-ema with the settings in the header, loaded by generate.py, refused
+    with its name by the post-hoc reconstruction."""
+    from edm2.phema_reconstruct import SnapshotError, scan_snapshots
+    from generate import main as generate_main
+    from reconstruct_phema import main as reconstruct_main
+
+    torch.set_num_threads(1)
+    c = tiny_config("a", data, duration=48)
+    c.checkpoint, c.ema_halflife, c.ema_rampup = 8, 16, 0.25  # a checkpoint every step; a memory of some steps
+    run = tmp_path / "run"
+    training_loop(str(run), c)
+    (n48, p48), (n40, p40) = list_checkpoints(str(run))
+    assert (n48, n40) == (48, 40)
+    s48, s40 = load_state(p48), load_state(p40)
+    beta = 0.5 ** (8 / min(16, 40 * 0.25))  # EDM: the half-life ramps up with the 40 images seen before the step
+    moved = 0.0
+    for key, net in s48["net"].items():
+        expected = torch.lerp(s40["ema"][f"ema.{key}"], net, 1 - beta) if net.is_floating_point() else net
+        torch.testing.assert_close(s48["ema"][f"ema.{key}"], expected, rtol=1e-6, atol=1e-7)
+        moved = max(moved, float((s48["ema"][f"ema.{key}"] - net).abs().max()))
+    assert moved > 1e-4  # the average lags the weights
+    path = run / "network-snapshot-0000000-ema.safetensors"
+    snapshot = load_model_file(path)
+    assert snapshot.ema_std is None and snapshot.training_nimg == 48
+    assert snapshot.meta["extra"]["ema"] == dict(kind="traditional", halflife_nimg=16.0, rampup_ratio=0.25,
+                                                 count_before_step=True)  # fmt: skip
+    r = CliRunner().invoke(generate_main, ["--net", str(path), "--seeds", "0-1", "--steps", "2", "--outdir",
+                                           str(tmp_path / "images"), "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 2
+    r = CliRunner().invoke(reconstruct_main, ["--indir", str(run), "--outdir", str(tmp_path / "phema"),
+                                              "--outstd", "0.1"])  # fmt: skip
+    assert r.exit_code != 0 and "network-snapshot-0000000-ema.safetensors" in r.output, r.output
+    assert "traditional EMA snapshots" in r.output and "Traceback" not in r.output
+    with pytest.raises(SnapshotError, match="a traditional EMA snapshot .half-life 16.0 images"):
+        scan_snapshots([path])
+
+
+def test_command_line_ema_options(tmp_path, data):
+    """train_edm2.py: ablation-a/b take the preset's traditional EMA; --ema-halflife / --ema-rampup change it (or
+    'none'), with one-line errors for bad values."""
+    from train_edm2 import main as train_main
+
+    tiny = json.dumps(dict(TINY, img_resolution=16))
+
+    def dry_run(preset: str, *extra: str):
+        args = ["--outdir", str(tmp_path / "x"), "--data", data, "--preset", preset, f"--network-kwargs={tiny}",
+                "--precision", "fp32", "--dry-run", *extra]  # fmt: skip
+        return CliRunner().invoke(train_main, args)
+
+    def config(preset: str, *extra: str) -> dict:
+        r = dry_run(preset, *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    a = config("ablation-a-demo")
+    assert a["ema_halflife"] == 655 and a["ema_rampup"] == 0.05
+    b = config("ablation-b-demo", "--ema-halflife", "4Ki", "--ema-rampup", "none")
+    assert b["ema_halflife"] == 4096 and "ema_rampup" not in b
+    power = config("ablation-a-demo", "--ema-halflife", "none")
+    assert "ema_halflife" not in power and "ema_rampup" not in power
+    c = config("ablation-c-demo", "--ema-halflife", "1000", "--ema-rampup", "0.1")
+    assert c["ema_halflife"] == 1000 and c["ema_rampup"] == 0.1
+    for extra, message in [
+        (["--ema-rampup", "2"], "--ema-rampup must lie in [0, 1]"),
+        (["--ema-rampup", "x"], "expected a number or 'none', got 'x'"),
+        (["--ema-halflife", "-5"], "--ema-halflife"),
+        (["--ema-halflife", "none", "--ema-rampup", "0.1"], "--ema-rampup applies to the traditional EMA only"),
+    ]:
+        r = dry_run("ablation-a-demo", *extra)
+        assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (extra, r.output)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_diverged_traditional_ema_is_named():
+    """The check before saving names a non-finite traditional EMA (it has no std to print)."""
+    from training.phema import TraditionalEMA
+    from training.training_loop import TrainingError, check_finite
+
+    net = Precond(**tiny_kwargs("a"))
+    ema = TraditionalEMA(net, halflife_nimg=655, rampup_ratio=0.05)
+    check_finite(net, ema, 64)
+    with torch.no_grad():
+        next(ema.ema.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(TrainingError, match=r"non-finite by 64 images \(1 tensor\(s\), e.g. ema traditional: "):
+        check_finite(net, ema, 64)
+
+
+def test_validation_loss_in_edm_weighting():
+    """The experiment's EMA score: validation_loss_metric(learned_weighting=False) is the mean EDM loss (no u(sigma))
+    with the metric's fixed sigma and noise, whatever the network's learned u(sigma)."""
+    from edm2.phema_search import validation_loss_metric
+
+    torch.manual_seed(0)
+    net = Precond(**tiny_kwargs("g")).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a non-zero u(sigma) too
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.nn.functional.one_hot(torch.arange(6) % 10, 10).float()
+    edm = validation_loss_metric(images, labels, P_mean=-0.8, P_std=1.6, seed=3, learned_weighting=False)(net)
+    learned = validation_loss_metric(images, labels, P_mean=-0.8, P_std=1.6, seed=3)(net)
+    gen = torch.Generator().manual_seed(3)
+    loss_fn = EDM2Loss(P_mean=-0.8, P_std=1.6, learned_weighting=False)
+    sigma = loss_fn.sample_sigma(6, generator=gen)
+    noise = torch.randn(images.shape, generator=gen)
+    with torch.no_grad():
+        expected = loss_fn(net, images.float() / 127.5 - 1, labels, sigma=sigma, noise=noise).double().mean()
+    assert edm == pytest.approx(float(expected), rel=1e-6) and edm != pytest.approx(learned, rel=1e-3)

@@ -44,6 +44,28 @@ def test_round_trip_keeps_every_value(tmp_path):
     assert not set(LEGACY_KEYS) & set(keys)
 
 
+def test_traditional_ema_keys_only_when_set(tmp_path):
+    """The traditional EMA's settings (ablation configs A-B) are written only when set: other runs' files keep their
+    keys; set, they round-trip and a resume with another EMA is refused."""
+    from training.run_dir import config_differences
+
+    default = TrainingConfig(data="d.zip").to_dict()
+    assert "ema_halflife" not in default and "ema_rampup" not in default
+    config = TrainingConfig(data="d.zip", ema_halflife=655, ema_rampup=0.05)
+    path = str(tmp_path / "training_options.json")
+    config.to_json(path)
+    written = json.load(open(path))
+    assert written["ema_halflife"] == 655 and written["ema_rampup"] == 0.05
+    assert set(written) == set(default) | {"ema_halflife", "ema_rampup"}
+    assert TrainingConfig.from_json(path) == config and config.validate().ema_halflife == 655
+    no_ramp = TrainingConfig(data="d.zip", ema_halflife=655).to_dict()
+    assert no_ramp["ema_halflife"] == 655 and "ema_rampup" not in no_ramp
+    assert TrainingConfig.from_dict(no_ramp).ema_rampup is None
+    differ = config_differences(default, written)
+    assert differ == ["ema_halflife: None there, 655 now", "ema_rampup: None there, 0.05 now"]
+    assert not {"ema_halflife", "ema_rampup"} & set(RESUMABLE_CHANGES)
+
+
 def test_legacy_options_file_loads_without_the_removed_speed_keys(tmp_path):
     path = tmp_path / "training_options.json"
     path.write_text(json.dumps(LEGACY_OPTIONS, indent=2))
@@ -69,6 +91,7 @@ def test_legacy_options_file_loads_without_the_removed_speed_keys(tmp_path):
     (dict(loss=[1]), "key 'loss' must be an object, got list"),
     (dict(ema_stds=[0.05, "x"]), "key 'ema_stds' must be a list of numbers"),
     (dict(network=[]), "key 'network' must be an object, got []"),
+    (dict(ema_halflife="655"), "key 'ema_halflife' must be a number or null, got '655'"),
 ])
 def test_unknown_key_or_wrong_type_names_file_and_key(tmp_path, change, message):
     path = tmp_path / "training_options.json"
@@ -108,6 +131,12 @@ def test_unreadable_options_file_is_named(tmp_path):
     (dict(compile="yes"), "the configuration: key 'compile' must be true or false or null, got 'yes'"),
     (dict(kernels=None, instruments=1), "key 'instruments' must be true or false or null, got 1"),
     (dict(batch=16.0), "--batch must be a positive number of images, got 16.0"),
+    (dict(ema_halflife=-1), "--ema-halflife must be a non-negative number of images, got -1"),
+    (dict(ema_halflife=math.inf), "--ema-halflife must be finite, got inf"),
+    (dict(ema_halflife=655, ema_rampup=1.5), "--ema-rampup must lie in [0, 1] (a fraction of the images seen)"),
+    (dict(ema_halflife=655, ema_rampup=-0.05), "--ema-rampup must lie in [0, 1]"),
+    (dict(ema_halflife=655, ema_rampup=math.nan), "--ema-rampup must be finite, got nan"),
+    (dict(ema_rampup=0.05), "--ema-rampup applies to the traditional EMA only: give --ema-halflife too"),
 ])
 def test_validation_names_the_option(change, message):
     config = dataclasses.replace(TrainingConfig(data="d.zip", batch=16), **change)

@@ -247,3 +247,81 @@ def test_traditional_ema_defaults_are_the_official_ones():
     assert tracker.beta(10_000_000, 2048) == pytest.approx(0.5 ** (2048 / 900_000), rel=1e-12)
     with pytest.raises(ValueError, match="infinite halflife_nimg needs a rampup_ratio"):
         phema.TraditionalEMA(_Tiny(), rampup_ratio=None)
+
+
+def _run_traditional(tracker: phema.TraditionalEMA, net: _Tiny, values: list[float], batch: int) -> list[float]:
+    """Feed the weights values[k] (all three elements alike) as step k's result; the EMA's first element after each."""
+    out = []
+    for k, value in enumerate(values):
+        with torch.no_grad():
+            net.w.fill_(value)
+        tracker.update(net, cur_nimg=(k + 1) * batch, batch_size=batch)
+        out.append(float(tracker.ema.w[0]))
+    return out
+
+
+def _recurrence(start: float, values: list[float], betas: list[float]) -> list[float]:
+    out, ema = [], start
+    for value, beta in zip(values, betas):
+        ema = beta * ema + (1 - beta) * value
+        out.append(ema)
+    return out
+
+
+def test_traditional_ema_follows_edm_by_hand():
+    """EDM's update (its training loop: beta = 0.5^(batch / max(h, 1e-8)), h = min(halflife, n * ratio), n the images
+    before the step) over seven steps of 100 images, half-life 250, ramp-up ratio 0.5: h = 0, 50, 100, 150, 200,
+    250, 250. The first update copies the network (beta 0)."""
+    values = [4.0, -2.0, 1.0, 8.0, 0.5, -3.0, 2.0]
+    betas = [0.0, 0.5**2, 0.5**1, 0.5 ** (100 / 150), 0.5 ** (100 / 200), 0.5 ** (100 / 250), 0.5 ** (100 / 250)]
+    net = _Tiny()
+    edm = phema.TraditionalEMA(net, halflife_nimg=250, rampup_ratio=0.5, count_before_step=True)
+    assert [edm.betas((k + 1) * 100, 100)[0] for k in range(7)] == pytest.approx(betas, rel=1e-14, abs=0)
+    got = _run_traditional(edm, net, values, 100)
+    assert got == pytest.approx(_recurrence(0.0, values, betas), rel=1e-14, abs=1e-15)
+    assert got[0] == 4.0 and got[1] == pytest.approx(0.25 * 4 + 0.75 * -2, rel=1e-15)
+    # The official EDM2 class counts the images after the step: h = 50, 100, 150, 200, 250, 250, 250.
+    after = phema.TraditionalEMA(_Tiny(), halflife_nimg=250, rampup_ratio=0.5)
+    betas_after = [0.5**2, 0.5**1, 0.5 ** (100 / 150), 0.5 ** (100 / 200)] + [0.5 ** (100 / 250)] * 3
+    assert _run_traditional(after, _Tiny(), values, 100) == pytest.approx(_recurrence(0.0, values, betas_after),
+                                                                          rel=1e-14, abs=1e-15)  # fmt: skip
+    # No ramp-up: the half-life from the first step, so the initial weights (zero here) keep 0.5^0.4 of their weight.
+    plain = phema.TraditionalEMA(_Tiny(), halflife_nimg=250, rampup_ratio=None, count_before_step=True)
+    got = _run_traditional(plain, _Tiny(), values, 100)
+    assert got == pytest.approx(_recurrence(0.0, values, [0.5**0.4] * 7), rel=1e-14, abs=1e-15)
+    assert got[0] == pytest.approx((1 - 0.5**0.4) * 4, rel=1e-14)
+
+
+def test_traditional_ema_has_the_trackers_interface_and_checks_its_state():
+    net = _Tiny()
+    tracker = phema.TraditionalEMA(net, halflife_nimg=500, rampup_ratio=0.05, count_before_step=True)
+    assert tracker.emas == [tracker.ema] and len(tracker) == 1
+    described = dict(kind="traditional", halflife_nimg=500.0, rampup_ratio=0.05, count_before_step=True)
+    assert tracker.describe() == described
+    assert phema.TraditionalEMA(net).describe()["halflife_nimg"] is None  # infinite: no JSON number
+    with torch.no_grad():
+        net.w.fill_(2.0)
+    tracker.update(net, cur_nimg=64, batch_size=64)
+    state = tracker.state_dict()
+    twin = phema.TraditionalEMA(_Tiny(), halflife_nimg=500, rampup_ratio=0.05, count_before_step=True)
+    twin.load_state_dict(state)
+    assert torch.equal(twin.ema.w, tracker.ema.w) and float(twin.ema.w[0]) == 2.0
+    with pytest.raises(ValueError, match="halflife_nimg 500.0, this tracker 400.0"):
+        phema.TraditionalEMA(_Tiny(), halflife_nimg=400, rampup_ratio=0.05).load_state_dict(state)
+    with pytest.raises(ValueError, match="rampup_ratio 0.05, this tracker -1.0"):
+        phema.TraditionalEMA(_Tiny(), halflife_nimg=500, rampup_ratio=None).load_state_dict(state)
+    with pytest.raises(ValueError, match="power-function"):
+        twin.load_state_dict(phema.PowerFunctionEMA(_Tiny()).state_dict())
+    with pytest.raises(ValueError, match="cur_nimg"):
+        tracker.update(net, cur_nimg=10, batch_size=64)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(halflife_nimg=-1), "halflife_nimg must be a non-negative number, got -1"),
+    (dict(halflife_nimg=True), "halflife_nimg must be a non-negative number, got True"),
+    (dict(halflife_nimg=100, rampup_ratio=1.5), r"rampup_ratio must be a number in \[0, 1\] or None, got 1.5"),
+    (dict(halflife_nimg=100, rampup_ratio=-0.1), r"rampup_ratio must be a number in \[0, 1\] or None, got -0.1"),
+])
+def test_traditional_ema_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        phema.TraditionalEMA(_Tiny(), **kwargs)

@@ -213,3 +213,51 @@ def test_plain_post_step_gives_the_official_ema_tensors():
 def test_fused_post_step_gives_the_official_ema_tensors():
     r = run_in_triton_interpreter(OFFICIAL_ORDER + "\nprint('RESULT ' + json.dumps(official_order_errors(True)))")
     assert max(r.values()) < 1e-5, r
+
+
+TRADITIONAL = r"""
+import copy, json, torch
+import edm2.presets
+from accel.post_step import PostStep
+from networks import Precond
+from training.phema import TraditionalEMA
+
+torch.manual_seed(0)
+kwargs = edm2.presets.preset_network_kwargs("ablation-a-demo", img_resolution=8, model_channels=8, channel_mult=[1, 2],
+                                            num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8)
+net = Precond(**kwargs)
+runs = []
+for fused in (False, True):
+    n = copy.deepcopy(net)
+    opt = torch.optim.Adam(n.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    ema = TraditionalEMA(n, halflife_nimg=16, rampup_ratio=0.25, count_before_step=True)
+    runs.append((n, ema, PostStep(n, opt, ema, fused=fused, normalize=False)))  # config A: no Eq. 66
+for step in range(4):
+    gen = torch.Generator().manual_seed(step)
+    grads = [torch.randn(p.shape, generator=gen) for p in net.parameters()]
+    for n, ema, post in runs:
+        for p, g in zip(n.parameters(), grads):
+            p.grad = g.clone()
+        post((step + 1) * 8, 8)
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+(a, ea, pa), (b, eb, pb) = runs
+out = dict(
+    fused=pb.fused,
+    params=max(rel(y, x) for x, y in zip(a.parameters(), b.parameters())),
+    ema=max(rel(y, x) for x, y in zip(ea.ema.parameters(), eb.ema.parameters())),
+    lag=max(rel(e, p) for e, p in zip(eb.ema.parameters(), b.parameters())),
+)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_fused_step_updates_the_traditional_ema_like_the_library_calls():
+    """Config A's post-step: the fused kernel takes the traditional EMA (one copy, EDM's beta) as it takes a
+    power-function one, with no fallback to the library path, and gives what the library calls give."""
+    r = run_in_triton_interpreter(TRADITIONAL)
+    assert r["fused"], "the fused path must keep the traditional EMA"
+    assert r["params"] < 1e-5 and r["ema"] < 1e-5, r
+    assert r["lag"] > 1e-3, r  # the EMA is an average, not a copy of the weights

@@ -83,6 +83,10 @@ class TrainingConfig:
     # Forced weight normalization of the MPConv weights after every step (Eq. 66); off in ablation configs A-D
     force_weight_norm: bool = True
     ema_stds: list[float] = field(default_factory=lambda: [0.050, 0.100])  # power-function EMA profiles
+    # The traditional EMA of EDM (ablation configs A-B, docs/design.md §13) instead of the power-function EMAs: its
+    # half-life in images; None = the power-function EMAs of ema_stds (then ema_stds is unused)
+    ema_halflife: float | None = None
+    ema_rampup: float | None = None  # traditional EMA: half-life at most this fraction of the images seen; None = off
     status: int = _resumable(128 * 2**10)  # images between status lines
     snapshot: int = _resumable(8 * 2**20)  # images between EMA snapshots; 0 = only at the end
     checkpoint: int = _resumable(128 * 2**20)  # images between checkpoints; 0 = only at the end and on signals
@@ -105,10 +109,12 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values under today's keys; data_identity only once the loop has recorded it, the ablation
-        switches (force_weight_norm, loss.learned_weighting) only when they are off."""
+        switches (force_weight_norm, loss.learned_weighting) only when they are off, the traditional EMA's settings
+        (ema_halflife, ema_rampup) only when set."""
         out = dataclasses.asdict(self)
-        if out["data_identity"] is None:
-            del out["data_identity"]
+        for key in ("data_identity", "ema_halflife", "ema_rampup"):
+            if out[key] is None:
+                del out[key]
         # The ablation ladder's switches appear only when off, so that other runs' files keep their keys.
         if out["force_weight_norm"]:
             del out["force_weight_norm"]
@@ -174,11 +180,23 @@ class TrainingConfig:
             sigma_data=c.loss.sigma_data, eps=c.eps, betas=c.betas, ema_stds=c.ema_stds,
             dropout=c.network.get("dropout", 0.0),
         )
+        for key in ("ema_halflife", "ema_rampup"):
+            if getattr(c, key) is not None:
+                numbers[key] = getattr(c, key)
         for option, value in numbers.items():  # nan and inf pass range checks (every comparison with nan is false)
             values = value if isinstance(value, (list, tuple)) else [value]
             if not all(_is_number(v) and math.isfinite(v) for v in values):
-                name = "ema-stds" if option == "ema_stds" else option  # the command line's spelling
+                name = option.replace("_", "-") if option.startswith("ema_") else option  # the command line's
                 raise TrainingError(f"--{name} must be finite, got {value!r}")
+        if c.ema_halflife is not None and c.ema_halflife < 0:
+            raise TrainingError(f"--ema-halflife must be a non-negative number of images, got {c.ema_halflife!r}")
+        if c.ema_rampup is not None:
+            if c.ema_halflife is None:
+                raise TrainingError("--ema-rampup applies to the traditional EMA only: give --ema-halflife too")
+            if not 0 <= c.ema_rampup <= 1:
+                raise TrainingError(
+                    f"--ema-rampup must lie in [0, 1] (a fraction of the images seen), got {c.ema_rampup!r}"
+                )
         if len(c.betas) != 2:
             raise TrainingError(f"--betas must be two numbers, got {c.betas!r}")
         if not all(0 <= b < 1 for b in c.betas):

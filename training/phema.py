@@ -248,39 +248,63 @@ class PowerFunctionEMA:
 
 
 class TraditionalEMA:
-    """A classic exponential moving average with a half-life in images and an optional ramp-up (EDM, for
-    comparison): beta = 0.5^(batch / h) with h = min(halflife_nimg, rampup_ratio * cur_nimg).
+    """A classic exponential moving average with a half-life in images and an optional ramp-up (EDM, Karras et al.
+    2022; the ablation ladder's configs A-B, docs/design.md §13): beta = 0.5^(batch / max(h, 1e-8)) with
+    h = min(halflife_nimg, rampup_ratio * n), n the images seen.
 
-    The defaults are the official EDM2 code's (halflife_Mimg=inf, rampup_ratio=0.09): the half-life is always
+    `count_before_step` picks n: False (default) the images seen after the step, as the official EDM2 class;
+    True the images seen before it, as EDM's training loop (its first update, at n = 0, copies the network, like
+    the power-function EMA's). `update` and `betas` take cur_nimg after the step either way, as PowerFunctionEMA.
+
+    The defaults are the official EDM2 code's (halflife_nimg=inf, rampup_ratio=0.09): the half-life is always
     9% of the images seen, i.e. the EMA forgets at a fixed fraction of training time. (EDM's own defaults were a
-    500k-image half-life with rampup_ratio 0.05; pass them explicitly to compare with EDM.)"""
+    500k-image half-life with rampup_ratio 0.05; pass them explicitly to compare with EDM.)
+
+    It offers PowerFunctionEMA's interface with one network (`emas`, `betas`, `update`, iteration, state dicts), so
+    the training loop's post-step (fused or not) updates either kind the same way."""
 
     def __init__(
         self,
         net: torch.nn.Module,  # the network being trained; copied once
         halflife_nimg: float = math.inf,  # half-life of the average, in training images (official default: inf)
         rampup_ratio: float | None = 0.09,  # cap the half-life at this fraction of the images seen; None = off
+        count_before_step: bool = False,  # the ramp-up counts the images before the step (EDM) or after (EDM2)
     ):
-        if not (isinstance(halflife_nimg, (int, float)) and halflife_nimg > 0):
-            raise ValueError(f"TraditionalEMA: halflife_nimg must be positive, got {halflife_nimg!r}")
-        if rampup_ratio is not None and not (isinstance(rampup_ratio, (int, float)) and rampup_ratio > 0):
-            raise ValueError(f"TraditionalEMA: rampup_ratio must be positive or None, got {rampup_ratio!r}")
+        if not (isinstance(halflife_nimg, numbers.Real) and not isinstance(halflife_nimg, bool) and halflife_nimg >= 0):
+            raise ValueError(f"TraditionalEMA: halflife_nimg must be a non-negative number, got {halflife_nimg!r}")
+        if rampup_ratio is not None and not (
+            isinstance(rampup_ratio, numbers.Real) and not isinstance(rampup_ratio, bool) and 0 <= rampup_ratio <= 1
+        ):
+            raise ValueError(f"TraditionalEMA: rampup_ratio must be a number in [0, 1] or None, got {rampup_ratio!r}")
         if math.isinf(halflife_nimg) and rampup_ratio is None:
             raise ValueError("TraditionalEMA: an infinite halflife_nimg needs a rampup_ratio (else it never updates)")
         self.halflife_nimg = float(halflife_nimg)
         self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
+        self.count_before_step = bool(count_before_step)
         self.ema = _frozen_copy(net)
 
+    @property
+    def emas(self) -> list[torch.nn.Module]:
+        """The tracked copy, as a list (PowerFunctionEMA's attribute, read by the post-step)."""
+        return [self.ema]
+
     def beta(self, cur_nimg: int, batch_size: int) -> float:
+        """The decay of the step that brought training to cur_nimg images (after the step)."""
         halflife = self.halflife_nimg
         if self.rampup_ratio is not None:
-            halflife = min(halflife, cur_nimg * self.rampup_ratio)  # short memory early in training
+            seen = cur_nimg - batch_size if self.count_before_step else cur_nimg
+            halflife = min(halflife, seen * self.rampup_ratio)  # short memory early in training
         return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+    def betas(self, cur_nimg: int, batch_size: int) -> list[float]:
+        """[beta]: PowerFunctionEMA's interface, one EMA."""
+        _check_step(cur_nimg, batch_size, "TraditionalEMA")
+        return [self.beta(cur_nimg, batch_size)]
 
     @torch.no_grad()
     def update(self, net: torch.nn.Module, cur_nimg: int, batch_size: int) -> None:
-        _check_step(cur_nimg, batch_size, "TraditionalEMA")
-        _blend_into(self.ema, net, self.beta(cur_nimg, batch_size))
+        (beta,) = self.betas(cur_nimg, batch_size)
+        _blend_into(self.ema, net, beta)
 
     def ema_networks(self) -> list[tuple[None, torch.nn.Module]]:
         """[(None, ema network)]: None because a traditional EMA has no power-function std."""
@@ -292,10 +316,30 @@ class TraditionalEMA:
     def __len__(self) -> int:
         return 1
 
+    def describe(self) -> dict[str, float | bool | None]:
+        """The settings as JSON values (a snapshot's header): an infinite half-life as None."""
+        halflife = None if math.isinf(self.halflife_nimg) else self.halflife_nimg
+        return dict(kind="traditional", halflife_nimg=halflife, rampup_ratio=self.rampup_ratio,
+                    count_before_step=self.count_before_step)  # fmt: skip
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"halflife_nimg": torch.tensor(self.halflife_nimg, dtype=torch.float64)}
+        """A flat {name: tensor} dict (safetensors-friendly): the settings (a ramp-up ratio of None as -1) and
+        'ema.{key}'."""
+        state = {
+            "halflife_nimg": torch.tensor(self.halflife_nimg, dtype=torch.float64),
+            "rampup_ratio": torch.tensor(-1.0 if self.rampup_ratio is None else self.rampup_ratio, dtype=torch.float64),
+        }
         state.update({f"ema.{k}": v.detach().clone() for k, v in self.ema.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the EMA bit-exactly; the half-life and ramp-up in `state` (where recorded) must be this tracker's."""
+        if "stds" in state:
+            raise ValueError("TraditionalEMA.load_state_dict: the state holds power-function EMAs (it has 'stds')")
+        ratio = -1.0 if self.rampup_ratio is None else self.rampup_ratio
+        for key, value in dict(halflife_nimg=self.halflife_nimg, rampup_ratio=ratio).items():
+            if key in state and float(state[key]) != value:
+                raise ValueError(
+                    f"TraditionalEMA.load_state_dict: the state has {key} {float(state[key])}, this tracker {value}"
+                )
         self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")}, strict=True)

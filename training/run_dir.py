@@ -28,6 +28,8 @@ from .encoders import LEGACY_VAE_PIXEL_RANGE
 
 CHECKPOINT_PATTERN = "training-state-{nimg:012d}.safetensors"
 SNAPSHOT_PATTERN = "network-snapshot-{kimg:07d}-{std:.3f}.safetensors"
+# The traditional EMA's snapshots (ablation configs A-B): no std in the name, so that no tool reads them as one
+TRADITIONAL_SNAPSHOT_PATTERN = "network-snapshot-{kimg:07d}-ema.safetensors"
 OPTIONS_FILE = "training_options.json"
 STATS_FILE = "stats.jsonl"
 LOCK_FILE = ".lock"

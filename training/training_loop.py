@@ -32,14 +32,18 @@ from .encoders import encoder_from_config
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
 from .model_files import save_network
-from .phema import PowerFunctionEMA
+from .phema import PowerFunctionEMA, TraditionalEMA
 from .progress import LOG_FILE, Progress, RunLog
 from .run_dir import (  # noqa: F401 (list_checkpoints, SNAPSHOT_PATTERN, ... re-exported)
-    CHECKPOINT_PATTERN, KEEP_CHECKPOINTS, OPTIONS_FILE, RESUMABLE_CHANGES, SNAPSHOT_PATTERN, STATS_FILE, RunDirError,
-    RunLock, check_config, checkpoint_path, dataset_identity, list_checkpoints, load_latest_checkpoint,
-    prune_checkpoints, read_options, remove_temp_files, truncate_stats, write_json,
+    CHECKPOINT_PATTERN, KEEP_CHECKPOINTS, OPTIONS_FILE, RESUMABLE_CHANGES, SNAPSHOT_PATTERN, STATS_FILE,
+    TRADITIONAL_SNAPSHOT_PATTERN, RunDirError, RunLock, check_config, checkpoint_path, dataset_identity,
+    list_checkpoints, load_latest_checkpoint, prune_checkpoints, read_options, remove_temp_files, truncate_stats,
+    write_json,
 )
 from .schedule import learning_rate_schedule
+
+EMA = PowerFunctionEMA | TraditionalEMA
+
 
 class TrainingStopped(Exception):
     """SIGINT / SIGTERM stopped the run after its checkpoint was saved; `exit_code` is the shell's 128 + signal."""
@@ -124,6 +128,15 @@ def build_dataset_and_net(config: TrainingConfig) -> tuple[ImageFolderDataset, A
     dataset, kwargs = _dataset_and_network_kwargs(config)
     encoder = encoder_from_config(config.encoder)
     return dataset, encoder, _make_network(kwargs)
+
+
+def build_ema(net: torch.nn.Module, config: TrainingConfig) -> EMA:
+    """The configuration's EMA of the trained weights: the power-function EMAs of ema_stds (Eq. 127), or with
+    ema_halflife the traditional EMA, its ramp-up counting the images before each step as EDM's loop does
+    (docs/design.md §13)."""
+    if config.ema_halflife is None:
+        return PowerFunctionEMA(net, config.ema_stds)
+    return TraditionalEMA(net, config.ema_halflife, config.ema_rampup, count_before_step=True)
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -263,7 +276,7 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
     torch.manual_seed(config.seed * world + rank)  # dropout; restored on resume
     plan.apply(net.to(device).train())  # attention / dropout modules, layouts, cuDNN's autotuner (fixed shapes)
     optimizer = plan.adam(net, lr=config.lr.ref_lr, betas=tuple(config.betas), eps=config.eps)
-    ema = PowerFunctionEMA(net, config.ema_stds) if rank == 0 else None
+    ema = build_ema(net, config) if rank == 0 else None
     try:
         post_step = plan.post_step(net, optimizer, ema, normalize=config.force_weight_norm)
     except ValueError as e:
@@ -395,7 +408,8 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
             if averager is not None:
                 # gathers and all-reduces chunk by chunk; the post-step updates each once averaged
                 averager.start_average()
-            # Non-finite grads zeroed, Adam, EMAs (Eq. 127), forced weight normalization (Eq. 66).
+            # Non-finite grads zeroed, Adam, the EMAs (Eq. 127, or the traditional one), forced weight normalization
+            # (Eq. 66).
             post_step(cur_nimg + batch, batch, ready=averager)
             before, cur_nimg, step = cur_nimg, cur_nimg + batch, step + 1
             progress.update(batch)
@@ -468,7 +482,7 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def check_finite(
-    net: torch.nn.Module, ema: PowerFunctionEMA | None, cur_nimg: int, optimizer: torch.optim.Optimizer | None = None
+    net: torch.nn.Module, ema: EMA | None, cur_nimg: int, optimizer: torch.optim.Optimizer | None = None
 ) -> None:
     """Raise TrainingError if the weights, (rank 0) the EMAs or the optimizer's moments hold nan / inf; every rank
     raises together. An infinite second moment (a finite gradient above 1.8e19 squared) leaves its weight finite but
@@ -481,7 +495,8 @@ def check_finite(
         bad += nonfinite_tensors(moments)
     if ema is not None:
         for std, ema_net in ema:
-            bad += [f"ema {std:.3f}: {name}" for name in nonfinite_tensors(dict(ema_net.named_parameters()))]
+            label = "traditional" if std is None else f"{std:.3f}"
+            bad += [f"ema {label}: {name}" for name in nonfinite_tensors(dict(ema_net.named_parameters()))]
     if dist.all_reduce_sum(len(bad)) > 0:
         where = f" ({len(bad)} tensor(s), e.g. {bad[0]})" if bad else ""
         raise TrainingError(
@@ -505,12 +520,19 @@ def _write_errors(run_dir: str, what: str):
         ) from None
 
 
-def save_snapshots(run_dir: str, ema: PowerFunctionEMA, encoder, cur_nimg: int) -> None:
+def save_snapshots(run_dir: str, ema: EMA, encoder, cur_nimg: int) -> None:
+    """One file per power-function EMA (network-snapshot-KIMG-STD), or the traditional EMA's network-snapshot-KIMG-ema
+    (a name the post-hoc tools' PREFIX-KIMG-STD selection never matches; its header says what it averages)."""
     from .plot_stats import plot_loss_curves
 
     for std, ema_net in ema:
-        path = os.path.join(run_dir, SNAPSHOT_PATTERN.format(kimg=cur_nimg // 1000, std=std))
-        save_network(path, ema_net, encoder=encoder.config(), ema_std=std, training_nimg=cur_nimg)
+        if std is None:
+            path = os.path.join(run_dir, TRADITIONAL_SNAPSHOT_PATTERN.format(kimg=cur_nimg // 1000))
+            extra = dict(ema=ema.describe())
+        else:
+            path = os.path.join(run_dir, SNAPSHOT_PATTERN.format(kimg=cur_nimg // 1000, std=std))
+            extra = None
+        save_network(path, ema_net, encoder=encoder.config(), ema_std=std, training_nimg=cur_nimg, extra=extra)
     if os.path.isfile(os.path.join(run_dir, STATS_FILE)):
         plot_loss_curves([run_dir], os.path.join(run_dir, "loss.png"))  # a picture of the run so far
 
