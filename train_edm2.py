@@ -133,6 +133,13 @@ def build_config(opts: dict) -> TrainingConfig:
             c.ema_rampup = None  # the power-function EMAs have no ramp-up
     if opts["ema_rampup"] is not None:
         c.ema_rampup = parse_optional_float(opts["ema_rampup"], "--ema-rampup")
+    ctx = click.get_current_context(silent=True)
+    stds_given = ctx is not None and ctx.get_parameter_source("ema_stds") == click.core.ParameterSource.COMMANDLINE
+    if stds_given and c.ema_halflife is not None:
+        raise click.BadParameter(
+            "the power-function EMA stds do not apply to a run with the traditional EMA (--ema-halflife, or the "
+            "preset's); drop --ema-stds, or pass --ema-halflife none", param_hint="'--ema-stds'"
+        )
     c.cond, c.xflip, c.seed, c.workers = opts["cond"], opts["xflip"], opts["seed"], opts["workers"]
     c.max_nonfinite_status = opts["max_nonfinite_status"]
     c.compile, c.kernels, c.grad_sync = opts["compile_net"], opts["kernels"], opts["grad_sync"]
@@ -206,7 +213,7 @@ def describe_default_recipe(config: TrainingConfig) -> str:
               help="Learning-rate decay start t_ref, in batches (0 = none)")
 @click.option("--rampup", default=None, help="Learning-rate ramp-up in images [default: 10000000, not 10Mi]")
 @click.option("--ema-stds", "ema_stds", default="0.050,0.100",
-              help="Power-function EMA stds to track and snapshot (unused with the traditional EMA, --ema-halflife)")
+              help="Power-function EMA stds to track and snapshot (not with the traditional EMA, --ema-halflife)")
 @click.option("--ema-halflife", "ema_halflife", default=None,
               help="A traditional EMA (EDM) with this half-life in images instead of the power-function EMAs, e.g. "
               "40Mi; 'none' = the power-function EMAs [default: the preset's, none but for ablation-a/b]")

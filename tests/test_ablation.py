@@ -344,8 +344,8 @@ def test_command_line_ema_options(tmp_path, data):
     assert a["ema_halflife"] == 655 and a["ema_rampup"] == 0.05
     b = config("ablation-b-demo", "--ema-halflife", "4Ki", "--ema-rampup", "none")
     assert b["ema_halflife"] == 4096 and "ema_rampup" not in b
-    power = config("ablation-a-demo", "--ema-halflife", "none")
-    assert "ema_halflife" not in power and "ema_rampup" not in power
+    power = config("ablation-a-demo", "--ema-halflife", "none", "--ema-stds", "0.1")
+    assert "ema_halflife" not in power and "ema_rampup" not in power and power["ema_stds"] == [0.1]
     c = config("ablation-c-demo", "--ema-halflife", "1000", "--ema-rampup", "0.1")
     assert c["ema_halflife"] == 1000 and c["ema_rampup"] == 0.1
     for extra, message in [
@@ -353,6 +353,7 @@ def test_command_line_ema_options(tmp_path, data):
         (["--ema-rampup", "x"], "expected a number or 'none', got 'x'"),
         (["--ema-halflife", "-5"], "--ema-halflife"),
         (["--ema-halflife", "none", "--ema-rampup", "0.1"], "--ema-rampup applies to the traditional EMA only"),
+        (["--ema-stds", "0.1"], "the power-function EMA stds do not apply to a run with the traditional EMA"),
     ]:
         r = dry_run("ablation-a-demo", *extra)
         assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (extra, r.output)
