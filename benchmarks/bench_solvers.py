@@ -92,7 +92,8 @@ def main(preset: str, batch: int, runs: str, precision: str, guidance: float, st
         for p in [*net.parameters(), *gnet.parameters()]:
             if p.ndim == 0:  # gains start at 0 (the network would output nothing): give them random values
                 p.uniform_(0.5, 1.5)
-    net, gnet = edm2.prepare_for_sampling(net.to(device)), edm2.prepare_for_sampling(gnet.to(device))
+    prep = dict(compile=False)  # parity uncompiled; --compile compiles afterwards
+    net, gnet = edm2.prepare_for_sampling(net.to(device), **prep), edm2.prepare_for_sampling(gnet.to(device), **prep)
     with torch.no_grad():
         result = {"benchmark": "solvers", "parity_max_abs_diff": parity(net, gnet, device, [0, 1, 2, 2**32 + 3], 6)}
     if compile_net:

@@ -125,7 +125,7 @@ def compare(a, b) -> dict:
 
 def project_images(net, device: str, precision: str, kernels: str) -> dict:
     """This project's images for every setting of CONFIGS, in one configuration of generate.py: kernels 'fast',
-    'compiled' (fast and torch.compile, generate.py's default from 1024 images per GPU) or 'reference'."""
+    'compiled' (fast and torch.compile, generate.py's default from 2048 images per GPU) or 'reference'."""
     import torch
 
     from edm2.generation import generate_batch, prepare_for_sampling

@@ -169,7 +169,7 @@ def images_per_process(seeds: Sequence[int], batch_size: int) -> int:
 
 # Below this many images per process, compiling for sampling costs more time than it saves, even with the
 # compiler's cache warm (figures in docs/design.md §14).
-COMPILE_MIN_IMAGES = 1024
+COMPILE_MIN_IMAGES = 2048
 
 
 def prepare_for_sampling(
