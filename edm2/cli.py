@@ -22,6 +22,7 @@ from typing import Any
 import click
 import torch
 
+from accel import check_fp8_device
 from torch_utils import distributed as dist
 
 from . import official  # official.resolve_official_preset looked up at call time: tests stand in for it
@@ -34,9 +35,9 @@ from .seeds import parse_seeds
 from .solvers import SOLVERS, get_solver
 
 __all__ = [
-    "CLI_NAMES", "bad_option", "guidance_interval_option", "load_option", "model_click_options",
-    "resolve_model_options", "sampling_settings_from_cli", "seeds_option", "settings_from_cli",
-    "solver_click_options", "std_list_option",
+    "CLI_NAMES", "bad_option", "check_fp8_option", "check_speed_options", "guidance_interval_option", "load_option",
+    "model_click_options", "prepare_option", "resolve_model_options", "sampling_settings_from_cli", "seeds_option",
+    "settings_from_cli", "solver_click_options", "speed_click_options", "std_list_option",
 ]
 
 # Library argument -> the option that sets it, for error messages.
@@ -184,8 +185,6 @@ def check_fp8_option(precision: str | None, device: torch.device) -> None:
     """--precision fp8 on a device without FP8 matrix units: click error naming the option (before loading)."""
     if precision != "fp8":
         return
-    from accel import check_fp8_device
-
     try:
         check_fp8_device(device)
     except ValueError as e:
