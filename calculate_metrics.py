@@ -217,7 +217,7 @@ def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, incepti
     type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
     default=None,
     help="Network activation precision; fp8: bf16 with FP8 (e4m3) convolutions (compute capability 8.9+, as "
-    "generate.py)  [default: the model file's]",
+    "generate.py; experimental)  [default: the model file's]",
 )
 @click.option("--vae", metavar="NAME|DIR", default=None,
               help="Latent networks: the VAE decoder, a hub name or a local folder  [default: the model file's]")

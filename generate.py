@@ -50,7 +50,8 @@ from training.encoders import VAELoadError
     type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
     default=None,
     help="Network activation precision; fp8: bf16 with the 1x1 and 3x3 convolutions as FP8 (e4m3) matrix "
-    "products (GPUs of compute capability 8.9+: Ada, Hopper; faster, less exact: see the README)  [default: the "
+    "products (GPUs of compute capability 8.9+: Ada, Hopper; experimental: slower than bf16 so far and less "
+    "exact, see the README)  [default: the "
     "model file's; fp16 only on CUDA, as the official code]",
 )
 @click.option(
