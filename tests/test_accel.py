@@ -69,6 +69,20 @@ def test_training_compiles_runs_long_enough_to_pay(monkeypatch):
     assert not speed_plan(long_run, torch.device("cpu"), 1).compile
 
 
+def test_gpus_triton_cannot_serve_run_the_reference_uncompiled(monkeypatch):
+    import accel.kernels as kernels
+
+    if kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))  # Pascal
+    assert not kernels.kernels_available("cuda")
+    plan = resolve_speed_plan("cuda")
+    assert not plan.compile and not plan.fused_step and not plan.fast_dropout
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper
+    assert kernels.kernels_available("cuda") and resolve_speed_plan("cuda").compile
+
+
 def test_compile_cache_outlives_tmp(monkeypatch, tmp_path):
     from accel import compile_cache_dir
 
