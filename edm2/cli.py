@@ -196,12 +196,9 @@ def prepare_option(
     precision: str | None = None,
 ) -> torch.nn.Module:
     """edm2.generation.prepare_for_sampling for these options and this process's share of the seeds (with the FP8
-    convolutions for --precision fp8)."""
-    fp8 = precision == "fp8"
-    if fp8:  # the device and kernels (check_fp8_option, check_speed_options) were checked: this is a last guard
-        check_fp8_option(precision, next(net.parameters()).device)
+    convolutions for --precision fp8, whose device load_option checked and kernels check_speed_options)."""
     return prepare_for_sampling(net, compile=compile_net, reference=kernels == "reference",
-                                num_images=images_per_process(seeds, batch_size), fp8=fp8)
+                                num_images=images_per_process(seeds, batch_size), fp8=precision == "fp8")
 
 
 # ----------------------------------------------------------------------------------------------------------

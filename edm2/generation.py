@@ -162,9 +162,15 @@ def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
     return [seeds[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def process_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
+    """This process's share of seed_batches(seeds, batch_size): every world_size-th global batch, so each image is
+    computed in the same batch whatever the number of processes."""
+    return dist.split_for_rank(seed_batches(seeds, batch_size))
+
+
 def images_per_process(seeds: Sequence[int], batch_size: int) -> int:
-    """How many of `seeds` this process samples (whole batches are dealt to ranks, as generate_images does)."""
-    return sum(len(b) for b in dist.split_for_rank(seed_batches(seeds, batch_size)))
+    """How many of `seeds` this process samples (process_batches)."""
+    return sum(len(b) for b in process_batches(seeds, batch_size))
 
 
 # Below this many images per process, compiling for sampling costs more time than it saves, even with the
@@ -320,7 +326,7 @@ def generate_images(
     encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    my_batches = dist.split_for_rank(seed_batches(seeds, batch_size), rank, world_size)
+    my_batches = process_batches(seeds, batch_size)
     kept: dict[int, np.ndarray] = {}  # seed -> image, only for the grid
     stats = SamplerStats()
     start = time.perf_counter()

@@ -44,7 +44,7 @@ from training.dataset import DatasetError, ImageFolderDataset
 
 from .detectors import METRICS, load_detector
 from .download import resolve_path_or_url
-from .generation import generate_batch, generation_encoder, resolve_settings, seed_batches
+from .generation import generate_batch, generation_encoder, process_batches, resolve_settings
 from .guidance import GuidedDenoiser
 from .official_pickle import load_official_pickle
 
@@ -434,7 +434,7 @@ def iterate_generated_images(
     denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
     encoder = generation_encoder(net, encoder_settings)
     device = torch.device(device) if device is not None else dist.device()
-    my_batches = dist.split_for_rank(seed_batches(seeds, batch_size))
+    my_batches = process_batches(seeds, batch_size)
 
     def batches() -> Iterator[torch.Tensor]:
         for batch in my_batches:
