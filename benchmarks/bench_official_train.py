@@ -25,6 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import random_latent_zip  # noqa: E402
 
+# Newer torch's Sampler.__init__ takes no data source, which the official InfiniteSampler still passes; the shim
+# accepts it, so that the official code runs unchanged (its files are not edited).
+SAMPLER_SHIM = (
+    "import runpy, sys, torch.utils.data as data; data.Sampler.__init__ = lambda self, *args, **kwargs: None; "
+    "sys.argv[0] = 'train_edm2.py'; runpy.run_path('train_edm2.py', run_name='__main__')"
+)
 STATUS = re.compile(r"^Status: kimg\s+([\d.]+)\s+time\s+.+?\s+sec/tick\s+([\d.]+)\s.*gpumem\s+([\d.]+)")
 
 
@@ -45,7 +51,8 @@ def main(official_dir: str, preset: str, batch_gpu: int, steps: int, interval: i
     try:
         data = random_latent_zip(os.path.join(tmp, "latents.zip"), 512, 64, 1000)
         command = [
-            sys.executable, "train_edm2.py", "--outdir", os.path.join(tmp, "run"), "--data", data, "--preset", preset,
+            sys.executable, "-c", SAMPLER_SHIM,
+            "--outdir", os.path.join(tmp, "run"), "--data", data, "--preset", preset,
             "--batch", str(batch_gpu), "--batch-gpu", str(batch_gpu), "--duration", str(batch_gpu * steps),
             "--status", str(batch_gpu * interval), "--snapshot", "0", "--checkpoint", "0",
         ]

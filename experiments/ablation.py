@@ -45,7 +45,7 @@ from torch_utils.state_io import atomic_write_bytes, write_json
 SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(duration=4 * Ki, batch=32, status=256, parallel=1, num_images=512, time_limit=600, precision="fp32"),
     "gpu": dict(
-        duration=4096 * Ki, batch=256, status=32 * 256, parallel=7, num_images=2000, time_limit=420, precision="bf16"
+        duration=640 * Ki, batch=256, status=8 * 256, parallel=7, num_images=2000, time_limit=480, precision="bf16"
     ),
 }
 
@@ -59,7 +59,7 @@ def train_command(run_dir: str, data: str, letter: str, s: dict[str, Any], seed:
         sys.executable, os.path.join(ROOT, "train_edm2.py"), "--outdir", run_dir, "--data", data,
         "--preset", f"ablation-{letter}-demo", "--duration", str(s["duration"]), "--batch", str(s["batch"]),
         "--status", str(s["status"]), "--snapshot", "0", "--checkpoint", "0", "--workers", "0", "--seed", str(seed),
-        "--precision", s["precision"],
+        "--precision", s["precision"], "--instruments",  # on even where a long run compiles (default: off)
     ]  # fmt: skip
     if "ema_halflife" in preset_training_kwargs(f"ablation-{letter}-demo"):
         # The traditional EMA's half-life follows this run's duration, as the preset's follows the preset's.
@@ -103,21 +103,23 @@ def train_all(rundir: str, letters: list[str], s: dict[str, Any], seed: int) -> 
                     bar.update(1)
 
 
-def drift(values: list[float]) -> float:
-    """Last reading / first reading, averaged in log space over the stages: 1 = no drift."""
-    return float(np.exp(np.mean([math.log(v[-1] / v[0]) for v in values if v[0] > 0 and v[-1] > 0])))
+def drift(values: list[list[float]]) -> float | None:
+    """Last reading / first reading, averaged in log space over the stages: 1 = no drift; None without readings."""
+    logs = [math.log(v[-1] / v[0]) for v in values if v[0] > 0 and v[-1] > 0]
+    return float(np.exp(np.mean(logs))) if logs else None
 
 
 def run_figures(entries: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(entries)
     tail = entries[n - max(n // 10, 1):]
+    activations = list(magnitude_series(entries, "feat_rms").values())
     return dict(
         images=int(entries[-1]["nimg"]),
         readings=n,
         final_loss=float(np.mean([e["loss"] for e in tail])),
-        activation_drift=drift(list(magnitude_series(entries, "feat_rms").values())),
+        activation_drift=drift(activations),
         weight_drift=drift(list(magnitude_series(entries, "weight_norm").values())),
-        final_activation_rms=float(np.mean([v[-1] for v in magnitude_series(entries, "feat_rms").values()])),
+        final_activation_rms=float(np.mean([v[-1] for v in activations])) if activations else None,
     )
 
 
@@ -194,7 +196,8 @@ def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | N
 def markdown_table(results: dict[str, Any]) -> str:
     lines = [
         f"Compared over the first {results['common_images']} images that every run reached; the EMA columns: each "
-        "run's final EMA snapshot with the lowest held-out loss in EDM weighting (runs stopped early wrote none).",
+        "run's final EMA snapshot with the lowest held-out loss in EDM weighting (runs stopped early wrote none); "
+        "— in a magnitude column: the run's status lines carry no magnitudes (trained without --instruments).",
         "",
         "| config | final loss | activation drift (last / first) | weight drift (last / first) "
         "| final activation RMS | EMA (images) | EMA loss (EDM weighting, held out) |",
@@ -205,8 +208,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         loss = f"{f['final_loss']:.4f}" + (" (EDM weighting)" if letter == "a" else "")
         best = emas.get(letter, {}).get("best")
         ema = f"{best['ema']} ({best['images']}) | {best['loss']:.4f}" if best else "— | —"
-        lines.append(f"| {letter.upper()} | {loss} | {f['activation_drift']:.4f} | {f['weight_drift']:.4f} | "
-                     f"{f['final_activation_rms']:.3f} | {ema} |")  # fmt: skip
+        act, weight, rms = (("—" if f[k] is None else f"{f[k]:{spec}}") for k, spec in
+                            (("activation_drift", ".4f"), ("weight_drift", ".4f"), ("final_activation_rms", ".3f")))
+        lines.append(f"| {letter.upper()} | {loss} | {act} | {weight} | {rms} | {ema} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +231,8 @@ def plot(path: str, cut: dict[str, list[dict[str, Any]]]) -> None:
             ax_loss.plot(kimg, [e["loss"] for e in entries], label=letter.upper(), color=color)
         for ax, what in ((ax_act, "feat_rms"), (ax_w, "weight_norm")):
             series = list(magnitude_series(entries, what).values())
+            if not series:  # a run trained without --instruments: no magnitudes to draw ("—" in the table)
+                continue
             n = min(len(v) for v in series)
             rel = [float(np.exp(np.mean([math.log(v[i] / v[0]) for v in series]))) for i in range(n)]
             ax.plot(kimg[:n], rel, label=letter.upper(), color=color)

@@ -63,7 +63,7 @@ def train_command(
         sys.executable, os.path.join(ROOT, "train_edm2.py"), "--outdir", run_dir, "--data", data, "--preset", "demo",
         "--arch", backbone, "--skip-scaling", mode, "--duration", str(s["duration"]), "--batch", str(s["batch"]),
         "--status", str(s["status"]), "--snapshot", "0", "--checkpoint", "0", "--workers", str(s["workers"]),
-        "--seed", str(seed),
+        "--seed", str(seed), "--instruments",  # on even where a long run compiles (it would default to off)
     ]  # fmt: skip
     return cmd + (["--kappa", str(kappa)] if mode == "cs" else [])
 

@@ -434,3 +434,10 @@ def test_experiment_runs_end_to_end_on_the_cpu(tmp_path):
     assert results["modes"]["none"]["sum_sq_skip_scale"] == pytest.approx(results["modes"]["none"]["num_skips"])
     assert results["modes"]["ls"]["sum_sq_skip_scale"] < results["modes"]["ls"]["num_skips"]
     assert (tmp_path / "scalelong.png").stat().st_size > 100
+
+
+def test_experiment_runs_carry_the_instruments():
+    # The GPU setting's runs are long enough to compile, which turns the instruments off unless asked for.
+    sl = _experiment_module()
+    command = sl.train_command("r", "d.zip", "edm2-unet", "cs", dict(sl.SETTINGS["gpu"]), 0.7, 0)
+    assert "--instruments" in command and command[command.index("--kappa") + 1] == "0.7"
