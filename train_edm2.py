@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from typing import TypeVar
 
 import click
 
@@ -51,10 +53,15 @@ def parse_float_list(value: str, option: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=option) from None
 
 
-def parse_optional_float(value: str, option: str) -> float | None:
-    """A number, or 'none'."""
-    if value.strip().lower() == "none":
-        return None
+T = TypeVar("T")
+
+
+def parse_optional(value: str, option: str, parse: Callable[[str, str], T]) -> T | None:
+    """'none', or what `parse` makes of the value (its error names the option)."""
+    return None if value.strip().lower() == "none" else parse(value, option)
+
+
+def parse_float(value: str, option: str) -> float:
     try:
         return float(value)
     except ValueError:
@@ -127,12 +134,11 @@ def build_config(opts: dict) -> TrainingConfig:
     net["precision"] = opts["precision"]  # 'auto' is resolved for the device by the training loop
     c.ema_stds = parse_float_list(opts["ema_stds"], "--ema-stds")
     if opts["ema_halflife"] is not None:
-        value = opts["ema_halflife"]
-        c.ema_halflife = None if value.strip().lower() == "none" else parse_nimg(value, "--ema-halflife")
+        c.ema_halflife = parse_optional(opts["ema_halflife"], "--ema-halflife", parse_nimg)
         if c.ema_halflife is None:
             c.ema_rampup = None  # the power-function EMAs have no ramp-up
     if opts["ema_rampup"] is not None:
-        c.ema_rampup = parse_optional_float(opts["ema_rampup"], "--ema-rampup")
+        c.ema_rampup = parse_optional(opts["ema_rampup"], "--ema-rampup", parse_float)
     ctx = click.get_current_context(silent=True)
     stds_given = ctx is not None and ctx.get_parameter_source("ema_stds") == click.core.ParameterSource.COMMANDLINE
     if stds_given and c.ema_halflife is not None:

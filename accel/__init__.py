@@ -67,6 +67,7 @@ class SpeedPlan:
     cudnn_benchmark: bool  # cuDNN's autotuner (CUDA)
     cuda: bool  # the device is a CUDA device
     fp8: str = "off"  # sampling: FP8 convolutions, 'off', 'on' (the kernels) or 'emulate' (accel/fp8.py)
+    not_compiled_because: str = dataclasses.field(default="", compare=False)  # for the logs ('' when compiled)
 
     def apply(self, net: torch.nn.Module, weights_channels_last: bool = True) -> torch.nn.Module:
         """Put the plan's modules and layouts into `net` (in place; returned for chaining): attention and dropout
@@ -209,8 +210,13 @@ def resolve_speed_plan(
     triton_kernels = fast and kernels_available(device)
     if compile is None:
         compile = triton_kernels and cuda
+        because = "" if compile else (
+            "no CUDA device" if not cuda else "reference kernels" if not fast else "no Triton for this GPU"
+        )
+    else:
+        because = "" if compile else "turned off"
     return SpeedPlan(
         compile=compile, kernels=kernels, channels_last=fast and cuda, fused_step=triton_kernels,
         fast_dropout=triton_kernels, fused_attention=fast, grad_sync=grad_sync or ("flat" if compile else "ddp"),
-        cudnn_benchmark=cudnn_benchmark, cuda=cuda, fp8=fp8,
+        cudnn_benchmark=cudnn_benchmark, cuda=cuda, fp8=fp8, not_compiled_because=because,
     )

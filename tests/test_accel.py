@@ -67,6 +67,15 @@ def test_training_compiles_runs_long_enough_to_pay(monkeypatch):
     assert speed_plan(dataclasses.replace(short_run, compile=True), cuda, 1).compile  # asked for
     assert not speed_plan(dataclasses.replace(long_run, compile=False), cuda, 1).compile
     assert not speed_plan(long_run, torch.device("cpu"), 1).compile
+    # The logs say why a plan is not compiled.
+    assert speed_plan(long_run, cuda, 1).not_compiled_because == ""
+    because = f"fewer than {COMPILE_MIN_STEPS} steps (--compile compiles)"
+    assert speed_plan(short_run, cuda, 1).not_compiled_because == because
+    assert speed_plan(short_run, cuda, 1).grad_sync == "ddp"  # the uncompiled default, not the compiled plan's
+    assert speed_plan(dataclasses.replace(long_run, compile=False), cuda, 1).not_compiled_because == "turned off"
+    assert speed_plan(long_run, torch.device("cpu"), 1).not_compiled_because == "no CUDA device"
+    reference = dataclasses.replace(long_run, kernels="reference")
+    assert speed_plan(reference, cuda, 1).not_compiled_because == "reference kernels"
 
 
 def test_gpus_triton_cannot_serve_run_the_reference_uncompiled(monkeypatch):

@@ -66,16 +66,24 @@ COMPILE_MIN_STEPS = 2000
 def speed_plan(config: TrainingConfig, device: torch.device, world_size: int) -> SpeedPlan:
     """The configuration's speed options resolved (accel.resolve_speed_plan; compile None = its default, except for
     runs of fewer than COMPILE_MIN_STEPS steps); a bad value is a TrainingError naming the option."""
-    compile = config.compile
-    if compile is None and isinstance(config.duration, int) and isinstance(config.batch, int) and config.batch > 0:
-        compile = None if config.duration // config.batch >= COMPILE_MIN_STEPS else False
-    try:
-        return resolve_speed_plan(
-            device, world_size, compile=compile, kernels=config.kernels, grad_sync=config.grad_sync,
-            cudnn_benchmark=config.cudnn_benchmark,
+    def resolve(compile: bool | None) -> SpeedPlan:
+        try:
+            return resolve_speed_plan(
+                device, world_size, compile=compile, kernels=config.kernels, grad_sync=config.grad_sync,
+                cudnn_benchmark=config.cudnn_benchmark,
+            )
+        except ValueError as e:
+            raise TrainingError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
+
+    plan = resolve(config.compile)
+    whole = all(isinstance(v, int) for v in (config.duration, config.batch)) and config.batch > 0
+    steps = config.duration // config.batch if whole else None
+    if config.compile is None and plan.compile and steps is not None and steps < COMPILE_MIN_STEPS:
+        # Uncompiled, the grad-sync default changes too: resolved again rather than patched.
+        plan = dataclasses.replace(
+            resolve(False), not_compiled_because=f"fewer than {COMPILE_MIN_STEPS} steps (--compile compiles)"
         )
-    except ValueError as e:
-        raise TrainingError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
+    return plan
 
 
 def _dataset_and_network_kwargs(config: TrainingConfig) -> tuple[ImageFolderDataset, dict[str, Any]]:
@@ -323,10 +331,8 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
         if plan.compile:
             compiled = f"compiled (cache in {compile_cache_dir()}; the first steps wait for the compiler)"
-        elif config.compile is None and resolve_speed_plan(device, world, kernels=config.kernels).compile:
-            compiled = f"not compiled: fewer than {COMPILE_MIN_STEPS} steps (--compile compiles)"
         else:
-            compiled = "not compiled"
+            compiled = f"not compiled: {plan.not_compiled_because}"
         log(f"Speed: kernels {plan.kernels}, {compiled}.")
 
     ddp, averager = plan.distribute(net, device, world)  # DDP, or the flat buffer's all-reduces ('flat')
