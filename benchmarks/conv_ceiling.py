@@ -7,13 +7,16 @@ A forward pass records each MPConv call's input and weight shape and each attent
 distinct shape is then timed in isolation (cuDNN autotuned, channels-last, CUDA events, median of repeats),
 and the times are summed with their multiplicities. The sum is what the step would cost if every
 elementwise operation were free: the measured step time over this sum is the overhead left to remove, and
-FLOPs over this sum is the best TFLOP/s these kernels allow.
+FLOPs over this sum is the best TFLOP/s these kernels allow. For sampling it also gives the least time of the
+elementwise work between the convolutions (`elementwise_bytes` at the measured copy bandwidth): with the
+convolutions as library calls, a forward pass cannot take less than the two floors together.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import sys
 
@@ -56,6 +59,26 @@ def record_shapes(net: torch.nn.Module, batch: int) -> tuple[collections.Counter
         for h in hooks:
             h.remove()
     return convs, attns
+
+
+def elementwise_bytes(convs: collections.Counter, attns: collections.Counter, elem_size: int) -> int:
+    """The least memory traffic of the elementwise work of one forward pass: every convolution's input is written
+    once by the elementwise kernel before it, which reads the previous convolution's output once (and so for
+    attention's q, k, v and output). Residual and skip reads come on top, so this is a lower bound for any
+    elementwise work that stays outside the convolutions."""
+    total = 0
+    for (xs, ws), count in convs.items():
+        if len(xs) == 4:  # [N, C, H, W] in, [N, O, H, W] out (same-padding convolutions)
+            total += count * (math.prod(xs) + xs[0] * ws[0] * xs[2] * xs[3])
+    total += sum(count * 4 * math.prod(shape) for shape, count in attns.items())
+    return total * elem_size
+
+
+def copy_bandwidth_gb_per_s(size_bytes: int = 2**30) -> float:
+    """Device memory bandwidth as a large copy achieves it (bytes read + written per second)."""
+    a = torch.empty(size_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * size_bytes / (time_ms(lambda: b.copy_(a)) / 1e3) / 1e9
 
 
 def time_ms(fn, repeats: int = 20) -> float:
@@ -149,6 +172,9 @@ def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int
     fwd = totals["fprop"] + totals["attn_fprop"]
     train = sum(totals.values())
     peak = matmul_peak_tflops()
+    traffic = elementwise_bytes(convs, attns, torch.finfo(dtype).bits // 8)
+    bandwidth = copy_bandwidth_gb_per_s()
+    elementwise_ms = traffic / bandwidth / 1e6
     print(json.dumps(dict(
         benchmark="conv_ceiling", preset=preset, batch=batch, precision=precision,
         matmul_peak_tflop_per_s=round(peak, 1),
@@ -157,6 +183,9 @@ def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int
         parts_tflop_per_s={k: round(flops[k] / totals[k], 1) for k in totals if totals[k] > 0},
         forward_floor_ms=round(fwd, 2), train_floor_ms=round(train, 2),
         sampling_img_per_s_bound_63_evals=round(batch / (fwd * 63 / 1e3), 1),
+        elementwise_gb_per_forward=round(traffic / 1e9, 2), copy_bandwidth_gb_per_s=round(bandwidth, 1),
+        elementwise_floor_ms=round(elementwise_ms, 2),
+        sampling_img_per_s_bound_with_elementwise=round(batch / ((fwd + elementwise_ms) * 63 / 1e3), 1),
         training_img_per_s_bound=round(batch / train * 1e3, 1),
         costliest=rows[:top], device=torch.cuda.get_device_name(), torch=torch.__version__,
     )))
