@@ -9,7 +9,8 @@ and the times are summed with their multiplicities. The sum is what the step wou
 elementwise operation were free: the measured step time over this sum is the overhead left to remove, and
 FLOPs over this sum is the best TFLOP/s these kernels allow. For sampling it also gives the least time of the
 elementwise work between the convolutions (`elementwise_bytes` at the measured copy bandwidth): with the
-convolutions as library calls, a forward pass cannot take less than the two floors together.
+convolutions as library calls, a forward pass cannot take less than the two floors together; likewise a training
+step, whose elementwise floor adds the backward's and the post-step's traffic.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int
     net = edm2.Precond(**edm2.preset_network_kwargs(preset, precision=precision)).cuda().eval()
     resolve_speed_plan(torch.device("cuda")).apply(net)  # fused (SDPA) attention, channels-last, as training runs
     convs, attns = record_shapes(net, batch)
+    num_params = sum(p.numel() for p in net.parameters())
     del net
     totals = collections.Counter()
     flops = collections.Counter()
@@ -175,6 +177,11 @@ def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int
     traffic = elementwise_bytes(convs, attns, torch.finfo(dtype).bits // 8)
     bandwidth = copy_bandwidth_gb_per_s()
     elementwise_ms = traffic / bandwidth / 1e6
+    # Training: the backward's elementwise work moves at least as much again (each gradient of a convolution's input
+    # read once, each gradient of its output written once), and the post-step reads the float32 weight, gradient,
+    # Adam's two moments and the two EMAs and writes all but the gradient: 11 x 4 bytes per parameter.
+    step_traffic = 2 * traffic + 11 * 4 * num_params
+    step_elementwise_ms = step_traffic / bandwidth / 1e6
     print(json.dumps(dict(
         benchmark="conv_ceiling", preset=preset, batch=batch, precision=precision,
         matmul_peak_tflop_per_s=round(peak, 1),
@@ -186,6 +193,8 @@ def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int
         elementwise_gb_per_forward=round(traffic / 1e9, 2), copy_bandwidth_gb_per_s=round(bandwidth, 1),
         elementwise_floor_ms=round(elementwise_ms, 2),
         sampling_img_per_s_bound_with_elementwise=round(batch / ((fwd + elementwise_ms) * 63 / 1e3), 1),
+        training_elementwise_floor_ms=round(step_elementwise_ms, 2),
+        training_img_per_s_bound_with_elementwise=round(batch / (train + step_elementwise_ms) * 1e3, 1),
         training_img_per_s_bound=round(batch / train * 1e3, 1),
         costliest=rows[:top], device=torch.cuda.get_device_name(), torch=torch.__version__,
     )))
