@@ -40,7 +40,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
-from training.dataset import DatasetError, ImageFolderDataset
+from training.dataset import DatasetError, ImageFolderDataset, share_worker_temp_dir
 
 from .detectors import METRICS, load_detector
 from .download import resolve_path_or_url
@@ -410,6 +410,8 @@ def iterate_dataset_images(
         collate_fn=_stack_images,
         prefetch_factor=2 if workers > 0 else None,
     )
+    if workers > 0:
+        share_worker_temp_dir()
     try:
         yield from loader
     except DatasetError as e:

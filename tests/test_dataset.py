@@ -198,3 +198,41 @@ def test_encode_then_train_on_latents(tmp_path, tiny_vae):
     f = load_network(tmp_path / "run" / "network-snapshot-0000000-0.050.safetensors")
     assert f.encoder["class"] == "stability_vae" and f.encoder["vae_name"] == tiny_vae
     assert f.net.img_channels == 4 and f.net.img_resolution == 8 and f.meta["training_nimg"] == 8
+
+
+WORKER_TEMP_DIRS = """
+import glob, os, sys, torch
+sys.path.insert(0, os.getcwd())
+from training.dataset import share_worker_temp_dir
+if sys.argv[1] == "shared":
+    share_worker_temp_dir()
+class Tensors(torch.utils.data.Dataset):
+    def __len__(self): return 32
+    def __getitem__(self, i): return torch.full([256], float(i))
+seen = set()
+for batch in torch.utils.data.DataLoader(Tensors(), batch_size=4, num_workers=2):
+    seen |= set(glob.glob(os.path.join(os.environ["TMPDIR"], "pymp-*")))
+print(len(seen))
+"""
+
+
+@pytest.mark.parametrize("mode", ["shared", "own"])
+def test_dataloader_workers_share_the_main_process_temp_dir(tmp_path, mode):
+    """With share_worker_temp_dir (the training loop and the metrics call it), the workers put the sockets that pass
+    their batches into the main process's multiprocessing temp dir, which only the main process removes, at its
+    exit: one dir while the workers run (instead of one per worker, each removed by its worker while a batch may
+    still be in flight), none after."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run([sys.executable, "-c", WORKER_TEMP_DIRS, mode], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, TMPDIR=str(temp)))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == (1 if mode == "shared" else 2)  # "own": what happens without it
+    if mode == "shared":
+        assert not list(temp.glob("pymp-*"))

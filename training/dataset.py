@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing.util
 import os
 import zipfile
 from typing import Any, Iterator
@@ -18,6 +19,15 @@ import torch
 
 IMAGE_EXTENSIONS = (".png",)
 ARRAY_EXTENSIONS = (".npy",)
+
+
+def share_worker_temp_dir() -> None:
+    """Call before a DataLoader starts its worker processes. A worker passes each batch's shared memory to the
+    main process through a socket in a multiprocessing temp dir; without one in the main process, every worker
+    makes its own, which is left behind in /tmp when the worker is stopped, and whose removal at the worker's exit
+    can race a batch still being sent and print a traceback. Made here, the workers inherit this process's temp
+    dir (without its clean-up, which multiprocessing runs once, at this process's exit, after the workers)."""
+    multiprocessing.util.get_temp_dir()
 
 
 class DatasetError(ValueError):

@@ -27,7 +27,7 @@ from torch_utils import distributed as dist
 from torch_utils.state_io import load_state, save_state
 
 from .config import MAX_NONFINITE_STATUS, TrainingConfig, TrainingError  # noqa: F401 (re-exported)
-from .dataset import DatasetError, ImageFolderDataset, InfiniteSampler, batch_chunk
+from .dataset import DatasetError, ImageFolderDataset, InfiniteSampler, batch_chunk, share_worker_temp_dir
 from .encoders import encoder_from_config
 from .instruments import SkipInstruments
 from .loss import EDM2Loss, reduce_batch_loss
@@ -348,6 +348,8 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
         # stream of a resumed run (restored from the checkpoint before this draw) against an uninterrupted one.
         generator=torch.Generator().manual_seed(config.seed),
     )
+    if config.workers:
+        share_worker_temp_dir()
     batches = iter(loader)
     stop, vote = _StopFlag(), _StopVote(device)
     stats_path = os.path.join(run_dir, STATS_FILE)
