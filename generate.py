@@ -116,7 +116,7 @@ def main(
             raise click.ClickException(str(e)) from None
         # w = 1 never evaluates the guiding network
         gnet = load_option("--gnet", gnet_path, device, precision).net if settings.needs_guide else None
-        net = prepare_option(net, kernels, compile_net, seeds, batch_size, precision)
+        net = prepare_option(net, kernels, compile_net, seeds, batch_size, precision, announce=True)
         gnet = prepare_option(gnet, kernels, compile_net, seeds, batch_size, precision) if gnet is not None else None
         try:  # the guidance of the settings with these networks, checked once for the whole run
             denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)

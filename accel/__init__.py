@@ -69,6 +69,13 @@ class SpeedPlan:
     fp8: str = "off"  # sampling: FP8 convolutions, 'off', 'on' (the kernels) or 'emulate' (accel/fp8.py)
     not_compiled_because: str = dataclasses.field(default="", compare=False)  # for the logs ('' when compiled)
 
+    def describe(self, waiting: str) -> str:
+        """What runs, for a log line: 'kernels fast, compiled (cache in ...; WAITING wait for the compiler)' or
+        'kernels reference, not compiled: no CUDA device'."""
+        if self.compile:
+            return f"kernels {self.kernels}, compiled (cache in {compile_cache_dir()}; {waiting} wait for the compiler)"
+        return f"kernels {self.kernels}, not compiled: {self.not_compiled_because}"
+
     def apply(self, net: torch.nn.Module, weights_channels_last: bool = True) -> torch.nn.Module:
         """Put the plan's modules and layouts into `net` (in place; returned for chaining): attention and dropout
         modules swapped either way (so a network can go back to the reference), the backbone's input made

@@ -38,7 +38,8 @@ from .model_files import ModelFileError, NetworkFile, load_network, read_header,
 from .official import OFFICIAL_PRESETS, resolve_official_preset
 from .official_pickle import UnsafePickleError
 from .generation import (
-    GenerationSummary, generate_batch, generate_images, load_for_sampling, make_grid, prepare_for_sampling, save_png,
+    GenerationSummary, generate_batch, generate_images, load_for_sampling, make_grid, prepare_for_sampling,
+    sampling_plan, save_png,
 )
 from .sampler import SamplerStats, count_evaluations, edm_sampler, edm_settings, evaluation_sigmas, step_sigmas
 from . import guidance, schedules, solvers
@@ -66,7 +67,7 @@ __all__ = [
     "StandardRGBEncoder", "TraditionalEMA", "count_evaluations", "edm_sampler", "edm_settings", "encoder_from_config",
     "evaluation_sigmas", "format_seeds", "generate_batch", "generate_images", "load_for_sampling", "make_grid",
     "parse_seeds",
-    "prepare_for_sampling",
+    "prepare_for_sampling", "sampling_plan",
     "save_png", "seed_noise_and_labels", "step_sigmas",
     "GuidedDenoiser", "NetworkDenoiser", "SOLVERS", "guidance", "sample", "schedules", "seed_noise", "solvers",
     "SamplingSettings", "sampling_settings",

@@ -26,7 +26,7 @@ from accel import check_fp8_device
 from torch_utils import distributed as dist
 
 from . import official  # official.resolve_official_preset looked up at call time: tests stand in for it
-from .generation import COMPILE_MIN_IMAGES, images_per_process, load_for_sampling, prepare_for_sampling
+from .generation import COMPILE_MIN_IMAGES, images_per_process, load_for_sampling, prepare_for_sampling, sampling_plan
 from .model_files import NetworkFile
 from .phema_reconstruct import StdList, parse_std_list
 from .sampling import CHURN_SOLVERS, SamplingOptionError, SamplingSettings, sampling_settings
@@ -193,12 +193,16 @@ def check_fp8_option(precision: str | None, device: torch.device) -> None:
 
 def prepare_option(
     net: torch.nn.Module, kernels: str, compile_net: bool | None, seeds: list[int], batch_size: int,
-    precision: str | None = None,
+    precision: str | None = None, announce: bool = False,
 ) -> torch.nn.Module:
     """edm2.generation.prepare_for_sampling for these options and this process's share of the seeds (with the FP8
-    convolutions for --precision fp8, whose device load_option checked and kernels check_speed_options)."""
-    return prepare_for_sampling(net, compile=compile_net, reference=kernels == "reference",
-                                num_images=images_per_process(seeds, batch_size), fp8=precision == "fp8")
+    convolutions for --precision fp8, whose device load_option checked and kernels check_speed_options).
+    `announce`: print what runs (rank 0), e.g. that the first batch waits for the compiler."""
+    speed = dict(compile=compile_net, reference=kernels == "reference",
+                 num_images=images_per_process(seeds, batch_size), fp8=precision == "fp8")  # fmt: skip
+    if announce:
+        dist.print0(f"Speed: {sampling_plan(next(net.parameters()).device, **speed).describe('the first batch')}.")
+    return prepare_for_sampling(net, **speed)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import tqdm
 
-from accel import resolve_speed_plan
+from accel import SpeedPlan, resolve_speed_plan
 from torch_utils import distributed as dist
 from torch_utils.state_io import atomic_write_bytes
 from training.encoders import StandardRGBEncoder, encoder_from_config
@@ -178,6 +178,29 @@ def images_per_process(seeds: Sequence[int], batch_size: int) -> int:
 COMPILE_MIN_IMAGES = 2048
 
 
+def sampling_plan(
+    device: torch.device | str,
+    compile: bool | None = None,
+    reference: bool = False,
+    num_images: int | None = None,
+    fp8: bool = False,
+) -> SpeedPlan:
+    """The speed plan that prepare_for_sampling applies (its arguments; ValueError for a bad combination)."""
+    if reference and compile:
+        raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
+                         "drop compile")
+
+    def resolve(compile: bool | None) -> SpeedPlan:
+        return resolve_speed_plan(device, compile=compile, kernels="reference" if reference else None,
+                                  cudnn_benchmark=not reference, fp8="on" if fp8 else "off")  # fmt: skip
+
+    plan = resolve(compile)
+    if compile is None and plan.compile and num_images is not None and num_images < COMPILE_MIN_IMAGES:
+        because = f"fewer than {COMPILE_MIN_IMAGES} images per process (--compile compiles)"
+        plan = dataclasses.replace(resolve(False), not_compiled_because=because)
+    return plan
+
+
 def prepare_for_sampling(
     net: torch.nn.Module,
     compile: bool | None = None,
@@ -201,16 +224,7 @@ def prepare_for_sampling(
     images per seed on CUDA as far as the kernels allow; slower, and not with `compile`. `fp8`: the 1x1 and 3x3
     convolutions as FP8 matrix products (accel/fp8.py; a CUDA GPU of compute capability 8.9 or newer, not with
     `reference`; ValueError otherwise), the rest of the network in its precision (bf16 for --precision fp8)."""
-    if reference and compile:
-        raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
-                         "drop compile")
-    if compile is None and num_images is not None and num_images < COMPILE_MIN_IMAGES:
-        compile = False
-    device = next(net.parameters()).device
-    plan = resolve_speed_plan(
-        device, compile=compile, kernels="reference" if reference else None, cudnn_benchmark=not reference,
-        fp8="on" if fp8 else "off",
-    )
+    plan = sampling_plan(next(net.parameters()).device, compile, reference, num_images, fp8)
     if channels_last is not None:
         plan = dataclasses.replace(plan, channels_last=bool(channels_last))
     plan.apply(net.eval().requires_grad_(False), weights_channels_last=False)

@@ -104,16 +104,26 @@ def test_compile_cache_outlives_tmp(monkeypatch, tmp_path):
 
 
 def test_sampling_compiles_only_where_it_pays(monkeypatch):
+    import accel
     import edm2.generation as generation
 
+    monkeypatch.setattr(accel, "kernels_available", lambda device: torch.device(device).type == "cuda")
+    plan, few, many = generation.sampling_plan, generation.COMPILE_MIN_IMAGES - 1, generation.COMPILE_MIN_IMAGES
+    assert plan("cuda", num_images=many).compile and plan("cuda").compile  # the plan's default on CUDA
+    assert not plan("cuda", num_images=few).compile
+    assert plan("cuda", num_images=few).not_compiled_because.startswith(f"fewer than {few + 1} images per process")
+    assert plan("cuda", compile=True, num_images=few).compile  # asked for
+    assert plan("cuda", compile=False, num_images=many).not_compiled_because == "turned off"
+    assert plan("cpu", num_images=many).not_compiled_because == "no CUDA device"
+    assert plan("cuda", reference=True).not_compiled_because == "reference kernels"
+    with pytest.raises(ValueError, match="drop compile"):
+        plan("cuda", compile=True, reference=True)
+    # What prepare_for_sampling applies is that plan (on the CPU: the reference kernels, uncompiled).
     seen = []
-    real = generation.resolve_speed_plan
-    monkeypatch.setattr(generation, "resolve_speed_plan", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
-    few, many = generation.COMPILE_MIN_IMAGES - 1, generation.COMPILE_MIN_IMAGES
-    for kwargs in (dict(num_images=few), dict(num_images=many), dict(), dict(compile=True, num_images=few),
-                   dict(compile=False, num_images=many)):
-        generation.prepare_for_sampling(tiny(), **kwargs)
-    assert seen == [False, None, None, True, False]  # None: the plan's default (compiled on CUDA)
+    real = generation.sampling_plan
+    monkeypatch.setattr(generation, "sampling_plan", lambda *a: seen.append(a) or real(*a))
+    generation.prepare_for_sampling(tiny(), num_images=few)
+    assert seen == [(torch.device("cpu"), None, False, few, False)]
     assert generation.images_per_process(range(100), 32) == 100  # one process samples every batch
 
 

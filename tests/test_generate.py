@@ -134,6 +134,7 @@ def test_pngs_by_seed_grid_and_summary(files, tmp_path):
     evals = count_evaluations(edm_settings(num_steps=6, guidance=1.5)).total_evals
     assert evals == 22
     assert "Generated 5 images in" in r.output and f"{evals} network evaluations per image" in r.output
+    assert "Speed: kernels reference, not compiled: no CUDA device.\n" in r.output and r.output.count("Speed:") == 1
     assert "img/s" in r.output
 
 

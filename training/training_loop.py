@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from accel import PostStep, SpeedPlan, compile_cache_dir, resolve_speed_plan  # noqa: F401 (PostStep re-exported)
+from accel import PostStep, SpeedPlan, resolve_speed_plan  # noqa: F401 (PostStep re-exported)
 from accel.post_step import fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from networks import Precond
 from torch_utils import distributed as dist
@@ -329,11 +329,7 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
             f"{os.path.join(run_dir, LOG_FILE)}.")
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
-        if plan.compile:
-            compiled = f"compiled (cache in {compile_cache_dir()}; the first steps wait for the compiler)"
-        else:
-            compiled = f"not compiled: {plan.not_compiled_because}"
-        log(f"Speed: kernels {plan.kernels}, {compiled}.")
+        log(f"Speed: {plan.describe('the first steps')}.")
 
     ddp, averager = plan.distribute(net, device, world)  # DDP, or the flat buffer's all-reduces ('flat')
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
