@@ -45,7 +45,7 @@ from torch_utils.state_io import atomic_write_bytes, write_json
 SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(duration=4 * Ki, batch=32, status=256, parallel=1, num_images=512, time_limit=600, precision="fp32"),
     "gpu": dict(
-        duration=640 * Ki, batch=256, status=8 * 256, parallel=7, num_images=2000, time_limit=480, precision="bf16"
+        duration=640 * Ki, batch=256, status=16 * 256, parallel=7, num_images=2000, time_limit=480, precision="bf16"
     ),
 }
 
