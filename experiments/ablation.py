@@ -184,7 +184,7 @@ def ema_figures(rundir: str, letters: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-class MetricPlan(NamedTuple):  # not a dataclass: the tests load this script without a module name
+class MetricPlan(NamedTuple):  # not a dataclass, which needs its module in sys.modules (the tests load the file)
     """What --metric asks for, checked and loaded before any training or sampling."""
 
     metrics: list[str]  # 'fid', 'fd_dinov2'
@@ -393,12 +393,12 @@ def cli() -> None:
 def metric_options(f):
     """--metric and its settings, on run and analyze."""
     options = [
-        click.option("--metric", "metrics", multiple=True, metavar="LIST",
-                     help="Also score the best EMA snapshots: fid, fd_dinov2 (repeat or comma-separate)  [default: none]"),
+        click.option("--metric", "metrics", multiple=True, metavar="LIST", help="Also score the best EMA "
+                     "snapshots: fid, fd_dinov2 (repeat or comma-separate)  [default: none]"),
         click.option("--ref", "ref", metavar="PATH|URL", help="Reference statistics (calculate_metrics.py ref)  "
                      "[default: of RUNDIR/demo-data.zip, all images, kept as OUTDIR/ref.npz]"),
-        click.option("--seeds", metavar="LIST", help="One generated image per seed and configuration  "
-                     f"[default: the setting's: {', '.join(k + ' ' + v['metric_seeds'] for k, v in SETTINGS.items())}]"),
+        click.option("--seeds", metavar="LIST", help="One generated image per seed and configuration  [default: "
+                     f"the setting's: {', '.join(k + ' ' + v['metric_seeds'] for k, v in SETTINGS.items())}]"),
         click.option("--inception-weights", metavar="PATH|URL",
                      help="FID Inception weights  [default: $EDM2_INCEPTION_WEIGHTS, else download]"),
         click.option("--dinov2-weights", metavar="PATH|URL",

@@ -412,6 +412,7 @@ def test_experiment_metric_bad_input(tmp_path, data, experiment_runs, detector_f
     assert "--metric" in (o := fails(*analyze, "--metric", "fid,xyz")) and "'fid,xyz'" in o
     assert "Invalid value for --seeds: given without --metric" in fails(*analyze)
     assert "--seeds" in (o := fails(*analyze[:-1], "0-x", "--metric", "fid", *fid_weights)) and "'0-x'" in o
+    assert "at least 2 seeds" in fails(*analyze[:-1], "5", "--metric", "fid", *fid_weights)
     missing = str(tmp_path / "nothing.npz")
     assert "--ref" in (o := fails(*analyze, "--metric", "fid", "--ref", missing, *fid_weights)) and missing in o
     fid_only = str(tmp_path / "fid-only.npz")
