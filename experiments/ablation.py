@@ -295,11 +295,8 @@ def metric_figures(outdir: str, rundir: str, ema: dict[str, dict[str, Any]], pla
                 detectors={m: plan.detectors[m].description for m in plan.metrics})  # fmt: skip
 
 
-def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | None = None,
-            plan: MetricPlan | None = None) -> dict[str, Any]:  # fmt: skip
-    """Figures per configuration from the runs in rundir (default: outdir), cut to the common image range, and with
-    a MetricPlan FID / FD_DINOv2 of the best EMA snapshots; writes ablation.json / .md / .png to outdir."""
-    rundir = rundir or outdir
+def read_runs(rundir: str) -> dict[str, list[dict[str, Any]]]:
+    """Per configuration letter, the status lines with a loss of its run folder; an error if there is none."""
     runs = {}
     for letter in ABLATION_CONFIGS:
         if os.path.isfile(os.path.join(rundir, letter, "stats.jsonl")):
@@ -308,6 +305,15 @@ def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | N
                 runs[letter] = entries
     if not runs:
         raise click.ClickException(f"{rundir}: no run folder with a stats.jsonl (a..g)")
+    return runs
+
+
+def analyze(outdir: str, rundir: str | None = None, settings: dict[str, Any] | None = None,
+            plan: MetricPlan | None = None) -> dict[str, Any]:  # fmt: skip
+    """Figures per configuration from the runs in rundir (default: outdir), cut to the common image range, and with
+    a MetricPlan FID / FD_DINOv2 of the best EMA snapshots; writes ablation.json / .md / .png to outdir."""
+    rundir = rundir or outdir
+    runs = read_runs(rundir)
     common = min(e[-1]["nimg"] for e in runs.values())
     cut = {k: [e for e in v if e["nimg"] <= common] for k, v in runs.items()}
     results = dict(settings=settings, common_images=common, configs={k: run_figures(v) for k, v in cut.items()})
@@ -462,6 +468,7 @@ def run(outdir: str, setting: str, configs: str, duration: int | None, time_limi
 @metric_options
 def analyze_cmd(outdir: str, rundir: str | None, **metric_kwargs: Any) -> None:
     """The table and the plot again from finished runs."""
+    read_runs(rundir or outdir)  # no runs: said before the detectors are loaded (or downloaded)
     settings = previous_settings(outdir)
     plan = metric_plan((settings or {}).get("setting", "cpu"), **metric_kwargs)
     click.echo(markdown_table(analyze(outdir, rundir, settings, plan)))

@@ -253,6 +253,9 @@ def test_experiment_bad_input(tmp_path):
     assert r.exit_code != 0 and "--configs" in r.output and "'az'" in r.output
     r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path)])
     assert r.exit_code != 0 and "no run folder" in r.output
+    r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path), "--metric", "fid",
+                                            "--inception-weights", str(tmp_path / "no.pth")])  # fmt: skip
+    assert r.exit_code != 0 and "no run folder" in r.output  # before the detectors
 
 
 @pytest.fixture(scope="module")
