@@ -284,10 +284,10 @@ def metric_figures(outdir: str, rundir: str, ema: dict[str, dict[str, Any]], pla
             loaded = load_for_sampling(os.path.join(rundir, letter, best["file"]), plan.device)
             net = prepare_for_sampling(loaded.net, num_images=len(plan.seeds))
             # generate.py's default sampler; one set of images for all the metrics
-            scores = M.calc_metrics_for_model(net, reference, plan.metrics, plan.seeds, batch_size=plan.batch,
-                                              encoder_settings=loaded.encoder, detectors=plan.detectors,
-                                              device=plan.device, progress=plan.progress)  # fmt: skip
-            best.update(scores)
+            stats = M.model_statistics(net, plan.seeds, plan.metrics, batch_size=plan.batch,
+                                       encoder_settings=loaded.encoder, detectors=plan.detectors, device=plan.device,
+                                       progress=plan.progress)  # fmt: skip
+            best.update(M.compare_to_reference(stats, reference, source))
     except ValueError as error:  # MetricsError, ModelFileError: they name the file
         raise click.ClickException(str(error)) from None
     return dict(metrics=plan.metrics, reference=source, seeds=format_seeds(plan.seeds), num_images=len(plan.seeds),

@@ -427,6 +427,12 @@ def test_experiment_metric_bad_input(tmp_path, data, experiment_runs, detector_f
     assert "--inception-weights: no such file" in o and "no.pth" in o
     o = fails(*analyze, "--metric", "fid", "--inception-weights", detector_files["fd_dinov2"])
     assert "holds a detector for 'fd_dinov2', not for 'fid'" in o
+    from edm2.detectors import save_detector
+    from test_detectors import tiny_detector
+
+    wide = save_detector(tmp_path / "wide.safetensors", tiny_detector("fid").__class__(resolution=75, width=0.125))
+    o = fails(*analyze, "--metric", "fid", "--ref", fid_only, "--inception-weights", str(wide))
+    assert fid_only in o and "the reference was made with another detector" in o
     # The default reference needs the runs' training data.
     o = fails(*analyze, "--metric", "fid", *fid_weights)
     assert str(runs / "demo-data.zip") in o and "--ref" in o
