@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_detectors import tiny_detector
 
 import edm2.presets as presets
+from edm2.detectors import save_detector
 from networks import MPConv, Precond
 from networks.ablation import AblationUNet, Conv
 from training.config import TrainingConfig
@@ -316,9 +318,6 @@ def test_experiment_table_and_plot(tmp_path, experiment_runs):
 @pytest.fixture(scope="module")
 def detector_files(tmp_path_factory) -> dict[str, str]:
     """Tiny random detectors saved as weight files (the real ones are downloads), as tests/test_metrics.py makes."""
-    from edm2.detectors import save_detector
-    from test_detectors import tiny_detector
-
     d = tmp_path_factory.mktemp("detectors")
     return {m: str(save_detector(d / f"{m}.safetensors", tiny_detector(m, seed=i)))
             for i, m in enumerate(("fid", "fd_dinov2"))}  # fmt: skip
@@ -382,9 +381,6 @@ def test_experiment_metrics_of_the_best_ema(tmp_path, data, experiment_runs, det
     assert all(math.isfinite(v) and v > 0 for v in dino.values()) and dino["a"] != dino["g"]
     assert "| FID | FD_DINOv2 |" in (out / "ablation.md").read_text()
     # Other detector weights (another tiny Inception): the reference for them is made again.
-    from edm2.detectors import save_detector
-    from test_detectors import tiny_detector
-
     other = str(save_detector(tmp_path / "fid-other.safetensors", tiny_detector("fid", seed=7)))
     analyze("--metric", "fid", "--inception-weights", other)
     assert made == [["fd_dinov2"], ["fid"]]
@@ -427,9 +423,6 @@ def test_experiment_metric_bad_input(tmp_path, data, experiment_runs, detector_f
     assert "--inception-weights: no such file" in o and "no.pth" in o
     o = fails(*analyze, "--metric", "fid", "--inception-weights", detector_files["fd_dinov2"])
     assert "holds a detector for 'fd_dinov2', not for 'fid'" in o
-    from edm2.detectors import save_detector
-    from test_detectors import tiny_detector
-
     wide = save_detector(tmp_path / "wide.safetensors", tiny_detector("fid").__class__(resolution=75, width=0.125))
     o = fails(*analyze, "--metric", "fid", "--ref", fid_only, "--inception-weights", str(wide))
     assert fid_only in o and "the reference was made with another detector" in o
@@ -449,7 +442,7 @@ def test_experiment_metric_bad_input(tmp_path, data, experiment_runs, detector_f
     assert "--inception-weights" in o and not (tmp_path / "new").exists()
 
 
-def test_experiment_metric_seeds_follow_the_setting(tmp_path, detector_files):
+def test_experiment_metric_seeds_follow_the_setting(tmp_path, experiment_runs, detector_files):
     """--seeds' default: the setting's (few images on the CPU); analyze takes the setting run wrote and keeps it."""
     experiment = load_experiment()
     fid = detector_files["fid"]
@@ -460,6 +453,11 @@ def test_experiment_metric_seeds_follow_the_setting(tmp_path, detector_files):
     assert experiment.previous_settings(str(tmp_path)) is None
     (tmp_path / "ablation.json").write_text(json.dumps({"settings": dict(experiment.SETTINGS["gpu"], setting="gpu")}))
     assert experiment.previous_settings(str(tmp_path))["setting"] == "gpu"
+    runs = copy_runs(experiment_runs, tmp_path / "runs")
+    r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path), "--rundir", str(runs)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ablation.json").read_text())["settings"] == dict(experiment.SETTINGS["gpu"],
+                                                                                      setting="gpu")  # fmt: skip
 
 
 def test_traditional_ema_in_training_snapshots_and_tools(tmp_path, data):
