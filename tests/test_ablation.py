@@ -7,12 +7,16 @@ import json
 import math
 import os
 import pathlib
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_detectors import tiny_detector
 
 import edm2.presets as presets
+from edm2.detectors import save_detector
 from networks import MPConv, Precond
 from networks.ablation import AblationUNet, Conv
 from training.config import TrainingConfig
@@ -251,14 +255,30 @@ def test_experiment_bad_input(tmp_path):
     assert r.exit_code != 0 and "--configs" in r.output and "'az'" in r.output
     r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path)])
     assert r.exit_code != 0 and "no run folder" in r.output
+    r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path), "--metric", "fid",
+                                            "--inception-weights", str(tmp_path / "no.pth")])  # fmt: skip
+    assert r.exit_code != 0 and "no run folder" in r.output  # before the detectors
 
 
-def test_experiment_table_and_plot(tmp_path, data):
+@pytest.fixture(scope="module")
+def experiment_runs(tmp_path_factory, data) -> pathlib.Path:
+    """Two short runs, A and G, for the experiment's analysis (the tests work on copies)."""
+    torch.set_num_threads(1)
+    runs = tmp_path_factory.mktemp("experiment") / "runs"
+    for letter in "ag":
+        training_loop(str(runs / letter), tiny_config(letter, data, duration=48))
+    return runs
+
+
+def copy_runs(runs: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(runs, dest)
+    return dest
+
+
+def test_experiment_table_and_plot(tmp_path, experiment_runs):
     """experiments/ablation.py's analysis on two short runs: A's weights drift, G's do not."""
     experiment = load_experiment()
-    torch.set_num_threads(1)
-    for letter in "ag":
-        training_loop(str(tmp_path / "runs" / letter), tiny_config(letter, data, duration=48))
+    copy_runs(experiment_runs, tmp_path / "runs")
     results = experiment.analyze(str(tmp_path / "out"), str(tmp_path / "runs"))
     assert results["common_images"] == 48 and list(results["configs"]) == ["a", "g"]
     a, g = results["configs"]["a"], results["configs"]["g"]
@@ -293,6 +313,151 @@ def test_experiment_table_and_plot(tmp_path, data):
     assert results["configs"]["a"]["weight_drift"] > 1
     assert "| G | " in (tmp_path / "out" / "ablation.md").read_text().split("| A | ")[1]
     assert "| — | — | — |" in (tmp_path / "out" / "ablation.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def detector_files(tmp_path_factory) -> dict[str, str]:
+    """Tiny random detectors saved as weight files (the real ones are downloads), as tests/test_metrics.py makes."""
+    d = tmp_path_factory.mktemp("detectors")
+    return {m: str(save_detector(d / f"{m}.safetensors", tiny_detector(m, seed=i)))
+            for i, m in enumerate(("fid", "fd_dinov2"))}  # fmt: skip
+
+
+def test_experiment_metrics_of_the_best_ema(tmp_path, data, experiment_runs, detector_files, monkeypatch):
+    """--metric: FID / FD_DINOv2 of each configuration's best EMA snapshot against the statistics of the runs'
+    training data, made once as OUTDIR/ref.npz and reused; the same numbers as calculate_metrics.py gen."""
+    from calculate_metrics import main as metrics_main
+    from edm2 import metrics as M
+
+    experiment = load_experiment()
+    runs = copy_runs(experiment_runs, tmp_path / "runs")
+    shutil.copy(data, runs / "demo-data.zip")  # where `run` writes the demo data
+    out = tmp_path / "out"
+    fid_weights = ["--inception-weights", detector_files["fid"]]
+
+    def analyze(*extra: str, outdir: pathlib.Path = out):
+        r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(outdir), "--rundir", str(runs),
+                                                "--seeds", "0-7", *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        return json.loads((outdir / "ablation.json").read_text())
+
+    saved = analyze("--metric", "fid", *fid_weights)
+    fid = {k: v["best"]["fid"] for k, v in saved["ema"].items()}
+    assert list(fid) == ["a", "g"] and all(math.isfinite(v) and v > 0 for v in fid.values()) and fid["a"] != fid["g"]
+    assert "fd_dinov2" not in saved["ema"]["g"]["best"]
+    info = saved["metrics"]
+    assert info["metrics"] == ["fid"] and info["seeds"] == "0-7" and info["num_images"] == 8
+    assert info["reference"] == str(out / "ref.npz") and info["detectors"]["fid"]["weights"] == "fid.safetensors"
+    table = (out / "ablation.md").read_text()
+    assert "| EMA loss (EDM weighting, held out) | FID |" in table and "8 images (seeds 0-7" in table
+    assert f"| {saved['ema']['a']['best']['loss']:.4f} | {fid['a']:.2f} |" in table.split("| A | ")[1]
+    # The reference: all 32 training images, with the detector's statistics.
+    ref = M.load_reference(out / "ref.npz")
+    expected = M.dataset_statistics(data, "fid", weights={"fid": detector_files["fid"]}, workers=0, progress=False)
+    assert list(ref) == ["fid"] and ref["fid"].num_images == 32
+    np.testing.assert_allclose(ref["fid"].mu, expected["fid"].mu, rtol=1e-12)
+    # G's FID is the one calculate_metrics.py gen gives its best snapshot with generate.py's default sampler.
+    r = CliRunner().invoke(metrics_main, ["gen", "--net", str(runs / "g" / saved["ema"]["g"]["best"]["file"]),
+                                          "--ref", str(out / "ref.npz"), "--seeds", "0-7", "--no-progress",
+                                          "--out", str(tmp_path / "gen.json"), *fid_weights])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "gen.json").read_text())["results"]["fid"] == pytest.approx(fid["g"], rel=1e-6)
+
+    # A second analysis reuses ref.npz (nothing recomputed) and gives the same numbers.
+    made = []
+    dataset_statistics = M.dataset_statistics
+    monkeypatch.setattr(M, "dataset_statistics", lambda path, metrics, **kw: made.append(metrics) or
+                        dataset_statistics(path, metrics, **kw))  # fmt: skip
+    before = (out / "ref.npz").read_bytes()
+    again = analyze("--metric", "fid", *fid_weights)
+    assert made == [] and (out / "ref.npz").read_bytes() == before
+    assert {k: v["best"]["fid"] for k, v in again["ema"].items()} == fid
+    # Another metric: only its statistics are made, added to ref.npz; FID stays.
+    both = analyze("--metric", "fid", "--metric", "fd_dinov2", *fid_weights, "--dinov2-weights",
+                   detector_files["fd_dinov2"])  # fmt: skip
+    assert made == [["fd_dinov2"]] and sorted(M.load_reference(out / "ref.npz")) == ["fd_dinov2", "fid"]
+    assert {k: v["best"]["fid"] for k, v in both["ema"].items()} == fid
+    dino = {k: v["best"]["fd_dinov2"] for k, v in both["ema"].items()}
+    assert all(math.isfinite(v) and v > 0 for v in dino.values()) and dino["a"] != dino["g"]
+    assert "| FID | FD_DINOv2 |" in (out / "ablation.md").read_text()
+    # Other detector weights (another tiny Inception): the reference for them is made again.
+    other = str(save_detector(tmp_path / "fid-other.safetensors", tiny_detector("fid", seed=7)))
+    analyze("--metric", "fid", "--inception-weights", other)
+    assert made == [["fd_dinov2"], ["fid"]]
+    assert M.load_reference(out / "ref.npz")["fid"].detector["weights"] == "fid-other.safetensors"
+    # --ref: a given reference is used as it is, and no ref.npz is made.
+    shutil.copy(tmp_path / "out" / "ref.npz", tmp_path / "given.npz")
+    given = analyze("--metric", "fd_dinov2", "--ref", str(tmp_path / "given.npz"), "--dinov2-weights",
+                    detector_files["fd_dinov2"], outdir=tmp_path / "out2")  # fmt: skip
+    assert {k: v["best"]["fd_dinov2"] for k, v in given["ema"].items()} == dino
+    assert given["metrics"]["reference"] == str(tmp_path / "given.npz") and not (tmp_path / "out2" / "ref.npz").exists()
+    assert len(made) == 2
+
+
+def test_experiment_metric_bad_input(tmp_path, data, experiment_runs, detector_files):
+    """Each problem with --metric and its options as one line naming the option or file, before any work."""
+    from edm2 import metrics as M
+
+    experiment = load_experiment()
+    runs = copy_runs(experiment_runs, tmp_path / "runs")
+    fid_weights = ["--inception-weights", detector_files["fid"]]
+
+    def fails(*args: str) -> str:
+        r = CliRunner().invoke(experiment.cli, list(args))
+        assert r.exit_code != 0 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output, r.output
+        return r.output
+
+    analyze = ["analyze", "--outdir", str(tmp_path / "out"), "--rundir", str(runs), "--seeds", "0-3"]
+    assert "--metric" in (o := fails(*analyze, "--metric", "fid,xyz")) and "'fid,xyz'" in o
+    assert "Invalid value for --seeds: given without --metric" in fails(*analyze)
+    assert "--seeds" in (o := fails(*analyze[:-1], "0-x", "--metric", "fid", *fid_weights)) and "'0-x'" in o
+    assert "at least 2 seeds" in fails(*analyze[:-1], "5", "--metric", "fid", *fid_weights)
+    missing = str(tmp_path / "nothing.npz")
+    assert "--ref" in (o := fails(*analyze, "--metric", "fid", "--ref", missing, *fid_weights)) and missing in o
+    fid_only = str(tmp_path / "fid-only.npz")
+    M.save_reference(fid_only, M.dataset_statistics(data, "fid", weights={"fid": detector_files["fid"]}, workers=0,
+                                                    progress=False))  # fmt: skip
+    o = fails(*analyze, "--metric", "fd_dinov2", "--ref", fid_only, "--dinov2-weights", detector_files["fd_dinov2"])
+    assert "--ref" in o and "not for fd_dinov2" in o
+    o = fails(*analyze, "--metric", "fid", "--inception-weights", str(tmp_path / "no.pth"))
+    assert "--inception-weights: no such file" in o and "no.pth" in o
+    o = fails(*analyze, "--metric", "fid", "--inception-weights", detector_files["fd_dinov2"])
+    assert "holds a detector for 'fd_dinov2', not for 'fid'" in o
+    wide = save_detector(tmp_path / "wide.safetensors", tiny_detector("fid").__class__(resolution=75, width=0.125))
+    o = fails(*analyze, "--metric", "fid", "--ref", fid_only, "--inception-weights", str(wide))
+    assert fid_only in o and "the reference was made with another detector" in o
+    # The default reference needs the runs' training data.
+    o = fails(*analyze, "--metric", "fid", *fid_weights)
+    assert str(runs / "demo-data.zip") in o and "--ref" in o
+    # No EMA snapshot to score: said, and the analysis without the scores is written.
+    shutil.copy(data, runs / "demo-data.zip")
+    for p in runs.glob("*/network-snapshot-*"):
+        p.unlink()
+    o = fails(*analyze, "--metric", "fid", *fid_weights)
+    assert "--metric fid: no run in" in o and "wrote an EMA snapshot" in o
+    assert "| A | " in (tmp_path / "out" / "ablation.md").read_text() and not (tmp_path / "out" / "ref.npz").exists()
+    # `run` checks the options before it trains anything.
+    o = fails("run", "--outdir", str(tmp_path / "new"), "--configs", "g", "--metric", "fid", "--inception-weights",
+              str(tmp_path / "no.pth"))  # fmt: skip
+    assert "--inception-weights" in o and not (tmp_path / "new").exists()
+
+
+def test_experiment_metric_seeds_follow_the_setting(tmp_path, experiment_runs, detector_files):
+    """--seeds' default: the setting's (few images on the CPU); analyze takes the setting run wrote and keeps it."""
+    experiment = load_experiment()
+    fid = detector_files["fid"]
+    assert experiment.metric_plan("cpu", ("fid",), None, None, fid, None).seeds == list(range(256))
+    plan = experiment.metric_plan("gpu", (" fid ,fd_dinov2", "fid"), None, None, fid, detector_files["fd_dinov2"])
+    assert plan.seeds == list(range(2000)) and plan.metrics == ["fid", "fd_dinov2"] and plan.batch == 256
+    assert experiment.metric_plan("gpu", (), None, None, None, None) is None
+    assert experiment.previous_settings(str(tmp_path)) is None
+    (tmp_path / "ablation.json").write_text(json.dumps({"settings": dict(experiment.SETTINGS["gpu"], setting="gpu")}))
+    assert experiment.previous_settings(str(tmp_path))["setting"] == "gpu"
+    runs = copy_runs(experiment_runs, tmp_path / "runs")
+    r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path), "--rundir", str(runs)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ablation.json").read_text())["settings"] == dict(experiment.SETTINGS["gpu"],
+                                                                                      setting="gpu")  # fmt: skip
 
 
 def test_traditional_ema_in_training_snapshots_and_tools(tmp_path, data):
