@@ -70,10 +70,10 @@ class SpeedPlan:
     not_compiled_because: str = dataclasses.field(default="", compare=False)  # for the logs ('' when compiled)
 
     def describe(self, waiting: str) -> str:
-        """What runs, for a log line: 'kernels fast, compiled (cache in ...; WAITING wait for the compiler)' or
-        'kernels reference, not compiled: no CUDA device'."""
+        """What runs, for a log line: 'kernels fast, compiled (cache in ...; WAITING)' with WAITING e.g. 'the first
+        steps wait for the compiler', or 'kernels reference, not compiled: no CUDA device'."""
         if self.compile:
-            return f"kernels {self.kernels}, compiled (cache in {compile_cache_dir()}; {waiting} wait for the compiler)"
+            return f"kernels {self.kernels}, compiled (cache in {compile_cache_dir()}; {waiting})"
         return f"kernels {self.kernels}, not compiled: {self.not_compiled_because}"
 
     def apply(self, net: torch.nn.Module, weights_channels_last: bool = True) -> torch.nn.Module:

@@ -201,7 +201,8 @@ def prepare_option(
     speed = dict(compile=compile_net, reference=kernels == "reference",
                  num_images=images_per_process(seeds, batch_size), fp8=precision == "fp8")  # fmt: skip
     if announce:
-        dist.print0(f"Speed: {sampling_plan(next(net.parameters()).device, **speed).describe('the first batch')}.")
+        plan = sampling_plan(next(net.parameters()).device, **speed)
+        dist.print0(f"Speed: {plan.describe('the first batch waits for the compiler')}.")
     return prepare_for_sampling(net, **speed)
 
 

@@ -116,6 +116,11 @@ def test_sampling_compiles_only_where_it_pays(monkeypatch):
     assert plan("cuda", compile=False, num_images=many).not_compiled_because == "turned off"
     assert plan("cpu", num_images=many).not_compiled_because == "no CUDA device"
     assert plan("cuda", reference=True).not_compiled_because == "reference kernels"
+    # The Speed: line of generate.py and of the training log.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/cache")
+    compiled = "kernels fast, compiled (cache in /cache; the first batch waits)"
+    assert plan("cuda").describe("the first batch waits") == compiled
+    assert plan("cpu").describe("unused") == "kernels reference, not compiled: no CUDA device"
     with pytest.raises(ValueError, match="drop compile"):
         plan("cuda", compile=True, reference=True)
     # What prepare_for_sampling applies is that plan (on the CPU: the reference kernels, uncompiled).

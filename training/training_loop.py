@@ -329,7 +329,7 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
             f"{os.path.join(run_dir, LOG_FILE)}.")
         log(f"Parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M; {world} process(es), "
             f"batch {batch} = {batch_gpu} x {world} x {rounds} round(s).")
-        log(f"Speed: {plan.describe('the first steps')}.")
+        log(f"Speed: {plan.describe('the first steps wait for the compiler')}.")
 
     ddp, averager = plan.distribute(net, device, world)  # DDP, or the flat buffer's all-reduces ('flat')
     # Steps with instruments armed (hooks) run eagerly, the others through the compiled module.
