@@ -74,12 +74,19 @@ def main(preset: str, batch_gpu: int, steps: int, interval: int, precision: str,
     )
     run_dir = os.path.join(tmp, "run")
     try:
-        training_loop(run_dir, c)
+        # Counted before training, so that the JSON line follows the last status line at once (a run stopped by a
+        # time limit just after it still reports).
+        plan = speed_plan(c, dist.device(), world)
+        flops = peak = None
         if dist.is_main():
-            plan = speed_plan(c, dist.device(), world)
             _, _, net = build_dataset_and_net(c)
             flops = flops_per_image(net.to(dist.device()).train(), train=True)
+            del net
             peak = matmul_peak_tflops()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        training_loop(run_dir, c)
+        if dist.is_main():
             stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
             steady = stats[1:] or stats
             img_s = sum(s["img_per_s"] for s in steady) / len(steady)
