@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import click
+import torch
 
 from edm2.cli import (
     check_speed_options, load_option, model_click_options, prepare_option, resolve_model_options,
@@ -122,22 +123,28 @@ def main(
             denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
         except ValueError as e:
             raise click.BadParameter(f"{gnet_path} does not fit {net_path}: {e}", param_hint="'--gnet'") from None
-        summary = generate_images(
-            net,
-            seeds,
-            gnet=gnet,
-            encoder_settings=encoder_settings,
-            class_idx=class_idx,
-            batch_size=batch_size,
-            outdir=outdir,
-            subdirs=subdirs,
-            grid_path=grid_path,
-            device=device,
-            progress=progress,
-            noise_device=noise_device,
-            settings=settings,
-            denoiser=denoiser,
-        )
+        try:
+            summary = generate_images(
+                net,
+                seeds,
+                gnet=gnet,
+                encoder_settings=encoder_settings,
+                class_idx=class_idx,
+                batch_size=batch_size,
+                outdir=outdir,
+                subdirs=subdirs,
+                grid_path=grid_path,
+                device=device,
+                progress=progress,
+                noise_device=noise_device,
+                settings=settings,
+                denoiser=denoiser,
+            )
+        except torch.OutOfMemoryError:
+            raise click.ClickException(
+                f"out of memory with --batch {batch_size} (images per batch and process); give a smaller --batch "
+                "(each image comes from its own seed, whatever the batch)"
+            ) from None
         dist.print0(summary.line())
     finally:
         dist.shutdown()

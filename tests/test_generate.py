@@ -376,3 +376,16 @@ def test_bad_input_names_the_option(files, tmp_path):
         for fragment in expected:
             assert fragment in text, (args, text)
     assert not (tmp_path / "never").exists()
+
+
+def test_out_of_memory_names_batch(files, tmp_path, monkeypatch):
+    import generate
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(generate, "generate_images", oom)
+    r = CliRunner().invoke(generate.main, ["--net", str(files["net"]), "--seeds", "0-3", "--batch", "4",
+                                           "--outdir", str(tmp_path), *FAST])  # fmt: skip
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: out of memory with --batch 4 (images per batch and process); give a smaller --batch" in r.output

@@ -278,3 +278,20 @@ def test_loss_plot(tmp_path, data):
     assert r.exit_code == 0 and (tmp_path / "both.png").stat().st_size > 1000
     r = CliRunner().invoke(plot_main, [str(tmp_path / "nothing")])
     assert r.exit_code != 0 and "stats.jsonl" in r.output
+
+
+def test_out_of_memory_is_one_line_naming_batch_gpu(tmp_path, data, monkeypatch):
+    """A GPU that runs out of memory: one line that names --batch-gpu and says how to go on; the run directory's lock
+    is released (a rerun may start at once)."""
+    import training.training_loop as loop
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "_train", oom)
+    r = invoke(train_args(tmp_path / "run", data, batch=8, batch_gpu=4))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: out of memory with --batch-gpu 4 (images per GPU and accumulation round); give a smaller " \
+           "--batch-gpu" in r.output and "resume from the last checkpoint" in r.output  # fmt: skip
+    monkeypatch.undo()
+    assert invoke(train_args(tmp_path / "run", data, duration=16, batch=8, batch_gpu=4)).exit_code == 0

@@ -263,8 +263,22 @@ def training_loop(
         return _train(run_dir, config, device, rank, world)
     except RunDirError as e:
         raise TrainingError(str(e)) from None
+    except torch.OutOfMemoryError:
+        raise TrainingError(out_of_memory_message(config.batch_gpu, device)) from None
     finally:
         lock.release()
+
+
+def out_of_memory_message(batch_gpu: int, device: torch.device) -> str:
+    """The one line for a GPU that ran out of memory: what to change, and that nothing is lost."""
+    size = ""
+    if device.type == "cuda":
+        size = f", on a GPU of {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB"
+    return (
+        f"out of memory with --batch-gpu {batch_gpu} (images per GPU and accumulation round{size}); give a smaller "
+        "--batch-gpu, which changes only the accumulation rounds, not the training (README, Speed: the batch per "
+        "GPU memory). Rerun the same command to resume from the last checkpoint"
+    )
 
 
 def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int, world: int) -> dict[str, Any]:
