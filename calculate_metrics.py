@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 
 import click
+import torch
 
 from edm2 import metrics as M
 from edm2.cli import (
@@ -102,6 +103,9 @@ def _run(task):
         return task()
     except (M.MetricsError, DetectorWeightsError, ModelFileError) as e:
         raise click.ClickException(str(e)) from None
+    except torch.OutOfMemoryError:
+        raise click.ClickException("out of GPU memory; give a smaller --batch (images per batch and process, "
+                                   "which does not change the results)") from None
     finally:
         dist.shutdown()
 

@@ -390,3 +390,16 @@ def test_bad_input_is_named(weights_env, tmp_path):
     assert "net.safetensors" in out
     assert "must end in .npz or .pkl" in _error("ref", "--data", env["data"], "--dest", tmp_path / "r.txt")
     assert "non-empty list of fid, fd_dinov2" in _error("ref", "--data", env["data"], "--dest", ref, "--metrics", "is")
+
+
+def test_out_of_memory_names_batch(env, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(M, "calc_metrics_for_images", oom)
+    from calculate_metrics import main
+
+    r = CliRunner().invoke(main, ["calc", "--images", str(env["data"]), "--ref", str(tmp_path / "r.npz"),
+                                  "--no-progress"])  # fmt: skip
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: out of GPU memory; give a smaller --batch" in r.output
