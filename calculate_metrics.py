@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 
 import click
-import torch
 
 from edm2 import metrics as M
 from edm2.cli import (
-    check_speed_options, load_option, model_click_options, prepare_option, resolve_model_options,
+    check_speed_options, load_option, model_click_options, out_of_memory_names, prepare_option, resolve_model_options,
     sampling_settings_from_cli, seeds_option, solver_click_options, speed_click_options,
 )
 from edm2.detectors import METRICS, DetectorWeightsError
@@ -100,12 +99,10 @@ def _run(task):
     """Run task() inside the process group, turning input errors into click errors (rank-0 messages)."""
     dist.init()
     try:
-        return task()
+        with out_of_memory_names("--batch", "images per batch and process, which does not change the results"):
+            return task()
     except (M.MetricsError, DetectorWeightsError, ModelFileError) as e:
         raise click.ClickException(str(e)) from None
-    except torch.OutOfMemoryError:
-        raise click.ClickException("out of GPU memory; give a smaller --batch (images per batch and process, "
-                                   "which does not change the results)") from None
     finally:
         dist.shutdown()
 

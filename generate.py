@@ -20,10 +20,9 @@ Examples:
 from __future__ import annotations
 
 import click
-import torch
 
 from edm2.cli import (
-    check_speed_options, load_option, model_click_options, prepare_option, resolve_model_options,
+    check_speed_options, load_option, model_click_options, out_of_memory_names, prepare_option, resolve_model_options,
     sampling_settings_from_cli, seeds_option, solver_click_options, speed_click_options,
 )
 from edm2.generation import check_class_index, generate_images, prepare_encoder
@@ -123,7 +122,8 @@ def main(
             denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
         except ValueError as e:
             raise click.BadParameter(f"{gnet_path} does not fit {net_path}: {e}", param_hint="'--gnet'") from None
-        try:
+        with out_of_memory_names("--batch", f"{batch_size} images per batch and process; each image comes from "
+                                 "its own seed, whatever the batch"):
             summary = generate_images(
                 net,
                 seeds,
@@ -140,11 +140,6 @@ def main(
                 settings=settings,
                 denoiser=denoiser,
             )
-        except torch.OutOfMemoryError:
-            raise click.ClickException(
-                f"out of memory with --batch {batch_size} (images per batch and process); give a smaller --batch "
-                "(each image comes from its own seed, whatever the batch)"
-            ) from None
         dist.print0(summary.line())
     finally:
         dist.shutdown()

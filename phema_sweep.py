@@ -16,7 +16,7 @@ import pathlib
 
 import click
 
-from edm2.cli import std_list_option
+from edm2.cli import out_of_memory_names, std_list_option
 from edm2.model_files import read_header
 from edm2.phema_reconstruct import scan_snapshots
 from edm2.phema_search import (
@@ -184,20 +184,21 @@ def main(
             raise click.BadParameter(str(error), param_hint="--seeds") from None
         dist.init()
         try:
-            result = _sweep_generation_metric(
-                indir,
-                metric,
-                ref_path,
-                seed_list,
-                num_steps,
-                inception_weights,
-                dinov2_weights,
-                outstd,
-                outkimg,
-                batch,
-                eval_batch,
-                device,
-            )
+            with out_of_memory_names("--eval-batch", "images per forward pass, which does not change the results"):
+                result = _sweep_generation_metric(
+                    indir,
+                    metric,
+                    ref_path,
+                    seed_list,
+                    num_steps,
+                    inception_weights,
+                    dinov2_weights,
+                    outstd,
+                    outkimg,
+                    batch,
+                    eval_batch,
+                    device,
+                )
         finally:
             dist.shutdown()
         if not dist.is_main():

@@ -17,7 +17,8 @@ import click
 import torch
 
 from edm2.cli import (
-    bad_option, check_speed_options, guidance_interval_option, load_option, seeds_option, speed_click_options,
+    bad_option, check_speed_options, guidance_interval_option, load_option, out_of_memory_names, seeds_option,
+    speed_click_options,
 )
 from edm2.detectors import DetectorWeightsError
 from edm2.generation import prepare_for_sampling
@@ -122,7 +123,8 @@ def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, basel
             note = f"{len(seeds)} images against {ref_path}"
             score = fd_score(net, seeds, ref_path, metric, device=device,
                              weights={"fid": inception_weights, "fd_dinov2": dinov2_weights}, **common)
-        sweep = run_sweep(score, plan, metric, note, progress=click.echo)
+        with out_of_memory_names("--batch", "images per batch; each image comes from its own seed, whatever the batch"):
+            sweep = run_sweep(score, plan, metric, note, progress=click.echo)
     except (ValueError, DetectorWeightsError) as e:  # class, encoder, reference, detector: the message names them
         raise click.ClickException(str(e)) from None
     paths = write_sweep(sweep, outdir)

@@ -15,8 +15,9 @@ that names the option:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -36,8 +37,9 @@ from .solvers import SOLVERS, get_solver
 
 __all__ = [
     "CLI_NAMES", "bad_option", "check_fp8_option", "check_speed_options", "guidance_interval_option", "load_option",
-    "model_click_options", "prepare_option", "resolve_model_options", "sampling_settings_from_cli", "seeds_option",
-    "settings_from_cli", "solver_click_options", "speed_click_options", "std_list_option",
+    "model_click_options", "out_of_memory_names", "prepare_option", "resolve_model_options",
+    "sampling_settings_from_cli", "seeds_option", "settings_from_cli", "solver_click_options", "speed_click_options",
+    "std_list_option",
 ]
 
 # Library argument -> the option that sets it, for error messages.
@@ -204,6 +206,16 @@ def prepare_option(
         plan = sampling_plan(next(net.parameters()).device, **speed)
         dist.print0(f"Speed: {plan.describe('the first batch waits for the compiler')}.")
     return prepare_for_sampling(net, **speed)
+
+
+@contextlib.contextmanager
+def out_of_memory_names(option: str, hint: str) -> Iterator[None]:
+    """A GPU out of memory inside the block becomes one line that names the option to lower (and `hint`, what it
+    means) instead of a traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise click.ClickException(f"out of GPU memory; give a smaller {option} ({hint})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -388,4 +388,5 @@ def test_out_of_memory_names_batch(files, tmp_path, monkeypatch):
     r = CliRunner().invoke(generate.main, ["--net", str(files["net"]), "--seeds", "0-3", "--batch", "4",
                                            "--outdir", str(tmp_path), *FAST])  # fmt: skip
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert "Error: out of memory with --batch 4 (images per batch and process); give a smaller --batch" in r.output
+    assert "Error: out of GPU memory; give a smaller --batch (4 images per batch and process; each image comes from " \
+           "its own seed, whatever the batch)" in r.output  # fmt: skip

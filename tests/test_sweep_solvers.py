@@ -89,3 +89,19 @@ def test_bad_input_names_the_option(model, tmp_path, args, fragment):
     r = _invoke("--net", model, "--outdir", tmp_path / "never", *args)
     assert r.exit_code == 2 and fragment in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "never").exists()
+
+
+def test_out_of_memory_names_batch(model, tmp_path, monkeypatch):
+    import torch
+
+    import sweep_solvers
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sweep_solvers, "run_sweep", oom)
+    r = CliRunner().invoke(sweep_solvers.main, ["--net", str(model), "--seeds", "0-3", "--solvers", "euler",
+                                                "--steps", "2", "--outdir", str(tmp_path / "out")])  # fmt: skip
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: out of GPU memory; give a smaller --batch (images per batch;" in r.output
+    assert not (tmp_path / "out").exists()
