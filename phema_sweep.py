@@ -184,21 +184,20 @@ def main(
             raise click.BadParameter(str(error), param_hint="--seeds") from None
         dist.init()
         try:
-            with out_of_memory_names("--eval-batch", "images per forward pass, which does not change the results"):
-                result = _sweep_generation_metric(
-                    indir,
-                    metric,
-                    ref_path,
-                    seed_list,
-                    num_steps,
-                    inception_weights,
-                    dinov2_weights,
-                    outstd,
-                    outkimg,
-                    batch,
-                    eval_batch,
-                    device,
-                )
+            result = _sweep_generation_metric(
+                indir,
+                metric,
+                ref_path,
+                seed_list,
+                num_steps,
+                inception_weights,
+                dinov2_weights,
+                outstd,
+                outkimg,
+                batch,
+                eval_batch,
+                device,
+            )
         finally:
             dist.shutdown()
         if not dist.is_main():
@@ -210,6 +209,7 @@ def main(
     click.echo(f"best EMA length: std {result.best_std:.3f} ({metric} {result.best_value:.6g}); written to {outdir}")
 
 
+@out_of_memory_names("--eval-batch", "images per forward pass, which does not change the results")
 def _sweep_generation_metric(
     indir,
     metric,

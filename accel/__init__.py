@@ -187,14 +187,16 @@ def resolve_speed_plan(
     grad_sync: str | None = None,
     cudnn_benchmark: bool = True,
     fp8: str = "off",
+    not_worth_compiling: str = "",
 ) -> SpeedPlan:
     """The one place that decides what the defaults mean. kernels None = 'fast' on CUDA, 'reference' elsewhere;
     'fast' = fused attention everywhere, and where the Triton kernels run (CUDA with Triton) the fused post-step
     and the fast dropout, plus channels-last on CUDA. compile None = on where the fast kernels run on CUDA with
     Triton (torch.compile's GPU code generator), off for the reference kernels and elsewhere. grad_sync None =
     'flat' when compiled, else 'ddp'. fp8 'on' needs the fast kernels on a CUDA GPU of compute capability 8.9 or
-    newer (accel.fp8.check_fp8_device); 'emulate' runs anywhere, with the fast kernels.
-    A bad value raises ValueError naming the option."""
+    newer (accel.fp8.check_fp8_device); 'emulate' runs anywhere, with the fast kernels. `not_worth_compiling`: why
+    compiling would not pay for this work (e.g. a run of few steps); with compile None the plan is then not
+    compiled, and says so. A bad value raises ValueError naming the option."""
     if kernels is not None and kernels not in KERNELS:
         raise ValueError(f"kernels must be 'fast' or 'reference', got {kernels!r}")
     if grad_sync is not None and grad_sync not in GRAD_SYNCS:
@@ -216,9 +218,10 @@ def resolve_speed_plan(
     fast = kernels == "fast"
     triton_kernels = fast and kernels_available(device)
     if compile is None:
-        compile = triton_kernels and cuda
+        compile = triton_kernels and cuda and not not_worth_compiling
         because = "" if compile else (
-            "no CUDA device" if not cuda else "reference kernels" if not fast else "no Triton for this GPU"
+            "no CUDA device" if not cuda else "reference kernels" if not fast
+            else "no Triton for this GPU" if not triton_kernels else not_worth_compiling
         )
     else:
         because = "" if compile else "turned off"

@@ -189,16 +189,12 @@ def sampling_plan(
     if reference and compile:
         raise ValueError("prepare_for_sampling: reference runs the network as the official code does, uncompiled; "
                          "drop compile")
-
-    def resolve(compile: bool | None) -> SpeedPlan:
-        return resolve_speed_plan(device, compile=compile, kernels="reference" if reference else None,
-                                  cudnn_benchmark=not reference, fp8="on" if fp8 else "off")  # fmt: skip
-
-    plan = resolve(compile)
-    if compile is None and plan.compile and num_images is not None and num_images < COMPILE_MIN_IMAGES:
-        because = f"fewer than {COMPILE_MIN_IMAGES} images per process (--compile compiles)"
-        plan = dataclasses.replace(resolve(False), not_compiled_because=because)
-    return plan
+    few = num_images is not None and num_images < COMPILE_MIN_IMAGES
+    return resolve_speed_plan(
+        device, compile=compile, kernels="reference" if reference else None, cudnn_benchmark=not reference,
+        fp8="on" if fp8 else "off",
+        not_worth_compiling=f"fewer than {COMPILE_MIN_IMAGES} images per process (--compile compiles)" if few else "",
+    )
 
 
 def prepare_for_sampling(

@@ -66,24 +66,16 @@ COMPILE_MIN_STEPS = 2000
 def speed_plan(config: TrainingConfig, device: torch.device, world_size: int) -> SpeedPlan:
     """The configuration's speed options resolved (accel.resolve_speed_plan; compile None = its default, except for
     runs of fewer than COMPILE_MIN_STEPS steps); a bad value is a TrainingError naming the option."""
-    def resolve(compile: bool | None) -> SpeedPlan:
-        try:
-            return resolve_speed_plan(
-                device, world_size, compile=compile, kernels=config.kernels, grad_sync=config.grad_sync,
-                cudnn_benchmark=config.cudnn_benchmark,
-            )
-        except ValueError as e:
-            raise TrainingError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
-
-    plan = resolve(config.compile)
     whole = all(isinstance(v, int) for v in (config.duration, config.batch)) and config.batch > 0
-    steps = config.duration // config.batch if whole else None
-    if config.compile is None and plan.compile and steps is not None and steps < COMPILE_MIN_STEPS:
-        # Uncompiled, the grad-sync default changes too: resolved again rather than patched.
-        plan = dataclasses.replace(
-            resolve(False), not_compiled_because=f"fewer than {COMPILE_MIN_STEPS} steps (--compile compiles)"
+    short = whole and config.duration // config.batch < COMPILE_MIN_STEPS
+    try:
+        return resolve_speed_plan(
+            device, world_size, compile=config.compile, kernels=config.kernels, grad_sync=config.grad_sync,
+            cudnn_benchmark=config.cudnn_benchmark,
+            not_worth_compiling=f"fewer than {COMPILE_MIN_STEPS} steps (--compile compiles)" if short else "",
         )
-    return plan
+    except ValueError as e:
+        raise TrainingError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
 
 
 def _dataset_and_network_kwargs(config: TrainingConfig) -> tuple[ImageFolderDataset, dict[str, Any]]:
