@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
 from training.demo_data import write_demo_dataset  # noqa: E402
-from training.plot_stats import read_stats, save_figure  # noqa: E402
+from training.instruments import read_stats  # noqa: E402
+from training.plot_stats import save_figure  # noqa: E402
 from training.config import LossConfig, LrConfig, TrainingConfig  # noqa: E402
 from training.training_loop import training_loop  # noqa: E402
 

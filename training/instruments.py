@@ -175,12 +175,26 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> float:
 
 
 def read_stats(run_dir: str) -> list[dict[str, Any]]:
-    """The status lines of a run (stats.jsonl), oldest first."""
+    """The status lines of a run (stats.jsonl), oldest first. A last line that is not (yet) whole JSON is left out:
+    a live run may be appending it, or a killed run left it half written (its resume cuts it, see
+    training.run_dir.truncate_stats). An unreadable line before the last raises ValueError naming file and line."""
     path = os.path.join(run_dir, "stats.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no stats.jsonl (has the run written a status line yet?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    entries = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {number} is not a status line (a JSON object)")
+        entries.append(entry)
+    return entries
 
 
 def instrument_keys(entries: list[dict[str, Any]]) -> list[str]:

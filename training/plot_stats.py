@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Any
 
 import click
 
 from torch_utils.state_io import atomic_write_bytes
+from training.instruments import read_stats
 
 
 
@@ -23,15 +23,6 @@ def save_figure(fig: Any, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
-
-def read_stats(run_dir: str) -> list[dict]:
-    """The status entries of a run (one per status line), oldest first."""
-    path = os.path.join(run_dir, "stats.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (has the run printed a status line yet?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 
 def plot_loss_curves(run_dirs: list[str], path: str) -> str:
     """Training loss and learning rate against images seen, one line per run; written atomically."""
@@ -118,7 +109,7 @@ def main(run_dirs: tuple[str, ...], out: str | None, magnitudes: bool) -> None:
     plot, name = (plot_magnitudes, "magnitudes.png") if magnitudes else (plot_loss_curves, "loss.png")
     try:
         path = plot(list(run_dirs), out or os.path.join(run_dirs[0], name))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no stats.jsonl, no magnitudes in it, or a line not JSON
         raise click.ClickException(str(e)) from None
     click.echo(f"Wrote {path}")
 
