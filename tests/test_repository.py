@@ -330,3 +330,35 @@ def test_readme_python_api_names_exist() -> None:
         if value is None or (attr and not hasattr(value, attr)):
             missing.append(f"edm2.{name}" + (f".{attr}" if attr else ""))
     assert not missing, f"names the README's Python examples use that edm2 does not have: {sorted(missing)}"
+
+
+# (script, subcommand, option, its default in the code, the README's words for that default)
+README_DEFAULTS = [
+    ("generate", None, "--sampler", "heun", "| `heun` (default:"),
+    ("generate", None, "--schedule", "karras", "`--rho`; the default)"),
+    ("generate", None, "--steps", 32, "with 32 Heun steps (63 network evaluations each"),
+    ("generate", None, "--noise-device", None, "(`--noise-device cpu|cuda`, default the compute device"),
+    ("sweep_solvers", None, "--baseline-steps", 32, "scored against Heun with `--baseline-steps` (32)"),
+    ("sweep_solvers", None, "--reference-steps", 128, "those of a 128-step Heun run"),
+    ("sweep_solvers", None, "--metric", "rms_to_reference", "without a reference (the default"),
+    ("train_edm2", None, "--ema-stds", "0.050,0.100", "(std 0.050 and 0.100 by default, `--ema-stds`)"),
+    ("dataset_tool", "convert", "--transform", None, "default none = plain resize, as the official tool"),
+    ("phema_sweep", None, "--metric", "val-loss", "validation loss by default"),
+]
+
+
+def test_readme_stated_defaults_match_the_code() -> None:
+    """The defaults the README states are the command-line defaults (the README's words and the code's value)."""
+    import importlib
+
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    bad = []
+    for script, sub, option, default, words in README_DEFAULTS:
+        command = importlib.import_module(script).main
+        command = command.commands[sub] if sub else command
+        (param,) = [p for p in command.params if option in p.opts]
+        if param.default != default:
+            bad.append(f"{script} {option}: default {param.default!r} in the code, {default!r} expected")
+        if words not in readme:
+            bad.append(f"{script} {option}: the README no longer says {words!r}")
+    assert not bad, "\n".join(bad)
