@@ -362,3 +362,8 @@ def test_readme_stated_defaults_match_the_code() -> None:
         if words not in readme:
             bad.append(f"{script} {option}: the README no longer says {words!r}")
     assert not bad, "\n".join(bad)
+    # dataset_tool's own summary (dataset_tool.py --help) states convert's default too; it once named another one.
+    import dataset_tool
+
+    summary = " ".join(dataset_tool.main.help.split())
+    assert "a plain resize by default" in summary and "dhariwal by default" not in summary
