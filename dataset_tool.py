@@ -493,8 +493,8 @@ def dataset_label_problems(meta_bytes: bytes, names: list[str]) -> tuple[str | N
 def main() -> None:
     """Prepare datasets for train_edm2.py.
 
-    convert: center-crop-dhariwal by default (as the paper's ImageNet data), PNGs in a zip. encode: the VAE in
-    float32 on CUDA when available, else the CPU (--device)."""
+    convert: a plain resize by default, as the official tool (ImageNet needs --transform center-crop-dhariwal),
+    PNGs in a zip or a folder. encode: the VAE in float32 on CUDA when available, else the CPU (--device)."""
 
 
 @main.command()

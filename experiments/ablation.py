@@ -85,6 +85,7 @@ def train_all(rundir: str, letters: list[str], s: dict[str, Any], seed: int) -> 
     """Train the configurations, `parallel` at a time, each stopped (SIGTERM) after `time_limit` seconds."""
     from training.demo_data import write_demo_dataset
 
+    rundir = os.path.abspath(rundir)  # the runs start in the repository (cwd=ROOT), not where we were started
     data = os.path.join(rundir, "demo-data.zip")
     if not os.path.isfile(data):
         write_demo_dataset(data, num_images=s["num_images"])

@@ -73,6 +73,7 @@ def train_all(outdir: str, runs: list[tuple[str, str]], s: dict[str, Any], kappa
     the wall time of each run."""
     from training.demo_data import write_demo_dataset
 
+    outdir = os.path.abspath(outdir)  # the runs start in the repository (cwd=ROOT), not where we were started
     data = os.path.join(outdir, "demo-data.zip")
     if not os.path.isfile(data):
         write_demo_dataset(data, num_images=s["num_images"])

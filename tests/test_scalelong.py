@@ -441,3 +441,41 @@ def test_experiment_runs_carry_the_instruments():
     sl = _experiment_module()
     command = sl.train_command("r", "d.zip", "edm2-unet", "cs", dict(sl.SETTINGS["gpu"]), 0.7, 0)
     assert "--instruments" in command and command[command.index("--kappa") + 1] == "0.7"
+
+
+@pytest.mark.parametrize("name", ["scalelong", "ablation"])
+def test_experiment_runs_find_a_relative_outdir_from_any_working_directory(tmp_path, monkeypatch, name):
+    """The runs start in the repository (cwd=ROOT); a relative --outdir / --rundir given from elsewhere must still
+    name the user's folder for them (it named ROOT/runs/..., so `train_edm2.py` found no data)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_cwd", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def poll(self) -> int:
+            return 0
+
+    def popen(command, cwd, **kwargs):
+        started.append((command, cwd))
+        return Finished()
+
+    monkeypatch.setattr(experiment.subprocess, "Popen", popen)
+    monkeypatch.setattr(experiment.time, "sleep", lambda seconds: None)
+    monkeypatch.chdir(tmp_path)
+    settings = dict(experiment.SETTINGS["cpu"], num_images=4)
+    if name == "scalelong":
+        experiment.train_all("runs", [("edm2-unet", "none")], settings, 0.7, 0)
+    else:
+        experiment.train_all("runs", ["g"], settings, 0)
+    ((command, cwd),) = started
+    assert cwd != str(tmp_path)
+    run_dir = pathlib.Path(cwd, command[command.index("--outdir") + 1]).resolve()
+    data = pathlib.Path(cwd, command[command.index("--data") + 1]).resolve()
+    assert run_dir.parent == (tmp_path / "runs").resolve() and run_dir.is_dir()
+    assert data == (tmp_path / "runs" / "demo-data.zip").resolve() and data.is_file()
