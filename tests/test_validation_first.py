@@ -68,6 +68,16 @@ TRAIN_REJECTED = [
     (["--cond=True", "--uncond"], ["--uncond"]),
     (["--cond=maybe"], ["--cond"]),
     (["--skip-scaling=none", "--kappa=0.5"], ["--kappa"]),
+    # The power-function EMAs' stds and the seed, checked before the run starts (they once raised mid-start).
+    (["--ema-stds=0.5"], ["--ema-stds", "0.5", "(0, 0.30028)"]),
+    (["--ema-stds=0"], ["--ema-stds", "(0, 0.30028)"]),
+    (["--ema-stds=0.05,0.05"], ["--ema-stds must be distinct"]),
+    (["--ema-stds=,"], ["--ema-stds must name at least one"]),
+    (["--seed=99999999999999999999"], ["--seed", "[0, 2**32)"]),
+    (["--seed=-1"], ["--seed", "[0, 2**32)"]),
+    # Attention heads that do not tile a level's channels (a reshape error in the first step once).
+    (["--network-kwargs=" + TINY_NET.replace('"channels_per_head": 8', '"channels_per_head": 6')],
+     ["channels_per_head 6", "16 channels"]),
 ]
 
 
@@ -156,3 +166,29 @@ def test_other_tools_refuse_a_file_for_a_folder_and_a_folder_for_a_file(workdir)
     for command, args, option in cases:
         assert_rejected(CliRunner().invoke(command, args), option)
     assert listing(workdir) == ["afile", "folder", "tmp"]
+
+
+def test_run_directory_that_cannot_be_made_is_one_line(workdir, data):
+    """--outdir below a file: the run directory cannot be created (once a FileNotFoundError traceback)."""
+    from train_edm2 import main
+
+    (workdir / "afile").write_bytes(b"")
+    args = ["--outdir", "afile/run", "--data", data["labelled"], f"--network-kwargs={TINY_NET}", "--workers=0"]
+    assert_rejected(CliRunner().invoke(main, args), "--outdir afile/run", "cannot create the run directory")
+    assert listing(workdir) == ["afile", "tmp"]
+
+
+@pytest.mark.parametrize("label", [1.5, True, "1"])
+def test_label_that_is_no_class_index_is_refused(workdir, data, label):
+    """dataset.json labels are class indices: int() once took 1.5 (and true) for class 1 without a word."""
+    from train_edm2 import main
+
+    with zipfile.ZipFile(data["labelled"]) as z:
+        z.extractall("folder")
+    meta = json.loads((workdir / "folder" / "dataset.json").read_text())
+    name = meta["labels"][3][0]
+    meta["labels"][3][1] = label
+    (workdir / "folder" / "dataset.json").write_text(json.dumps(meta))
+    args = ["--outdir", "run", "--data", "folder", f"--network-kwargs={TINY_NET}", "--workers=0"]
+    assert_rejected(CliRunner().invoke(main, args), "--data", "dataset.json", name, f"got {label!r}")
+    assert not (workdir / "run").exists()

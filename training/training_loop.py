@@ -246,7 +246,10 @@ def training_loop(
     if rank == 0:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise TrainingError(f"--outdir {run_dir}: is a file; expected a directory (new or an earlier run's)")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--outdir {run_dir}: cannot create the run directory ({e.strerror})") from None
         try:
             lock.acquire()
         except RunDirError as e:
