@@ -30,6 +30,8 @@ import os
 import pathlib
 import pickle
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -253,7 +255,7 @@ def _load_npz_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, a flipped byte
         raise MetricsError(f"{path}: cannot read reference statistics: {e}") from e
     try:
         meta = json.loads(bytes(arrays.pop("meta_json")))

@@ -378,6 +378,21 @@ def test_bad_input_names_the_option(files, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_outputs_that_cannot_be_written_name_the_option(files, tmp_path):
+    """--outdir / --grid below a file (refused before loading), or in a folder that cannot be made (refused before
+    sampling): one line naming the option, not an OSError traceback after the sampling."""
+    (tmp_path / "afile").write_bytes(b"")
+    net = ["--net", files["net"], "--seeds", "0-1", *FAST]
+    text = _error(*net, "--outdir", tmp_path / "afile" / "out")
+    assert "'--outdir'" in text and "afile' is a file, not a folder" in text, text
+    text = _error(*net, "--grid", tmp_path / "afile" / "grid.png")
+    assert "'--grid'" in text and "afile' is a file, not a folder" in text, text
+    if sys.platform.startswith("linux"):  # /proc takes no new folders, whoever asks (root included)
+        assert "cannot create the folder '/proc/edm2-no-such'" in _error(*net, "--outdir", "/proc/edm2-no-such")
+        assert "'--grid'" in _error(*net, "--grid", "/proc/edm2-no-such/grid.png")
+    assert os.listdir(tmp_path) == ["afile"]
+
+
 def test_out_of_memory_names_batch(files, tmp_path, monkeypatch):
     import generate
 
