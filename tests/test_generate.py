@@ -359,6 +359,7 @@ def test_bad_input_names_the_option(files, tmp_path):
         ([*net, "--seeds", "0-3,x", *out], ["--seeds", "'x'"]),
         ([*net, "--seeds", "5-2", *out], ["--seeds", "backwards"]),
         ([*net, "--seeds", "1,1", *out], ["--seeds", "more than once"]),
+        ([*net, "--seeds", "0-99999999999", *out], ["--seeds", "more than 10000000 seeds"]),  # once a MemoryError
         (
             [*net, "--gnet", files["gnet"], "--guidance", "2", "--guidance-interval", "5,1", *out],
             ["--guidance-interval"],
@@ -375,6 +376,9 @@ def test_bad_input_names_the_option(files, tmp_path):
         text = _error(*args, *FAST)
         for fragment in expected:
             assert fragment in text, (args, text)
+    # Beyond int64 the step count once overflowed in a traceback (FAST sets --steps, so not in the list above).
+    text = _error(*net, "--steps", "99999999999999999999", *out, "--no-progress")
+    assert "'--steps'" in text and "num_steps must be at most 100000" in text, text
     assert not (tmp_path / "never").exists()
 
 

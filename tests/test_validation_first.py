@@ -176,6 +176,10 @@ def test_run_directory_that_cannot_be_made_is_one_line(workdir, data):
     args = ["--outdir", "afile/run", "--data", data["labelled"], f"--network-kwargs={TINY_NET}", "--workers=0"]
     assert_rejected(CliRunner().invoke(main, args), "--outdir afile/run", "cannot create the run directory")
     assert listing(workdir) == ["afile", "tmp"]
+    (workdir / "run" / ".lock").mkdir(parents=True)  # a folder where the lock file goes: once IsADirectoryError
+    args[1] = "run"
+    assert_rejected(CliRunner().invoke(main, args), "--outdir run", "cannot open its lock file", "Is a directory")
+    assert listing(workdir) == ["afile", "run", "run/.lock", "tmp"]
 
 
 @pytest.mark.parametrize("label", [1.5, True, "1"])
