@@ -476,6 +476,8 @@ def dataset_statistics(
 ) -> dict[str, FeatureStatistics]:
     """Feature statistics of a folder / zip of PNG images (works under torchrun: images split over ranks)."""
     metrics = _metric_list(metrics, METRICS)
+    if num is not None and num < 2:
+        raise MetricsError(f"need at least 2 images for a covariance (--num), got {num}")
     dataset = open_image_dataset(path, num)
     chosen = official_subset(len(dataset), num, seed)
     detectors = detectors if detectors is not None else load_detectors(metrics, weights, device, progress)
@@ -501,7 +503,7 @@ def model_statistics(
     """Feature statistics of images generated on the fly, one per seed; no image touches the disk."""
     metrics = _metric_list(metrics, METRICS)
     if len(seeds) < 2:
-        raise MetricsError(f"need at least 2 seeds for a covariance, got {len(seeds)}")
+        raise MetricsError(f"need at least 2 seeds for a covariance (--seeds, or --num), got {len(seeds)}")
     detectors = detectors if detectors is not None else load_detectors(metrics, weights, device, progress)
     batches, total = iterate_generated_images(
         net, seeds, batch_size, gnet, encoder_settings, class_idx, device, **sampler_kwargs

@@ -389,6 +389,11 @@ def test_bad_input_is_named(weights_env, tmp_path):
     out = _error("calc", "--images", env["data"], "--ref", env["net"], "--no-progress")
     assert "net.safetensors" in out
     assert "must end in .npz or .pkl" in _error("ref", "--data", env["data"], "--dest", tmp_path / "r.txt")
+    # one image or one seed: no covariance, said naming the option
+    out = _error("ref", "--data", env["data"], "--dest", tmp_path / "one.npz", "--num", 1, "--no-progress")
+    assert "need at least 2 images for a covariance (--num), got 1" in out, out
+    out = _error("gen", "--net", env["net"], "--ref", ref, "--seeds", "7", "--steps", 2, "--no-progress")
+    assert "need at least 2 seeds for a covariance (--seeds, or --num), got 1" in out, out
     # a truncated reference, one with a flipped byte (zip's CRC): one line, no BadZipFile traceback
     raw = ref.read_bytes()
     (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
