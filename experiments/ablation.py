@@ -300,7 +300,10 @@ def read_runs(rundir: str) -> dict[str, list[dict[str, Any]]]:
     runs = {}
     for letter in ABLATION_CONFIGS:
         if os.path.isfile(os.path.join(rundir, letter, "stats.jsonl")):
-            entries = [e for e in read_stats(os.path.join(rundir, letter)) if "loss" in e]
+            try:
+                entries = [e for e in read_stats(os.path.join(rundir, letter)) if "loss" in e]
+            except ValueError as e:  # a line that is no status entry
+                raise click.ClickException(str(e)) from None
             if entries:
                 runs[letter] = entries
     if not runs:

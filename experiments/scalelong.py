@@ -203,7 +203,10 @@ def analyze(outdir: str, settings: dict[str, Any] | None = None, rundir: str | N
         for mode in MODES:
             run_dir = os.path.join(rundir, run_name(backbone, mode))
             if os.path.isfile(os.path.join(run_dir, "stats.jsonl")):
-                runs.setdefault(backbone, {})[mode] = [e for e in read_stats(run_dir) if "loss" in e]
+                try:
+                    runs.setdefault(backbone, {})[mode] = [e for e in read_stats(run_dir) if "loss" in e]
+                except ValueError as e:  # a line that is no status entry
+                    raise click.ClickException(str(e)) from None
     previous = os.path.join(outdir, "scalelong.json")
     if settings is None and os.path.isfile(previous):
         with open(previous) as f:

@@ -175,12 +175,28 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> float:
 
 
 def read_stats(run_dir: str) -> list[dict[str, Any]]:
-    """The status lines of a run (stats.jsonl), oldest first."""
+    """The status lines of a run (stats.jsonl), oldest first. A last line cut short (a run killed while writing it;
+    the resumed run drops it too) is left out; any other line that is no JSON object raises ValueError naming it."""
     path = os.path.join(run_dir, "stats.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no stats.jsonl (has the run written a status line yet?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            entry = None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: line {number} is not a status entry (a JSON object): {line[:60]!r}")
+        entries.append(entry)
+    return entries
 
 
 def instrument_keys(entries: list[dict[str, Any]]) -> list[str]:
