@@ -94,6 +94,9 @@ class StdList(tuple):
     library call)."""
 
 
+MAX_STDS = 10_000  # EMA lengths per list at most (each one a network to reconstruct)
+
+
 def parse_std_list(text: str | float | Sequence[float]) -> StdList:
     """Parse '0.05,0.1' or a range '0.010,0.015,...,0.250' (step from the two values before '...', end
     included) into the stds, each checked to lie in (0, STD_LIMIT]. Numbers and sequences of numbers are checked
@@ -121,6 +124,8 @@ def parse_std_list(text: str | float | Sequence[float]) -> StdList:
             if not step > 0 or value <= start:
                 raise ValueError(f"std list {text!r}: a range must increase, got step {step:g} up to {value:g}")
             count = math.floor((value - start) / step + 1e-6)
+            if len(values) + count > MAX_STDS:  # before the list is built: a mistyped step would fill the memory
+                raise ValueError(f"std list {text!r}: more than {MAX_STDS} stds (step {step:g})")
             # Round to 12 digits so that 0.010 + k * 0.005 prints and compares as the user wrote it.
             values.extend(round(start + k * step, 12) for k in range(1, count + 1))
             if not math.isclose(values[-1], value, rel_tol=1e-9):

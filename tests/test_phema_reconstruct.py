@@ -167,7 +167,8 @@ def test_cli_writes_loadable_snapshots(run, tmp_path):
     assert (tmp_path / f"ema-{kimg:07d}-0.100.safetensors").is_file()
 
 
-@pytest.mark.parametrize("std", ["0.31", "0", "-0.05", "0.05,abc"])
+# The last: a mistyped range step, 2e9 stds (once filled the memory instead of an error).
+@pytest.mark.parametrize("std", ["0.31", "0", "-0.05", "0.05,abc", "0.01,0.0100000001,...,0.2"])
 def test_cli_rejects_bad_std(run, tmp_path, std):
     result = _cli("--indir", run["dir"], "--outdir", tmp_path, "--outstd", std)
     assert result.exit_code == 2 and "--outstd" in result.output
