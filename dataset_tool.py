@@ -31,6 +31,7 @@ import PIL.Image
 import torch
 import tqdm
 
+from edm2.cli import check_device_option, check_output_path
 from torch_utils.state_io import atomic_write, current_umask
 from training.dataset import DatasetError, ImageFolderDataset, is_array_file, list_dataset_files
 from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder, VAELoadError
@@ -268,27 +269,7 @@ def check_dest(dest: str, folder_ok: bool = False) -> None:
             )
     elif os.path.isdir(dest):
         raise click.BadParameter(f"{dest} is a folder; expected the path of the output zip", param_hint="--dest")
-    parent = os.path.dirname(os.path.abspath(dest))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"{dest}: {parent} is a file, not a folder", param_hint="--dest")
-
-
-def check_device(device: str) -> torch.device:
-    """--device: a torch device this machine has."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"{device}: no CUDA device on this machine; use --device cpu", param_hint="--device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
-                                 param_hint="--device")
-    if dev.type not in ("cpu", "cuda"):
-        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
-    return dev
+    check_output_path("--dest", dest)
 
 
 # --- checking a dataset ----------------------------------------------------------------------------------
@@ -623,7 +604,7 @@ def convert(
 def encode(source: str, dest: str, vae: str, batch: int, device: str | None, max_images: int | None) -> None:
     """PNG dataset -> Stable Diffusion VAE latent dataset (what --data takes for the img512 presets)."""
     check_dest(dest)
-    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device_option(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dataset = ImageFolderDataset(source, use_labels=True)
     except DatasetError as e:

@@ -16,7 +16,7 @@ import pathlib
 
 import click
 
-from edm2.cli import out_of_memory_names, std_list_option
+from edm2.cli import check_device_option, out_of_memory_names, std_list_option
 from edm2.model_files import read_header
 from edm2.phema_reconstruct import scan_snapshots
 from edm2.phema_search import (
@@ -167,6 +167,8 @@ def main(
     device,
 ):
     """Sweep the post-hoc EMA length of the run in INDIR and plot the metric."""
+    if device is not None:
+        device = check_device_option(device)
     if metric == "val-loss":
         if data is None:
             raise click.BadParameter("--metric val-loss needs validation data", param_hint="--data")

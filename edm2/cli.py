@@ -37,9 +37,9 @@ from .seeds import parse_seeds
 from .solvers import SOLVERS, get_solver
 
 __all__ = [
-    "CLI_NAMES", "bad_option", "check_fp8_option", "check_output_path", "check_speed_options", "guidance_interval_option",
-    "load_option", "make_output_dir", "model_click_options", "out_of_memory_names", "prepare_option",
-    "resolve_model_options", "writing_names",
+    "CLI_NAMES", "bad_option", "check_device_option", "check_fp8_option", "check_output_path", "check_speed_options",
+    "guidance_interval_option", "load_option", "make_output_dir", "model_click_options", "out_of_memory_names",
+    "prepare_option", "resolve_model_options", "writing_names",
     "sampling_settings_from_cli", "seeds_option", "settings_from_cli", "solver_click_options", "speed_click_options",
     "std_list_option",
 ]
@@ -236,6 +236,23 @@ def check_output_path(option: str, path: str | os.PathLike) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise click.BadParameter(f"cannot write {os.fspath(path)!r}: no permission to write in {folder!r}",
                                  param_hint=f"'{option}'")
+
+
+def check_device_option(device: str, option: str = "--device") -> torch.device:
+    """--device: cpu, cuda or cuda:N that this machine has; click error naming the option otherwise."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint=f"'{option}'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{device}: no CUDA device on this machine; use {option} cpu",
+                                 param_hint=f"'{option}'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                 param_hint=f"'{option}'")
+    return dev
 
 
 def make_output_dir(option: str, folder: str | os.PathLike) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import warnings
 
@@ -174,6 +175,20 @@ def test_cli_rejects_bad_std(run, tmp_path, std):
     assert result.exit_code == 2 and "--outstd" in result.output
     assert std.split(",")[-1] in result.output
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:99"])
+def test_cli_rejects_a_device_this_machine_lacks(run, tmp_path, device):
+    """Once a RuntimeError / AssertionError traceback from torch, in both post-hoc EMA tools."""
+    from phema_sweep import main as sweep
+
+    np.savez(tmp_path / "val.npz", images=run["images"][:4].numpy(), labels=run["labels"][:4].numpy())
+    result = _cli("--indir", run["dir"], "--outdir", tmp_path / "out", "--outstd", "0.05", "--device", device)
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output and device in result.output
+    result = CliRunner().invoke(sweep, ["--indir", str(run["dir"]), "--data", str(tmp_path / "val.npz"), "--outdir",
+                                        str(tmp_path / "sweep"), "--device", device], catch_exceptions=False)
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output and device in result.output
+    assert os.listdir(tmp_path) == ["val.npz"]
 
 
 def test_cli_rejects_missing_or_mismatched_snapshots(run, tmp_path):
