@@ -101,6 +101,8 @@ def main(indir, inprefix, instd, outdir, outstd, outkimg, batch, prefix, skip_ex
         raise click.ClickException(str(error)) from None
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    except OSError as error:  # the output folder cannot be made or written
+        raise click.ClickException(f"--outdir {outdir}: {error}") from None
     click.echo(f"{len(paths)} networks in {outdir}")
 
 

@@ -177,6 +177,24 @@ def test_cli_rejects_bad_std(run, tmp_path, std):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_never_replaces_a_snapshot_of_the_run(run, tmp_path):
+    """--outdir = --indir and --prefix network-snapshot: the output network-snapshot-KIMG-0.050 once replaced the
+    training snapshot of that name (an input). Refused; an earlier reconstruction there may be replaced."""
+    folder = shutil.copytree(run["dir"], tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    stds = sorted({float(p.stem.rsplit("-", 1)[1]) for p in folder.glob("network-snapshot-*.safetensors")})
+    args = ["--indir", folder, "--outdir", folder, "--outstd", f"{stds[0]:.3f}"]
+    result = _cli(*args, "--prefix", "network-snapshot")
+    assert result.exit_code == 2 and "would replace a snapshot of the run" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (tmp_path / "afile").write_bytes(b"")  # an --outdir that cannot be made: once a NotADirectoryError traceback
+    result = _cli("--indir", folder, "--outdir", tmp_path / "afile" / "out", "--outstd", "0.05")
+    assert result.exit_code == 1 and "Error: --outdir" in result.output and "Not a directory" in result.output
+    for _ in range(2):  # a reconstruction in the run's folder, then the same again: replaced
+        result = _cli(*args, "--inprefix", "network-snapshot")
+        assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("device", ["foo", "cuda:99"])
 def test_cli_rejects_a_device_this_machine_lacks(run, tmp_path, device):
     """Once a RuntimeError / AssertionError traceback from torch, in both post-hoc EMA tools."""
