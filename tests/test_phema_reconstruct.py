@@ -351,6 +351,36 @@ def test_sweep_cli(run, tmp_path):
     assert {p.name for p in (tmp_path / "sweep").iterdir()} == {"sweep.png", "sweep.json", "sweep.csv"}
 
 
+def test_sweep_cli_checks_the_data_and_options_against_the_run(run, tmp_path):
+    """Validation data that do not fit the run's network (once a Precond shape error naming no option, or a
+    conditional network scored without labels), too few images for --num, non-finite --P-mean / --P-std, an
+    --outdir that is a file: one line naming the option, before any reconstruction."""
+    from phema_sweep import main
+
+    images, labels = run["images"][:8].numpy(), run["labels"][:8].numpy()
+    np.savez(tmp_path / "ok.npz", images=images, labels=labels)
+    np.savez(tmp_path / "nolabels.npz", images=images)
+    np.savez(tmp_path / "small.npz", images=images[:, :, :4, :4], labels=labels)
+    np.savez(tmp_path / "fewlabels.npz", images=images, labels=labels[:5])
+    (tmp_path / "afile").write_bytes(b"")
+    cases = [
+        (["--data", "nolabels.npz"], "--data", "nolabels.npz: no labels, but the network is class-conditional"),
+        (["--data", "small.npz"], "--data", "small.npz: images of shape [3, 4, 4], but the network takes [3, 8, 8]"),
+        (["--data", "fewlabels.npz"], "--data", "fewlabels.npz: 5 labels for 8 images"),
+        (["--data", "ok.npz", "--num", "9"], "--num", "ok.npz holds 8 images, fewer than the 9 asked for"),
+        (["--data", "ok.npz", "--P-mean", "nan"], "'--P-mean'", "expected a finite number, got nan"),
+        (["--data", "ok.npz", "--P-std", "inf"], "'--P-std'", "expected a finite number, got inf"),
+        (["--data", "ok.npz", "--outdir", "afile"], "'--outdir'", "afile' is a file, not a folder"),
+    ]
+    for args, option, message in cases:
+        args = [a if not a.endswith((".npz", "afile")) else str(tmp_path / a) for a in args]
+        result = CliRunner().invoke(main, ["--indir", str(run["dir"]), "--outdir", str(tmp_path / "out"),
+                                           "--outstd", "0.05,0.1", *args], catch_exceptions=False)  # fmt: skip
+        assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, (args, result.output)
+        assert message in result.output, (args, result.output)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "fewlabels.npz", "nolabels.npz", "ok.npz", "small.npz"]
+
+
 def test_input_names_are_selected_as_the_official_tool_selects_them():
     """tests/data/official_parity.json: the official list_input_pickles on the same names (.pkl; the project's
     .safetensors snapshots follow the same naming)."""
