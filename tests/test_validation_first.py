@@ -3,6 +3,7 @@ exits non-zero with a one-line error naming the option, no traceback, and leaves
 
 import json
 import os
+import sys
 import tempfile
 import zipfile
 
@@ -123,6 +124,11 @@ DATASET_TOOL_REJECTED = [
     (["convert", "--source", "missing", "--dest", "out/x.zip", "--resolution", "16"], ["--source"]),
     (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "foo"], ["--device", "foo"]),
     (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "cuda:99"], ["--device", "cuda:99"]),
+    # The source as its own destination (once replaced by its conversion), a size of gigabytes per image (once
+    # killed for memory).
+    (["convert", "--source", "{data}", "--dest", "{data}", "--resolution", "16"], ["--dest", "is the --source"]),
+    (["encode", "--source", "{data}", "--dest", "{data}"], ["--dest", "is the --source"]),
+    (["convert", "--source", "{data}", "--dest", "out/x.zip", "--resolution", "99999"], ["--resolution", "at most"]),
 ]
 
 
@@ -136,6 +142,15 @@ def test_dataset_tool_rejects_before_writing(workdir, data, args, words):
     result = CliRunner().invoke(main, [a.format(data=data["labelled"]) for a in args])
     assert_rejected(result, *words)
     assert listing(workdir) == ["folder", "folder/keep.txt", "tmp"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc takes no new folders")
+def test_dataset_tool_destination_that_cannot_be_made_is_one_line(workdir, data):
+    from dataset_tool import main
+
+    result = CliRunner().invoke(main, ["convert", "--source", data["labelled"], "--dest", "/proc/edm2-no-such/x.zip"])
+    assert_rejected(result, "cannot write --dest '/proc/edm2-no-such/x.zip' (No such file or directory)")
+    assert listing(workdir) == ["tmp"]
 
 
 def test_dataset_tool_failure_removes_the_folders_it_made(workdir, data):
