@@ -343,7 +343,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--outdir", required=True, help="Experiment directory (one run folder per backbone and mode)")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False),
+              help="Experiment directory (one run folder per backbone and mode)")
 @click.option("--setting", type=click.Choice(list(SETTINGS)), default="cpu", show_default=True, help="Budget")
 @click.option("--backbones", default=",".join(BACKBONES), show_default=True, help="Comma-separated backbones")
 @click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated skip-scaling modes")
@@ -358,7 +359,8 @@ def cli() -> None:
     "--time-limit", "time_limit", type=click.FloatRange(min=1), default=None, help="Seconds per run before SIGTERM"
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the same for every run)")
-@click.option("--rundir", default=None, help="Folder of the run folders and data [default: --outdir]")
+@click.option("--rundir", default=None, type=click.Path(file_okay=False),
+              help="Folder of the run folders and data [default: --outdir]")
 def run(
     outdir: str, setting: str, backbones: str, modes: str, kappa: float, seed: int, rundir: str | None, **overrides
 ) -> None:

@@ -415,6 +415,8 @@ def test_experiment_figures_and_outputs(tmp_path):
     r = CliRunner().invoke(sl.cli, ["analyze", "--outdir", str(tmp_path)])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert "uvit-cs/stats.jsonl: line 41 is not a status entry (a JSON object)" in r.output, r.output
+    r = CliRunner().invoke(sl.cli, ["run", "--outdir", str(tmp_path / "scalelong.json")])  # once FileExistsError
+    assert r.exit_code == 2 and "Invalid value for '--outdir'" in r.output and "is a file" in r.output, r.output
 
 
 def test_tensorboard_export(tmp_path):
