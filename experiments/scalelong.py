@@ -365,6 +365,9 @@ def run(
     outdir: str, setting: str, backbones: str, modes: str, kappa: float, seed: int, rundir: str | None, **overrides
 ) -> None:
     """Train every (backbone, mode) and write the comparison."""
+    for option, value in (("--kappa", kappa), ("--time-limit", overrides.get("time_limit"))):
+        if value is not None and math.isnan(value):  # click's ranges let nan through (every comparison is false)
+            raise click.BadParameter(f"expected a number, got {value}", param_hint=f"'{option}'")
     s = dict(SETTINGS[setting])
     s.update({k: v for k, v in overrides.items() if v is not None})
     s.update(kappa=kappa, seed=seed, setting=setting)

@@ -417,6 +417,10 @@ def test_experiment_figures_and_outputs(tmp_path):
     assert "uvit-cs/stats.jsonl: line 41 is not a status entry (a JSON object)" in r.output, r.output
     r = CliRunner().invoke(sl.cli, ["run", "--outdir", str(tmp_path / "scalelong.json")])  # once FileExistsError
     assert r.exit_code == 2 and "Invalid value for '--outdir'" in r.output and "is a file" in r.output, r.output
+    for option in ("--kappa", "--time-limit"):  # nan passed click's range: every run then failed or ran unlimited
+        r = CliRunner().invoke(sl.cli, ["run", "--outdir", str(tmp_path / "new"), option, "nan"])
+        assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output, r.output
+    assert not (tmp_path / "new").exists()
 
 
 def test_tensorboard_export(tmp_path):
