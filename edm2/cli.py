@@ -39,9 +39,8 @@ from .solvers import SOLVERS, get_solver
 __all__ = [
     "CLI_NAMES", "bad_option", "check_device_option", "check_fp8_option", "check_output_path", "check_speed_options",
     "guidance_interval_option", "load_option", "make_output_dir", "model_click_options", "out_of_memory_names",
-    "prepare_option", "resolve_model_options", "writing_names",
-    "sampling_settings_from_cli", "seeds_option", "settings_from_cli", "solver_click_options", "speed_click_options",
-    "std_list_option",
+    "prepare_option", "resolve_model_options", "sampling_settings_from_cli", "seeds_option", "settings_from_cli",
+    "solver_click_options", "speed_click_options", "std_list_option", "writing_names",
 ]
 
 # Library argument -> the option that sets it, for error messages.
@@ -221,21 +220,7 @@ def out_of_memory_names(option: str, hint: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Outputs: a file or folder that cannot be written is one line naming the option, not an OSError traceback
-
-
-def check_output_path(option: str, path: str | os.PathLike) -> None:
-    """Before the work: the folder that would hold `path` (a file) must be creatable and writable, judged by its
-    nearest existing ancestor, so that a long run does not end in a failed write. Creates nothing."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise click.BadParameter(f"cannot write {os.fspath(path)!r}: {folder!r} is a file, not a folder",
-                                 param_hint=f"'{option}'")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"cannot write {os.fspath(path)!r}: no permission to write in {folder!r}",
-                                 param_hint=f"'{option}'")
+# Devices
 
 
 def check_device_option(device: str, option: str = "--device") -> torch.device:
@@ -253,6 +238,24 @@ def check_device_option(device: str, option: str = "--device") -> torch.device:
         raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
                                  param_hint=f"'{option}'")
     return dev
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: a file or folder that cannot be written is one line naming the option, not an OSError traceback
+
+
+def check_output_path(option: str, path: str | os.PathLike) -> None:
+    """Before the work: the folder that would hold `path` (a file) must be creatable and writable, judged by its
+    nearest existing ancestor, so that a long run does not end in a failed write. Creates nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"cannot write {os.fspath(path)!r}: {folder!r} is a file, not a folder",
+                                 param_hint=f"'{option}'")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write {os.fspath(path)!r}: no permission to write in {folder!r}",
+                                 param_hint=f"'{option}'")
 
 
 def make_output_dir(option: str, folder: str | os.PathLike) -> None:

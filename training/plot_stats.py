@@ -18,7 +18,6 @@ from torch_utils.state_io import atomic_write_bytes
 from .instruments import read_stats
 
 
-
 def save_figure(fig: Any, path: str) -> None:
     """A matplotlib figure as a PNG file, written atomically."""
     buf = io.BytesIO()
