@@ -197,6 +197,23 @@ def test_run_directory_that_cannot_be_made_is_one_line(workdir, data):
     assert listing(workdir) == ["afile", "run", "run/.lock", "tmp"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes: Linux's")
+def test_run_directory_of_non_utf8_bytes_is_refused(workdir, data):
+    """safetensors opens only UTF-8 paths: such a run once trained, then set every checkpoint aside as damaged on
+    resume and started again from 0. Refused before anything is written; so is such a model file for loading."""
+    from train_edm2 import main
+    from training.model_files import ModelFileError, load_model_file
+
+    outdir = os.fsdecode(b"run-\xff\xfe")
+    args = ["--outdir", outdir, "--data", data["labelled"], f"--network-kwargs={TINY_NET}", "--workers=0"]
+    assert_rejected(CliRunner().invoke(main, args), "--outdir", "the path is not valid UTF-8")
+    assert listing(workdir) == ["tmp"]
+    os.mkdir(outdir)
+    (workdir / outdir / "net.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFileError, match="the path is not valid UTF-8"):
+        load_model_file(os.path.join(outdir, "net.safetensors"))
+
+
 @pytest.mark.parametrize("label", [1.5, True, "1"])
 def test_label_that_is_no_class_index_is_refused(workdir, data, label):
     """dataset.json labels are class indices: int() once took 1.5 (and true) for class 1 without a word."""
