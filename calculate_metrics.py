@@ -26,8 +26,9 @@ import click
 
 from edm2 import metrics as M
 from edm2.cli import (
-    check_speed_options, load_option, model_click_options, out_of_memory_names, prepare_option, resolve_model_options,
-    sampling_settings_from_cli, seeds_option, solver_click_options, speed_click_options,
+    check_output_path, check_speed_options, load_option, model_click_options, out_of_memory_names, prepare_option,
+    resolve_model_options, sampling_settings_from_cli, seeds_option, solver_click_options, speed_click_options,
+    writing_names,
 )
 from edm2.detectors import METRICS, DetectorWeightsError
 from edm2.generation import prepare_encoder
@@ -92,7 +93,8 @@ def _report(results: dict[str, float], num_images: int, out: str | None) -> None
         click.echo(f"{metric:<10s} {value:.4f}   ({num_images} images)")
     if out is not None:
         data = json.dumps({"results": results, "num_images": num_images}, indent=2).encode()
-        atomic_write_bytes(out, data)
+        with writing_names("--out", out):
+            atomic_write_bytes(out, data)
 
 
 def _run(task):
@@ -142,6 +144,7 @@ def ref(data, dest, num, seed, workers, metrics, batch_size, inception_weights, 
     """Reference statistics (mean, covariance per metric) of a dataset, written as .npz or .pkl (official)."""
     if not dest.endswith((".npz", ".pkl")):
         raise click.BadParameter(f"{dest!r} must end in .npz or .pkl", param_hint="'--dest'")
+    check_output_path("--dest", dest)
 
     def task():
         stats = M.dataset_statistics(
@@ -155,7 +158,8 @@ def ref(data, dest, num, seed, workers, metrics, batch_size, inception_weights, 
             progress=progress,
         )
         if dist.is_main():
-            M.save_reference(dest, stats, source=str(data))
+            with writing_names("--dest", dest):
+                M.save_reference(dest, stats, source=str(data))
             n = next(iter(stats.values())).num_images
             click.echo(f"Wrote {', '.join(stats)} statistics of {n} images to {dest}")
         dist.barrier()
@@ -179,6 +183,8 @@ def ref(data, dest, num, seed, workers, metrics, batch_size, inception_weights, 
 @common_options
 def calc(images, ref_path, num, seed, workers, out, metrics, batch_size, inception_weights, dinov2_weights, progress):
     """Metrics of a folder or zip of images against reference statistics."""
+    if out is not None:
+        check_output_path("--out", out)
 
     def task():
         results = M.calc_metrics_for_images(
@@ -257,6 +263,8 @@ def gen(
         seeds = list(range(first, first + (num_images or len(seeds))))
     settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
     check_speed_options(kernels, compile_net, precision)
+    if out is not None:
+        check_output_path("--out", out)
 
     def task():
         device = dist.device()  # the sampling precision follows it (load_option), as in generate.py

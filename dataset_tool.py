@@ -31,6 +31,7 @@ import PIL.Image
 import torch
 import tqdm
 
+from edm2.cli import check_device_option, check_output_path, writing_names
 from torch_utils.state_io import atomic_write, current_umask
 from training.dataset import DatasetError, ImageFolderDataset, is_array_file, list_dataset_files
 from training.encoders import STABILITY_VAE_DEFAULTS, StabilityVAEEncoder, VAELoadError
@@ -177,6 +178,9 @@ TRANSFORMS = {
 }
 
 
+MAX_RESOLUTION = 16384  # --resolution at most this a side (an RGB image of 768 MiB)
+
+
 def parse_resolution(
     ctx: click.Context | None, param: click.Parameter | None, value: str | None
 ) -> tuple[int, int] | None:
@@ -187,6 +191,8 @@ def parse_resolution(
     size = (int(m[1]), int(m[2] or m[1])) if m else None
     if size is None or min(size) < 1:
         raise click.BadParameter(f"expected N or WxH with positive integers (e.g. 64 or 64x64), got {value!r}")
+    if max(size) > MAX_RESOLUTION:  # each image would take gigabytes: the run ends killed for memory, not in a line
+        raise click.BadParameter(f"at most {MAX_RESOLUTION} pixels a side, got {value!r}")
     return size
 
 
@@ -233,7 +239,7 @@ def write_zip(
                 meta["num_classes"] = num_classes
             z.writestr("dataset.json", json.dumps(meta))
 
-    with new_folders_removed_on_failure(dest):
+    with writing_names("--dest", dest), new_folders_removed_on_failure(dest):
         atomic_write(dest, write)
     return count
 
@@ -256,9 +262,11 @@ def new_folders_removed_on_failure(dest: str) -> Iterator[None]:
         raise
 
 
-def check_dest(dest: str, folder_ok: bool = False) -> None:
-    """--dest must name a zip file to be (over)written or, where folder_ok, a new or empty folder; checked before
-    any work."""
+def check_dest(dest: str, source: str, folder_ok: bool = False) -> None:
+    """--dest must name a zip file to be (over)written or, where folder_ok, a new or empty folder, and not the
+    --source itself; checked before any work."""
+    if os.path.exists(source) and os.path.exists(dest) and os.path.samefile(source, dest):
+        raise click.BadParameter(f"{dest} is the --source; write the dataset elsewhere", param_hint="--dest")
     if not dest.lower().endswith(".zip"):
         if not folder_ok:
             raise click.BadParameter(f"expected a .zip file name, got {dest!r}", param_hint="--dest")
@@ -268,27 +276,7 @@ def check_dest(dest: str, folder_ok: bool = False) -> None:
             )
     elif os.path.isdir(dest):
         raise click.BadParameter(f"{dest} is a folder; expected the path of the output zip", param_hint="--dest")
-    parent = os.path.dirname(os.path.abspath(dest))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"{dest}: {parent} is a file, not a folder", param_hint="--dest")
-
-
-def check_device(device: str) -> torch.device:
-    """--device: a torch device this machine has."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"{device}: no CUDA device on this machine; use --device cpu", param_hint="--device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
-                                 param_hint="--device")
-    if dev.type not in ("cpu", "cuda"):
-        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
-    return dev
+    check_output_path("--dest", dest)
 
 
 # --- checking a dataset ----------------------------------------------------------------------------------
@@ -534,7 +522,7 @@ def convert(
     ImageNet crop (W = H). Outputs must be square; unlike the official tool any size is accepted, not only
     powers of two. The pixels and PNG bytes equal the official tool's.
     """
-    check_dest(dest, folder_ok=True)
+    check_dest(dest, source, folder_ok=True)
     width, height = resolution if resolution is not None else (None, None)
     if transform is not None and resolution is None:
         raise click.BadParameter(f"--transform {transform} needs --resolution WxH", param_hint="--resolution")
@@ -602,10 +590,10 @@ def convert(
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
                 fill(z.writestr)
 
-        with new_folders_removed_on_failure(dest):
+        with writing_names("--dest", dest), new_folders_removed_on_failure(dest):
             atomic_write(dest, write)
     else:
-        with new_folders_removed_on_failure(dest):
+        with writing_names("--dest", dest), new_folders_removed_on_failure(dest):
             write_folder(dest, fill)
     count = len(out_labels)
     click.echo(f"Wrote {count} image{'' if count == 1 else 's'} of {size[0]}x{size[1]} to {dest}")
@@ -622,8 +610,8 @@ def convert(
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Encode only the first N images")
 def encode(source: str, dest: str, vae: str, batch: int, device: str | None, max_images: int | None) -> None:
     """PNG dataset -> Stable Diffusion VAE latent dataset (what --data takes for the img512 presets)."""
-    check_dest(dest)
-    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_dest(dest, source)
+    device = check_device_option(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dataset = ImageFolderDataset(source, use_labels=True)
     except DatasetError as e:

@@ -19,11 +19,14 @@ Examples:
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from edm2.cli import (
-    check_speed_options, load_option, model_click_options, out_of_memory_names, prepare_option, resolve_model_options,
-    sampling_settings_from_cli, seeds_option, solver_click_options, speed_click_options,
+    check_output_path, check_speed_options, load_option, make_output_dir, model_click_options, out_of_memory_names,
+    prepare_option, resolve_model_options, sampling_settings_from_cli, seeds_option, solver_click_options,
+    speed_click_options,
 )
 from edm2.generation import check_class_index, generate_images, prepare_encoder
 from edm2.guidance import GuidedDenoiser
@@ -93,6 +96,10 @@ def main(
         raise click.UsageError("nothing to write: give --outdir and/or --grid")
     settings = sampling_settings_from_cli(solver_params, guidance, guidance_interval, gnet_path)
     check_speed_options(kernels, compile_net, precision)
+    outputs = {"--outdir": outdir and os.path.join(outdir, "000000.png"), "--grid": grid_path}
+    outputs = {option: path for option, path in outputs.items() if path is not None}
+    for option, path in outputs.items():
+        check_output_path(option, path)
 
     dist.init()
     try:
@@ -122,6 +129,8 @@ def main(
             denoiser = GuidedDenoiser.from_settings(net, None, gnet, settings)
         except ValueError as e:
             raise click.BadParameter(f"{gnet_path} does not fit {net_path}: {e}", param_hint="'--gnet'") from None
+        for option, path in outputs.items():  # made once everything passed, before the sampling
+            make_output_dir(option, os.path.dirname(os.path.abspath(path)))
         with out_of_memory_names("--batch", f"{batch_size} images per batch and process; each image comes from "
                                  "its own seed, whatever the batch"):
             summary = generate_images(

@@ -12,11 +12,12 @@ Fig. 5 / 6). Networks and images are never written to disk; under torchrun the i
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import click
 
-from edm2.cli import out_of_memory_names, std_list_option
+from edm2.cli import check_device_option, check_output_path, out_of_memory_names, std_list_option
 from edm2.model_files import read_header
 from edm2.phema_reconstruct import scan_snapshots
 from edm2.phema_search import (
@@ -167,6 +168,12 @@ def main(
     device,
 ):
     """Sweep the post-hoc EMA length of the run in INDIR and plot the metric."""
+    if device is not None:
+        device = check_device_option(device)
+    for option, value in (("--P-mean", P_mean), ("--P-std", P_std)):
+        if not math.isfinite(value):  # nan passes click's range checks; both would make every sigma nan or inf
+            raise click.BadParameter(f"expected a finite number, got {value}", param_hint=f"'{option}'")
+    check_output_path("--outdir", pathlib.Path(outdir) / "sweep.png")
     if metric == "val-loss":
         if data is None:
             raise click.BadParameter("--metric val-loss needs validation data", param_hint="--data")
@@ -256,15 +263,43 @@ def _sweep_generation_metric(
         raise click.ClickException(str(error)) from None
 
 
+def validation_data_problem(images, labels, header: dict) -> str | None:
+    """What makes the validation data unfit for the run's network (its model file header), or None. The shape
+    is checked for pixel networks only: a latent network's inputs come from its VAE."""
+    kwargs = header.get("init_kwargs", {})
+    if images.ndim != 4 or images.shape[0] == 0:
+        return f"expected images [N, C, H, W] with N > 0, got shape {list(images.shape)}"
+    if (header.get("encoder") or {}).get("class", "standard_rgb") == "standard_rgb":
+        res, channels = kwargs.get("img_resolution"), kwargs.get("img_channels")
+        if res is not None and list(images.shape[1:]) != [channels, res, res]:
+            return f"images of shape {list(images.shape[1:])}, but the network takes [{channels}, {res}, {res}]"
+    if labels is not None and labels.shape[0] != images.shape[0]:
+        return f"{labels.shape[0]} labels for {images.shape[0]} images"
+    if kwargs.get("label_dim", 0) and labels is None:
+        return f"no labels, but the network is class-conditional (label_dim {kwargs['label_dim']})"
+    return None
+
+
 def _sweep_validation_loss(indir, data, outstd, outkimg, num, repeats, P_mean, P_std, seed, batch, eval_batch, device):
     """The EDM2 loss on held-out data (fixed sigma and noise) of every reconstructed EMA length."""
     try:
         images, labels = load_validation_data(data, max_images=num or None)
     except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--data") from None
+        message = str(error) if str(data) in str(error) else f"{data}: {error}"
+        raise click.BadParameter(message, param_hint="--data") from None
+    if num and images.shape[0] < num:
+        raise click.BadParameter(f"{data} holds {images.shape[0]} images, fewer than the {num} asked for",
+                                 param_hint="--num")
     try:
         snapshots = scan_snapshots(indir)
-        encoder_config = read_header(snapshots[-1].path).get("encoder")  # the run's encoder turns data into inputs
+        header = read_header(snapshots[-1].path)
+    except ValueError as error:  # SnapshotError, ModelFileError: name the file
+        raise click.ClickException(str(error)) from None
+    problem = validation_data_problem(images, labels, header)
+    if problem is not None:
+        raise click.BadParameter(f"{data}: {problem}", param_hint="--data")
+    try:
+        encoder_config = header.get("encoder")  # the run's encoder turns data into inputs
         encoder = None if encoder_config is None else encoder_from_config(encoder_config)
         score = validation_loss_metric(
             images,

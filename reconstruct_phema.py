@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from edm2.cli import std_list_option
+from edm2.cli import check_device_option, std_list_option
 from edm2.phema_reconstruct import OUTPUT_PREFIX, SnapshotError, reconstruct_to_dir
 
 
@@ -83,6 +83,7 @@ def main(indir, inprefix, instd, outdir, outstd, outkimg, batch, prefix, skip_ex
     """Reconstruct post-hoc EMA networks from the snapshots in INDIR.
 
     The weighted sums are taken in float64 on --device and written in the snapshots' own dtype (float32)."""
+    device = check_device_option(device)
     try:
         paths = reconstruct_to_dir(
             indir,
@@ -100,6 +101,8 @@ def main(indir, inprefix, instd, outdir, outstd, outkimg, batch, prefix, skip_ex
         raise click.ClickException(str(error)) from None
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    except OSError as error:  # the output folder cannot be made or written
+        raise click.ClickException(f"--outdir {outdir}: {error}") from None
     click.echo(f"{len(paths)} networks in {outdir}")
 
 

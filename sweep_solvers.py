@@ -86,6 +86,9 @@ def main(net_path, gnet_path, guidance, guidance_interval, solvers, steps, basel
     """Sweep solvers and step counts on one model; write the table and the plot of score against evaluations."""
     if metric != PROXY and ref_path is None:
         raise click.BadParameter(f"--metric {metric} needs reference statistics", param_hint="'--ref'")
+    if metric == PROXY and ref_path is not None:  # it would be ignored: the user meant fid or fd_dinov2
+        raise click.BadParameter(f"--metric {PROXY} uses no reference statistics; give --metric fid or fd_dinov2",
+                                 param_hint="'--ref'")
     settings_kwargs = dict(schedule=schedule, guidance=guidance, guidance_interval=guidance_interval)
     if eta is not None:
         settings_kwargs["eta"] = eta

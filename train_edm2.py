@@ -23,7 +23,7 @@ import click
 import edm2
 from networks.skip_scaling import SKIP_SCALING_MODES
 from torch_utils import distributed as dist
-from torch_utils.state_io import atomic_write
+from torch_utils.state_io import atomic_write, non_utf8_path_problem
 from training.config import TrainingConfig
 from training.dataset import DatasetError, ImageFolderDataset
 from training.encoders import STABILITY_VAE_DEFAULTS, VAE_PIXEL_RANGES
@@ -296,6 +296,8 @@ def run(opts: dict) -> None:
         opts["precision"] = "fp16" if opts["fp16"] else "fp32"
     if os.path.exists(opts["outdir"]) and not os.path.isdir(opts["outdir"]):
         raise click.BadParameter(f"{opts['outdir']} is a file; expected a directory", param_hint="--outdir")
+    if non_utf8_path_problem(opts["outdir"]) is not None:  # before the demo data go there (the loop checks it too)
+        raise click.BadParameter(non_utf8_path_problem(opts["outdir"]), param_hint="--outdir")
     config = build_config(opts)
     try:
         resolved = config.validate(int(os.environ.get("WORLD_SIZE", "1") or 1))

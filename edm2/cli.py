@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,10 +37,10 @@ from .seeds import parse_seeds
 from .solvers import SOLVERS, get_solver
 
 __all__ = [
-    "CLI_NAMES", "bad_option", "check_fp8_option", "check_speed_options", "guidance_interval_option", "load_option",
-    "model_click_options", "out_of_memory_names", "prepare_option", "resolve_model_options",
-    "sampling_settings_from_cli", "seeds_option", "settings_from_cli", "solver_click_options", "speed_click_options",
-    "std_list_option",
+    "CLI_NAMES", "bad_option", "check_device_option", "check_fp8_option", "check_output_path", "check_speed_options",
+    "guidance_interval_option", "load_option", "make_output_dir", "model_click_options", "out_of_memory_names",
+    "prepare_option", "resolve_model_options", "sampling_settings_from_cli", "seeds_option", "settings_from_cli",
+    "solver_click_options", "speed_click_options", "std_list_option", "writing_names",
 ]
 
 # Library argument -> the option that sets it, for error messages.
@@ -216,6 +217,64 @@ def out_of_memory_names(option: str, hint: str) -> Iterator[None]:
         yield
     except torch.OutOfMemoryError:
         raise click.ClickException(f"out of GPU memory; give a smaller {option} ({hint})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices
+
+
+def check_device_option(device: str, option: str = "--device") -> torch.device:
+    """--device: cpu, cuda or cuda:N that this machine has; click error naming the option otherwise."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint=f"'{option}'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{device}: no CUDA device on this machine; use {option} cpu",
+                                 param_hint=f"'{option}'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                 param_hint=f"'{option}'")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: a file or folder that cannot be written is one line naming the option, not an OSError traceback
+
+
+def check_output_path(option: str, path: str | os.PathLike) -> None:
+    """Before the work: the folder that would hold `path` (a file) must be creatable and writable, judged by its
+    nearest existing ancestor, so that a long run does not end in a failed write. Creates nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"cannot write {os.fspath(path)!r}: {folder!r} is a file, not a folder",
+                                 param_hint=f"'{option}'")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write {os.fspath(path)!r}: no permission to write in {folder!r}",
+                                 param_hint=f"'{option}'")
+
+
+def make_output_dir(option: str, folder: str | os.PathLike) -> None:
+    """os.makedirs(folder, exist_ok=True), its failure a click error naming the option."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f"cannot create the folder {os.fspath(folder)!r} ({e.strerror or e})",
+                                 param_hint=f"'{option}'") from None
+
+
+@contextlib.contextmanager
+def writing_names(option: str, path: str | os.PathLike) -> Iterator[None]:
+    """A failed write inside the block (a folder that cannot be made, no permission, a full disk) becomes one line
+    naming the option and the path."""
+    try:
+        yield
+    except OSError as e:
+        raise click.ClickException(f"cannot write {option} {os.fspath(path)!r} ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

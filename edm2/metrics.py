@@ -30,6 +30,8 @@ import os
 import pathlib
 import pickle
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -253,7 +255,7 @@ def _load_npz_reference(path: pathlib.Path) -> dict[str, FeatureStatistics]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, a flipped byte
         raise MetricsError(f"{path}: cannot read reference statistics: {e}") from e
     try:
         meta = json.loads(bytes(arrays.pop("meta_json")))
@@ -474,6 +476,8 @@ def dataset_statistics(
 ) -> dict[str, FeatureStatistics]:
     """Feature statistics of a folder / zip of PNG images (works under torchrun: images split over ranks)."""
     metrics = _metric_list(metrics, METRICS)
+    if num is not None and num < 2:
+        raise MetricsError(f"need at least 2 images for a covariance (--num), got {num}")
     dataset = open_image_dataset(path, num)
     chosen = official_subset(len(dataset), num, seed)
     detectors = detectors if detectors is not None else load_detectors(metrics, weights, device, progress)
@@ -499,7 +503,7 @@ def model_statistics(
     """Feature statistics of images generated on the fly, one per seed; no image touches the disk."""
     metrics = _metric_list(metrics, METRICS)
     if len(seeds) < 2:
-        raise MetricsError(f"need at least 2 seeds for a covariance, got {len(seeds)}")
+        raise MetricsError(f"need at least 2 seeds for a covariance (--seeds, or --num), got {len(seeds)}")
     detectors = detectors if detectors is not None else load_detectors(metrics, weights, device, progress)
     batches, total = iterate_generated_images(
         net, seeds, batch_size, gnet, encoder_settings, class_idx, device, **sampler_kwargs

@@ -94,6 +94,9 @@ class StdList(tuple):
     library call)."""
 
 
+MAX_STDS = 10_000  # EMA lengths per list at most (each one a network to reconstruct)
+
+
 def parse_std_list(text: str | float | Sequence[float]) -> StdList:
     """Parse '0.05,0.1' or a range '0.010,0.015,...,0.250' (step from the two values before '...', end
     included) into the stds, each checked to lie in (0, STD_LIMIT]. Numbers and sequences of numbers are checked
@@ -121,6 +124,8 @@ def parse_std_list(text: str | float | Sequence[float]) -> StdList:
             if not step > 0 or value <= start:
                 raise ValueError(f"std list {text!r}: a range must increase, got step {step:g} up to {value:g}")
             count = math.floor((value - start) / step + 1e-6)
+            if len(values) + count > MAX_STDS:  # before the list is built: a mistyped step would fill the memory
+                raise ValueError(f"std list {text!r}: more than {MAX_STDS} stds (step {step:g})")
             # Round to 12 digits so that 0.010 + k * 0.005 prints and compares as the user wrote it.
             values.extend(round(start + k * step, 12) for k in range(1, count + 1))
             if not math.isclose(values[-1], value, rel_tol=1e-9):
@@ -351,6 +356,15 @@ def _is_scan_result(snapshots) -> bool:
     )
 
 
+def _is_reconstruction(path: pathlib.Path) -> bool:
+    """Whether the file is a model file that reconstruct_to_dir wrote (its header holds the phema coefficients)."""
+    try:
+        header = model_files.read_header(path)
+    except model_files.ModelFileError:
+        return False
+    return isinstance(header.get("extra"), dict) and "phema" in header["extra"]
+
+
 def reconstruct_to_dir(
     indir: str | os.PathLike,  # the training run's snapshots
     outdir: str | os.PathLike,  # where the reconstructed files go (created if needed)
@@ -372,10 +386,17 @@ def reconstruct_to_dir(
     infos = scan_snapshots(indir, in_prefix=in_prefix, in_std=in_std)
     _, out_nimg = select_inputs(infos, out_kimg)
     outdir = pathlib.Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     paths = {std: outdir / output_filename(prefix, out_nimg // 1000, std) for std in stds}
     if len(set(paths.values())) != len(paths):
         raise ValueError(f"out_std {list(stds)}: some stds are equal to 3 decimals and would share an output file name")
+    # An output named as a snapshot of the run in its folder would replace it: every file named PREFIX-KIMG-STD
+    # there counts, not only the inputs selected; an earlier reconstruction (its header says so) may be replaced.
+    named = {p.resolve() for p in filter_snapshot_names(pathlib.Path(indir).iterdir())}
+    for path in paths.values():
+        if not skip_existing and path.resolve() in named and not _is_reconstruction(path):
+            raise ValueError(f"the output {path} would replace a snapshot of the run; give another outdir or "
+                             "prefix (--outdir, --prefix)")
+    outdir.mkdir(parents=True, exist_ok=True)
     todo = StdList(std for std in stds if not (skip_existing and paths[std].exists()))  # checked: a part of stds
     if todo:
         for rec in reconstruct(infos, todo, out_kimg=out_kimg, batch=batch, device=device, progress=progress):

@@ -22,9 +22,10 @@ from . import schedules
 from .guidance import Denoiser, GuidedDenoiser, SamplerStats, check_guidance, check_guidance_interval
 from .solvers import NoiseSource, get_solver
 
-__all__ = ["CHURN_SOLVERS", "SamplingOptionError", "SamplingSettings", "sampling_settings"]
+__all__ = ["CHURN_SOLVERS", "MAX_STEPS", "SamplingOptionError", "SamplingSettings", "sampling_settings"]
 
 CHURN_SOLVERS = ("euler", "heun")  # the solvers with EDM's churn (S_churn, S_min, S_max, S_noise)
+MAX_STEPS = 100_000  # sampling steps per image at most: far more than any schedule gains from
 _RUN_OPTIONS = ("noise", "dtype", "callback")  # solver arguments that generation itself supplies
 
 
@@ -144,6 +145,8 @@ def sampling_settings(
     if num_steps < entry.min_steps:
         raise SamplingOptionError("num_steps", f"num_steps must be at least {entry.min_steps} for {solver!r}, "
                                   f"got {num_steps}")
+    if num_steps > MAX_STEPS:  # far past any gain; a number beyond int64 once overflowed mid-run
+        raise SamplingOptionError("num_steps", f"num_steps must be at most {MAX_STEPS}, got {num_steps}")
     try:
         guidance = check_guidance(guidance)
     except ValueError as e:

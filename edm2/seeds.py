@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+MAX_SEEDS = 10_000_000  # images per seed list at most (200 FID runs of 50k): a typo such as 0-99999999999 is refused
 SEED_MODULUS = 2**32  # the official generator seeds with seed % 2^32: seeds k and k + 2^32 give the same image
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 
@@ -32,6 +33,8 @@ def parse_seeds(text: str) -> list[int]:
             first, last = int(match.group(1)), int(match.group(2))
             if last < first:
                 raise ValueError(f"seed range {part!r} runs backwards (expected first-last with first <= last)")
+            if len(seeds) + last - first + 1 > MAX_SEEDS:  # before the list is built: it would fill the memory
+                raise ValueError(f"seed list {text!r} holds more than {MAX_SEEDS} seeds")
             seeds.extend(range(first, last + 1))
         elif part.isdigit():
             seeds.append(int(part))

@@ -301,7 +301,10 @@ def read_runs(rundir: str) -> dict[str, list[dict[str, Any]]]:
     runs = {}
     for letter in ABLATION_CONFIGS:
         if os.path.isfile(os.path.join(rundir, letter, "stats.jsonl")):
-            entries = [e for e in read_stats(os.path.join(rundir, letter)) if "loss" in e]
+            try:
+                entries = [e for e in read_stats(os.path.join(rundir, letter)) if "loss" in e]
+            except ValueError as e:  # a line that is no status entry
+                raise click.ClickException(str(e)) from None
             if entries:
                 runs[letter] = entries
     if not runs:
@@ -438,13 +441,15 @@ def metric_plan(setting: str, metrics: tuple[str, ...], ref: str | None, seeds: 
 
 
 @cli.command()
-@click.option("--outdir", required=True, help="Experiment directory (table, figures; run folders a..g)")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False),
+              help="Experiment directory (table, figures; run folders a..g)")
 @click.option("--setting", type=click.Choice(list(SETTINGS)), default="cpu", show_default=True, help="Budget")
 @click.option("--configs", default=ABLATION_CONFIGS, show_default=True, help="Letters of the configurations to run")
 @click.option("--duration", type=click.IntRange(min=1), default=None, help="Images per run [default: the setting's]")
 @click.option("--time-limit", type=click.IntRange(min=1), default=None, help="Seconds per run [the setting's]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the same for every run)")
-@click.option("--rundir", default=None, help="Folder of the run folders and data [default: --outdir]")
+@click.option("--rundir", default=None, type=click.Path(file_okay=False),
+              help="Folder of the run folders and data [default: --outdir]")
 @metric_options
 def run(outdir: str, setting: str, configs: str, duration: int | None, time_limit: int | None, seed: int,
         rundir: str | None, **metric_kwargs: Any) -> None:  # fmt: skip

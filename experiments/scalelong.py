@@ -204,7 +204,10 @@ def analyze(outdir: str, settings: dict[str, Any] | None = None, rundir: str | N
         for mode in MODES:
             run_dir = os.path.join(rundir, run_name(backbone, mode))
             if os.path.isfile(os.path.join(run_dir, "stats.jsonl")):
-                runs.setdefault(backbone, {})[mode] = [e for e in read_stats(run_dir) if "loss" in e]
+                try:
+                    runs.setdefault(backbone, {})[mode] = [e for e in read_stats(run_dir) if "loss" in e]
+                except ValueError as e:  # a line that is no status entry
+                    raise click.ClickException(str(e)) from None
     previous = os.path.join(outdir, "scalelong.json")
     if settings is None and os.path.isfile(previous):
         with open(previous) as f:
@@ -341,7 +344,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--outdir", required=True, help="Experiment directory (one run folder per backbone and mode)")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False),
+              help="Experiment directory (one run folder per backbone and mode)")
 @click.option("--setting", type=click.Choice(list(SETTINGS)), default="cpu", show_default=True, help="Budget")
 @click.option("--backbones", default=",".join(BACKBONES), show_default=True, help="Comma-separated backbones")
 @click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated skip-scaling modes")
@@ -356,11 +360,15 @@ def cli() -> None:
     "--time-limit", "time_limit", type=click.FloatRange(min=1), default=None, help="Seconds per run before SIGTERM"
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the same for every run)")
-@click.option("--rundir", default=None, help="Folder of the run folders and data [default: --outdir]")
+@click.option("--rundir", default=None, type=click.Path(file_okay=False),
+              help="Folder of the run folders and data [default: --outdir]")
 def run(
     outdir: str, setting: str, backbones: str, modes: str, kappa: float, seed: int, rundir: str | None, **overrides
 ) -> None:
     """Train every (backbone, mode) and write the comparison."""
+    for option, value in (("--kappa", kappa), ("--time-limit", overrides.get("time_limit"))):
+        if value is not None and math.isnan(value):  # click's ranges let nan through (every comparison is false)
+            raise click.BadParameter(f"expected a number, got {value}", param_hint=f"'{option}'")
     s = dict(SETTINGS[setting])
     s.update({k: v for k, v in overrides.items() if v is not None})
     s.update(kappa=kappa, seed=seed, setting=setting)

@@ -110,6 +110,10 @@ class AblationBlock(torch.nn.Module):
         self.out_channels = out_channels
         self.flavor = flavor
         self.resample_mode = resample_mode
+        if attention and out_channels // channels_per_head > 0 and out_channels % channels_per_head != 0:
+            # Heads that do not tile the channels (no head at all means no attention, which is fine).
+            raise ValueError(f"Block: attention over {out_channels} channels needs channels_per_head to divide "
+                             f"them, got channels_per_head {channels_per_head}")
         self.num_heads = out_channels // channels_per_head if attention else 0
         cres0 = out_channels if flavor == "enc" else in_channels
         self.norm0 = _norm(flags, cres0)

@@ -258,6 +258,16 @@ def test_experiment_bad_input(tmp_path):
     r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path), "--metric", "fid",
                                             "--inception-weights", str(tmp_path / "no.pth")])  # fmt: skip
     assert r.exit_code != 0 and "no run folder" in r.output  # before the detectors
+    (tmp_path / "afile").write_bytes(b"")  # once FileExistsError tracebacks
+    for option in ("--outdir", "--rundir"):
+        args = ["run", "--outdir", str(tmp_path / "x"), "--configs", "a", option, str(tmp_path / "afile")]
+        r = CliRunner().invoke(experiment.cli, args)
+        assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output and "is a file" in r.output, r.output
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "stats.jsonl").write_text("garbage\n")  # once a JSONDecodeError traceback
+    r = CliRunner().invoke(experiment.cli, ["analyze", "--outdir", str(tmp_path)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "a/stats.jsonl: line 1 is not a status entry (a JSON object): 'garbage'" in r.output
 
 
 @pytest.fixture(scope="module")

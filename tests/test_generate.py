@@ -359,6 +359,7 @@ def test_bad_input_names_the_option(files, tmp_path):
         ([*net, "--seeds", "0-3,x", *out], ["--seeds", "'x'"]),
         ([*net, "--seeds", "5-2", *out], ["--seeds", "backwards"]),
         ([*net, "--seeds", "1,1", *out], ["--seeds", "more than once"]),
+        ([*net, "--seeds", "0-99999999999", *out], ["--seeds", "more than 10000000 seeds"]),  # once a MemoryError
         (
             [*net, "--gnet", files["gnet"], "--guidance", "2", "--guidance-interval", "5,1", *out],
             ["--guidance-interval"],
@@ -375,7 +376,25 @@ def test_bad_input_names_the_option(files, tmp_path):
         text = _error(*args, *FAST)
         for fragment in expected:
             assert fragment in text, (args, text)
+    # Beyond int64 the step count once overflowed in a traceback (FAST sets --steps, so not in the list above).
+    text = _error(*net, "--steps", "99999999999999999999", *out, "--no-progress")
+    assert "'--steps'" in text and "num_steps must be at most 100000" in text, text
     assert not (tmp_path / "never").exists()
+
+
+def test_outputs_that_cannot_be_written_name_the_option(files, tmp_path):
+    """--outdir / --grid below a file (refused before loading), or in a folder that cannot be made (refused before
+    sampling): one line naming the option, not an OSError traceback after the sampling."""
+    (tmp_path / "afile").write_bytes(b"")
+    net = ["--net", files["net"], "--seeds", "0-1", *FAST]
+    text = _error(*net, "--outdir", tmp_path / "afile" / "out")
+    assert "'--outdir'" in text and "afile' is a file, not a folder" in text, text
+    text = _error(*net, "--grid", tmp_path / "afile" / "grid.png")
+    assert "'--grid'" in text and "afile' is a file, not a folder" in text, text
+    if sys.platform.startswith("linux"):  # /proc takes no new folders, whoever asks (root included)
+        assert "cannot create the folder '/proc/edm2-no-such'" in _error(*net, "--outdir", "/proc/edm2-no-such")
+        assert "'--grid'" in _error(*net, "--grid", "/proc/edm2-no-such/grid.png")
+    assert os.listdir(tmp_path) == ["afile"]
 
 
 def test_out_of_memory_names_batch(files, tmp_path, monkeypatch):

@@ -389,6 +389,30 @@ def test_bad_input_is_named(weights_env, tmp_path):
     out = _error("calc", "--images", env["data"], "--ref", env["net"], "--no-progress")
     assert "net.safetensors" in out
     assert "must end in .npz or .pkl" in _error("ref", "--data", env["data"], "--dest", tmp_path / "r.txt")
+    # one image or one seed: no covariance, said naming the option
+    out = _error("ref", "--data", env["data"], "--dest", tmp_path / "one.npz", "--num", 1, "--no-progress")
+    assert "need at least 2 images for a covariance (--num), got 1" in out, out
+    out = _error("gen", "--net", env["net"], "--ref", ref, "--seeds", "7", "--steps", 2, "--no-progress")
+    assert "need at least 2 seeds for a covariance (--seeds, or --num), got 1" in out, out
+    # a truncated reference, one with a flipped byte (zip's CRC): one line, no BadZipFile traceback
+    raw = ref.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    for name in ("cut.npz", "flipped.npz"):
+        out = _error("calc", "--images", env["data"], "--ref", tmp_path / name, "--num", 30, "--no-progress")
+        assert f"{name}: cannot read reference statistics" in out, out
+    # outputs below a file (refused before the work) or in a folder that cannot be made (after it)
+    (tmp_path / "afile").write_bytes(b"")
+    out = _error("ref", "--data", env["data"], "--dest", tmp_path / "afile" / "r.npz", "--no-progress")
+    assert "'--dest'" in out and "afile' is a file, not a folder" in out, out
+    out = _error("calc", "--images", env["data"], "--ref", ref, "--num", 30, "--out", tmp_path / "afile" / "r.json")
+    assert "'--out'" in out and "afile' is a file, not a folder" in out, out
+    if sys.platform.startswith("linux"):  # /proc takes no new folders, whoever asks (root included)
+        out = _error("ref", "--data", env["data"], "--dest", "/proc/edm2-no-such/r.npz", "--metrics", "fid",
+                     "--workers", 0, "--no-progress")  # fmt: skip
+        assert "cannot write --dest '/proc/edm2-no-such/r.npz' (No such file or directory)" in out, out
     assert "non-empty list of fid, fd_dinov2" in _error("ref", "--data", env["data"], "--dest", ref, "--metrics", "is")
 
 

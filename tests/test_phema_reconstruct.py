@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import warnings
 
@@ -167,12 +168,45 @@ def test_cli_writes_loadable_snapshots(run, tmp_path):
     assert (tmp_path / f"ema-{kimg:07d}-0.100.safetensors").is_file()
 
 
-@pytest.mark.parametrize("std", ["0.31", "0", "-0.05", "0.05,abc"])
+# The last: a mistyped range step, 2e9 stds (once filled the memory instead of an error).
+@pytest.mark.parametrize("std", ["0.31", "0", "-0.05", "0.05,abc", "0.01,0.0100000001,...,0.2"])
 def test_cli_rejects_bad_std(run, tmp_path, std):
     result = _cli("--indir", run["dir"], "--outdir", tmp_path, "--outstd", std)
     assert result.exit_code == 2 and "--outstd" in result.output
     assert std.split(",")[-1] in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_never_replaces_a_snapshot_of_the_run(run, tmp_path):
+    """--outdir = --indir and --prefix network-snapshot: the output network-snapshot-KIMG-0.050 once replaced the
+    training snapshot of that name (an input). Refused; an earlier reconstruction there may be replaced."""
+    folder = shutil.copytree(run["dir"], tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    stds = sorted({float(p.stem.rsplit("-", 1)[1]) for p in folder.glob("network-snapshot-*.safetensors")})
+    args = ["--indir", folder, "--outdir", folder, "--outstd", f"{stds[0]:.3f}"]
+    result = _cli(*args, "--prefix", "network-snapshot")
+    assert result.exit_code == 2 and "would replace a snapshot of the run" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (tmp_path / "afile").write_bytes(b"")  # an --outdir that cannot be made: once a NotADirectoryError traceback
+    result = _cli("--indir", folder, "--outdir", tmp_path / "afile" / "out", "--outstd", "0.05")
+    assert result.exit_code == 1 and "Error: --outdir" in result.output and "Not a directory" in result.output
+    for _ in range(2):  # a reconstruction in the run's folder, then the same again: replaced
+        result = _cli(*args, "--inprefix", "network-snapshot")
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:99"])
+def test_cli_rejects_a_device_this_machine_lacks(run, tmp_path, device):
+    """Once a RuntimeError / AssertionError traceback from torch, in both post-hoc EMA tools."""
+    from phema_sweep import main as sweep
+
+    np.savez(tmp_path / "val.npz", images=run["images"][:4].numpy(), labels=run["labels"][:4].numpy())
+    result = _cli("--indir", run["dir"], "--outdir", tmp_path / "out", "--outstd", "0.05", "--device", device)
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output and device in result.output
+    result = CliRunner().invoke(sweep, ["--indir", str(run["dir"]), "--data", str(tmp_path / "val.npz"), "--outdir",
+                                        str(tmp_path / "sweep"), "--device", device], catch_exceptions=False)
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output and device in result.output
+    assert os.listdir(tmp_path) == ["val.npz"]
 
 
 def test_cli_rejects_missing_or_mismatched_snapshots(run, tmp_path):
@@ -315,6 +349,36 @@ def test_sweep_cli(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "best EMA length" in result.output
     assert {p.name for p in (tmp_path / "sweep").iterdir()} == {"sweep.png", "sweep.json", "sweep.csv"}
+
+
+def test_sweep_cli_checks_the_data_and_options_against_the_run(run, tmp_path):
+    """Validation data that do not fit the run's network (once a Precond shape error naming no option, or a
+    conditional network scored without labels), too few images for --num, non-finite --P-mean / --P-std, an
+    --outdir that is a file: one line naming the option, before any reconstruction."""
+    from phema_sweep import main
+
+    images, labels = run["images"][:8].numpy(), run["labels"][:8].numpy()
+    np.savez(tmp_path / "ok.npz", images=images, labels=labels)
+    np.savez(tmp_path / "nolabels.npz", images=images)
+    np.savez(tmp_path / "small.npz", images=images[:, :, :4, :4], labels=labels)
+    np.savez(tmp_path / "fewlabels.npz", images=images, labels=labels[:5])
+    (tmp_path / "afile").write_bytes(b"")
+    cases = [
+        (["--data", "nolabels.npz"], "--data", "nolabels.npz: no labels, but the network is class-conditional"),
+        (["--data", "small.npz"], "--data", "small.npz: images of shape [3, 4, 4], but the network takes [3, 8, 8]"),
+        (["--data", "fewlabels.npz"], "--data", "fewlabels.npz: 5 labels for 8 images"),
+        (["--data", "ok.npz", "--num", "9"], "--num", "ok.npz holds 8 images, fewer than the 9 asked for"),
+        (["--data", "ok.npz", "--P-mean", "nan"], "'--P-mean'", "expected a finite number, got nan"),
+        (["--data", "ok.npz", "--P-std", "inf"], "'--P-std'", "expected a finite number, got inf"),
+        (["--data", "ok.npz", "--outdir", "afile"], "'--outdir'", "afile' is a file, not a folder"),
+    ]
+    for args, option, message in cases:
+        args = [a if not a.endswith((".npz", "afile")) else str(tmp_path / a) for a in args]
+        result = CliRunner().invoke(main, ["--indir", str(run["dir"]), "--outdir", str(tmp_path / "out"),
+                                           "--outstd", "0.05,0.1", *args], catch_exceptions=False)  # fmt: skip
+        assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, (args, result.output)
+        assert message in result.output, (args, result.output)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "fewlabels.npz", "nolabels.npz", "ok.npz", "small.npz"]
 
 
 def test_input_names_are_selected_as_the_official_tool_selects_them():

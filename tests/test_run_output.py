@@ -151,18 +151,3 @@ def test_bar_on_a_terminal_plain_lines_in_the_pipe(tmp_path):
     assert "to kimg 0.0" in terminal and "img/s" in terminal and "\r" in terminal  # the bar, redrawn in place
     assert "kimg 0.0" in out and "\r" not in out  # the status line in the pipe, plain
 
-
-def test_stats_of_a_live_or_killed_run_read_without_its_half_written_last_line(tmp_path):
-    from training.instruments import read_stats
-    from training.plot_stats import main as plot_main
-
-    lines = [json.dumps(dict(nimg=8 * i, kimg=0.008 * i, loss=1.0 / i, lr=0.01)) for i in (1, 2, 3)]
-    (tmp_path / "stats.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:17])  # a line being appended
-    assert [e["nimg"] for e in read_stats(str(tmp_path))] == [8, 16, 24]
-    result = CliRunner().invoke(plot_main, [str(tmp_path)])
-    assert result.exit_code == 0 and (tmp_path / "loss.png").stat().st_size > 0, result.output
-    # A damaged line before the last is an error naming the file and the line, not a traceback.
-    (tmp_path / "stats.jsonl").write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
-    result = CliRunner().invoke(plot_main, [str(tmp_path)])
-    assert result.exit_code == 1 and "stats.jsonl: line 2 is not a status line" in result.output
-    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit

@@ -407,6 +407,20 @@ def test_experiment_figures_and_outputs(tmp_path):
     assert figs["cs"]["sum_sq_skip_scale"] == pytest.approx(0.25) and figs["none"]["speedup_vs_none"] == 1.0
     for name in ("scalelong.json", "scalelong.md", "scalelong.png"):
         assert (tmp_path / name).stat().st_size > 100
+    with open(tmp_path / "uvit-cs" / "stats.jsonl", "a") as f:
+        f.write('{"nimg": 6')  # a kill in the middle of a status line: left out
+    assert sl.analyze(str(tmp_path))["backbones"]["uvit"]["modes"]["cs"]["grad_norm_osc"] == pytest.approx(0.2)
+    with open(tmp_path / "uvit-cs" / "stats.jsonl", "a") as f:
+        f.write("\n")  # the cut line is followed by another: now a damaged file, one line naming it
+    r = CliRunner().invoke(sl.cli, ["analyze", "--outdir", str(tmp_path)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "uvit-cs/stats.jsonl: line 41 is not a status entry (a JSON object)" in r.output, r.output
+    r = CliRunner().invoke(sl.cli, ["run", "--outdir", str(tmp_path / "scalelong.json")])  # once FileExistsError
+    assert r.exit_code == 2 and "Invalid value for '--outdir'" in r.output and "is a file" in r.output, r.output
+    for option in ("--kappa", "--time-limit"):  # nan passed click's range: every run then failed or ran unlimited
+        r = CliRunner().invoke(sl.cli, ["run", "--outdir", str(tmp_path / "new"), option, "nan"])
+        assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output, r.output
+    assert not (tmp_path / "new").exists()
 
 
 def test_tensorboard_export(tmp_path):

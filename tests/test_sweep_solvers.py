@@ -80,6 +80,7 @@ def test_sweep_checks_every_setting_before_scoring():
         (["--steps", "4,x"], "'--steps'"),
         (["--eta", "-1", "--solvers", "euler_ancestral"], "'--eta'"),
         (["--metric", "fid"], "'--ref'"),
+        (["--ref", "ref.npz"], "'--ref'"),  # with the default metric, once ignored without a word
         (["--seeds", "3"], "'--seeds'"),
         (["--guidance", "2"], "'--guidance'"),
         (["--guidance-interval", "3,1"], "'--guidance-interval'"),

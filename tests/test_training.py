@@ -280,6 +280,34 @@ def test_loss_plot(tmp_path, data):
     assert r.exit_code != 0 and "stats.jsonl" in r.output
 
 
+def test_loss_plot_bad_input_is_one_line(tmp_path):
+    """stats.jsonl with a line that is no JSON, without any status line, or with its last line cut short by a kill;
+    an --out that cannot be written: one line each (once JSONDecodeError / OSError tracebacks, or an empty plot)."""
+    from training.plot_stats import main as plot_main
+
+    def error(*args):
+        r = CliRunner().invoke(plot_main, [str(a) for a in args])
+        assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.output
+        lines = [line for line in r.output.splitlines() if line.startswith("Error")]
+        assert len(lines) == 1 and "Traceback" not in r.output, r.output
+        return lines[0]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [json.dumps(dict(nimg=16 * i, kimg=0.016 * i, loss=1.0 / i, lr=0.01)) for i in range(1, 4)]
+    (run / "stats.jsonl").write_text("\n".join([good[0], "garbage", *good[1:]]) + "\n")
+    assert "stats.jsonl: line 2 is not a status entry (a JSON object): 'garbage'" in error(run)
+    (run / "stats.jsonl").write_text("")
+    assert "stats.jsonl: no status line with a loss yet" in error(run)
+    (run / "stats.jsonl").write_text("\n".join(good) + '\n{"nimg": 6')  # a kill in the middle of a line
+    (tmp_path / "afile").write_bytes(b"")
+    assert "Invalid value for --out: cannot write" in error(run, "--out", tmp_path / "afile" / "x.png")
+    assert "Invalid value for --out: cannot write" in error(run, "--out", tmp_path)  # a folder in its place
+    r = CliRunner().invoke(plot_main, [str(run)])
+    assert r.exit_code == 0 and (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", r.output
+    assert sorted(os.listdir(tmp_path)) == ["afile", "run"] and sorted(os.listdir(run)) == ["loss.png", "stats.jsonl"]
+
+
 def test_out_of_memory_is_one_line_naming_batch_gpu(tmp_path, data, monkeypatch):
     """A GPU that runs out of memory: one line that names --batch-gpu and says how to go on; the run directory's lock
     is released (a rerun may start at once)."""

@@ -3,6 +3,7 @@ exits non-zero with a one-line error naming the option, no traceback, and leaves
 
 import json
 import os
+import sys
 import tempfile
 import zipfile
 
@@ -68,6 +69,16 @@ TRAIN_REJECTED = [
     (["--cond=True", "--uncond"], ["--uncond"]),
     (["--cond=maybe"], ["--cond"]),
     (["--skip-scaling=none", "--kappa=0.5"], ["--kappa"]),
+    # The power-function EMAs' stds and the seed, checked before the run starts (they once raised mid-start).
+    (["--ema-stds=0.5"], ["--ema-stds", "0.5", "(0, 0.30028)"]),
+    (["--ema-stds=0"], ["--ema-stds", "(0, 0.30028)"]),
+    (["--ema-stds=0.05,0.05"], ["--ema-stds must be distinct"]),
+    (["--ema-stds=,"], ["--ema-stds must name at least one"]),
+    (["--seed=99999999999999999999"], ["--seed", "[0, 2**32)"]),
+    (["--seed=-1"], ["--seed", "[0, 2**32)"]),
+    # Attention heads that do not tile a level's channels (a reshape error in the first step once).
+    (["--network-kwargs=" + TINY_NET.replace('"channels_per_head": 8', '"channels_per_head": 6')],
+     ["channels_per_head 6", "16 channels"]),
 ]
 
 
@@ -113,6 +124,11 @@ DATASET_TOOL_REJECTED = [
     (["convert", "--source", "missing", "--dest", "out/x.zip", "--resolution", "16"], ["--source"]),
     (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "foo"], ["--device", "foo"]),
     (["encode", "--source", "{data}", "--dest", "out/x.zip", "--device", "cuda:99"], ["--device", "cuda:99"]),
+    # The source as its own destination (once replaced by its conversion), a size of gigabytes per image (once
+    # killed for memory).
+    (["convert", "--source", "{data}", "--dest", "{data}", "--resolution", "16"], ["--dest", "is the --source"]),
+    (["encode", "--source", "{data}", "--dest", "{data}"], ["--dest", "is the --source"]),
+    (["convert", "--source", "{data}", "--dest", "out/x.zip", "--resolution", "99999"], ["--resolution", "at most"]),
 ]
 
 
@@ -126,6 +142,15 @@ def test_dataset_tool_rejects_before_writing(workdir, data, args, words):
     result = CliRunner().invoke(main, [a.format(data=data["labelled"]) for a in args])
     assert_rejected(result, *words)
     assert listing(workdir) == ["folder", "folder/keep.txt", "tmp"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc takes no new folders")
+def test_dataset_tool_destination_that_cannot_be_made_is_one_line(workdir, data):
+    from dataset_tool import main
+
+    result = CliRunner().invoke(main, ["convert", "--source", data["labelled"], "--dest", "/proc/edm2-no-such/x.zip"])
+    assert_rejected(result, "cannot write --dest '/proc/edm2-no-such/x.zip' (No such file or directory)")
+    assert listing(workdir) == ["tmp"]
 
 
 def test_dataset_tool_failure_removes_the_folders_it_made(workdir, data):
@@ -156,3 +181,50 @@ def test_other_tools_refuse_a_file_for_a_folder_and_a_folder_for_a_file(workdir)
     for command, args, option in cases:
         assert_rejected(CliRunner().invoke(command, args), option)
     assert listing(workdir) == ["afile", "folder", "tmp"]
+
+
+def test_run_directory_that_cannot_be_made_is_one_line(workdir, data):
+    """--outdir below a file: the run directory cannot be created (once a FileNotFoundError traceback)."""
+    from train_edm2 import main
+
+    (workdir / "afile").write_bytes(b"")
+    args = ["--outdir", "afile/run", "--data", data["labelled"], f"--network-kwargs={TINY_NET}", "--workers=0"]
+    assert_rejected(CliRunner().invoke(main, args), "--outdir afile/run", "cannot create the run directory")
+    assert listing(workdir) == ["afile", "tmp"]
+    (workdir / "run" / ".lock").mkdir(parents=True)  # a folder where the lock file goes: once IsADirectoryError
+    args[1] = "run"
+    assert_rejected(CliRunner().invoke(main, args), "--outdir run", "cannot open its lock file", "Is a directory")
+    assert listing(workdir) == ["afile", "run", "run/.lock", "tmp"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes: Linux's")
+def test_run_directory_of_non_utf8_bytes_is_refused(workdir, data):
+    """safetensors opens only UTF-8 paths: such a run once trained, then set every checkpoint aside as damaged on
+    resume and started again from 0. Refused before anything is written; so is such a model file for loading."""
+    from train_edm2 import main
+    from training.model_files import ModelFileError, load_model_file
+
+    outdir = os.fsdecode(b"run-\xff\xfe")
+    args = ["--outdir", outdir, "--data", data["labelled"], f"--network-kwargs={TINY_NET}", "--workers=0"]
+    assert_rejected(CliRunner().invoke(main, args), "--outdir", "the path is not valid UTF-8")
+    assert listing(workdir) == ["tmp"]
+    os.mkdir(outdir)
+    (workdir / outdir / "net.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFileError, match="the path is not valid UTF-8"):
+        load_model_file(os.path.join(outdir, "net.safetensors"))
+
+
+@pytest.mark.parametrize("label", [1.5, True, "1"])
+def test_label_that_is_no_class_index_is_refused(workdir, data, label):
+    """dataset.json labels are class indices: int() once took 1.5 (and true) for class 1 without a word."""
+    from train_edm2 import main
+
+    with zipfile.ZipFile(data["labelled"]) as z:
+        z.extractall("folder")
+    meta = json.loads((workdir / "folder" / "dataset.json").read_text())
+    name = meta["labels"][3][0]
+    meta["labels"][3][1] = label
+    (workdir / "folder" / "dataset.json").write_text(json.dumps(meta))
+    args = ["--outdir", "run", "--data", "folder", f"--network-kwargs={TINY_NET}", "--workers=0"]
+    assert_rejected(CliRunner().invoke(main, args), "--data", "dataset.json", name, f"got {label!r}")
+    assert not (workdir / "run").exists()

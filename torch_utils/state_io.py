@@ -37,6 +37,16 @@ class StateFileError(ValueError):
 # Per-tensor checksums, shared with edm2.model_files.
 
 
+def non_utf8_path_problem(path: str | os.PathLike) -> str | None:
+    """Why safetensors cannot open `path` (it takes only paths of valid UTF-8, which a folder named in another
+    encoding is not), or None."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{os.fsdecode(path)!r}: the path is not valid UTF-8, which safetensors files need; rename the folder"
+    return None
+
+
 def tensor_checksum(t: torch.Tensor) -> str:
     """CRC-32 of a tensor's bytes as safetensors stores them (C order, native = little-endian byte order)."""
     t = t.detach().to("cpu").contiguous()

@@ -26,6 +26,8 @@ import torch
 from accel import GRAD_SYNCS, KERNELS
 from torch_utils.state_io import write_json
 
+from .phema import STD_LIMIT
+
 # Images of non-finite loss in a row a run survives, counted in status intervals (a rare fp16 overflow zeroes one
 # step's gradients; a diverged run stays non-finite): then it stops without saving, its last good checkpoint kept.
 MAX_NONFINITE_STATUS = 3
@@ -188,6 +190,17 @@ class TrainingConfig:
             if not all(_is_number(v) and math.isfinite(v) for v in values):
                 name = option.replace("_", "-") if option.startswith("ema_") else option  # the command line's
                 raise TrainingError(f"--{name} must be finite, got {value!r}")
+        if c.ema_halflife is None:  # the power-function EMAs: each std must have a profile (Eq. 123)
+            if not c.ema_stds:
+                raise TrainingError("--ema-stds must name at least one EMA length")
+            if len(set(c.ema_stds)) != len(c.ema_stds):
+                raise TrainingError(f"--ema-stds must be distinct, got {c.ema_stds!r}")
+            for std in c.ema_stds:
+                if not 0 < std < STD_LIMIT:
+                    raise TrainingError(f"--ema-stds must lie in (0, {STD_LIMIT:.5f}) (the widest power-function "
+                                        f"profile), got {std!r}")
+        if not _is_int(c.seed) or not 0 <= c.seed < 2**32:
+            raise TrainingError(f"--seed must be an integer in [0, 2**32), got {c.seed!r}")
         if c.ema_halflife is not None and c.ema_halflife < 0:
             raise TrainingError(f"--ema-halflife must be a non-negative number of images, got {c.ema_halflife!r}")
         if c.ema_rampup is not None:

@@ -122,9 +122,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if labels is None:
             return None
         try:
-            table = {str(name): int(label) for name, label in labels}
+            table = {str(name): label for name, label in labels}
         except (TypeError, ValueError) as e:
             raise DatasetError(f"{where}: 'labels' must be a list of [relative_path, class_index]") from e
+        for name, label in table.items():  # int() would take 1.5 for class 1 and true for class 1
+            integral = isinstance(label, int) and not isinstance(label, bool)
+            if not (integral or isinstance(label, float) and label.is_integer()):
+                raise DatasetError(f"{where}: the label of {name!r} must be a class index (an integer), got {label!r}")
+            table[name] = int(label)
         missing = [n for n in self.names if n not in table]
         if missing:
             raise DatasetError(f"{where}: no label for {len(missing)} file(s), e.g. {missing[0]!r}")

@@ -175,24 +175,26 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> float:
 
 
 def read_stats(run_dir: str) -> list[dict[str, Any]]:
-    """The status lines of a run (stats.jsonl), oldest first. A last line that is not (yet) whole JSON is left out:
-    a live run may be appending it, or a killed run left it half written (its resume cuts it, see
-    training.run_dir.truncate_stats). An unreadable line before the last raises ValueError naming file and line."""
+    """The status lines of a run (stats.jsonl), oldest first. A last line cut short (a run killed while writing it;
+    the resumed run drops it too) is left out; any other line that is no JSON object raises ValueError naming it."""
     path = os.path.join(run_dir, "stats.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no stats.jsonl (has the run written a status line yet?)")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    lines = text.splitlines()
     entries = []
-    for i, (number, line) in enumerate(lines):
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             entry = json.loads(line)
         except ValueError:
+            if number == len(lines) and not text.endswith("\n"):
+                break
             entry = None
         if not isinstance(entry, dict):
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {number} is not a status line (a JSON object)")
+            raise ValueError(f"{path}: line {number} is not a status entry (a JSON object): {line[:60]!r}")
         entries.append(entry)
     return entries
 

@@ -40,7 +40,9 @@ import torch
 from networks import Precond
 from networks.skip_scaling import LEGACY_MODE_NAMES
 from torch_utils import VERSION
-from torch_utils.state_io import CHECKSUM_KEY, checksum_metadata, read_checksums, save_safetensors, verify_checksum
+from torch_utils.state_io import (
+    CHECKSUM_KEY, checksum_metadata, non_utf8_path_problem, read_checksums, save_safetensors, verify_checksum,
+)
 
 FORMAT_NAME = "edm2-model"
 FORMAT_VERSION = 2  # 2: skip_scaling "ls" is the ScaleLong per-token gate (version 1: per channel)
@@ -264,6 +266,9 @@ def read_file_header(path: str | os.PathLike) -> dict[str, Any]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
+    problem = non_utf8_path_problem(path)
+    if problem is not None:
+        raise ModelFileError(problem)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -316,6 +321,9 @@ def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu")
     path = pathlib.Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
+    problem = non_utf8_path_problem(path)
+    if problem is not None:
+        raise ModelFileError(problem)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from torch_utils.state_io import atomic_write_bytes
-from training.instruments import read_stats
 
+from .instruments import read_stats
 
 
 def save_figure(fig: Any, path: str) -> None:
@@ -23,6 +23,11 @@ def save_figure(fig: Any, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
+
+def loss_entries(run_dir: str) -> list[dict]:
+    """The status entries of a run with a loss, oldest first (none before its first status line)."""
+    return [s for s in read_stats(run_dir) if "loss" in s and "kimg" in s]
+
 
 def plot_loss_curves(run_dirs: list[str], path: str) -> str:
     """Training loss and learning rate against images seen, one line per run; written atomically."""
@@ -34,7 +39,7 @@ def plot_loss_curves(run_dirs: list[str], path: str) -> str:
     fig = Figure(figsize=(9, 3.6), dpi=110)
     ax_loss, ax_lr = fig.subplots(1, 2)
     for run_dir in run_dirs:
-        stats = read_stats(run_dir)
+        stats = loss_entries(run_dir)
         kimg = [s["kimg"] for s in stats]
         label = os.path.basename(os.path.normpath(run_dir))
         ax_loss.plot(kimg, [s["loss"] for s in stats], marker=".", label=label)
@@ -107,10 +112,19 @@ def main(run_dirs: tuple[str, ...], out: str | None, magnitudes: bool) -> None:
     if out is None and len(run_dirs) > 1:
         raise click.BadParameter("several runs need --out", param_hint="--out")
     plot, name = (plot_magnitudes, "magnitudes.png") if magnitudes else (plot_loss_curves, "loss.png")
+    target = out or os.path.join(run_dirs[0], name)
     try:
-        path = plot(list(run_dirs), out or os.path.join(run_dirs[0], name))
-    except (FileNotFoundError, ValueError) as e:  # no stats.jsonl, no magnitudes in it, or a line not JSON
+        for run_dir in run_dirs:  # an empty plot says nothing: say why instead
+            if not magnitudes and not loss_entries(run_dir):
+                raise ValueError(f"{os.path.join(run_dir, 'stats.jsonl')}: no status line with a loss yet")
+        path = plot(list(run_dirs), target)
+    except ValueError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and e.filename is None:  # read_stats's: a run without stats.jsonl
+            raise click.ClickException(str(e)) from None
+        # writing the PNG: a folder that cannot be made, a folder in its place
+        raise click.BadParameter(f"cannot write {target!r} ({e.strerror or e})", param_hint="--out") from None
     click.echo(f"Wrote {path}")
 
 

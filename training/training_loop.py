@@ -24,7 +24,7 @@ from accel import PostStep, SpeedPlan, resolve_speed_plan  # noqa: F401 (PostSte
 from accel.post_step import fused_available, zero_nonfinite_grads_  # noqa: F401 (re-exported)
 from networks import Precond
 from torch_utils import distributed as dist
-from torch_utils.state_io import load_state, save_state
+from torch_utils.state_io import load_state, non_utf8_path_problem, save_state
 
 from .config import MAX_NONFINITE_STATUS, TrainingConfig, TrainingError  # noqa: F401 (re-exported)
 from .dataset import DatasetError, ImageFolderDataset, InfiniteSampler, batch_chunk, share_worker_temp_dir
@@ -242,11 +242,17 @@ def training_loop(
     # precision 'auto' is resolved here, where the device is known
     config = TrainingConfig.coerce(config).for_device(device).validate(world)
     check_dataset_and_network(config)  # before the run directory is made
+    problem = non_utf8_path_problem(run_dir)
+    if problem is not None:  # its checkpoints could not be read back: a resume would set them aside as damaged
+        raise TrainingError(f"--outdir {problem}")
     lock = RunLock(run_dir)
     if rank == 0:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise TrainingError(f"--outdir {run_dir}: is a file; expected a directory (new or an earlier run's)")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--outdir {run_dir}: cannot create the run directory ({e.strerror})") from None
         try:
             lock.acquire()
         except RunDirError as e:
