@@ -181,7 +181,8 @@ def click_command(module_name: str):
     import click
 
     module = importlib.import_module(module_name)
-    commands = [v for v in vars(module).values() if isinstance(v, click.Command) and v.__module__ == module.__name__]
+    commands = [v for v in vars(module).values()
+                if isinstance(v, click.Command) and getattr(v.callback, "__module__", None) == module.__name__]
     groups = [c for c in commands if isinstance(c, click.Group)]
     if groups:
         return groups[0]
