@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import accel.post_step  # noqa: E402
+from benchmarks.common import require_cuda  # noqa: E402
 import edm2  # noqa: E402
 from accel import resolve_speed_plan  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
@@ -52,6 +53,7 @@ def copy_bandwidth_gb_s(nbytes: int = 2 << 30) -> float:
 @click.option("--sub", default=str(accel.post_step.SUB), show_default=True,
               help="Elements per chunk of the fused kernel; a comma-separated list times each")
 def main(preset: str, emas: int, repeats: int, sub: str) -> None:
+    require_cuda("bench_post_step.py")
     dev = torch.device("cuda")
     plan = resolve_speed_plan(dev)
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from accel import resolve_speed_plan  # noqa: E402
+from benchmarks.common import require_cuda  # noqa: E402
 from conftest import build_reference_net, load_reference  # noqa: E402
 from networks import Precond  # noqa: E402
 from training import EDM2Loss  # noqa: E402
@@ -60,6 +61,7 @@ def tolerance(name: str) -> float:
 
 
 def main() -> None:
+    require_cuda("check_cuda.py")
     dev = torch.device("cuda")
     ref = load_reference()
     x, sigma, labels, noise = (torch.from_numpy(ref[k]).to(dev) for k in ("x", "sigma", "labels", "noise"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import sys
 import time
 import zipfile
 
@@ -31,6 +32,13 @@ def flops_per_image(net: torch.nn.Module, train: bool, batch: int = 2) -> float:
     if train:
         net.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
+
+
+def require_cuda(script: str) -> None:
+    """A GPU-only benchmark on a machine without CUDA: one line and exit status 1, instead of an assertion from
+    deep inside torch or minutes of timing the CPU."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU (torch.cuda.is_available() is False here)")
 
 
 def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float | None:

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
 from benchmarks.common import matmul_peak_tflops  # noqa: E402
+from benchmarks.common import require_cuda  # noqa: E402
 from accel import resolve_speed_plan  # noqa: E402
 from networks import mp  # noqa: E402
 
@@ -148,6 +149,7 @@ def attn_parts(shape: tuple, dtype: torch.dtype) -> dict[str, tuple[float, float
 @click.option("--benchmark-limit", type=int, default=None,
               help="cuDNN algorithms tried per shape (torch's default 10; 0 = all)")
 def main(preset: str, batch: int, precision: str, top: int, benchmark_limit: int | None) -> None:
+    require_cuda("conv_ceiling.py")
     torch.backends.cudnn.benchmark = True
     if benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = benchmark_limit

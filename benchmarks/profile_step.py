@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edm2  # noqa: E402
 from accel import resolve_speed_plan  # noqa: E402
-from benchmarks.common import flops_per_image, matmul_peak_tflops, set_inductor_options  # noqa: E402
+from benchmarks.common import flops_per_image, matmul_peak_tflops, require_cuda, set_inductor_options  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training.loss import EDM2Loss, reduce_batch_loss  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
@@ -115,6 +115,7 @@ def cuda_timer():
               help="Under torchrun: gradient averaging, ddp | flat; comma-separated to compare")
 def main(preset, batch, precision, compile_net, mode, kernels, cudnn_benchmark, benchmark_limit, sample, steps,
          post_step_kind, inductor, trace, grad_sync) -> None:
+    require_cuda("profile_step.py")
     try:
         set_inductor_options(inductor)
     except ValueError as e:
