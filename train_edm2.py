@@ -231,7 +231,8 @@ def describe_default_recipe(config: TrainingConfig) -> str:
 @click.option("--fp16", type=click.BOOL, default=None, metavar="BOOL",
               help="The official tool's switch: True = --precision fp16, False = fp32")
 @click.option("--xflip", is_flag=True, help="Augment with x-flips")
-@click.option("--status", default=None, help="Images between status lines [default: preset's, else 128Ki]")
+@click.option("--status", default=None,
+              help="Images between status lines, 0 = at the end only [default: preset's, else 128Ki]")
 @click.option("--snapshot", default=None,
               help="Images between EMA network snapshots, 0 = at the end only [default: preset's, else 8Mi]")
 @click.option("--checkpoint", default=None,

@@ -151,3 +151,11 @@ def test_bar_on_a_terminal_plain_lines_in_the_pipe(tmp_path):
     assert "to kimg 0.0" in terminal and "img/s" in terminal and "\r" in terminal  # the bar, redrawn in place
     assert "kimg 0.0" in out and "\r" not in out  # the status line in the pipe, plain
 
+
+
+def test_status_zero_prints_one_status_line_at_the_end(tmp_path):
+    data = write_demo_dataset(str(tmp_path / "d.zip"), num_images=8, resolution=16)
+    result = train(tmp_path / "run", data, 24, "--preset=demo", "--status=0", net=dict(img_resolution=16))
+    assert result.exit_code == 0, result.output
+    assert "Training from 0 to 24 images; a status line at the end." in result.output
+    assert [line.split()[1] for line in result.output.splitlines() if line.startswith("kimg ")] == ["0.0"]

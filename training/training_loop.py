@@ -379,7 +379,8 @@ def _train(run_dir: str, config: TrainingConfig, device: torch.device, rank: int
         return min((nimg // interval + 1) * interval if interval > 0 else config.duration, config.duration)
 
     if cur_nimg < config.duration:
-        log(f"Training from {cur_nimg} to {config.duration} images; a status line every {config.status} images.")
+        every = f"a status line every {config.status} images" if config.status > 0 else "a status line at the end"
+        log(f"Training from {cur_nimg} to {config.duration} images; {every}.")
     progress = Progress(rank)  # a bar up to the next status line, on a terminal only
     log.progress = progress
     progress.start(cur_nimg, next_status(cur_nimg))
