@@ -12,12 +12,11 @@ Fig. 5 / 6). Networks and images are never written to disk; under torchrun the i
 
 from __future__ import annotations
 
-import math
 import pathlib
 
 import click
 
-from edm2.cli import check_device_option, check_output_path, out_of_memory_names, std_list_option
+from edm2.cli import NumberRange, check_device_option, check_output_path, out_of_memory_names, std_list_option
 from edm2.model_files import read_header
 from edm2.phema_reconstruct import scan_snapshots
 from edm2.phema_search import (
@@ -108,7 +107,7 @@ from training.encoders import encoder_from_config
     "P_mean",
     help="Mean of ln(sigma)",
     metavar="FLOAT",
-    type=float,
+    type=NumberRange(finite=True),
     default=-0.4,
     show_default=True,
 )
@@ -118,7 +117,7 @@ from training.encoders import encoder_from_config
     "P_std",
     help="Std of ln(sigma)",
     metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True),
+    type=NumberRange(min=0, min_open=True, finite=True),  # nan or inf would make every sigma nan or inf
     default=1.0,
     show_default=True,
 )
@@ -170,9 +169,6 @@ def main(
     """Sweep the post-hoc EMA length of the run in INDIR and plot the metric."""
     if device is not None:
         device = check_device_option(device)
-    for option, value in (("--P-mean", P_mean), ("--P-std", P_std)):
-        if not math.isfinite(value):  # nan passes click's range checks; both would make every sigma nan or inf
-            raise click.BadParameter(f"expected a finite number, got {value}", param_hint=f"'{option}'")
     check_output_path("--outdir", pathlib.Path(outdir) / "sweep.png")
     if metric == "val-loss":
         if data is None:

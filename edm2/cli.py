@@ -37,10 +37,10 @@ from .seeds import parse_seeds
 from .solvers import SOLVERS, get_solver
 
 __all__ = [
-    "CLI_NAMES", "bad_option", "check_device_option", "check_fp8_option", "check_output_path", "check_speed_options",
-    "guidance_interval_option", "load_option", "make_output_dir", "model_click_options", "out_of_memory_names",
-    "prepare_option", "resolve_model_options", "sampling_settings_from_cli", "seeds_option", "settings_from_cli",
-    "solver_click_options", "speed_click_options", "std_list_option", "writing_names",
+    "CLI_NAMES", "NumberRange", "bad_option", "check_device_option", "check_fp8_option", "check_output_path",
+    "check_speed_options", "guidance_interval_option", "load_option", "make_output_dir", "model_click_options",
+    "out_of_memory_names", "prepare_option", "resolve_model_options", "sampling_settings_from_cli", "seeds_option",
+    "settings_from_cli", "solver_click_options", "speed_click_options", "std_list_option", "writing_names",
 ]
 
 # Library argument -> the option that sets it, for error messages.
@@ -61,6 +61,21 @@ def bad_option(option: str, message: str, names: dict[str, str] | None = None) -
 
 # ----------------------------------------------------------------------------------------------------------
 # Parsing callbacks
+
+
+class NumberRange(click.FloatRange):
+    """click.FloatRange that also refuses nan, which passes every range check (each comparison is false), and with
+    `finite` also an infinity."""
+
+    def __init__(self, *args: Any, finite: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finite = finite
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number) or (self.finite and math.isinf(number)):
+            self.fail(f"expected a {'finite ' if self.finite else ''}number, got {number}", param, ctx)
+        return number
 
 
 def seeds_option(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
