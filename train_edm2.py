@@ -297,8 +297,9 @@ def run(opts: dict) -> None:
         opts["precision"] = "fp16" if opts["fp16"] else "fp32"
     if os.path.exists(opts["outdir"]) and not os.path.isdir(opts["outdir"]):
         raise click.BadParameter(f"{opts['outdir']} is a file; expected a directory", param_hint="--outdir")
-    if non_utf8_path_problem(opts["outdir"]) is not None:  # before the demo data go there (the loop checks it too)
-        raise click.BadParameter(non_utf8_path_problem(opts["outdir"]), param_hint="--outdir")
+    problem = non_utf8_path_problem(opts["outdir"])
+    if problem is not None:  # before the demo data go there (the loop checks it too)
+        raise click.BadParameter(problem, param_hint="--outdir")
     config = build_config(opts)
     try:
         resolved = config.validate(int(os.environ.get("WORLD_SIZE", "1") or 1))

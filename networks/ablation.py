@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .mp import CosineAttention, Dropout, MPConv, MPFourier, pixel_norm, resample
-from .unet import level_widths
+from .unet import attention_heads, level_widths
 
 CONFIGS = ("a", "b", "c", "d", "e", "f")  # 'g' is the reference network, arch 'edm2-unet'
 GROUPS = 32  # group normalization: at most this many groups, as in ADM
@@ -110,11 +110,7 @@ class AblationBlock(torch.nn.Module):
         self.out_channels = out_channels
         self.flavor = flavor
         self.resample_mode = resample_mode
-        if attention and out_channels // channels_per_head > 0 and out_channels % channels_per_head != 0:
-            # Heads that do not tile the channels (no head at all means no attention, which is fine).
-            raise ValueError(f"Block: attention over {out_channels} channels needs channels_per_head to divide "
-                             f"them, got channels_per_head {channels_per_head}")
-        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.num_heads = attention_heads(out_channels, channels_per_head) if attention else 0
         cres0 = out_channels if flavor == "enc" else in_channels
         self.norm0 = _norm(flags, cres0)
         self.conv_res0 = _layer(flags, cres0, out_channels, [3, 3])

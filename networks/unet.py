@@ -40,11 +40,7 @@ class Block(torch.nn.Module):
         self.out_channels = out_channels
         self.flavor = flavor
         self.resample_mode = resample_mode
-        if attention and out_channels // channels_per_head > 0 and out_channels % channels_per_head != 0:
-            # Heads that do not tile the channels (no head at all means no attention, which is fine).
-            raise ValueError(f"Block: attention over {out_channels} channels needs channels_per_head to divide "
-                             f"them, got channels_per_head {channels_per_head}")
-        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.num_heads = attention_heads(out_channels, channels_per_head) if attention else 0
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
@@ -89,6 +85,16 @@ def _gain(gain: torch.nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
     """The gain in the dtype in which Eq. 47's gain / sqrt(fan_in) is formed (the parameter itself if it is already
     in that dtype, which lets MPConv keep the effective weight between sampling calls)."""
     return gain if gain.dtype == dtype else gain.to(dtype)
+
+
+def attention_heads(channels: int, channels_per_head: int) -> int:
+    """Heads of the attention over `channels`; heads that do not tile the channels are a ValueError (no head at
+    all, channels below channels_per_head, means no attention, as in the paper's code)."""
+    heads = channels // channels_per_head
+    if heads > 0 and channels % channels_per_head != 0:
+        raise ValueError(f"Block: attention over {channels} channels needs channels_per_head to divide them, got "
+                         f"channels_per_head {channels_per_head}")
+    return heads
 
 
 def level_widths(
